@@ -1,0 +1,80 @@
+"""The C{haraka-tw} command: operator tools that are not the server itself.
+
+- C{haraka-tw init DIR}: create an operator's config directory from the shipped defaults
+  (Haraka's C{haraka -i}).
+- C{haraka-tw plugins [-c DIR]}: list the plugins the config loads and the hooks each answers.
+- C{haraka-tw hooks}: print the hook firing order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+from haraka_tw.interfaces import HOOKS
+from haraka_tw.paths import default_config_dir
+
+__all__ = ["main"]
+
+
+def _init(args: argparse.Namespace) -> int:
+    target = Path(args.directory)
+    if target.exists() and any(target.iterdir()) and not args.force:
+        print(f"haraka-tw: {target} exists and is not empty (use --force to add missing files)", file=sys.stderr)
+        return 1
+    source = default_config_dir()
+    copied = 0
+    for path in sorted(source.rglob("*")):
+        if path.is_dir() or path.name.startswith((".", "__")) or path.suffix == ".py":
+            continue
+        dest = target / path.relative_to(source)
+        if dest.exists():
+            continue
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, dest)
+        copied += 1
+    print(f"created {target} with {copied} config files; run: twistd -n haraka --config {target}")
+    return 0
+
+
+def _plugins(args: argparse.Namespace) -> int:
+    from twisted.internet import reactor
+
+    from haraka_tw.server import HarakaServer, StartupError
+
+    try:
+        server = HarakaServer.from_directory(args.config, reactor)  # type: ignore[arg-type]
+    except StartupError as e:
+        print(f"haraka-tw: {e}", file=sys.stderr)
+        return 1
+    for loaded in server.runner.plugins:
+        print(f"{loaded.name}: {', '.join(loaded.hooks())}")
+    return 0
+
+
+def _hooks(args: argparse.Namespace) -> int:
+    for name, iface in HOOKS.items():
+        print(f"{name:22} {iface.__name__}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="haraka-tw", description=__doc__.splitlines()[0] if __doc__ else None)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("init", help="create a config directory from the shipped defaults")
+    p.add_argument("directory")
+    p.add_argument("--force", action="store_true", help="add missing files to an existing directory")
+    p.set_defaults(func=_init)
+    p = sub.add_parser("plugins", help="list the plugins a config loads and their hooks")
+    p.add_argument("-c", "--config", default=None)
+    p.set_defaults(func=_plugins)
+    p = sub.add_parser("hooks", help="print the hooks in firing order")
+    p.set_defaults(func=_hooks)
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

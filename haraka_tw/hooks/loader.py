@@ -1,0 +1,165 @@
+"""Turns the names in the plugins file into plugin objects.
+
+A name is one of:
+- a built-in plugin as Haraka names it: C{queue/discard} is C{haraka_tw.plugins.queue.discard},
+  C{rcpt_to.in_host_list} is C{haraka_tw.plugins.rcpt_to.in_host_list} (a C{-} becomes C{_});
+  the module's C{Plugin} is the factory;
+- a plugin published under the entry-point group C{haraka_tw.plugins}, by its entry-point name;
+- C{package.module:Factory}, a factory anywhere on the Python path.
+
+A factory is called with no arguments. A plugin providing L{IRegistration} then has its
+C{register(context)} called with its name, the config, a logger and the server notes.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import Any
+
+from zope.interface import implementer
+
+from haraka_tw.hooks.runner import LoadedPlugin
+from haraka_tw.interfaces import HOOKS, IPluginContext, IRegistration
+from haraka_tw.logging import HarakaLog, Level, PluginLogger
+
+__all__ = ["ENTRY_POINT_GROUP", "PluginContext", "PluginLoadError", "load_plugins", "resolve"]
+
+ENTRY_POINT_GROUP = "haraka_tw.plugins"
+_BUILTIN_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*([./][A-Za-z_][A-Za-z0-9_\-]*)*$")
+
+
+class PluginLoadError(Exception):
+    """A plugin could not be found, created or registered."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        super().__init__(f"plugin {name!r} failed to load: {reason}")
+        self.name = name
+        self.reason = reason
+
+
+@implementer(IPluginContext)
+@dataclass
+class PluginContext:
+    """What a plugin gets at registration (see L{IPluginContext})."""
+
+    name: str
+    config: Any
+    log: PluginLogger
+    server_notes: dict[str, Any]
+    priorities: dict[str, int] = field(default_factory=dict)
+
+    def set_priority(self, hook: str, priority: int) -> None:
+        if hook not in HOOKS:
+            raise ValueError(f"unknown hook {hook!r}")
+        if not -100 <= priority <= 100:
+            raise ValueError(f"priority {priority} is outside -100..100")
+        self.priorities[hook] = priority
+
+
+def resolve(name: str) -> Callable[[], object]:
+    """Find the factory for a plugins-file name.
+
+    @raise PluginLoadError: if there is none.
+    """
+    if ":" in name:
+        module_name, _, attr = name.partition(":")
+        module = _import(name, module_name)
+        factory = module
+        for part in attr.split("."):
+            factory = getattr(factory, part, None)
+            if factory is None:
+                raise PluginLoadError(name, f"module {module_name!r} has no {attr!r}")
+        return _callable(name, factory)
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name == name:
+            try:
+                return _callable(name, ep.load())
+            except PluginLoadError:
+                raise
+            except Exception as e:
+                raise PluginLoadError(name, f"entry point {ep.value!r}: {e}") from e
+    if not _BUILTIN_NAME.match(name):
+        raise PluginLoadError(name, "not a plugin name, a module:Factory, or an entry point")
+    module_name = "haraka_tw.plugins." + name.replace("/", ".").replace("-", "_")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name and module_name.startswith(e.name):
+            raise PluginLoadError(name, "no such built-in plugin or entry point") from e
+        raise PluginLoadError(name, f"{type(e).__name__}: {e}") from e
+    except Exception as e:
+        raise PluginLoadError(name, f"{type(e).__name__}: {e}") from e
+    factory = getattr(module, "Plugin", None)
+    if factory is None:
+        raise PluginLoadError(name, f"built-in module {module_name} has no Plugin")
+    return _callable(name, factory)
+
+
+def _import(name: str, module_name: str) -> Any:
+    try:
+        return importlib.import_module(module_name)
+    except Exception as e:
+        raise PluginLoadError(name, f"cannot import {module_name!r}: {type(e).__name__}: {e}") from e
+
+
+def _callable(name: str, factory: object) -> Callable[[], object]:
+    if not callable(factory):
+        raise PluginLoadError(name, f"{factory!r} is not callable")
+    return factory
+
+
+def load_plugins(
+    names: Iterable[str],
+    *,
+    config: Any,
+    log: HarakaLog,
+    server_notes: dict[str, Any],
+    ignore_bad_plugins: bool = False,
+) -> list[LoadedPlugin]:
+    """Create and register every plugin named, in order; a repeated name loads once.
+
+    @raise PluginLoadError: for the first plugin that fails, unless C{ignore_bad_plugins},
+        in which case it is logged and left out.
+    """
+    loaded: list[LoadedPlugin] = []
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            log.log(Level.WARN, f"plugin {name!r} is listed twice; loaded once", origin="plugins")
+            continue
+        seen.add(name)
+        try:
+            loaded.append(_load_one(name, config, log, server_notes))
+        except PluginLoadError as e:
+            if not ignore_bad_plugins:
+                raise
+            log.log(Level.ERROR, f"{e} (ignored: ignore_bad_plugins)", origin="plugins")
+    return loaded
+
+
+def _load_one(name: str, config: Any, log: HarakaLog, server_notes: dict[str, Any]) -> LoadedPlugin:
+    factory = resolve(name)
+    try:
+        plugin = factory()
+    except Exception as e:
+        raise PluginLoadError(name, f"factory raised {type(e).__name__}: {e}") from e
+    context = PluginContext(name, config, log.for_origin(name), server_notes)
+    if IRegistration.providedBy(plugin):
+        try:
+            plugin.register(context)  # type: ignore[attr-defined]
+        except Exception as e:
+            raise PluginLoadError(name, f"register() raised {type(e).__name__}: {e}") from e
+    result = LoadedPlugin(name, plugin, dict(context.priorities))
+    if not result.hooks() and not IRegistration.providedBy(plugin):
+        raise PluginLoadError(name, "provides no hook interface (see haraka_tw.interfaces)")
+    timeout = config.get_value(f"{name}.timeout", None) if config is not None else None
+    if timeout is not None:
+        try:
+            result.timeout = float(timeout)
+        except ValueError as e:
+            raise PluginLoadError(name, f"{name}.timeout is not a number: {timeout!r}") from e
+    return result

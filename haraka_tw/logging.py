@@ -1,0 +1,243 @@
+"""Logging on twisted.logger with Haraka's levels and line formats.
+
+Every line has a level (DATA 9 .. EMERG 0), an optional connection or transaction uuid and
+an origin (the plugin's name, or "core"). log.ini sets the level, the format (default,
+logfmt or json) and whether lines carry timestamps. The C{log} hook sees every record that
+passes the level and may suppress the default output.
+
+Lines reach twisted.logger's observers (twistd's log file, or stdout under C{twistd -n}) as
+events whose text is the formatted line; the structured record is in the event as
+C{haraka_record}.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.logger import Logger, LogLevel
+
+__all__ = ["HarakaLog", "Level", "LogRecord", "PluginLogger", "format_record"]
+
+
+class Level(enum.IntEnum):
+    """Haraka's levels; a lower number is more severe."""
+
+    EMERG = 0
+    ALERT = 1
+    CRIT = 2
+    ERROR = 3
+    WARN = 4
+    NOTICE = 5
+    INFO = 6
+    DEBUG = 7
+    PROTOCOL = 8
+    DATA = 9
+
+    @classmethod
+    def parse(cls, text: str | int) -> Level:
+        """A level from its name (any case, WARNING accepted) or number.
+
+        @raise ValueError: for anything else.
+        """
+        if isinstance(text, int):
+            return cls(text)
+        name = text.strip().upper()
+        if name == "WARNING":
+            name = "WARN"
+        if name.isdigit():
+            return cls(int(name))
+        try:
+            return cls[name]
+        except KeyError:
+            raise ValueError(f"unknown log level {text!r}") from None
+
+
+_TWISTED_LEVEL = {
+    Level.EMERG: LogLevel.critical,
+    Level.ALERT: LogLevel.critical,
+    Level.CRIT: LogLevel.critical,
+    Level.ERROR: LogLevel.error,
+    Level.WARN: LogLevel.warn,
+    Level.NOTICE: LogLevel.info,
+    Level.INFO: LogLevel.info,
+    Level.DEBUG: LogLevel.debug,
+    Level.PROTOCOL: LogLevel.debug,
+    Level.DATA: LogLevel.debug,
+}
+
+FORMATS = ("default", "logfmt", "json")
+
+
+@dataclass(frozen=True, slots=True)
+class LogRecord:
+    """One log line before formatting."""
+
+    level: Level
+    message: str
+    uuid: str | None = None
+    origin: str = "core"
+    fields: Mapping[str, Any] = field(default_factory=dict)
+    time: float = 0.0
+
+
+def _logfmt_value(value: object) -> str:
+    text = str(value)
+    if text == "" or any(c in text for c in ' ="\\') or not text.isprintable():
+        return json.dumps(text)
+    return text
+
+
+def format_record(record: LogRecord, fmt: str = "default", timestamps: bool = False) -> str:
+    """Render a record as log.ini's format asks: default, logfmt or json."""
+    stamp = (
+        time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.time))
+        + f".{int(record.time * 1000) % 1000:03d}Z"
+        if timestamps
+        else None
+    )
+    if fmt == "json":
+        obj: dict[str, Any] = {"level": record.level.name}
+        if stamp:
+            obj["timestamp"] = stamp
+        if record.uuid:
+            obj["uuid"] = record.uuid
+        obj["origin"] = record.origin
+        obj["message"] = record.message
+        obj.update({k: v for k, v in record.fields.items() if k not in obj})
+        return json.dumps(obj, default=str, ensure_ascii=False)
+    if fmt == "logfmt":
+        parts = [f"timestamp={stamp}"] if stamp else []
+        parts.append(f"level={record.level.name}")
+        if record.uuid:
+            parts.append(f"uuid={record.uuid}")
+        parts.append(f"source={_logfmt_value(record.origin)}")
+        parts.append(f"message={_logfmt_value(record.message)}")
+        parts.extend(f"{k}={_logfmt_value(v)}" for k, v in record.fields.items())
+        return " ".join(parts)
+    text = f"[{record.level.name}] [{record.uuid or '-'}] [{record.origin}] {record.message}"
+    if record.fields:
+        text += " " + " ".join(f"{k}={_logfmt_value(v)}" for k, v in record.fields.items())
+    return f"{stamp} {text}" if stamp else text
+
+
+LogHook = Callable[[Any, LogRecord], bool]
+
+
+class HarakaLog:
+    """The server's log: level filter, formatting, the log hook, then twisted.logger."""
+
+    def __init__(
+        self,
+        level: Level = Level.INFO,
+        fmt: str = "default",
+        timestamps: bool = False,
+        logger: Logger | None = None,
+    ) -> None:
+        self.level = level
+        self.format = fmt
+        self.timestamps = timestamps
+        self.hook: LogHook | None = None
+        self._logger = logger if logger is not None else Logger(namespace="haraka_tw")
+        self._in_hook = False
+
+    def configure(self, ini: Mapping[str, Mapping[str, Any]]) -> None:
+        """Apply log.ini's [main] level, format and timestamps.
+
+        @raise ValueError: for an unknown level or format.
+        """
+        main = ini.get("main", {})
+        if "level" in main:
+            self.level = Level.parse(main["level"])
+        fmt = str(main.get("format", self.format) or "default").lower()
+        if fmt not in FORMATS:
+            raise ValueError(f"log.ini format {fmt!r} is not one of {', '.join(FORMATS)}")
+        self.format = fmt
+        if "timestamps" in main:
+            self.timestamps = bool(main["timestamps"])
+
+    def enabled(self, level: Level) -> bool:
+        """Whether a line at C{level} would be written."""
+        return level <= self.level
+
+    def log(
+        self,
+        level: Level,
+        message: str,
+        *,
+        uuid: str | None = None,
+        origin: str = "core",
+        connection: Any = None,
+        **fields: Any,
+    ) -> None:
+        """Write one line if C{level} passes, giving the log hook the first say."""
+        if level > self.level:
+            return
+        record = LogRecord(level, message, uuid, origin, fields, time.time())
+        if self.hook is not None and not self._in_hook:
+            self._in_hook = True  # a log hook that logs must not recurse
+            try:
+                if self.hook(connection, record):
+                    return
+            finally:
+                self._in_hook = False
+        text = format_record(record, self.format, self.timestamps)
+        self._logger.emit(_TWISTED_LEVEL[level], "{haraka_text}", haraka_text=text, haraka_record=record)
+
+    def for_origin(self, origin: str) -> PluginLogger:
+        """A logger whose lines carry C{origin}."""
+        return PluginLogger(self, origin)
+
+
+class PluginLogger:
+    """A logger bound to one origin; pass C{connection=} to tag lines with its uuid."""
+
+    def __init__(self, log: HarakaLog, origin: str) -> None:
+        self._log = log
+        self.origin = origin
+
+    def _emit(self, level: Level, message: str, connection: Any, fields: dict[str, Any]) -> None:
+        if level > self._log.level:
+            return
+        uuid = None
+        if connection is not None:
+            txn = getattr(connection, "transaction", None)
+            uuid = txn.uuid if txn is not None else getattr(connection, "uuid", None)
+        self._log.log(level, message, uuid=uuid, origin=self.origin, connection=connection, **fields)
+
+    def log(self, level: Level, message: str, connection: Any = None, **fields: Any) -> None:
+        self._emit(level, message, connection, fields)
+
+    def data(self, message: str, connection: Any = None, **fields: Any) -> None:
+        self._emit(Level.DATA, message, connection, fields)
+
+    def protocol(self, message: str, connection: Any = None, **fields: Any) -> None:
+        self._emit(Level.PROTOCOL, message, connection, fields)
+
+    def debug(self, message: str, connection: Any = None, **fields: Any) -> None:
+        self._emit(Level.DEBUG, message, connection, fields)
+
+    def info(self, message: str, connection: Any = None, **fields: Any) -> None:
+        self._emit(Level.INFO, message, connection, fields)
+
+    def notice(self, message: str, connection: Any = None, **fields: Any) -> None:
+        self._emit(Level.NOTICE, message, connection, fields)
+
+    def warn(self, message: str, connection: Any = None, **fields: Any) -> None:
+        self._emit(Level.WARN, message, connection, fields)
+
+    def error(self, message: str, connection: Any = None, **fields: Any) -> None:
+        self._emit(Level.ERROR, message, connection, fields)
+
+    def crit(self, message: str, connection: Any = None, **fields: Any) -> None:
+        self._emit(Level.CRIT, message, connection, fields)
+
+    def alert(self, message: str, connection: Any = None, **fields: Any) -> None:
+        self._emit(Level.ALERT, message, connection, fields)
+
+    def emerg(self, message: str, connection: Any = None, **fields: Any) -> None:
+        self._emit(Level.EMERG, message, connection, fields)

@@ -1,0 +1,173 @@
+"""The message header as plugins see it: RFC 5322 fields, kept byte-exact until changed.
+
+Each field is kept as its raw bytes (name, colon, value and its folded continuation lines,
+with their CRLFs), so an untouched header serialises to exactly what the client sent.
+Adding or removing fields changes only the fields concerned.
+"""
+
+from __future__ import annotations
+
+from email.header import decode_header, make_header
+
+__all__ = ["Header", "HeaderCollector"]
+
+
+class Header:
+    """An ordered list of header fields."""
+
+    def __init__(self) -> None:
+        self._fields: list[tuple[str, bytes]] = []  # (lower-case name, raw field bytes)
+
+    @classmethod
+    def parse(cls, raw: bytes) -> Header:
+        """Split header bytes (without the blank line) into fields."""
+        header = cls()
+        for block in _field_blocks(raw):
+            header._fields.append((_name_of(block), block))
+        return header
+
+    def __len__(self) -> int:
+        return len(self._fields)
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and any(n == name.lower() for n, _ in self._fields)
+
+    def names(self) -> list[str]:
+        """Field names in order, as written (not lower-cased)."""
+        return [raw.split(b":", 1)[0].decode("utf-8", "replace") for _, raw in self._fields]
+
+    def get_all(self, name: str) -> list[str]:
+        """Every value of C{name}, unfolded, without the trailing CRLF."""
+        key = name.lower()
+        return [_value_of(raw) for n, raw in self._fields if n == key]
+
+    def get(self, name: str) -> str:
+        """The values of C{name} joined by newlines; "" when absent (as Haraka's get)."""
+        return "\n".join(self.get_all(name))
+
+    def get_decoded(self, name: str) -> str:
+        """Like L{get}, with RFC 2047 encoded words decoded."""
+        out = []
+        for value in self.get_all(name):
+            try:
+                out.append(str(make_header(decode_header(value))))
+            except Exception:  # undecodable words stay as sent
+                out.append(value)
+        return "\n".join(out)
+
+    def add(self, name: str, value: str) -> None:
+        """Add a field at the top (as Haraka's add)."""
+        self._fields.insert(0, (name.lower(), _field_bytes(name, value)))
+
+    def add_end(self, name: str, value: str) -> None:
+        """Add a field at the bottom."""
+        self._fields.append((name.lower(), _field_bytes(name, value)))
+
+    def remove(self, name: str) -> None:
+        """Remove every field named C{name}."""
+        key = name.lower()
+        self._fields = [(n, raw) for n, raw in self._fields if n != key]
+
+    def rename(self, name: str, new_name: str) -> None:
+        """Rename every field C{name} to C{new_name}, keeping its value and place."""
+        key = name.lower()
+        self._fields = [
+            (new_name.lower(), _field_bytes(new_name, _value_of(raw), raw=raw)) if n == key else (n, raw)
+            for n, raw in self._fields
+        ]
+
+    def to_bytes(self) -> bytes:
+        """The fields as they go on the wire, each ending in CRLF."""
+        return b"".join(raw for _, raw in self._fields)
+
+
+def _field_blocks(raw: bytes) -> list[bytes]:
+    """Group header lines into fields: a line starting with SP or HTAB continues the last."""
+    blocks: list[bytes] = []
+    for line in raw.splitlines(keepends=True):
+        if blocks and line[:1] in (b" ", b"\t"):
+            blocks[-1] += line
+        else:
+            blocks.append(line)
+    return blocks
+
+
+def _name_of(block: bytes) -> str:
+    name, sep, _ = block.partition(b":")
+    return name.strip().decode("utf-8", "replace").lower() if sep else ""
+
+
+def _value_of(raw: bytes) -> str:
+    _, _, value = raw.partition(b":")
+    text = value.decode("utf-8", "surrogateescape")
+    unfolded = text.replace("\r\n", "\n").replace("\n ", " ").replace("\n\t", "\t")
+    return unfolded.strip()
+
+
+def _field_bytes(name: str, value: str, raw: bytes | None = None) -> bytes:
+    if any(c in name for c in ":\r\n ") or not name:
+        raise ValueError(f"bad header field name {name!r}")
+    if raw is not None:  # keep the original folding of the value
+        _, _, tail = raw.partition(b":")
+        return name.encode("ascii") + b":" + tail
+    safe = value.replace("\r\n", "\n").replace("\r", "\n")
+    # A newline in a value must continue the field, never start a new one (header injection).
+    safe = "\r\n".join(line if i == 0 or line[:1] in (" ", "\t") else " " + line
+                       for i, line in enumerate(safe.split("\n")))
+    return f"{name}: {safe}\r\n".encode("utf-8", "surrogateescape")
+
+
+class HeaderCollector:
+    """Finds the end of the header in a message arriving in pieces.
+
+    The header ends at the first empty line, or at the first line that is neither a field
+    nor a continuation (that line starts the body), or after C{max_lines} lines or
+    C{max_bytes} bytes (the rest is body). Memory is bounded by C{max_bytes}.
+    """
+
+    def __init__(self, max_lines: int = 1000, max_bytes: int = 1024 * 1024) -> None:
+        self.max_lines = max_lines
+        self.max_bytes = max_bytes
+        self._buf = bytearray()
+        self._scanned = 0  # bytes of _buf known to be complete header lines
+        self._lines = 0
+        self.done = False
+
+    def feed(self, data: bytes) -> tuple[bytes, bytes] | None:
+        """Add bytes; once the header ends return (header bytes, first body bytes)."""
+        self._buf += data
+        pos = self._scanned
+        buf = self._buf
+        while True:
+            nl = buf.find(b"\n", pos)
+            if nl < 0:
+                if len(buf) > self.max_bytes:
+                    return self._finish(pos)
+                self._scanned = pos
+                return None
+            line = bytes(buf[pos : nl + 1])
+            if line in (b"\r\n", b"\n") or not _is_field_line(line, first=pos == 0):
+                return self._finish(pos)
+            self._lines += 1
+            pos = nl + 1
+            if self._lines >= self.max_lines or pos > self.max_bytes:
+                return self._finish(pos)
+
+    def finish(self) -> tuple[bytes, bytes]:
+        """The message ended; whatever was collected is header (a last line without CRLF too)."""
+        if self.done:
+            return b"", b""
+        return self._finish(len(self._buf))
+
+    def _finish(self, at: int) -> tuple[bytes, bytes]:
+        self.done = True
+        head, body = bytes(self._buf[:at]), bytes(self._buf[at:])
+        self._buf = bytearray()
+        return head, body
+
+
+def _is_field_line(line: bytes, first: bool) -> bool:
+    if line[:1] in (b" ", b"\t"):
+        return not first
+    name, sep, _ = line.partition(b":")
+    return bool(sep) and bool(name) and all(33 <= c <= 126 for c in name)

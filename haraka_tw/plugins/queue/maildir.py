@@ -1,0 +1,109 @@
+"""queue/maildir: deliver each accepted message into a Maildir, durably, before the 250.
+
+maildir.ini::
+
+    [main]
+    path = var/maildir   ; relative paths are from the working directory
+    fsync = true         ; fsync the file and the new/ directory before answering OK
+
+The message (with its Received header) is written to C{tmp/}, fsynced, renamed into
+C{new/}, and the directory fsynced; only then is the answer OK, so the client's 250 means
+the message is on disk. Names follow the Maildir convention (time.MusecPpidQn.host), so
+Python's C{mailbox.Maildir} and mail clients read the result. The write runs in a thread:
+the reactor keeps serving other sessions while the disk syncs.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.threads import deferToThread
+from zope.interface import implementer
+
+from haraka_tw.codes import DENYSOFT, OK, Code
+from haraka_tw.interfaces import IPluginContext, IQueueHook, IQueueOutboundHook, IRegistration
+
+__all__ = ["Maildir", "Plugin"]
+
+
+class Maildir:
+    """A Maildir directory that messages are delivered into."""
+
+    _counter = itertools.count(1)
+
+    def __init__(self, path: str | Path, fsync: bool = True) -> None:
+        self.path = Path(path)
+        self.fsync = fsync
+        self.host = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
+
+    def create(self) -> None:
+        """Make tmp/, new/ and cur/ (mode 0700) if missing."""
+        for sub in ("tmp", "new", "cur"):
+            (self.path / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    def unique_name(self) -> str:
+        now = time.time()
+        usec = int((now % 1) * 1_000_000)
+        return f"{int(now)}.M{usec}P{os.getpid()}Q{next(self._counter)}.{self.host}"
+
+    def deliver(self, chunks: Any) -> Path:
+        """Write the message; return its path in new/. Blocking: run it in a thread."""
+        name = self.unique_name()
+        tmp = self.path / "tmp" / name
+        new = self.path / "new" / name
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                for chunk in chunks:
+                    f.write(chunk)
+                f.flush()
+                if self.fsync:
+                    os.fsync(f.fileno())
+            os.rename(tmp, new)
+            if self.fsync:
+                dfd = os.open(self.path / "new", os.O_RDONLY)
+                try:
+                    os.fsync(dfd)
+                finally:
+                    os.close(dfd)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return new
+
+
+@implementer(IRegistration, IQueueHook, IQueueOutboundHook)
+class Plugin:
+    name = "queue/maildir"
+
+    def register(self, context: IPluginContext) -> None:
+        self.name = context.name
+        self.log = context.log
+        ini = context.config.get_ini("maildir.ini", booleans=["+main.fsync"])
+        main = ini["main"]
+        self.maildir = Maildir(str(main.get("path") or "var/maildir"), bool(main.get("fsync", True)))
+        self.maildir.create()
+
+    def hook_queue(self, connection: Any) -> Any:
+        txn = connection.transaction
+        stream = txn.message_stream
+
+        def delivered(path: Path) -> Code:
+            connection.loginfo(f"delivered to {path}", self.name)
+            txn.notes["maildir_path"] = str(path)
+            return OK
+
+        def failed(failure: Any) -> tuple[Code, str]:
+            self.log.error(f"maildir delivery failed: {failure.getErrorMessage()}", connection)
+            return DENYSOFT, "Temporary storage failure, try again later"
+
+        # The session waits for this answer, so nothing else touches the stream meanwhile.
+        d = deferToThread(lambda: self.maildir.deliver(stream.chunks()))
+        return d.addCallbacks(delivered, failed)
+
+    hook_queue_outbound = hook_queue

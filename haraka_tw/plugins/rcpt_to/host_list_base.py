@@ -1,0 +1,56 @@
+"""rcpt_to.host_list_base: the domains this server accepts mail for.
+
+Reads C{host_list} (one domain per line) and C{host_list_regex} (one regular expression per
+line, matched against the whole domain, case-insensitively), and re-reads them when they
+change. Used by rcpt_to.in_host_list; other plugins may use L{HostList} too.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from zope.interface import implementer
+
+from haraka_tw.interfaces import IPluginContext, IRegistration
+
+__all__ = ["HostList", "Plugin"]
+
+
+class HostList:
+    """The set of local domains, kept current from the config directory."""
+
+    def __init__(self, config: Any, log: Any = None) -> None:
+        self._config = config
+        self._log = log
+        self.domains: frozenset[str] = frozenset()
+        self.patterns: tuple[re.Pattern[str], ...] = ()
+        self.load()
+        config.on_change("host_list", self.load)
+        config.on_change("host_list_regex", self.load)
+
+    def load(self) -> None:
+        """(Re)read host_list and host_list_regex."""
+        self.domains = frozenset(d.lower().rstrip(".") for d in self._config.get_list("host_list"))
+        patterns = []
+        for text in self._config.get_list("host_list_regex"):
+            try:
+                patterns.append(re.compile(text, re.IGNORECASE))
+            except re.error as e:
+                if self._log is not None:
+                    self._log.error(f"host_list_regex: bad pattern {text!r}: {e}")
+        self.patterns = tuple(patterns)
+
+    def __contains__(self, domain: object) -> bool:
+        if not isinstance(domain, str) or not domain:
+            return False
+        d = domain.lower().rstrip(".")
+        return d in self.domains or any(p.fullmatch(d) for p in self.patterns)
+
+
+@implementer(IRegistration)
+class Plugin:
+    """Loads the host list into server notes as C{host_list} (for plugins that share it)."""
+
+    def register(self, context: IPluginContext) -> None:
+        context.server_notes["host_list"] = HostList(context.config, context.log)

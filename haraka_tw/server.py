@@ -1,0 +1,117 @@
+"""The inbound server assembled from a config directory: log, plugins, runner, factory.
+
+L{HarakaServer} reads the config, loads the plugins named in C{plugins}, and builds the
+L{HarakaSMTPFactory}. When connection.ini, smtp.ini, me or log.ini change it rebuilds the
+session settings (new sessions use them; a bad file keeps the last good settings). The
+plugin list itself is read at start-up only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.interfaces import IReactorTime
+
+from haraka_tw.config import ConfigDirectory, ConfigError
+from haraka_tw.hooks.loader import PluginLoadError, load_plugins
+from haraka_tw.hooks.runner import DEFAULT_TIMEOUT, HookRunner
+from haraka_tw.logging import HarakaLog, Level
+from haraka_tw.paths import default_config_dir
+from haraka_tw.smtp.factory import HarakaSMTPFactory
+from haraka_tw.smtp.settings import SMTP_INI_BOOLEANS, SessionSettings
+
+__all__ = ["HarakaServer", "StartupError"]
+
+_SETTINGS_FILES = ("connection.ini", "smtp.ini", "me")
+
+
+class StartupError(Exception):
+    """The server cannot start; the message names the file, line or plugin at fault."""
+
+
+class HarakaServer:
+    """Everything the SMTP listeners share."""
+
+    def __init__(
+        self,
+        config: ConfigDirectory,
+        reactor: IReactorTime,
+        log: HarakaLog | None = None,
+    ) -> None:
+        self.config = config
+        self.reactor = reactor
+        self.log = log if log is not None else HarakaLog()
+        self.notes: dict[str, Any] = {}
+        try:
+            self.log.configure(config.get_ini("log.ini", booleans=["-main.timestamps"]))
+            loglevel = config.get_value("loglevel", None)
+            if loglevel is not None:
+                self.log.level = type(self.log.level).parse(loglevel)
+            self.settings = SessionSettings.from_config(config)
+            smtp_ini = config.get_ini("smtp.ini", booleans=SMTP_INI_BOOLEANS)["main"]
+            names = config.get_list("plugins")
+            plugin_timeout = float(config.get_value("plugin_timeout", DEFAULT_TIMEOUT))
+        except (ConfigError, ValueError) as e:
+            raise StartupError(str(e)) from e
+        self.smtp_ini = smtp_ini
+        try:
+            plugins = load_plugins(
+                names,
+                config=config,
+                log=self.log,
+                server_notes=self.notes,
+                ignore_bad_plugins=bool(smtp_ini.get("ignore_bad_plugins")),
+            )
+        except PluginLoadError as e:
+            raise StartupError(str(e)) from e
+        self.runner = HookRunner(plugins, reactor, self.log, plugin_timeout)
+        if self.runner.has("log"):
+            self.log.hook = self.runner.run_log
+        self.factory = HarakaSMTPFactory(
+            self.runner, self.settings, self.log, reactor=reactor, server_notes=self.notes
+        )
+        for name in _SETTINGS_FILES:
+            config.on_change(name, self._settings_changed)
+        config.on_change("log.ini", self._log_changed)
+        config.on_change("plugin_timeout", self._timeout_changed)
+
+    @classmethod
+    def from_directory(
+        cls, directory: str | Path | None, reactor: IReactorTime, *, extra: Sequence[str | Path] = ()
+    ) -> HarakaServer:
+        """A server on the shipped defaults overlaid with C{directory} (if given)."""
+        dirs: list[str | Path] = [default_config_dir()]
+        if directory is not None:
+            path = Path(directory)
+            if not path.is_dir():
+                raise StartupError(f"config directory {path} does not exist")
+            dirs.append(path)
+        dirs.extend(extra)
+        try:
+            config = ConfigDirectory(dirs)
+        except ConfigError as e:
+            raise StartupError(str(e)) from e
+        return cls(config, reactor)
+
+    def _settings_changed(self) -> None:
+        try:
+            self.settings = SessionSettings.from_config(self.config)
+        except (ConfigError, ValueError) as e:
+            self.log.log(Level.ERROR, f"config reload: {e}; keeping the last good settings")
+            return
+        self.factory.settings = self.settings
+        self.log.log(Level.NOTICE, "session settings reloaded")
+
+    def _log_changed(self) -> None:
+        try:
+            self.log.configure(self.config.get_ini("log.ini", booleans=["-main.timestamps"]))
+        except (ConfigError, ValueError) as e:
+            self.log.log(Level.ERROR, f"log.ini: {e}")
+
+    def _timeout_changed(self) -> None:
+        try:
+            self.runner.plugin_timeout = float(self.config.get_value("plugin_timeout", DEFAULT_TIMEOUT))
+        except (ConfigError, ValueError) as e:
+            self.log.log(Level.ERROR, f"plugin_timeout: {e}")

@@ -1,0 +1,200 @@
+"""The Twisted service: listeners bound while privileged, graceful stop, reload on SIGHUP.
+
+L{HarakaService} is what C{twistd haraka} runs and what an existing Twisted application
+embeds::
+
+    from haraka_tw.service import HarakaService
+    HarakaService.from_directory("/etc/haraka", ["tcp:2525:interface=127.0.0.1"]).setServiceParent(application)
+
+Listeners are bound in C{privilegedStartService}, before twistd drops to C{-u/-g}, so port
+25 works for an unprivileged user. Stopping closes the listeners, lets open sessions finish
+for up to smtp.ini C{force_shutdown_timeout} seconds, then sends the rest 421 and closes them.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from twisted.application.service import MultiService
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort, IReactorTime, IStreamServerEndpoint
+
+from haraka_tw.logging import Level
+from haraka_tw.server import HarakaServer, StartupError
+
+__all__ = ["HarakaService", "parse_listen"]
+
+_HOST_PORT = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<v4>[0-9.]+|[A-Za-z0-9.\-]+|\*))?(?::(?P<port>\d+))?$")
+_ENDPOINT_KINDS = frozenset({"tcp", "tcp6", "unix", "ssl", "tls", "systemd", "haproxy"})
+
+
+def _escape(text: str) -> str:
+    return text.replace("\\", "\\\\").replace(":", "\\:").replace("=", "\\=")
+
+
+def parse_listen(text: str, default_port: int = 25) -> list[str]:
+    """smtp.ini C{listen} as Twisted endpoint descriptions.
+
+    Entries are comma-separated: C{127.0.0.1:2525}, C{[::1]:2525}, C{[::0]:25}, C{127.0.0.1}
+    (port 25), C{:2525} or C{*:2525} (every IPv4 address), or an endpoint string such as
+    C{tcp:2525:interface=127.0.0.1} or C{unix:/run/haraka.sock}.
+
+    @raise ValueError: for an entry that is none of these, naming it.
+    """
+    out = []
+    for raw in text.split(","):
+        entry = raw.strip()
+        if not entry:
+            continue
+        if entry.split(":", 1)[0].lower() in _ENDPOINT_KINDS:
+            out.append(entry)
+            continue
+        m = _HOST_PORT.match(entry)
+        if m is None or not (m.group("v6") or m.group("v4") or m.group("port")):
+            raise ValueError(f"smtp.ini listen: cannot read {entry!r}")
+        port = int(m.group("port") or default_port)
+        if not 0 < port < 65536:
+            raise ValueError(f"smtp.ini listen: port {port} in {entry!r} is out of range")
+        if m.group("v6") is not None:
+            out.append(f"tcp6:{port}:interface={_escape(m.group('v6'))}")
+        else:
+            host = m.group("v4")
+            if host in (None, "*", "0.0.0.0"):
+                out.append(f"tcp:{port}")
+            else:
+                out.append(f"tcp:{port}:interface={_escape(host)}")
+    if not out:
+        raise ValueError("smtp.ini listen is empty")
+    return out
+
+
+class HarakaService(MultiService):
+    """The SMTP server as a Twisted service."""
+
+    name = "haraka"
+
+    def __init__(
+        self,
+        server: HarakaServer,
+        endpoints: Sequence[str | IStreamServerEndpoint] | None = None,
+        *,
+        watch_interval: float = 1.0,
+        handle_sighup: bool = True,
+    ) -> None:
+        super().__init__()
+        self.server = server
+        self.reactor = server.reactor
+        smtp = server.smtp_ini
+        if endpoints is None:
+            try:
+                endpoints = parse_listen(str(smtp.get("listen", "127.0.0.1:2525")))
+            except ValueError as e:
+                raise StartupError(str(e)) from e
+        self.endpoints = list(endpoints)
+        self.force_shutdown_timeout = float(smtp.get("force_shutdown_timeout", 30))
+        self.graceful = bool(smtp.get("graceful_shutdown", True))
+        self.watch_interval = watch_interval
+        self.handle_sighup = handle_sighup
+        self.ports: list[IListeningPort] = []
+        self._old_sighup: Any = None
+
+    @classmethod
+    def from_directory(
+        cls,
+        directory: str | Path | None,
+        endpoints: Sequence[str | IStreamServerEndpoint] | None = None,
+        reactor: IReactorTime | None = None,
+        **kwargs: Any,
+    ) -> HarakaService:
+        """A service on the shipped defaults overlaid with the config C{directory}."""
+        if reactor is None:
+            from twisted.internet import reactor as global_reactor
+
+            reactor = global_reactor  # type: ignore[assignment]
+        assert reactor is not None
+        return cls(HarakaServer.from_directory(directory, reactor), endpoints, **kwargs)
+
+    def privilegedStartService(self) -> None:
+        """Bind every listener now (as root, before twistd's -u/-g drop)."""
+        factory = self.server.factory
+        for spec in self.endpoints:
+            endpoint = serverFromString(self.reactor, spec) if isinstance(spec, str) else spec
+            d = endpoint.listen(factory)
+            failures: list[Any] = []
+            d.addCallbacks(self.ports.append, failures.append)
+            if failures:
+                raise StartupError(f"cannot listen on {spec}: {failures[0].getErrorMessage()}")
+            self.server.log.log(Level.NOTICE, f"listening on {spec}")
+        super().privilegedStartService()
+
+    def startService(self) -> None:
+        if not self.ports:
+            self.privilegedStartService()
+        super().startService()
+        config = self.server.config
+        if self.watch_interval > 0:
+            config.start_watching(self.reactor, self.watch_interval)
+        if self.handle_sighup and hasattr(signal, "SIGHUP"):
+            try:
+                self._old_sighup = signal.signal(signal.SIGHUP, self._sighup)
+            except ValueError:  # not the main thread
+                self._old_sighup = None
+
+    def _sighup(self, signum: int, frame: Any) -> None:
+        self.reactor.callFromThread(self.reload)  # type: ignore[attr-defined]
+
+    def reload(self) -> list[str]:
+        """Re-read every config file now (what SIGHUP does)."""
+        changed: list[str] = self.server.config.reload()
+        self.server.log.log(Level.NOTICE, f"reload: {', '.join(changed) or 'nothing changed'}")
+        return changed
+
+    def stopService(self) -> Deferred[None]:
+        """Stop listening, let sessions finish (up to force_shutdown_timeout), then close them."""
+        super().stopService()
+        self.server.config.stop_watching()
+        if self._old_sighup is not None:
+            signal.signal(signal.SIGHUP, self._old_sighup)
+            self._old_sighup = None
+        ports, self.ports = self.ports, []
+        stopped = [defer.maybeDeferred(p.stopListening) for p in ports]
+        d: Deferred[Any] = defer.gatherResults(stopped, consumeErrors=True)
+        d.addCallback(lambda _: self._drain())
+        return d
+
+    def _drain(self) -> Deferred[None]:
+        sessions = self.server.factory.sessions
+        done: Deferred[None] = Deferred()
+        if not sessions:
+            done.callback(None)
+            return done
+        deadline = self.force_shutdown_timeout if self.graceful else 0
+        waited = [0.0]
+        step = 0.1
+
+        def check() -> None:
+            if not sessions:
+                done.callback(None)
+                return
+            if waited[0] >= deadline:
+                for session in list(sessions):
+                    session.shutdown()
+                self.reactor.callLater(0.05, finish)  # type: ignore[attr-defined]
+                return
+            waited[0] += step
+            self.reactor.callLater(step, check)  # type: ignore[attr-defined]
+
+        def finish() -> None:
+            for session in list(sessions):
+                if session.transport is not None:
+                    session.transport.abortConnection()
+            done.callback(None)
+
+        check()
+        return done

@@ -1,0 +1,281 @@
+"""The connection and transaction objects every hook receives.
+
+These hold state only; the protocol (L{haraka_tw.smtp.protocol}) drives them. Names follow
+Haraka's (remote.ip, hello.host, transaction.mail_from, notes, results, relaying, ...), so a
+plugin port reads the same.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import time
+import uuid as uuidlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from haraka_tw.logging import HarakaLog, Level
+from haraka_tw.message.header import Header
+from haraka_tw.message.stream import MessageStream
+from haraka_tw.smtp.state import Notes, Results
+
+if TYPE_CHECKING:
+    from haraka_tw.smtp.address import Address
+    from haraka_tw.smtp.command import Command
+
+__all__ = ["Connection", "Counts", "Hello", "Local", "Remote", "State", "TLSInfo", "Transaction"]
+
+
+class State(enum.Enum):
+    """Where the session is (Haraka's connection states)."""
+
+    CONNECTING = "connecting"  # connect hooks running; no banner yet
+    CMD = "cmd"
+    DATA = "data"
+    LOOP = "loop"  # denied: every command but QUIT gets the same reply
+    DISCONNECTING = "disconnecting"
+    DISCONNECTED = "disconnected"
+
+
+def _is_private(ip: str) -> bool:
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    return addr.is_private or addr.is_loopback or addr.is_link_local
+
+
+def _is_local(ip: str) -> bool:
+    try:
+        return ipaddress.ip_address(ip).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass
+class Remote:
+    """The client: address, port, name (from lookup_rdns) and whether it has gone."""
+
+    ip: str = ""
+    port: int = 0
+    host: str | None = None
+    info: str | None = None
+    closed: bool = False
+
+    @property
+    def is_private(self) -> bool:
+        return _is_private(self.ip)
+
+    @property
+    def is_local(self) -> bool:
+        return _is_local(self.ip)
+
+
+@dataclass
+class Local:
+    """This end of the connection."""
+
+    ip: str = ""
+    port: int = 0
+    host: str = ""
+
+
+@dataclass
+class Hello:
+    """What the client said in HELO/EHLO."""
+
+    verb: str | None = None
+    host: str | None = None
+
+
+@dataclass
+class TLSInfo:
+    """TLS state of the connection (filled by the tls plugin)."""
+
+    enabled: bool = False
+    advertised: bool = False
+    verified: bool = False
+    cipher: str | None = None
+    version: str | None = None
+    peer_certificate: Any = None
+
+
+@dataclass
+class Counts:
+    """accept / tempfail / reject counters (rcpt_count, msg_count)."""
+
+    accept: int = 0
+    tempfail: int = 0
+    reject: int = 0
+
+    def __str__(self) -> str:
+        return f"{self.accept}/{self.tempfail}/{self.reject}"
+
+
+class Transaction:
+    """One message: from MAIL to the end of DATA (or RSET)."""
+
+    def __init__(self, uuid: str, spool_dir: str | None = None, spool_after: int = -1) -> None:
+        self.uuid = uuid
+        self.mail_from: Address | None = None
+        self.mail_params: dict[str, str | None] = {}
+        self.rcpt_to: list[Address] = []
+        self.rcpt_params: list[dict[str, str | None]] = []
+        self.notes = Notes()
+        self.results = Results()
+        self.header = Header()
+        self.message_stream = MessageStream(self.header, spool_dir, spool_after)
+        self.data_bytes = 0
+        self.mime_part_count = 0
+        self.msg_status: str | None = None
+        self.encoding = "utf-8"
+        self.discard_data = False
+        self.parse_body = False
+        self.start_time = time.time()
+        self._relaying: bool | None = None
+
+    def add_header(self, name: str, value: str) -> None:
+        """Add a header field at the end (Haraka's add_header)."""
+        self.header.add_end(name, value)
+
+    def add_leading_header(self, name: str, value: str) -> None:
+        """Add a header field at the top."""
+        self.header.add(name, value)
+
+    def remove_header(self, name: str) -> None:
+        """Remove every field named C{name}."""
+        self.header.remove(name)
+
+    def close(self) -> None:
+        """Release the message body (and its spool file)."""
+        self.message_stream.close()
+
+
+class Connection:
+    """One client session: what every hook gets as its first argument."""
+
+    def __init__(
+        self,
+        remote: Remote,
+        local: Local,
+        *,
+        server_notes: dict[str, Any] | None = None,
+        log: HarakaLog | None = None,
+        respond: Callable[[int, Any, str | None], None] | None = None,
+        disconnect: Callable[[], None] | None = None,
+    ) -> None:
+        self.uuid = str(uuidlib.uuid4()).upper()
+        self.remote = remote
+        self.local = local
+        self.hello = Hello()
+        self.tls = TLSInfo()
+        self.proxy = Notes(allowed=False, ip=None, type=None)
+        self.notes = Notes()
+        self.results = Results()
+        self.server_notes = server_notes if server_notes is not None else {}
+        self.transaction: Transaction | None = None
+        self.capabilities: list[str] = []
+        self.esmtp = False
+        self.pipelining = False
+        self.early_talker = False
+        self.tran_count = 0
+        self.rcpt_count = Counts()
+        self.msg_count = Counts()
+        self.errors = 0
+        self.last_response: str | None = None
+        self.last_reject: str | None = None
+        self.state = State.CONNECTING
+        self.current_command: Command | None = None
+        self.start_time = time.time()
+        self.bytes_in = 0
+        self._relaying = False
+        self._log = log
+        self._respond = respond
+        self._disconnect = disconnect
+
+    # -- relaying is scoped to the transaction while one is open ------------------------
+
+    @property
+    def relaying(self) -> bool:
+        """Whether this client may relay (for the open transaction, when there is one)."""
+        txn = self.transaction
+        if txn is not None and txn._relaying is not None:
+            return txn._relaying
+        return self._relaying
+
+    @relaying.setter
+    def relaying(self, value: bool) -> None:
+        if self.transaction is not None:
+            self.transaction._relaying = bool(value)
+        else:
+            self._relaying = bool(value)
+
+    # -- actions a plugin may take --------------------------------------------------------
+
+    def respond(self, code: int, text: Any, enhanced: str | None = None) -> None:
+        """Send a reply (for unrecognized_command plugins that answer OK themselves)."""
+        if self._respond is not None:
+            self._respond(code, text, enhanced)
+
+    def disconnect(self) -> None:
+        """Close the connection after pending replies are written."""
+        if self._disconnect is not None:
+            self._disconnect()
+
+    # -- logging with this connection's uuid --------------------------------------------------
+
+    def log(self, level: Level, message: str, origin: Any = None, **fields: Any) -> None:
+        """Log a line tagged with the transaction's uuid (or the connection's)."""
+        if self._log is None or not self._log.enabled(level):
+            return
+        name = origin if isinstance(origin, str) else getattr(origin, "name", None)
+        txn = self.transaction
+        self._log.log(
+            level,
+            message,
+            uuid=txn.uuid if txn is not None else self.uuid,
+            origin=name or "core",
+            connection=self,
+            **fields,
+        )
+
+    def logdebug(self, message: str, origin: Any = None, **fields: Any) -> None:
+        self.log(Level.DEBUG, message, origin, **fields)
+
+    def loginfo(self, message: str, origin: Any = None, **fields: Any) -> None:
+        self.log(Level.INFO, message, origin, **fields)
+
+    def lognotice(self, message: str, origin: Any = None, **fields: Any) -> None:
+        self.log(Level.NOTICE, message, origin, **fields)
+
+    def logwarn(self, message: str, origin: Any = None, **fields: Any) -> None:
+        self.log(Level.WARN, message, origin, **fields)
+
+    def logerror(self, message: str, origin: Any = None, **fields: Any) -> None:
+        self.log(Level.ERROR, message, origin, **fields)
+
+    def logcrit(self, message: str, origin: Any = None, **fields: Any) -> None:
+        self.log(Level.CRIT, message, origin, **fields)
+
+    # -- summary --------------------------------------------------------------------
+
+    def summary(self) -> dict[str, Any]:
+        """The fields of the one structured line logged at disconnect."""
+        return {
+            "ip": self.remote.ip,
+            "rdns": self.remote.host or "",
+            "helo": self.hello.host or "",
+            "relay": "Y" if self.relaying else "N",
+            "early": "Y" if self.early_talker else "N",
+            "esmtp": "Y" if self.esmtp else "N",
+            "tls": "Y" if self.tls.enabled else "N",
+            "pipe": "Y" if self.pipelining else "N",
+            "errors": self.errors,
+            "txns": self.tran_count,
+            "rcpts": str(self.rcpt_count),
+            "msgs": str(self.msg_count),
+            "bytes": self.bytes_in,
+            "lr": self.last_response or "",
+            "time": f"{time.time() - self.start_time:.3f}",
+        }

@@ -1,0 +1,83 @@
+"""The core reverse lookup used when no lookup_rdns plugin names the client.
+
+It answers from the hosts file first, then a PTR query with a short timeout, and caches
+answers (and failures) for a while, so a client never waits long on a slow or unreachable
+nameserver.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
+
+__all__ = ["ReverseLookup", "read_hosts_file"]
+
+
+def read_hosts_file(path: str = "/etc/hosts") -> dict[str, str]:
+    """Map each address in a hosts file to its first name."""
+    names: dict[str, str] = {}
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                fields = line.split("#", 1)[0].split()
+                if len(fields) >= 2:
+                    names.setdefault(fields[0], fields[1])
+    except OSError:
+        pass
+    return names
+
+
+class ReverseLookup:
+    """PTR names for client addresses: hosts file, then DNS, cached."""
+
+    def __init__(
+        self,
+        reactor: IReactorTime,
+        timeout: float = 3.0,
+        ttl: float = 600.0,
+        hosts: dict[str, str] | None = None,
+        resolver: Any = None,
+    ) -> None:
+        self._reactor = reactor
+        self.timeout = timeout
+        self.ttl = ttl
+        self._hosts = read_hosts_file() if hosts is None else hosts
+        self._cache: dict[str, tuple[float, str | None]] = {}
+        self._resolver = resolver
+
+    def lookup(self, ip: str) -> Deferred[str | None]:
+        """The name of C{ip}, or None; never fails."""
+        if ip in self._hosts:
+            return succeed(self._hosts[ip])
+        now = self._reactor.seconds()
+        cached = self._cache.get(ip)
+        if cached is not None and cached[0] > now:
+            return succeed(cached[1])
+        try:
+            name = ipaddress.ip_address(ip).reverse_pointer
+        except ValueError:
+            return succeed(None)
+        resolver = self._resolver
+        if resolver is None:
+            from twisted.names import client
+
+            resolver = self._resolver = client.createResolver()
+        d: Deferred[Any] = resolver.lookupPointer(name, timeout=(self.timeout,))
+
+        def found(result: Any) -> str | None:
+            answers = result[0]
+            for rr in answers:
+                if rr.type == 12:  # PTR
+                    return str(rr.payload.name).rstrip(".") or None
+            return None
+
+        def store(host: str | None) -> str | None:
+            self._cache[ip] = (self._reactor.seconds() + self.ttl, host)
+            return host
+
+        d.addCallbacks(found, lambda _failure: None)
+        d.addCallback(store)
+        return d

@@ -1,0 +1,85 @@
+"""SMTP replies as values, and the catalogue of replies the core sends.
+
+A L{Reply} is frozen: a code, an RFC 3463 enhanced status code and its text lines. The
+core renders the enhanced code only to clients that greeted with EHLO (RFC 2034).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+__all__ = ["Reply", "render_lines"]
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """One SMTP reply.
+
+    @ivar code: the three-digit reply code.
+    @ivar enhanced: the enhanced status code ("5.1.1"), or None.
+    @ivar lines: the text lines (at least one).
+    """
+
+    code: int
+    enhanced: str | None
+    lines: tuple[str, ...]
+
+    @classmethod
+    def of(cls, code: int, enhanced: str | None, text: str | list[str] | tuple[str, ...]) -> Reply:
+        """A reply from text that may hold several lines (a list, or newlines in a str)."""
+        return cls(code, enhanced, _split(text))
+
+    def with_text(self, text: str | list[str] | tuple[str, ...] | None) -> Reply:
+        """The same code and enhanced code with other text (None keeps this text)."""
+        if text is None:
+            return self
+        return replace(self, lines=_split(text))
+
+    def with_code(self, code: int) -> Reply:
+        """The same text with another code; the enhanced class follows the new code."""
+        enhanced = self.enhanced
+        if enhanced is not None and enhanced[0] != str(code)[0]:
+            enhanced = str(code)[0] + enhanced[1:]
+        return replace(self, code=code, enhanced=enhanced)
+
+    def format(self, **fields: Any) -> Reply:
+        """Fill C{{name}} placeholders in the text."""
+        return replace(self, lines=tuple(line.format(**fields) for line in self.lines))
+
+    @property
+    def text(self) -> str:
+        """The lines joined by newlines, for logs."""
+        return "\n".join(self.lines)
+
+    @property
+    def is_error(self) -> bool:
+        """True for 4xx and 5xx replies."""
+        return self.code >= 400
+
+    def to_bytes(self, enhanced: bool = True) -> bytes:
+        """The wire form: C{250-first} continuation lines, then C{250 last}, CRLF each."""
+        return render_lines(self.code, self.enhanced if enhanced else None, self.lines)
+
+    def __str__(self) -> str:
+        return self.to_bytes().decode("utf-8", "replace").rstrip("\r\n")
+
+
+def render_lines(code: int, enhanced: str | None, lines: tuple[str, ...]) -> bytes:
+    """Render a reply; text is UTF-8 and any CR or LF inside a line is replaced by a space."""
+    prefix = f"{code} {enhanced} " if enhanced else f"{code} "
+    last = len(lines) - 1
+    out = []
+    for i, line in enumerate(lines):
+        safe = line.replace("\r", " ").replace("\n", " ")
+        sep = " " if i == last else "-"
+        out.append(f"{code}{sep}{prefix[4:]}{safe}\r\n")
+    return "".join(out).encode("utf-8", "replace")
+
+
+def _split(text: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    if isinstance(text, str):
+        lines = tuple(text.split("\n"))
+    else:
+        lines = tuple(str(t) for t in text)
+    return lines or ("",)

@@ -1,0 +1,108 @@
+"""The per-session limits and options, read once from connection.ini and smtp.ini.
+
+A new L{SessionSettings} is built whenever those files change; each session keeps the one
+it started with, so a reload never changes a session half-way.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+from haraka_tw.smtp.data import BareNewline
+
+__all__ = ["CONNECTION_INI_BOOLEANS", "SMTP_INI_BOOLEANS", "SessionSettings"]
+
+CONNECTION_INI_BOOLEANS = (
+    "-main.strict_rfc1869",
+    "+main.smtputf8",
+    "+headers.add_received",
+    "+headers.clean_auth_results",
+    "+headers.show_version",
+    "-haproxy.enabled",
+)
+SMTP_INI_BOOLEANS = ("-main.ignore_bad_plugins", "+main.graceful_shutdown", "-main.daemonize")
+
+
+def _int(section: dict[str, Any], key: str, default: int) -> int:
+    value = section.get(key, default)
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{key} must be a whole number, not {value!r}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class SessionSettings:
+    """Everything a session needs to know from the config directory."""
+
+    me: str = "localhost"
+    max_line_length: int = 512
+    max_bytes: int = 26214400
+    max_data_line_length: int = 992
+    max_recipients: int = 1000
+    header_max_lines: int = 1000
+    header_max_received: int = 100
+    inactivity_timeout: float = 300.0
+    spool_dir: str | None = None
+    spool_after: int = -1
+    strict_rfc1869: bool = False
+    smtputf8: bool = True
+    bare_newline: BareNewline = BareNewline.REJECT
+    add_received: bool = True
+    clean_auth_results: bool = True
+    show_version: bool = True
+    greeting: tuple[str, ...] = ()
+    helo_message: str | None = None
+    close_message: str | None = None
+    banner_chars: int = 6
+
+    @classmethod
+    def from_config(cls, config: Any) -> SessionSettings:
+        """Read connection.ini, smtp.ini and me.
+
+        @raise ValueError: for a value of the wrong kind, naming the key.
+        """
+        conn = config.get_ini("connection.ini", booleans=CONNECTION_INI_BOOLEANS)
+        smtp = config.get_ini("smtp.ini", booleans=SMTP_INI_BOOLEANS)
+        main, mx, headers = conn.get("main", {}), conn.get("max", {}), conn.get("headers", {})
+        message, uuid = conn.get("message", {}), conn.get("uuid", {})
+        me = str(config.get_value("me", None) or socket.getfqdn() or "localhost")
+        greeting = message.get("greeting") or ()
+        if isinstance(greeting, str):
+            greeting = (greeting,)
+        bare = str(main.get("bare_newline", "reject")).lower()
+        if bare == "normalize":
+            bare = "normalise"
+        try:
+            bare_newline = BareNewline(bare)
+        except ValueError:
+            raise ValueError(
+                f"connection.ini bare_newline must be reject or normalise, not {bare!r}"
+            ) from None
+        timeout = smtp.get("main", {}).get(
+            "inactivity_timeout", main.get("inactivity_timeout", 300)
+        )
+        return cls(
+            me=me,
+            max_line_length=_int(mx, "line_length", 512),
+            max_bytes=_int(mx, "bytes", 26214400),
+            max_data_line_length=_int(mx, "data_line_length", 992),
+            max_recipients=_int(mx, "recipients", 1000),
+            header_max_lines=_int(headers, "max_lines", 1000),
+            header_max_received=_int(headers, "max_received", 100),
+            inactivity_timeout=float(timeout),
+            spool_dir=str(main["spool_dir"]) if main.get("spool_dir") else None,
+            spool_after=_int(main, "spool_after", -1),
+            strict_rfc1869=bool(main.get("strict_rfc1869", False)),
+            smtputf8=bool(main.get("smtputf8", True)),
+            bare_newline=bare_newline,
+            add_received=bool(headers.get("add_received", True)),
+            clean_auth_results=bool(headers.get("clean_auth_results", True)),
+            show_version=bool(headers.get("show_version", True)),
+            greeting=tuple(str(g) for g in greeting),
+            helo_message=message.get("helo"),
+            close_message=message.get("close"),
+            banner_chars=_int(uuid, "banner_chars", 6),
+        )
