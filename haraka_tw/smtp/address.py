@@ -269,9 +269,9 @@ def parse_path(
         if strict and not text:
             raise AddressError("Path must be enclosed in <>")
         return Address("", "", text)
+    parsed = _parse_mailbox(inner, strict, allow_utf8, allow_postmaster)
     if path_octets > MAX_PATH_OCTETS:
         raise AddressError("Path too long")
-    parsed = _parse_mailbox(inner, strict, allow_utf8, allow_postmaster)
     return Address(parsed.local, parsed.domain, text)
 
 

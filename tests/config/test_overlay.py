@@ -10,7 +10,7 @@ from haraka_tw.config import ConfigError
 from haraka_tw.config.bundle import BundleReader
 from haraka_tw.config.overlay import Kind, Request, merge, read_layered
 from haraka_tw.config.snapshot import SnapshotReader
-from tests.config.conftest import Layers
+from .layers import Layers
 
 
 def read(layers: Layers, name: str, kind: Kind, *booleans: str) -> tuple[bool, Any]:

@@ -1,0 +1,215 @@
+"""Test support: a transcript driver on StringTransport, and real servers on loopback.
+
+- L{Session}: the protocol on a StringTransport with a task.Clock, for byte-level
+  transcripts of one session (unit tests; no sockets).
+- L{start_server}: a L{HarakaServer} from a real config directory, listening on a real
+  loopback port of the global reactor (for trial TestCases, which spin the reactor).
+- L{smtp_client}, L{raw_exchange}: blocking clients to run in a thread (deferToThread)
+  against such a server.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from zope.interface import implementer
+
+from haraka_tw.codes import CONT
+from haraka_tw.hooks.runner import HookRunner, LoadedPlugin
+from haraka_tw.interfaces import HOOKS
+from haraka_tw.logging import HarakaLog, Level
+from haraka_tw.server import HarakaServer
+from haraka_tw.smtp.factory import HarakaSMTPFactory
+from haraka_tw.smtp.rdns import ReverseLookup
+from haraka_tw.smtp.settings import SessionSettings
+
+CLIENT_IP = "192.0.2.10"
+
+
+class ListLog(HarakaLog):
+    """A HarakaLog that keeps its records for assertions."""
+
+    def __init__(self, level: Level = Level.DATA) -> None:
+        super().__init__(level=level)
+        self.records: list[Any] = []
+        self.hook = self._keep
+
+    def _keep(self, connection: Any, record: Any) -> bool:
+        self.records.append(record)
+        return True  # keep test output quiet
+
+    def messages(self, level: Level | None = None) -> list[str]:
+        return [r.message for r in self.records if level is None or r.level == level]
+
+
+def plugin_with(hooks: Mapping[str, Any]) -> object:
+    """A plugin object providing the interfaces of the hooks given as name -> function.
+
+    Each function is called as the hook method (without self).
+    """
+    ifaces = [HOOKS[name] for name in hooks]
+
+    @implementer(*ifaces)
+    class Built:
+        pass
+
+    obj = Built()
+    for name, fn in hooks.items():
+        setattr(obj, f"hook_{name}", fn)
+    return obj
+
+
+class Session:
+    """One SMTP session on a StringTransport: send bytes, read what came back."""
+
+    def __init__(
+        self,
+        plugins: Iterable[tuple[str, object]] = (),
+        settings: SessionSettings | None = None,
+        plugin_timeout: float = 30,
+        greet: bool = True,
+    ) -> None:
+        self.clock = Clock()
+        self.log = ListLog()
+        loaded = [LoadedPlugin(name, p) for name, p in plugins]
+        self.runner = HookRunner(loaded, self.clock, self.log, plugin_timeout)
+        self.settings = settings or SessionSettings(me="mx.test", spool_after=-1)
+        rdns = ReverseLookup(self.clock, hosts={CLIENT_IP: "client.example"})
+        self.factory = HarakaSMTPFactory(
+            self.runner, self.settings, self.log, reactor=self.clock, rdns=rdns
+        )
+        self.transport = StringTransport(
+            hostAddress=IPv4Address("TCP", "192.0.2.1", 25),
+            peerAddress=IPv4Address("TCP", CLIENT_IP, 40000),
+        )
+        self.proto = self.factory.buildProtocol(self.transport.getPeer())
+        self.proto.callLater = self.clock.callLater  # TimeoutMixin on the fake clock
+        self.proto.makeConnection(self.transport)
+        self.banner = self.read()
+        if greet:
+            assert self.banner.startswith("220 "), self.banner
+
+    @property
+    def connection(self) -> Any:
+        return self.proto.connection
+
+    def read(self) -> str:
+        """Everything written since the last read."""
+        data = self.transport.value()
+        self.transport.clear()
+        return data.decode("utf-8", "replace")
+
+    def send(self, data: bytes | str) -> str:
+        """Feed bytes as one read from the socket; return the replies written."""
+        if isinstance(data, str):
+            data = data.encode()
+        self.proto.dataReceived(data)
+        return self.read()
+
+    def codes(self, data: bytes | str) -> list[int]:
+        """The reply codes written for C{data} (continuation lines folded)."""
+        return reply_codes(self.send(data))
+
+    @property
+    def closed(self) -> bool:
+        return bool(self.transport.disconnecting)
+
+    def lose(self) -> None:
+        from twisted.internet.error import ConnectionDone
+        from twisted.python.failure import Failure
+
+        self.proto.connectionLost(Failure(ConnectionDone()))
+
+
+def reply_codes(text: str) -> list[int]:
+    """Codes of the final lines of each reply in C{text}."""
+    return [int(line[:3]) for line in text.split("\r\n") if len(line) >= 4 and line[3] == " "]
+
+
+def write_config(directory: Path, files: Mapping[str, str]) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        path = directory / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    return directory
+
+
+def start_server(case: Any, files: Mapping[str, str]) -> tuple[HarakaServer, int]:
+    """A server on the shipped defaults overlaid with C{files}, on a loopback port.
+
+    The maildir goes under the test's temporary directory unless C{files} says otherwise.
+    """
+    base = Path(case.mktemp()).resolve()
+    all_files = {"maildir.ini": f"[main]\npath={base / 'maildir'}\n", "me": "mx.test\n"}
+    all_files.update(files)
+    config_dir = write_config(base / "config", all_files)
+    server = HarakaServer.from_directory(config_dir, reactor)
+    server.log.hook = server.log.hook or (lambda c, r: r.level > Level.WARN)
+    port = reactor.listenTCP(0, server.factory, interface="127.0.0.1")
+
+    def stop() -> Any:
+        for session in list(server.factory.sessions):
+            if session.transport is not None:
+                session.transport.abortConnection()
+        return port.stopListening()
+
+    case.addCleanup(stop)
+    server.base = base  # type: ignore[attr-defined]
+    return server, port.getHost().port
+
+
+def raw_exchange(port: int, chunks: Iterable[bytes], *, settle: float = 0.3, timeout: float = 10) -> bytes:
+    """Connect, read the banner, send each chunk (pausing C{settle}s after each), and
+    return everything the server wrote until it closed or went quiet."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    got = bytearray()
+    try:
+        sock.settimeout(timeout)
+        got += sock.recv(4096)
+        for chunk in chunks:
+            sock.sendall(chunk)
+            got += _drain(sock, settle)
+        got += _drain(sock, settle)
+    finally:
+        sock.close()
+    return bytes(got)
+
+
+def _drain(sock: socket.socket, settle: float) -> bytes:
+    out = bytearray()
+    deadline = time.monotonic() + settle
+    sock.settimeout(0.05)
+    while time.monotonic() < deadline:
+        try:
+            piece = sock.recv(65536)
+        except TimeoutError:
+            continue
+        except OSError:
+            break
+        if not piece:
+            break
+        out += piece
+        deadline = time.monotonic() + settle
+    return bytes(out)
+
+
+__all__ = [
+    "CLIENT_IP",
+    "CONT",
+    "ListLog",
+    "Session",
+    "plugin_with",
+    "raw_exchange",
+    "reply_codes",
+    "start_server",
+    "write_config",
+]
