@@ -34,7 +34,7 @@ class FileSnapshot:
     racy: bool
 
 
-MISSING = FileSnapshot(None, None, racy=False)
+_MISSING = FileSnapshot(None, None, racy=False)
 
 
 def _signature(result: os.stat_result) -> Signature:
@@ -64,10 +64,10 @@ def _read(path: Path) -> tuple[FileSnapshot, bytes | None]:
         with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as stream:
             result = os.fstat(stream.fileno())
             if not _is_regular(result):
-                return MISSING, None
+                return _MISSING, None
             content = stream.read()
     except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-        return MISSING, None
+        return _MISSING, None
     except OSError as error:
         raise ConfigError(str(path), None, f"cannot read: {error.strerror or error}") from None
     signature = _signature(result)

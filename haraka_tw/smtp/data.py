@@ -27,6 +27,15 @@ _TERMINATOR = b"\r\n.\r\n"
 _BARE_NEWLINE = re.compile(rb"\r\n?|\n")
 
 
+def _normalise(out: bytes, bare_cr: int, bare_lf: int) -> bytes:
+    """Turn every bare CR and bare LF into CRLF (plain ``replace`` when only one kind occurs)."""
+    if not bare_cr:
+        return out.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    if not bare_lf:
+        return out.replace(b"\r\n", b"\r").replace(b"\r", b"\r\n")
+    return _BARE_NEWLINE.sub(b"\r\n", out)
+
+
 class BareNewline(enum.Enum):
     """What to do with a bare LF or bare CR in the body."""
 
@@ -127,7 +136,7 @@ class DataReader:
             out = out[1:]
         self._at_line_start = raw.endswith(b"\r\n")
         if self._normalise and (bare_cr or bare_lf):
-            out = _BARE_NEWLINE.sub(b"\r\n", out)
+            out = _normalise(out, bare_cr, bare_lf)
         if self._max_line:
             out = self._wrap(out)
 
@@ -137,34 +146,38 @@ class DataReader:
             self._sink(out)
 
     def _wrap(self, out: bytes) -> bytes:
-        """Insert CRLF SP so that no output line exceeds the limit; track the column."""
-        column = self._line_end_column(out)
-        if column >= 0:
-            self._column = column
-            return out
-        self.long_lines = True
-        first, *rest = out.split(b"\r\n")
-        wrapped = [self._wrap_line(first, self._column)]
-        wrapped.extend(self._wrap_line(line, 0) for line in rest)
-        return b"\r\n".join(wrapped)
+        """Insert CRLF SP so that no output line exceeds the limit; track the column.
 
-    def _line_end_column(self, out: bytes) -> int:
-        """The column after ``out`` if none of its lines is too long, else -1.
-
-        Jumps a window of ``limit`` bytes at a time to the last CRLF inside it, so the cost is a
-        few C calls per ``limit`` bytes rather than a Python step per line.
+        Jumps a window of ``limit`` bytes at a time to the last CRLF inside it, so the cost is
+        a few C calls per ``limit`` bytes rather than a Python step per line; only a line that
+        is actually too long is cut up in Python.
         """
         limit = self._max_line
-        end = len(out)
-        start = -self._column  # where the current line started, relative to ``out``
-        rfind = out.rfind
-        while end - start > limit:
-            crlf = rfind(b"\r\n", max(start, 0), start + limit + 2)
-            if crlf < 0:
-                return -1
-            start = crlf + 2
-        last = rfind(b"\r\n", max(start, 0))
-        return end - start if last < 0 else end - last - 2
+        size = len(out)
+        start = -self._column  # where the current line began, relative to ``out``
+        copied = 0
+        pieces: list[bytes] = []
+        while size - start > limit:
+            crlf = out.rfind(b"\r\n", max(start, 0), start + limit + 2)
+            if crlf >= 0:
+                start = crlf + 2
+                continue
+            first = max(start, 0)
+            stop = out.find(b"\r\n", first)
+            stop = size if stop < 0 else stop
+            pieces.append(out[copied:first])
+            pieces.append(self._wrap_line(out[first:stop], first - start))
+            copied = stop
+            self.long_lines = True
+            if stop == size:
+                return b"".join(pieces)
+            start = stop + 2
+        last = out.rfind(b"\r\n", max(start, 0))
+        self._column = size - start if last < 0 else size - last - 2
+        if not pieces:
+            return out
+        pieces.append(out[copied:])
+        return b"".join(pieces)
 
     def _wrap_line(self, line: bytes, column: int) -> bytes:
         """Wrap one line (no CRLF inside) that starts at ``column``; updates ``_column``."""

@@ -188,7 +188,9 @@ def test_arbitrary_text_raises_only_config_error(text: str) -> None:
     assert "main" in result
 
 
-@given(st.lists(st.sampled_from(["[s]", "[", "a=1", "b[]=2", "c\\", "#x", ";y", "", " ", "=", "d"])))
+@given(
+    st.lists(st.sampled_from(["[s]", "[", "a=1", "b[]=2", "c\\", "#x", ";y", "", " ", "=", "d"]))
+)
 def test_ini_like_lines_raise_only_config_error(lines: list[str]) -> None:
     """Text built from INI fragments parses or raises ConfigError, nothing else."""
     try:

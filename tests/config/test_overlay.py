@@ -10,6 +10,7 @@ from haraka_tw.config import ConfigError
 from haraka_tw.config.bundle import BundleReader
 from haraka_tw.config.overlay import Kind, Request, merge, read_layered
 from haraka_tw.config.snapshot import SnapshotReader
+
 from .layers import Layers
 
 
@@ -46,7 +47,7 @@ def test_ini_operator_omitting_boolean_keeps_lower_value(layers: Layers) -> None
     """A boolean set in the defaults survives an operator file that does not mention it."""
     layers.write(layers.defaults, "p.ini", "[tls]\nenabled=true\n")
     layers.write(layers.operator, "p.ini", "[tls]\nother=1\n")
-    found, value = read(layers, "p.ini", Kind.INI, "-tls.enabled")
+    _, value = read(layers, "p.ini", Kind.INI, "-tls.enabled")
     assert value["tls"] == {"enabled": True, "other": 1}
 
 
@@ -163,17 +164,23 @@ def test_bundle_entries_shaped_by_kind(
     layers: Layers, kind: Kind, raw: str, expected: object
 ) -> None:
     """Bundle entries take the shape the file they stand for would have parsed to."""
-    layers.write(layers.operator, "smtp.json", '{"!f": %s}' % raw)
+    layers.write(layers.operator, "smtp.json", '{"!f": ' + raw + "}")
     assert read(layers, "f", kind) == (True, expected)
 
 
 @pytest.mark.parametrize(
     ("kind", "raw"),
-    [(Kind.VALUE, "[1]"), (Kind.VALUE, "true"), (Kind.LIST, "[[1]]"), (Kind.INI, "[]"), (Kind.BINARY, "1")],
+    [
+        (Kind.VALUE, "[1]"),
+        (Kind.VALUE, "true"),
+        (Kind.LIST, "[[1]]"),
+        (Kind.INI, "[]"),
+        (Kind.BINARY, "1"),
+    ],
 )
 def test_bundle_entry_of_wrong_shape(layers: Layers, kind: Kind, raw: str) -> None:
     """A bundle entry of the wrong shape is a ConfigError naming the bundle and entry."""
-    bundle = layers.write(layers.operator, "smtp.json", '{"!f": %s}' % raw)
+    bundle = layers.write(layers.operator, "smtp.json", '{"!f": ' + raw + "}")
     with pytest.raises(ConfigError) as caught:
         read(layers, "f", kind)
     assert caught.value.path == str(bundle)
