@@ -22,7 +22,10 @@ __all__ = ["main"]
 def _init(args: argparse.Namespace) -> int:
     target = Path(args.directory)
     if target.exists() and any(target.iterdir()) and not args.force:
-        print(f"haraka-tw: {target} exists and is not empty (use --force to add missing files)", file=sys.stderr)
+        print(
+            f"haraka-tw: {target} exists and is not empty (use --force to add missing files)",
+            file=sys.stderr,
+        )
         return 1
     source = default_config_dir()
     copied = 0
@@ -45,7 +48,7 @@ def _plugins(args: argparse.Namespace) -> int:
     from haraka_tw.server import HarakaServer, StartupError
 
     try:
-        server = HarakaServer.from_directory(args.config, reactor)  # type: ignore[arg-type]
+        server = HarakaServer.from_directory(args.config, reactor)
     except StartupError as e:
         print(f"haraka-tw: {e}", file=sys.stderr)
         return 1
@@ -61,11 +64,15 @@ def _hooks(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="haraka-tw", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = argparse.ArgumentParser(
+        prog="haraka-tw", description=__doc__.splitlines()[0] if __doc__ else None
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("init", help="create a config directory from the shipped defaults")
     p.add_argument("directory")
-    p.add_argument("--force", action="store_true", help="add missing files to an existing directory")
+    p.add_argument(
+        "--force", action="store_true", help="add missing files to an existing directory"
+    )
     p.set_defaults(func=_init)
     p = sub.add_parser("plugins", help="list the plugins a config loads and their hooks")
     p.add_argument("-c", "--config", default=None)

@@ -111,4 +111,6 @@ def normalise(value: object) -> HookResult:
         return HookResult(Code(value))
     if isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], int):
         return HookResult(Code(value[0]), value[1])
-    raise TypeError(f"a hook returned {value!r}: expected None, a code, (code, message) or a HookResult")
+    raise TypeError(
+        f"a hook returned {value!r}: expected None, a code, (code, message) or a HookResult"
+    )

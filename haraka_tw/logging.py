@@ -186,7 +186,9 @@ class HarakaLog:
             finally:
                 self._in_hook = False
         text = format_record(record, self.format, self.timestamps)
-        self._logger.emit(_TWISTED_LEVEL[level], "{haraka_text}", haraka_text=text, haraka_record=record)
+        self._logger.emit(
+            _TWISTED_LEVEL[level], "{haraka_text}", haraka_text=text, haraka_record=record
+        )
 
     def for_origin(self, origin: str) -> PluginLogger:
         """A logger whose lines carry C{origin}."""
@@ -207,7 +209,9 @@ class PluginLogger:
         if connection is not None:
             txn = getattr(connection, "transaction", None)
             uuid = txn.uuid if txn is not None else getattr(connection, "uuid", None)
-        self._log.log(level, message, uuid=uuid, origin=self.origin, connection=connection, **fields)
+        self._log.log(
+            level, message, uuid=uuid, origin=self.origin, connection=connection, **fields
+        )
 
     def log(self, level: Level, message: str, connection: Any = None, **fields: Any) -> None:
         self._emit(level, message, connection, fields)

@@ -15,4 +15,6 @@ def default_config_dir() -> Path:
     checkout = Path(__file__).resolve().parent.parent / "etc"
     if (checkout / "smtp.ini").is_file():
         return checkout
-    raise FileNotFoundError(f"the default config directory is missing (looked in {packaged} and {checkout})")
+    raise FileNotFoundError(
+        f"the default config directory is missing (looked in {packaged} and {checkout})"
+    )

@@ -79,7 +79,11 @@ class HarakaServer:
 
     @classmethod
     def from_directory(
-        cls, directory: str | Path | None, reactor: IReactorTime, *, extra: Sequence[str | Path] = ()
+        cls,
+        directory: str | Path | None,
+        reactor: IReactorTime,
+        *,
+        extra: Sequence[str | Path] = (),
     ) -> HarakaServer:
         """A server on the shipped defaults overlaid with C{directory} (if given)."""
         dirs: list[str | Path] = [default_config_dir()]
@@ -112,6 +116,8 @@ class HarakaServer:
 
     def _timeout_changed(self) -> None:
         try:
-            self.runner.plugin_timeout = float(self.config.get_value("plugin_timeout", DEFAULT_TIMEOUT))
+            self.runner.plugin_timeout = float(
+                self.config.get_value("plugin_timeout", DEFAULT_TIMEOUT)
+            )
         except (ConfigError, ValueError) as e:
             self.log.log(Level.ERROR, f"plugin_timeout: {e}")

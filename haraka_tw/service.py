@@ -4,7 +4,8 @@ L{HarakaService} is what C{twistd haraka} runs and what an existing Twisted appl
 embeds::
 
     from haraka_tw.service import HarakaService
-    HarakaService.from_directory("/etc/haraka", ["tcp:2525:interface=127.0.0.1"]).setServiceParent(application)
+    service = HarakaService.from_directory("/etc/haraka", ["tcp:2525:interface=127.0.0.1"])
+    service.setServiceParent(application)
 
 Listeners are bound in C{privilegedStartService}, before twistd drops to C{-u/-g}, so port
 25 works for an unprivileged user. Stopping closes the listeners, lets open sessions finish
@@ -30,7 +31,9 @@ from haraka_tw.server import HarakaServer, StartupError
 
 __all__ = ["HarakaService", "parse_listen"]
 
-_HOST_PORT = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<v4>[0-9.]+|[A-Za-z0-9.\-]+|\*))?(?::(?P<port>\d+))?$")
+_HOST_PORT = re.compile(
+    r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<v4>[0-9.]+|[A-Za-z0-9.\-]+|\*))?(?::(?P<port>\d+))?$"
+)
 _ENDPOINT_KINDS = frozenset({"tcp", "tcp6", "unix", "ssl", "tls", "systemd", "haproxy"})
 
 
@@ -116,7 +119,7 @@ class HarakaService(MultiService):
         if reactor is None:
             from twisted.internet import reactor as global_reactor
 
-            reactor = global_reactor  # type: ignore[assignment]
+            reactor = global_reactor
         assert reactor is not None
         return cls(HarakaServer.from_directory(directory, reactor), endpoints, **kwargs)
 
@@ -185,10 +188,10 @@ class HarakaService(MultiService):
             if waited[0] >= deadline:
                 for session in list(sessions):
                     session.shutdown()
-                self.reactor.callLater(0.05, finish)  # type: ignore[attr-defined]
+                self.reactor.callLater(0.05, finish)
                 return
             waited[0] += step
-            self.reactor.callLater(step, check)  # type: ignore[attr-defined]
+            self.reactor.callLater(step, check)
 
         def finish() -> None:
             for session in list(sessions):

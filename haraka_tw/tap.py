@@ -1,4 +1,7 @@
-"""twistd's C{haraka} command: options and makeService (the ServiceMaker lives in twisted/plugins)."""
+"""twistd's C{haraka} command: options and makeService.
+
+The ServiceMaker itself lives in twisted/plugins/haraka_tw_plugin.py.
+"""
 
 from __future__ import annotations
 

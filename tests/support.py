@@ -10,7 +10,10 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import socket
+import tempfile
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -167,7 +170,9 @@ def start_server(case: Any, files: Mapping[str, str]) -> tuple[HarakaServer, int
     return server, port.getHost().port
 
 
-def raw_exchange(port: int, chunks: Iterable[bytes], *, settle: float = 0.3, timeout: float = 10) -> bytes:
+def raw_exchange(
+    port: int, chunks: Iterable[bytes], *, settle: float = 0.3, timeout: float = 10
+) -> bytes:
     """Connect, read the banner, send each chunk (pausing C{settle}s after each), and
     return everything the server wrote until it closed or went quiet."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
@@ -202,14 +207,171 @@ def _drain(sock: socket.socket, settle: float) -> bytes:
     return bytes(out)
 
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class OutsideRepoTemp:
+    """Mixin for trial TestCases: C{mktemp} paths under the system temporary directory.
+
+    Trial's own C{mktemp} is relative to the working directory, which under pytest is the
+    repository; these directories are removed when the test ends.
+    """
+
+    def mktemp(self) -> str:
+        root = tempfile.mkdtemp(prefix="haraka_tw-test-")
+        self.addCleanup(shutil.rmtree, root, True)  # type: ignore[attr-defined]
+        return os.path.join(root, "t")
+
+
+def free_port() -> int:
+    """A loopback TCP port that was free a moment ago (bind to 0, read it, close)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float = 15.0, alive: Any = None) -> None:
+    """Poll until something accepts on 127.0.0.1:C{port}.
+
+    C{alive}, if given, is called between attempts and should raise if the server is gone.
+    @raise TimeoutError: if nothing listens within C{timeout} seconds.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            if alive is not None:
+                alive()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nothing listens on 127.0.0.1:{port} in {timeout}s") from None
+            time.sleep(0.05)
+
+
+def reply_code(reply: bytes) -> int:
+    """The code of one reply as L{WireClient.reply} returns it."""
+    return int(reply[:3])
+
+
+class WireClient:
+    """A blocking SMTP client on a raw socket, for a thread: exact bytes out, whole replies in."""
+
+    def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = 10.0) -> None:
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.timeout = timeout
+        self._buf = bytearray()
+        self.banner = self.reply()
+
+    def __enter__(self) -> WireClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def send(self, data: bytes | str) -> None:
+        """Write C{data} as it is, in one C{sendall}."""
+        self.sock.sendall(data.encode() if isinstance(data, str) else data)
+
+    def command(self, line: bytes | str) -> bytes:
+        """Send one command line (CRLF added) and return its reply."""
+        self.send((line.encode() if isinstance(line, str) else line) + b"\r\n")
+        return self.reply()
+
+    def reply(self) -> bytes:
+        """The next whole reply (every line, CRLFs kept).
+
+        @raise ConnectionError: if the server closes before a whole reply came.
+        """
+        start = 0
+        while True:
+            end = self._buf.find(b"\r\n", start)
+            if end < 0:
+                self._fill()
+                continue
+            line = self._buf[start:end]
+            start = end + 2
+            if len(line) < 4 or line[3:4] != b"-":
+                out = bytes(self._buf[:start])
+                del self._buf[:start]
+                return out
+
+    def replies(self, n: int) -> list[bytes]:
+        """The next C{n} replies."""
+        return [self.reply() for _ in range(n)]
+
+    def quiet(self, seconds: float) -> bytes:
+        """Whatever arrives within C{seconds} (plus what was already buffered)."""
+        out = bytes(self._buf)
+        self._buf.clear()
+        deadline = time.monotonic() + seconds
+        try:
+            while (left := deadline - time.monotonic()) > 0:
+                self.sock.settimeout(left)
+                try:
+                    piece = self.sock.recv(65536)
+                except TimeoutError:
+                    break
+                if not piece:
+                    break
+                out += piece
+        finally:
+            self.sock.settimeout(self.timeout)
+        return out
+
+    def at_eof(self, timeout: float = 5.0) -> bool:
+        """True if the server closes the connection within C{timeout}, with nothing more
+        to read than what is already buffered."""
+        deadline = time.monotonic() + timeout
+        try:
+            while (left := deadline - time.monotonic()) > 0:
+                self.sock.settimeout(left)
+                try:
+                    piece = self.sock.recv(65536)
+                except TimeoutError:
+                    return False
+                except ConnectionResetError:
+                    return True
+                if not piece:
+                    return True
+                self._buf += piece
+            return False
+        finally:
+            self.sock.settimeout(self.timeout)
+
+    def _fill(self) -> None:
+        piece = self.sock.recv(65536)
+        if not piece:
+            raise ConnectionError(f"server closed; unread: {bytes(self._buf)!r}")
+        self._buf += piece
+
+
+def maildir_messages(path: str | Path) -> list[bytes]:
+    """The messages in a Maildir's new/, oldest name first."""
+    new = Path(path) / "new"
+    if not new.is_dir():
+        return []
+    return [p.read_bytes() for p in sorted(new.iterdir())]
+
+
 __all__ = [
     "CLIENT_IP",
     "CONT",
+    "REPO_ROOT",
     "ListLog",
+    "OutsideRepoTemp",
     "Session",
+    "WireClient",
+    "free_port",
+    "maildir_messages",
     "plugin_with",
     "raw_exchange",
+    "reply_code",
     "reply_codes",
     "start_server",
+    "wait_for_port",
     "write_config",
 ]

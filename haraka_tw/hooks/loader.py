@@ -103,7 +103,9 @@ def _import(name: str, module_name: str) -> Any:
     try:
         return importlib.import_module(module_name)
     except Exception as e:
-        raise PluginLoadError(name, f"cannot import {module_name!r}: {type(e).__name__}: {e}") from e
+        raise PluginLoadError(
+            name, f"cannot import {module_name!r}: {type(e).__name__}: {e}"
+        ) from e
 
 
 def _callable(name: str, factory: object) -> Callable[[], object]:
@@ -150,7 +152,7 @@ def _load_one(name: str, config: Any, log: HarakaLog, server_notes: dict[str, An
     context = PluginContext(name, config, log.for_origin(name), server_notes)
     if IRegistration.providedBy(plugin):
         try:
-            plugin.register(context)  # type: ignore[attr-defined]
+            plugin.register(context)
         except Exception as e:
             raise PluginLoadError(name, f"register() raised {type(e).__name__}: {e}") from e
     result = LoadedPlugin(name, plugin, dict(context.priorities))

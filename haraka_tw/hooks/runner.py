@@ -118,7 +118,7 @@ class HookRunner:
 
     def run_log(self, connection: Any, record: Any) -> bool:
         """Offer a log record to the log hook, synchronously; True if a plugin suppressed it."""
-        for loaded, method in self._chains.get("log", ()):
+        for _loaded, method in self._chains.get("log", ()):
             try:
                 result = method(connection, record)
                 if result is not None and normalise(result).code is not Code.CONT:
@@ -258,7 +258,8 @@ class HookRunner:
     def _crash(self, hook: str, loaded: LoadedPlugin, failure: Failure, connection: Any) -> None:
         self._log.log(
             Level.CRIT,
-            f"hook_{hook} raised {failure.type.__name__}: {failure.getErrorMessage()}",
+            f"hook_{hook} raised {failure.type and failure.type.__name__}: "
+            f"{failure.getErrorMessage()}",
             uuid=getattr(connection, "uuid", None),
             origin=loaded.name,
             traceback=failure.getTraceback().strip().splitlines()[-3:],

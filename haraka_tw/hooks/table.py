@@ -81,7 +81,9 @@ TABLE: dict[str, dict[Code | None, Outcome]] = {
         _ANY: Outcome(P, None),  # the capability list, built by the protocol
     },
     "mail": {
-        **_refusals((550, "5.7.1", "sender {sender} denied"), (450, "4.7.1", "sender {sender} denied")),
+        **_refusals(
+            (550, "5.7.1", "sender {sender} denied"), (450, "4.7.1", "sender {sender} denied")
+        ),
         _ANY: _o(P, 250, "2.1.0", "sender {sender} OK"),
     },
     "rcpt": {

@@ -72,7 +72,9 @@ class Header:
         """Rename every field C{name} to C{new_name}, keeping its value and place."""
         key = name.lower()
         self._fields = [
-            (new_name.lower(), _field_bytes(new_name, _value_of(raw), raw=raw)) if n == key else (n, raw)
+            (new_name.lower(), _field_bytes(new_name, _value_of(raw), raw=raw))
+            if n == key
+            else (n, raw)
             for n, raw in self._fields
         ]
 
@@ -112,8 +114,10 @@ def _field_bytes(name: str, value: str, raw: bytes | None = None) -> bytes:
         return name.encode("ascii") + b":" + tail
     safe = value.replace("\r\n", "\n").replace("\r", "\n")
     # A newline in a value must continue the field, never start a new one (header injection).
-    safe = "\r\n".join(line if i == 0 or line[:1] in (" ", "\t") else " " + line
-                       for i, line in enumerate(safe.split("\n")))
+    safe = "\r\n".join(
+        line if i == 0 or line[:1] in (" ", "\t") else " " + line
+        for i, line in enumerate(safe.split("\n"))
+    )
     return f"{name}: {safe}\r\n".encode("utf-8", "surrogateescape")
 
 

@@ -7,6 +7,7 @@ added) followed by the body, in chunks, so a large message is never held whole.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from collections.abc import Iterator
@@ -54,7 +55,9 @@ class MessageStream:
     def _spool(self) -> None:
         if self.spool_dir:
             os.makedirs(self.spool_dir, exist_ok=True)
-        fd, self.spool_path = tempfile.mkstemp(prefix="haraka_tw-", suffix=".spool", dir=self.spool_dir)
+        fd, self.spool_path = tempfile.mkstemp(
+            prefix="haraka_tw-", suffix=".spool", dir=self.spool_dir
+        )
         self._file = os.fdopen(fd, "w+b")
         for piece in self._memory or ():
             self._file.write(piece)
@@ -95,9 +98,7 @@ class MessageStream:
         """Drop the body and remove the spool file."""
         if self._file is not None:
             self._file.close()
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.spool_path or "")
-            except FileNotFoundError:
-                pass
             self._file = None
         self._memory = []

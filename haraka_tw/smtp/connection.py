@@ -12,7 +12,7 @@ import ipaddress
 import time
 import uuid as uuidlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from haraka_tw.logging import HarakaLog, Level

@@ -25,7 +25,7 @@ class HarakaSMTPFactory(protocol.ServerFactory):
         returning a Deferred), or None.
     """
 
-    protocol = HarakaESMTP
+    protocol = HarakaESMTP  # type: ignore[assignment]
 
     def __init__(
         self,
@@ -41,7 +41,7 @@ class HarakaSMTPFactory(protocol.ServerFactory):
         if reactor is None:
             from twisted.internet import reactor as global_reactor
 
-            reactor = global_reactor  # type: ignore[assignment]
+            reactor = global_reactor
         assert reactor is not None
         self.runner = runner
         self.settings = settings

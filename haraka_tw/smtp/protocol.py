@@ -31,7 +31,7 @@ from haraka_tw.codes import Code, HookResult
 from haraka_tw.hooks.table import TABLE, Outcome, Then, outcome
 from haraka_tw.logging import Level
 from haraka_tw.message.header import Header, HeaderCollector
-from haraka_tw.smtp.address import Address, AddressError, parse_mail_argument, parse_rcpt_argument
+from haraka_tw.smtp.address import AddressError, parse_mail_argument, parse_rcpt_argument
 from haraka_tw.smtp.command import Command, parse_command
 from haraka_tw.smtp.connection import Connection, Hello, Local, Remote, State, Transaction
 from haraka_tw.smtp.data import BareNewline, DataReader
@@ -84,6 +84,7 @@ class HarakaESMTP(smtp.ESMTP):
     """One SMTP session. Built by L{haraka_tw.smtp.factory.HarakaSMTPFactory}."""
 
     factory: HarakaSMTPFactory
+    transport: Any  # a TCP (or TLS, or unix) transport: pause/resumeProducing, abortConnection
 
     def __init__(self) -> None:
         smtp.ESMTP.__init__(self)
@@ -128,7 +129,10 @@ class HarakaESMTP(smtp.ESMTP):
         )
         self.factory.sessions.add(self)
         self.setTimeout(self.settings.inactivity_timeout)
-        self._log(Level.PROTOCOL, f"connect ip={self.connection.remote.ip} port={self.connection.remote.port}")
+        self._log(
+            Level.PROTOCOL,
+            f"connect ip={self.connection.remote.ip} port={self.connection.remote.port}",
+        )
         self._busy = True
         d = self.runner.run("connect_init", self.connection)
         d.addCallback(lambda _: self.runner.run("lookup_rdns", self.connection))
@@ -175,7 +179,7 @@ class HarakaESMTP(smtp.ESMTP):
             lines[0] += f" ({self._conn.uuid[: s.banner_chars]})"
         return Reply(220, None, tuple(lines))
 
-    def connectionLost(self, reason: Failure = connectionDone) -> None:  # type: ignore[override]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.setTimeout(None)
         conn = self.connection
         self.factory.sessions.discard(self)
@@ -267,18 +271,18 @@ class HarakaESMTP(smtp.ESMTP):
             conn.errors += 1
             self._send(S501_BAD_BYTES)
             return
-        if cmd.has_8bit and not (cmd.verb in ("MAIL", "RCPT") and self.settings.smtputf8 and conn.esmtp):
+        if cmd.has_8bit and not (
+            cmd.verb in ("MAIL", "RCPT") and self.settings.smtputf8 and conn.esmtp
+        ):
             conn.errors += 1
             self._send(S501_8BIT)
             return
         handler = self._commands.get(cmd.verb)
         if handler is None:
             d = self.runner.run("unrecognized_command", conn, cmd.verb, cmd.argument)
-            d.addCallback(self._unrecognized_answered)
+            self._wait(d.addCallback(self._unrecognized_answered))
         else:
-            d = handler(cmd)
-        if d is not None:
-            self._wait(d)
+            self._wait(handler(cmd))
 
     def _wait(self, d: Deferred[Any] | None) -> None:
         """Hold further commands until C{d} fires (at once, for synchronous hooks)."""
@@ -302,10 +306,10 @@ class HarakaESMTP(smtp.ESMTP):
 
     # -- commands --------------------------------------------------------------------
 
-    def do_HELO(self, cmd: Command) -> Deferred[Any] | None:  # type: ignore[override]
+    def do_HELO(self, cmd: Command) -> Deferred[Any] | None:
         return self._hello("HELO", cmd)
 
-    def do_EHLO(self, cmd: Command) -> Deferred[Any] | None:  # type: ignore[override]
+    def do_EHLO(self, cmd: Command) -> Deferred[Any] | None:
         return self._hello("EHLO", cmd)
 
     def _hello(self, verb: str, cmd: Command) -> Deferred[Any] | None:
@@ -351,7 +355,7 @@ class HarakaESMTP(smtp.ESMTP):
         caps.append(f"SIZE {self.settings.max_bytes}" if self.settings.max_bytes else "SIZE")
         return caps
 
-    def do_MAIL(self, cmd: Command) -> Deferred[Any] | None:  # type: ignore[override]
+    def do_MAIL(self, cmd: Command) -> Deferred[Any] | None:
         conn = self._conn
         if conn.hello.host is None:
             self._send(S503_HELO_FIRST)
@@ -413,7 +417,7 @@ class HarakaESMTP(smtp.ESMTP):
             return S550_TOO_BIG
         return None
 
-    def do_RCPT(self, cmd: Command) -> Deferred[Any] | None:  # type: ignore[override]
+    def do_RCPT(self, cmd: Command) -> Deferred[Any] | None:
         conn = self._conn
         txn = conn.transaction
         if txn is None:
@@ -469,7 +473,7 @@ class HarakaESMTP(smtp.ESMTP):
         else:
             counts.reject += 1
 
-    def do_DATA(self, cmd: Command) -> Deferred[Any] | None:  # type: ignore[override]
+    def do_DATA(self, cmd: Command) -> Deferred[Any] | None:
         conn = self._conn
         txn = conn.transaction
         if cmd.argument:
@@ -565,7 +569,9 @@ class HarakaESMTP(smtp.ESMTP):
         if reader.long_lines:
             txn.notes["data_line_length_exceeded"] = True
         if (reader.bare_lf or reader.bare_cr) and self.settings.bare_newline is BareNewline.REJECT:
-            conn.log(Level.INFO, f"bare newlines in message: lf={reader.bare_lf} cr={reader.bare_cr}")
+            conn.log(
+                Level.INFO, f"bare newlines in message: lf={reader.bare_lf} cr={reader.bare_cr}"
+            )
             return self._message_refused(S550_BARE_NEWLINE)
         if len(txn.header.get_all("Received")) > self.settings.header_max_received:
             return self._message_refused(S550_LOOP)
@@ -640,7 +646,7 @@ class HarakaESMTP(smtp.ESMTP):
 
     # -- the simple commands -------------------------------------------------------
 
-    def do_RSET(self, cmd: Command) -> Deferred[Any] | None:  # type: ignore[override]
+    def do_RSET(self, cmd: Command) -> Deferred[Any] | None:
         if cmd.argument:
             self._send(S501_SYNTAX)
             return None
@@ -653,12 +659,12 @@ class HarakaESMTP(smtp.ESMTP):
 
         return run() if d is None else d.addCallback(run)
 
-    def do_NOOP(self, cmd: Command) -> Deferred[Any]:  # type: ignore[override]
+    def do_NOOP(self, cmd: Command) -> Deferred[Any]:
         return self.runner.run("noop", self._conn).addCallback(
             lambda r: self._act(outcome("noop", r.code), r)
         )
 
-    def do_VRFY(self, cmd: Command) -> Deferred[Any]:  # type: ignore[override]
+    def do_VRFY(self, cmd: Command) -> Deferred[Any]:
         return self.runner.run("vrfy", self._conn).addCallback(
             lambda r: self._act(outcome("vrfy", r.code), r)
         )
@@ -666,7 +672,7 @@ class HarakaESMTP(smtp.ESMTP):
     def do_HELP(self, cmd: Command) -> None:
         self._send(S214_HELP)
 
-    def do_QUIT(self, cmd: Command) -> Deferred[Any] | None:  # type: ignore[override]
+    def do_QUIT(self, cmd: Command) -> Deferred[Any] | None:
         if cmd.argument:
             self._send(S501_SYNTAX)
             return None
@@ -677,6 +683,7 @@ class HarakaESMTP(smtp.ESMTP):
         reply = self._reply_for(row, HookResult(Code.CONT))
         if self.settings.close_message:
             reply = reply.with_text(self.settings.close_message)
+
         def answered(_: HookResult) -> None:
             self._send(reply)
             self._close()
@@ -704,7 +711,9 @@ class HarakaESMTP(smtp.ESMTP):
             return result.message
         assert row.reply is not None
         base = row.reply.with_text(result.text) if result.text else row.reply
-        return base.format(me=self.settings.me, uuid=fields.pop("uuid", ""), **_fields_with_defaults(fields))
+        return base.format(
+            me=self.settings.me, uuid=fields.pop("uuid", ""), **_fields_with_defaults(fields)
+        )
 
     def _act(self, row: Outcome, result: HookResult, **fields: str) -> None:
         """Reply as the row says and move to its next state."""
@@ -795,4 +804,3 @@ class HarakaESMTP(smtp.ESMTP):
 
 def _fields_with_defaults(fields: dict[str, str]) -> dict[str, str]:
     return {"sender": "<>", "recipient": "<>", "host": "", **fields}
-

@@ -66,20 +66,16 @@ class Reply:
 
 
 def render_lines(code: int, enhanced: str | None, lines: tuple[str, ...]) -> bytes:
-    """Render a reply; text is UTF-8 and any CR or LF inside a line is replaced by a space."""
-    prefix = f"{code} {enhanced} " if enhanced else f"{code} "
+    """Render a reply; text is UTF-8 and any CR or LF inside a line becomes a space."""
+    status = f"{enhanced} " if enhanced else ""
     last = len(lines) - 1
     out = []
     for i, line in enumerate(lines):
-        safe = line.replace("\r", " ").replace("\n", " ")
-        sep = " " if i == last else "-"
-        out.append(f"{code}{sep}{prefix[4:]}{safe}\r\n")
+        safe = line.replace("\r", " ").replace("\n", " ")  # a reply line never ends early
+        out.append(f"{code}{' ' if i == last else '-'}{status}{safe}\r\n")
     return "".join(out).encode("utf-8", "replace")
 
 
 def _split(text: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
-    if isinstance(text, str):
-        lines = tuple(text.split("\n"))
-    else:
-        lines = tuple(str(t) for t in text)
+    lines = tuple(text.split("\n")) if isinstance(text, str) else tuple(str(t) for t in text)
     return lines or ("",)

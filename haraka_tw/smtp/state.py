@@ -100,8 +100,11 @@ class Results:
     def collate(self, plugin: str) -> str:
         """A one-line summary, for logs."""
         entry = self._by_plugin.get(plugin) or {}
-        return " ".join(f"{k}: {', '.join(map(str, v)) if isinstance(v, list) else v}"
-                        for k, v in entry.items() if v not in ([], None, ""))
+        return " ".join(
+            f"{k}: {', '.join(map(str, v)) if isinstance(v, list) else v}"
+            for k, v in entry.items()
+            if v not in ([], None, "")
+        )
 
     def __contains__(self, plugin: object) -> bool:
         return plugin in self._by_plugin

@@ -46,8 +46,12 @@ class LoaderTests(SynchronousTestCase):
         (self.dir / "tw_sample_plugins.py").write_text(PLUGIN_SOURCE)
         dist = self.dir / "tw_sample_plugins-1.0.dist-info"
         dist.mkdir()
-        (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: tw-sample-plugins\nVersion: 1.0\n")
-        (dist / "entry_points.txt").write_text("[haraka_tw.plugins]\nsample = tw_sample_plugins:Factory\n")
+        (dist / "METADATA").write_text(
+            "Metadata-Version: 2.1\nName: tw-sample-plugins\nVersion: 1.0\n"
+        )
+        (dist / "entry_points.txt").write_text(
+            "[haraka_tw.plugins]\nsample = tw_sample_plugins:Factory\n"
+        )
         sys.path.insert(0, str(self.dir))
         self.addCleanup(sys.path.remove, str(self.dir))
         self.addCleanup(sys.modules.pop, "tw_sample_plugins", None)
@@ -59,7 +63,9 @@ class LoaderTests(SynchronousTestCase):
 
     def load(self, names: list[str], ignore: bool = False) -> tuple[list[Any], dict[str, Any]]:
         notes: dict[str, Any] = {}
-        loaded = load_plugins(names, config=self.config, log=self.log, server_notes=notes, ignore_bad_plugins=ignore)
+        loaded = load_plugins(
+            names, config=self.config, log=self.log, server_notes=notes, ignore_bad_plugins=ignore
+        )
         return loaded, notes
 
     def test_builtin_names(self) -> None:

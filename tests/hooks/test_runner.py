@@ -38,7 +38,12 @@ class RunnerTests(SynchronousTestCase):
         self.log = ListLog()
         self.calls: list[str] = []
 
-    def runner(self, *plugins: tuple[str, dict[str, Any]], priorities: dict[str, dict[str, int]] | None = None, timeout: float = 30) -> HookRunner:
+    def runner(
+        self,
+        *plugins: tuple[str, dict[str, Any]],
+        priorities: dict[str, dict[str, int]] | None = None,
+        timeout: float = 30,
+    ) -> HookRunner:
         loaded = [
             LoadedPlugin(name, plugin_with(hooks), (priorities or {}).get(name, {}))
             for name, hooks in plugins
@@ -145,7 +150,9 @@ class RunnerTests(SynchronousTestCase):
         )
         res = self.result(r.run("rcpt", FakeConn(), "x@y", {"A": None}))
         self.assertEqual(res.code, DENY)
-        self.assertEqual(seen, [(DENY, "go away", "blocker", "hook_rcpt", ("x@y", {"A": None}), "rcpt")])
+        self.assertEqual(
+            seen, [(DENY, "go away", "blocker", "hook_rcpt", ("x@y", {"A": None}), "rcpt")]
+        )
 
     def test_deny_hook_override_resumes_chain(self) -> None:
         """A deny plugin answering OK overrides the denial; the rest of the chain runs."""
@@ -214,7 +221,9 @@ class RunnerTests(SynchronousTestCase):
 
     def test_bad_return_value_is_cont(self) -> None:
         """A return value of the wrong shape is logged and treated as CONT."""
-        r = self.runner(("odd", {"mail": lambda *a: "yes"}), ("ok", {"mail": self.answer("ok", OK)}))
+        r = self.runner(
+            ("odd", {"mail": lambda *a: "yes"}), ("ok", {"mail": self.answer("ok", OK)})
+        )
         self.assertEqual(self.result(r.run("mail", FakeConn(), "s", {})).plugin, "ok")
         self.assertTrue(self.log.messages(Level.CRIT))
 
@@ -223,7 +232,9 @@ class RunnerTests(SynchronousTestCase):
         conn = FakeConn()
         assert conn.transaction is not None
         conn.transaction.notes["skip_plugins"] = ["a"]
-        r = self.runner(("a", {"rcpt": self.answer("a", DENY)}), ("b", {"rcpt": self.answer("b", OK)}))
+        r = self.runner(
+            ("a", {"rcpt": self.answer("a", DENY)}), ("b", {"rcpt": self.answer("b", OK)})
+        )
         self.assertEqual(self.result(r.run("rcpt", conn, "x", {})).plugin, "b")
         self.assertEqual(self.calls, ["b"])
 
@@ -232,11 +243,14 @@ class RunnerTests(SynchronousTestCase):
         conn = FakeConn()
         conn.remote.closed = True
         r = self.runner(
-            ("p", {
-                "mail": self.answer("mail", DENY),
-                "reset_transaction": self.answer("reset", None),
-                "disconnect": self.answer("disconnect", None),
-            })
+            (
+                "p",
+                {
+                    "mail": self.answer("mail", DENY),
+                    "reset_transaction": self.answer("reset", None),
+                    "disconnect": self.answer("disconnect", None),
+                },
+            )
         )
         self.assertEqual(self.result(r.run("mail", conn, "s", {})).code, CONT)
         self.result(r.run("reset_transaction", conn))
@@ -247,7 +261,9 @@ class RunnerTests(SynchronousTestCase):
         """If the client goes while a hook is pending, the rest of that chain does not run."""
         conn = FakeConn()
         pending: Deferred[Any] = Deferred()
-        r = self.runner(("slow", {"mail": lambda *a: pending}), ("next", {"mail": self.answer("next", OK)}))
+        r = self.runner(
+            ("slow", {"mail": lambda *a: pending}), ("next", {"mail": self.answer("next", OK)})
+        )
         d = r.run("mail", conn, "s", {})
         conn.remote.closed = True
         pending.callback(None)

@@ -120,7 +120,9 @@ class HookReplyTests(SynchronousTestCase):
         s = Session([("c", plugin_with({"connect": lambda c: DENYSOFT}))], greet=False)
         self.assertTrue(s.banner.startswith("421 Come back later"))
         self.assertFalse(s.closed)
-        s = Session([("c", plugin_with({"connect": lambda c: (DENYDISCONNECT, "bye")}))], greet=False)
+        s = Session(
+            [("c", plugin_with({"connect": lambda c: (DENYDISCONNECT, "bye")}))], greet=False
+        )
         self.assertEqual(s.banner, "554 bye\r\n")
         self.assertTrue(s.closed)
         s = Session([("c", plugin_with({"connect": lambda c: DENYSOFTDISCONNECT}))], greet=False)
@@ -129,10 +131,19 @@ class HookReplyTests(SynchronousTestCase):
     def test_lookup_rdns_names_client(self) -> None:
         """lookup_rdns OK with a hostname sets remote.host; connect sees it."""
         seen: list[str] = []
-        s = Session([("r", plugin_with({
-            "lookup_rdns": lambda c: (OK, "named.example"),
-            "connect": lambda c: seen.append(c.remote.host),
-        }))])
+        s = Session(
+            [
+                (
+                    "r",
+                    plugin_with(
+                        {
+                            "lookup_rdns": lambda c: (OK, "named.example"),
+                            "connect": lambda c: seen.append(c.remote.host),
+                        }
+                    ),
+                )
+            ]
+        )
         self.assertEqual(seen, ["named.example"])
         self.assertIn("named.example [192.0.2.10]", s.send("EHLO x\r\n"))
 
@@ -153,7 +164,9 @@ class HookReplyTests(SynchronousTestCase):
 
     def test_mail_hook(self) -> None:
         """mail DENY 550 drops the transaction; DENYSOFT 450; default 250 sender OK."""
-        s = Session([("m", plugin_with({"mail": lambda c, f, p: DENY if f.local == "bad" else CONT}))])
+        s = Session(
+            [("m", plugin_with({"mail": lambda c, f, p: DENY if f.local == "bad" else CONT}))]
+        )
         s.send("EHLO x\r\n")
         self.assertIn("550 5.7.1 sender <bad@b.c> denied", s.send("MAIL FROM:<bad@b.c>\r\n"))
         self.assertIsNone(s.connection.transaction)
@@ -172,7 +185,9 @@ class HookReplyTests(SynchronousTestCase):
     def test_second_mail_resets_transaction(self) -> None:
         """A second MAIL resets the open transaction (reset_transaction runs); uuids count up."""
         resets: list[str] = []
-        s = Session([("r", plugin_with({"reset_transaction": lambda c: resets.append(c.transaction.uuid)}))])
+        s = Session(
+            [("r", plugin_with({"reset_transaction": lambda c: resets.append(c.transaction.uuid)}))]
+        )
         s.send("EHLO x\r\nMAIL FROM:<a@b.c>\r\n")
         first = s.connection.transaction.uuid
         s.send("MAIL FROM:<d@e.f>\r\n")
@@ -182,12 +197,24 @@ class HookReplyTests(SynchronousTestCase):
 
     def test_rcpt_deny_and_rcpt_ok_deny(self) -> None:
         """rcpt DENY drops the recipient and counts a reject; rcpt_ok DENYSOFT drops it too."""
-        s = Session([("r", plugin_with({
-            "rcpt": lambda c, r, p: DENY if r.local == "no" else OK,
-            "rcpt_ok": lambda c, r: DENYSOFT if r.local == "later" else CONT,
-        }))])
+        s = Session(
+            [
+                (
+                    "r",
+                    plugin_with(
+                        {
+                            "rcpt": lambda c, r, p: DENY if r.local == "no" else OK,
+                            "rcpt_ok": lambda c, r: DENYSOFT if r.local == "later" else CONT,
+                        }
+                    ),
+                )
+            ]
+        )
         s.send("EHLO x\r\nMAIL FROM:<a@b.c>\r\n")
-        self.assertEqual(s.codes("RCPT TO:<no@b.c>\r\nRCPT TO:<later@b.c>\r\nRCPT TO:<yes@b.c>\r\n"), [550, 450, 250])
+        self.assertEqual(
+            s.codes("RCPT TO:<no@b.c>\r\nRCPT TO:<later@b.c>\r\nRCPT TO:<yes@b.c>\r\n"),
+            [550, 450, 250],
+        )
         self.assertEqual([r.address for r in s.connection.transaction.rcpt_to], ["yes@b.c"])
         counts = s.connection.rcpt_count
         self.assertEqual((counts.accept, counts.tempfail, counts.reject), (1, 1, 1))
@@ -203,17 +230,24 @@ class HookReplyTests(SynchronousTestCase):
         self.assertIn("554 5.7.1", s.send("DATA\r\n"))
 
     def _message(self, queue_answer: Any, hook: str = "queue") -> Session:
-        s = Session([
-            ("r", plugin_with({"rcpt": lambda c, r, p: OK})),
-            ("q", plugin_with({hook: lambda c: queue_answer})),
-        ])
+        s = Session(
+            [
+                ("r", plugin_with({"rcpt": lambda c, r, p: OK})),
+                ("q", plugin_with({hook: lambda c: queue_answer})),
+            ]
+        )
         s.send(ENVELOPE + b"DATA\r\n")
         return s
 
     def test_queue_results(self) -> None:
         """queue OK 250 Message Queued; DENY 550; DENYSOFT 450; CONT 451; DENYDISCONNECT closes."""
-        expect = {OK: "250 2.0.0 Message Queued (", DENY: "550 5.3.0", DENYSOFT: "450 4.3.0",
-                  CONT: "451 4.3.0 Queuing declined or disabled, try later", DENYDISCONNECT: "550 5.3.0"}
+        expect = {
+            OK: "250 2.0.0 Message Queued (",
+            DENY: "550 5.3.0",
+            DENYSOFT: "450 4.3.0",
+            CONT: "451 4.3.0 Queuing declined or disabled, try later",
+            DENYDISCONNECT: "550 5.3.0",
+        }
         for answer, text in expect.items():
             s = self._message(answer)
             out = s.send("Subject: t\r\n\r\nbody\r\n.\r\n")
@@ -225,10 +259,12 @@ class HookReplyTests(SynchronousTestCase):
     def test_queue_ok_hook_and_uuid(self) -> None:
         """queue_ok runs with the reply text; the 250 names the transaction uuid."""
         seen: list[str] = []
-        s = Session([
-            ("r", plugin_with({"rcpt": lambda c, r, p: OK, "queue": lambda c: OK})),
-            ("k", plugin_with({"queue_ok": lambda c, msg: seen.append(msg)})),
-        ])
+        s = Session(
+            [
+                ("r", plugin_with({"rcpt": lambda c, r, p: OK, "queue": lambda c: OK})),
+                ("k", plugin_with({"queue_ok": lambda c, msg: seen.append(msg)})),
+            ]
+        )
         s.send(ENVELOPE + b"DATA\r\n")
         uuid = s.connection.transaction.uuid
         out = s.send("hello\r\n.\r\n")
@@ -238,10 +274,20 @@ class HookReplyTests(SynchronousTestCase):
     def test_data_post_deny(self) -> None:
         """data_post DENY: 550 and the queue hook does not run."""
         queued: list[int] = []
-        s = Session([
-            ("r", plugin_with({"rcpt": lambda c, r, p: OK, "data_post": lambda c: (DENY, "spam"),
-                               "queue": lambda c: queued.append(1)})),
-        ])
+        s = Session(
+            [
+                (
+                    "r",
+                    plugin_with(
+                        {
+                            "rcpt": lambda c, r, p: OK,
+                            "data_post": lambda c: (DENY, "spam"),
+                            "queue": lambda c: queued.append(1),
+                        }
+                    ),
+                ),
+            ]
+        )
         s.send(ENVELOPE + b"DATA\r\n")
         self.assertIn("550 5.7.1 spam", s.send("x\r\n.\r\n"))
         self.assertEqual(queued, [])
@@ -249,10 +295,19 @@ class HookReplyTests(SynchronousTestCase):
     def test_relaying_goes_to_queue_outbound(self) -> None:
         """A relaying client's message goes to queue_outbound, not queue."""
         hooks: list[str] = []
-        s = Session([("q", plugin_with({
-            "queue": lambda c: hooks.append("queue"),
-            "queue_outbound": lambda c: (hooks.append("queue_outbound"), OK)[1],
-        }))])
+        s = Session(
+            [
+                (
+                    "q",
+                    plugin_with(
+                        {
+                            "queue": lambda c: hooks.append("queue"),
+                            "queue_outbound": lambda c: (hooks.append("queue_outbound"), OK)[1],
+                        }
+                    ),
+                )
+            ]
+        )
         s.connection.relaying = True
         s.send(ENVELOPE + b"DATA\r\n")
         self.assertIn("250 2.0.0 Message Queued", s.send("x\r\n.\r\n"))
@@ -262,18 +317,33 @@ class HookReplyTests(SynchronousTestCase):
         """Over max.bytes: max_data_exceeded runs at the final dot; default 550 Message too big!"""
         s = Session([ACCEPT_ALL], settings=SessionSettings(me="mx.test", max_bytes=100))
         s.send(ENVELOPE + b"DATA\r\n")
-        self.assertIn("550 5.3.4 Message too big!", s.send(b"x" * 50 + b"\r\n" + b"y" * 80 + b"\r\n.\r\n"))
-        s = Session([ACCEPT_ALL, ("m", plugin_with({"max_data_exceeded": lambda c: DENYSOFT}))],
-                    settings=SessionSettings(me="mx.test", max_bytes=100))
+        self.assertIn(
+            "550 5.3.4 Message too big!", s.send(b"x" * 50 + b"\r\n" + b"y" * 80 + b"\r\n.\r\n")
+        )
+        s = Session(
+            [ACCEPT_ALL, ("m", plugin_with({"max_data_exceeded": lambda c: DENYSOFT}))],
+            settings=SessionSettings(me="mx.test", max_bytes=100),
+        )
         s.send(ENVELOPE + b"DATA\r\n")
         self.assertIn("450 4.3.4", s.send(b"x" * 200 + b"\r\n.\r\n"))
 
     def test_vrfy_noop_help(self) -> None:
-        """VRFY 252 by default, OK 250, DENY 550; NOOP 250, DENY 500; HELP 214 (stock ESMTP: 500)."""
+        """VRFY 252 by default, OK 250, DENY 550; NOOP 250, DENY 500; HELP 214 (stock: 500)."""
         s = session()
         self.assertEqual(s.codes("VRFY x\r\nNOOP\r\nHELP\r\n"), [252, 250, 214])
-        s = Session([("v", plugin_with({"vrfy": lambda c: OK if c.current_command.argument == "ok" else DENY,
-                                         "noop": lambda c: DENY}))])
+        s = Session(
+            [
+                (
+                    "v",
+                    plugin_with(
+                        {
+                            "vrfy": lambda c: OK if c.current_command.argument == "ok" else DENY,
+                            "noop": lambda c: DENY,
+                        }
+                    ),
+                )
+            ]
+        )
         self.assertEqual(s.codes("VRFY ok\r\nVRFY no\r\nNOOP\r\n"), [250, 550, 500])
 
     def test_unrecognized_command(self) -> None:
@@ -306,15 +376,26 @@ class HookReplyTests(SynchronousTestCase):
     def test_disconnect_hooks(self) -> None:
         """On close, reset_transaction (if one is open) then disconnect run, then a summary line."""
         order: list[str] = []
-        s = Session([("d", plugin_with({
-            "rcpt": lambda c, r, p: OK,
-            "reset_transaction": lambda c: order.append("reset"),
-            "disconnect": lambda c: order.append("disconnect"),
-        }))])
+        s = Session(
+            [
+                (
+                    "d",
+                    plugin_with(
+                        {
+                            "rcpt": lambda c, r, p: OK,
+                            "reset_transaction": lambda c: order.append("reset"),
+                            "disconnect": lambda c: order.append("disconnect"),
+                        }
+                    ),
+                )
+            ]
+        )
         s.send(ENVELOPE)
         s.lose()
         self.assertEqual(order, ["reset", "disconnect"])
-        self.assertTrue(any(r.message == "disconnect" and r.fields["rcpts"] == "1/0/0" for r in s.log.records))
+        self.assertTrue(
+            any(r.message == "disconnect" and r.fields["rcpts"] == "1/0/0" for r in s.log.records)
+        )
 
     def test_hook_exception_keeps_session(self) -> None:
         """A plugin raising in hook_mail is treated as CONT; the session carries on."""
@@ -340,14 +421,19 @@ class OrderAndDefectTests(SynchronousTestCase):
 
         s = Session([("slow", plugin_with({"rcpt": slow}))])
         s.send("EHLO x\r\n")
-        out = s.send("MAIL FROM:<a@b.c>\r\nRCPT TO:<r1@b.c>\r\nRCPT TO:<r2@b.c>\r\nRCPT TO:<r3@b.c>\r\nNOOP\r\n")
+        out = s.send(
+            "MAIL FROM:<a@b.c>\r\nRCPT TO:<r1@b.c>\r\nRCPT TO:<r2@b.c>\r\n"
+            "RCPT TO:<r3@b.c>\r\nNOOP\r\n"
+        )
         self.assertEqual(reply_codes(out), [250])
         self.assertEqual(len(pending), 1)  # one command at a time
         pending[0].callback((DENY, "r1 no"))
         self.assertEqual(s.read(), "550 5.7.1 r1 no\r\n")
         pending[1].callback(OK)
         pending[2].callback((DENYSOFT, "r3 later"))
-        self.assertEqual(s.read(), "250 2.1.5 recipient <r2@b.c> OK\r\n450 4.7.1 r3 later\r\n250 2.0.0 OK\r\n")
+        self.assertEqual(
+            s.read(), "250 2.1.5 recipient <r2@b.c> OK\r\n450 4.7.1 r3 later\r\n250 2.0.0 OK\r\n"
+        )
 
     def test_replies_of_a_batch_in_one_write(self) -> None:
         """Replies to a synchronously answered pipelined batch go out in a single write."""
@@ -363,12 +449,26 @@ class OrderAndDefectTests(SynchronousTestCase):
     def test_overlong_data_line_is_not_smuggling(self) -> None:
         """A 20 KB body line stays in the body; SMTP commands after it are body text."""
         stored: list[bytes] = []
-        s = Session([("q", plugin_with({
-            "rcpt": lambda c, r, p: OK,
-            "queue": lambda c: (stored.append(c.transaction.message_stream.get_bytes()), OK)[1],
-        }))])
+        s = Session(
+            [
+                (
+                    "q",
+                    plugin_with(
+                        {
+                            "rcpt": lambda c, r, p: OK,
+                            "queue": lambda c: (
+                                stored.append(c.transaction.message_stream.get_bytes()),
+                                OK,
+                            )[1],
+                        }
+                    ),
+                )
+            ]
+        )
         s.send(ENVELOPE + b"DATA\r\n")
-        body = b"A" * 20000 + b"\r\nMAIL FROM:<evil@x>\r\nRCPT TO:<v@example.com>\r\nDATA\r\nevil\r\n"
+        body = (
+            b"A" * 20000 + b"\r\nMAIL FROM:<evil@x>\r\nRCPT TO:<v@example.com>\r\nDATA\r\nevil\r\n"
+        )
         out = s.send(body + b".\r\n")
         self.assertEqual(reply_codes(out), [250])
         self.assertEqual(len(stored), 1)
@@ -376,12 +476,28 @@ class OrderAndDefectTests(SynchronousTestCase):
         self.assertTrue(s.connection.msg_count.accept == 1)
 
     def test_smuggling_shapes_do_not_end_data(self) -> None:
-        """\\n.\\n, \\r.\\r, \\n.\\r\\n, \\r\\n.\\n, \\r\\n.\\r never end DATA; bare LF/CR rejected."""
+        """No smuggling shape (\\n.\\n, \\r.\\r, ...) ends DATA; bare LF/CR is rejected."""
         for shape in (b"\n.\n", b"\r.\r", b"\n.\r\n", b"\r\n.\n", b"\r\n.\r"):
             queued: list[int] = []
-            s = Session([("q", plugin_with({"rcpt": lambda c, r, p: OK, "queue": lambda c: (queued.append(1), OK)[1]}))])
+            s = Session(
+                [
+                    (
+                        "q",
+                        plugin_with(
+                            {
+                                "rcpt": lambda c, r, p: OK,
+                                "queue": lambda c, q=queued: (q.append(1), OK)[1],
+                            }
+                        ),
+                    )
+                ]
+            )
             s.send(ENVELOPE + b"DATA\r\n")
-            out = s.send(b"Subject: t\r\n\r\nbody" + shape + b"MAIL FROM:<evil@x>\r\nRCPT TO:<v@example.com>\r\nDATA\r\nevil\r\n")
+            out = s.send(
+                b"Subject: t\r\n\r\nbody"
+                + shape
+                + b"MAIL FROM:<evil@x>\r\nRCPT TO:<v@example.com>\r\nDATA\r\nevil\r\n"
+            )
             self.assertEqual(out, "", shape)
             out = s.send(b".\r\n")
             self.assertIn("550 5.6.0 Bare LF or CR", out, shape)
@@ -392,14 +508,29 @@ class OrderAndDefectTests(SynchronousTestCase):
         stored: list[bytes] = []
         from haraka_tw.smtp.data import BareNewline
 
-        s = Session([("q", plugin_with({
-            "rcpt": lambda c, r, p: OK,
-            "queue": lambda c: (stored.append(c.transaction.message_stream.get_bytes()), OK)[1],
-        }))], settings=SessionSettings(me="mx.test", bare_newline=BareNewline.NORMALISE))
+        s = Session(
+            [
+                (
+                    "q",
+                    plugin_with(
+                        {
+                            "rcpt": lambda c, r, p: OK,
+                            "queue": lambda c: (
+                                stored.append(c.transaction.message_stream.get_bytes()),
+                                OK,
+                            )[1],
+                        }
+                    ),
+                )
+            ],
+            settings=SessionSettings(me="mx.test", bare_newline=BareNewline.NORMALISE),
+        )
         s.send(ENVELOPE + b"DATA\r\n")
         out = s.send(b"Subject: t\r\n\r\nline1\nline2\n.\nMAIL FROM:<evil@x>\r\n.\r\n")
         self.assertEqual(reply_codes(out), [250])
-        self.assertTrue(stored[0].endswith(b"\r\n\r\nline1\r\nline2\r\n.\r\nMAIL FROM:<evil@x>\r\n"), stored)
+        self.assertTrue(
+            stored[0].endswith(b"\r\n\r\nline1\r\nline2\r\n.\r\nMAIL FROM:<evil@x>\r\n"), stored
+        )
 
     def test_starttls_plaintext_injection(self) -> None:
         """STARTTLS with pipelined plaintext: no TLS here, so 500 then NOOP in the clear;
@@ -462,15 +593,34 @@ class OrderAndDefectTests(SynchronousTestCase):
     def test_received_header_and_auth_results(self) -> None:
         """A Received header goes on top; Authentication-Results becomes Original-..."""
         stored: list[bytes] = []
-        s = Session([("q", plugin_with({
-            "rcpt": lambda c, r, p: OK,
-            "queue": lambda c: (stored.append(c.transaction.message_stream.get_bytes()), OK)[1],
-        }))])
+        s = Session(
+            [
+                (
+                    "q",
+                    plugin_with(
+                        {
+                            "rcpt": lambda c, r, p: OK,
+                            "queue": lambda c: (
+                                stored.append(c.transaction.message_stream.get_bytes()),
+                                OK,
+                            )[1],
+                        }
+                    ),
+                )
+            ]
+        )
         s.send(ENVELOPE + b"DATA\r\n")
         uuid = s.connection.transaction.uuid
         s.send(b"Authentication-Results: forged; pass\r\nSubject: t\r\n\r\nbody\r\n.\r\n")
         msg = stored[0]
-        self.assertTrue(msg.startswith(b"Received: from client.test (client.example [192.0.2.10])\r\n\tby mx.test"), msg)
+        self.assertTrue(
+            msg.startswith(
+                b"Received: from client.test (client.example [192.0.2.10])\r\n\tby mx.test"
+            ),
+            msg,
+        )
         self.assertIn(f"with ESMTP id {uuid}".encode(), msg)
         self.assertIn(b"envelope-from <a@client.test>", msg)
-        self.assertIn(b"\r\nOriginal-Authentication-Results: forged; pass\r\nSubject: t\r\n\r\nbody\r\n", msg)
+        self.assertIn(
+            b"\r\nOriginal-Authentication-Results: forged; pass\r\nSubject: t\r\n\r\nbody\r\n", msg
+        )

@@ -86,7 +86,9 @@ class Plugin:
         self.log = context.log
         ini = context.config.get_ini("maildir.ini", booleans=["+main.fsync"])
         main = ini["main"]
-        self.maildir = Maildir(str(main.get("path") or "var/maildir"), bool(main.get("fsync", True)))
+        self.maildir = Maildir(
+            str(main.get("path") or "var/maildir"), bool(main.get("fsync", True))
+        )
         self.maildir.create()
 
     def hook_queue(self, connection: Any) -> Any:
