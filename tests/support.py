@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import tempfile
@@ -146,12 +145,20 @@ def write_config(directory: Path, files: Mapping[str, str]) -> Path:
     return directory
 
 
+def temp_dir(case: Any) -> Path:
+    """A fresh temporary directory removed after the test (trial's mktemp would put it
+    in the working directory when pytest runs the test)."""
+    path = Path(tempfile.mkdtemp(prefix="haraka_tw-test-")).resolve()
+    case.addCleanup(shutil.rmtree, path, True)
+    return path
+
+
 def start_server(case: Any, files: Mapping[str, str]) -> tuple[HarakaServer, int]:
     """A server on the shipped defaults overlaid with C{files}, on a loopback port.
 
     The maildir goes under the test's temporary directory unless C{files} says otherwise.
     """
-    base = Path(case.mktemp()).resolve()
+    base = temp_dir(case)
     all_files = {"maildir.ini": f"[main]\npath={base / 'maildir'}\n", "me": "mx.test\n"}
     all_files.update(files)
     config_dir = write_config(base / "config", all_files)
@@ -208,19 +215,6 @@ def _drain(sock: socket.socket, settle: float) -> bytes:
 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-class OutsideRepoTemp:
-    """Mixin for trial TestCases: C{mktemp} paths under the system temporary directory.
-
-    Trial's own C{mktemp} is relative to the working directory, which under pytest is the
-    repository; these directories are removed when the test ends.
-    """
-
-    def mktemp(self) -> str:
-        root = tempfile.mkdtemp(prefix="haraka_tw-test-")
-        self.addCleanup(shutil.rmtree, root, True)  # type: ignore[attr-defined]
-        return os.path.join(root, "t")
 
 
 def free_port() -> int:
@@ -362,7 +356,6 @@ __all__ = [
     "CONT",
     "REPO_ROOT",
     "ListLog",
-    "OutsideRepoTemp",
     "Session",
     "WireClient",
     "free_port",

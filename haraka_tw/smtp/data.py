@@ -3,7 +3,7 @@
 Fed the bytes that follow the 354 reply, chunk by chunk, it finds the end of the message,
 removes dot-stuffing, flags or normalises bare CR / bare LF, wraps over-long lines and counts
 the size, handing the message to a sink in pieces. No reactor, no per-line Python callback:
-each chunk is handled with a few ``find`` / ``count`` / ``replace`` / ``split`` calls in C.
+each chunk is handled with a few ``find`` / ``count`` / ``replace`` calls in C.
 
 The message ends only at ``CRLF "." CRLF`` in the raw stream (its first line counts as preceded
 by CRLF), never at ``LF "." LF`` or any other mix; lines are CRLF-terminated throughout.

@@ -12,7 +12,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from haraka_tw.config import ConfigDirectory
 from haraka_tw.hooks.loader import PluginLoadError, load_plugins, resolve
 from haraka_tw.plugins.queue.discard import Plugin as Discard
-from tests.support import ListLog
+from tests.support import ListLog, temp_dir
 
 PLUGIN_SOURCE = textwrap.dedent(
     """
@@ -41,8 +41,7 @@ PLUGIN_SOURCE = textwrap.dedent(
 
 class LoaderTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.dir = Path(self.mktemp())
-        self.dir.mkdir()
+        self.dir = temp_dir(self)
         (self.dir / "tw_sample_plugins.py").write_text(PLUGIN_SOURCE)
         dist = self.dir / "tw_sample_plugins-1.0.dist-info"
         dist.mkdir()
