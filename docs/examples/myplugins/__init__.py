@@ -1,0 +1,1 @@
+"""Plugins written in docs/tutorial.md."""

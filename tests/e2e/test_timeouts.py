@@ -1,0 +1,89 @@
+"""Plugin timeouts over a real socket: a hook that never answers gets a 4xx in time.
+
+The sample plugin answers the directive C{hang} with a Deferred that never fires; the
+server's C{plugin_timeout} (or the plugin's own C{<name>.timeout} file) must answer for it
+with DENYSOFT "plugin timeout", and the session must go on.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from twisted.internet.threads import deferToThread
+from twisted.trial import unittest
+
+from tests.support import WireClient, maildir_messages, reply_code, start_server
+
+SAMPLE = "tests.e2e.sample_plugin:Factory"
+PLUGINS = f"{SAMPLE}\nrcpt_to.in_host_list\nqueue/maildir\n"
+
+
+def timed(client: WireClient, data: bytes) -> tuple[bytes, float]:
+    """Send C{data}; the next reply and the seconds it took to come."""
+    start = time.monotonic()
+    client.send(data)
+    reply = client.reply()
+    return reply, time.monotonic() - start
+
+
+class PluginTimeoutTests(unittest.TestCase):
+    def start(self, files: dict[str, str]) -> int:
+        server, port = start_server(self, {"plugins": PLUGINS, **files})
+        self.maildir = server.base / "maildir"  # type: ignore[attr-defined]
+        return port
+
+    def test_plugin_timeout_answers_a_hung_mail_hook(self) -> None:
+        """plugin_timeout 2: a MAIL hook that never answers gets 450 after about 2 s."""
+        port = self.start({"plugin_timeout": "2\n"})
+
+        def client() -> None:
+            with WireClient(port) as c:
+                c.command("EHLO client.test")
+                reply, took = timed(c, b"MAIL FROM:<hang@x.test>\r\n")
+                self.assertEqual(reply, b"450 4.7.1 plugin timeout\r\n")
+                self.assertGreaterEqual(took, 1.9)
+                self.assertLess(took, 3.5)
+                # The session goes on: the next transaction is served normally.
+                self.assertEqual(reply_code(c.command("MAIL FROM:<alice@x.test>")), 250)
+                self.assertEqual(reply_code(c.command("QUIT")), 221)
+
+        return deferToThread(client)
+
+    def test_per_plugin_timeout_shorter_than_plugin_timeout(self) -> None:
+        """<plugin>.timeout 1 overrides plugin_timeout 30: a hung RCPT hook gets 450 in ~1 s."""
+        port = self.start({"plugin_timeout": "30\n", f"{SAMPLE}.timeout": "1\n"})
+
+        def client() -> None:
+            with WireClient(port) as c:
+                c.command("EHLO client.test")
+                self.assertEqual(reply_code(c.command("MAIL FROM:<alice@x.test>")), 250)
+                reply, took = timed(c, b"RCPT TO:<hang@example.com>\r\n")
+                self.assertEqual(reply, b"450 4.7.1 plugin timeout\r\n")
+                self.assertGreaterEqual(took, 0.9)
+                self.assertLess(took, 2.5)
+                self.assertEqual(reply_code(c.command("RCPT TO:<bob@example.com>")), 250)
+                self.assertEqual(reply_code(c.command("QUIT")), 221)
+
+        return deferToThread(client)
+
+    def test_per_plugin_timeout_longer_than_plugin_timeout(self) -> None:
+        """<plugin>.timeout 2 overrides plugin_timeout 1: a hung queue hook gets 450 in ~2 s."""
+        port = self.start({"plugin_timeout": "1\n", f"{SAMPLE}.timeout": "2\n"})
+
+        def client() -> None:
+            with WireClient(port) as c:
+                c.command("EHLO client.test")
+                self.assertEqual(reply_code(c.command("MAIL FROM:<alice@x.test>")), 250)
+                self.assertEqual(reply_code(c.command("RCPT TO:<bob@example.com>")), 250)
+                self.assertEqual(reply_code(c.command("DATA")), 354)
+                reply, took = timed(c, b"Subject: queue=hang\r\n\r\nHello.\r\n.\r\n")
+                self.assertEqual(reply, b"450 4.3.0 plugin timeout\r\n")
+                self.assertGreaterEqual(took, 1.9)
+                self.assertLess(took, 3.5)
+                self.assertEqual(reply_code(c.command("QUIT")), 221)
+
+        def check(_: Any) -> None:
+            self.assertEqual(maildir_messages(self.maildir), [])
+
+        return deferToThread(client).addCallback(check)

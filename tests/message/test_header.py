@@ -1,0 +1,98 @@
+"""The message header: byte-exact fields, folding, add/remove, and the streaming collector."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from haraka_tw.message.header import Header, HeaderCollector
+
+RAW = (
+    b"Subject: hello\r\n"
+    b"Received: from a\r\n\tby b\r\n"
+    b"Received: from c\r\n"
+    b"To: =?utf-8?q?J=C3=B6rg?= <j@x>\r\n"
+)
+
+
+def test_untouched_header_is_byte_exact() -> None:
+    """An untouched header serialises to exactly the bytes received."""
+    assert Header.parse(RAW).to_bytes() == RAW
+
+
+def test_get_unfolds_and_joins() -> None:
+    """get() unfolds continuation lines and joins repeated fields with newlines."""
+    h = Header.parse(RAW)
+    assert h.get_all("received") == ["from a\tby b", "from c"]
+    assert h.get("Received") == "from a\tby b\nfrom c"
+    assert h.get("Missing") == ""
+    assert "subject" in h and "Cc" not in h
+
+
+def test_get_decoded() -> None:
+    """get_decoded() decodes RFC 2047 encoded words."""
+    assert Header.parse(RAW).get_decoded("To") == "J\u00f6rg <j@x>"
+
+
+def test_add_remove_rename() -> None:
+    """add puts a field on top, add_end at the bottom, remove drops all of a name."""
+    h = Header.parse(RAW)
+    h.add("X-Top", "1")
+    h.add_end("X-End", "2")
+    h.remove("received")
+    h.rename("Subject", "Old-Subject")
+    assert h.to_bytes() == (
+        b"X-Top: 1\r\nOld-Subject: hello\r\nTo: =?utf-8?q?J=C3=B6rg?= <j@x>\r\nX-End: 2\r\n"
+    )
+
+
+def test_added_value_cannot_inject_fields() -> None:
+    """A newline inside an added value continues the field; it never starts a new one."""
+    h = Header()
+    h.add("X-Note", "a\r\nBcc: victim@x\nmore")
+    assert h.to_bytes() == b"X-Note: a\r\n Bcc: victim@x\r\n more\r\n"
+    assert "Bcc" not in h
+
+
+def test_collector_finds_blank_line_across_chunks() -> None:
+    """The collector splits header from body wherever the chunks break."""
+    message = b"A: 1\r\nB: 2\r\n\r\nbody\r\n"
+    for cut in range(1, len(message)):
+        c = HeaderCollector()
+        got = c.feed(message[:cut])
+        # Once the header has ended, later chunks are body and go past the collector.
+        got = (got[0], got[1] + message[cut:]) if got else c.feed(message[cut:])
+        assert got == (b"A: 1\r\nB: 2\r\n", b"\r\nbody\r\n"), cut
+
+
+def test_collector_non_header_line_starts_body() -> None:
+    """A line that is not a field ends the header; it belongs to the body."""
+    c = HeaderCollector()
+    assert c.feed(b"A: 1\r\nnot a header\r\nrest") == (b"A: 1\r\n", b"not a header\r\nrest")
+
+
+def test_collector_limits() -> None:
+    """After max_lines fields, or max_bytes, the rest is body: memory stays bounded."""
+    c = HeaderCollector(max_lines=2)
+    assert c.feed(b"A: 1\r\nB: 2\r\nC: 3\r\n\r\n") == (b"A: 1\r\nB: 2\r\n", b"C: 3\r\n\r\n")
+    c = HeaderCollector(max_bytes=100)
+    head, body = c.feed(b"A: " + b"x" * 200) or (b"", b"")
+    assert head == b"" and len(body) == 203
+
+
+@given(st.binary(max_size=300), st.integers(min_value=1, max_value=50))
+def test_collector_chunking_independent(data: bytes, step: int) -> None:
+    """Feeding in any chunking gives the same split as feeding whole; nothing is lost."""
+    whole = HeaderCollector()
+    expect = whole.feed(data) or whole.finish()
+    c = HeaderCollector()
+    got = None
+    for i in range(0, len(data), step):
+        got = got or c.feed(data[i : i + step])
+        if got:
+            rest = data[i + step :]
+            got = (got[0], got[1] + rest)
+            break
+    got = got or c.finish()
+    assert got == expect
+    assert got[0] + got[1] == data

@@ -1,0 +1,93 @@
+"""queue/maildir: durable Maildir delivery readable by mailbox.Maildir."""
+
+from __future__ import annotations
+
+import mailbox
+import os
+import smtplib
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import pytest
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import TestCase
+
+from haraka_tw.plugins.queue.maildir import Maildir
+from tests.support import start_server
+
+
+def test_deliver_tmp_fsync_rename(tmp_path: Path) -> None:
+    """deliver writes in tmp/, fsyncs the file and new/, renames into new/."""
+    md = Maildir(tmp_path / "md")
+    md.create()
+    synced: list[int] = []
+    real_fsync = os.fsync
+    with mock.patch("os.fsync", side_effect=lambda fd: (synced.append(fd), real_fsync(fd))[1]):
+        path = md.deliver([b"Subject: x\r\n", b"\r\nbody\r\n"])
+    assert path.parent == tmp_path / "md" / "new"
+    assert path.read_bytes() == b"Subject: x\r\n\r\nbody\r\n"
+    assert len(synced) == 2  # the file and the new/ directory
+    assert list((tmp_path / "md" / "tmp").iterdir()) == []
+    box = mailbox.Maildir(tmp_path / "md", create=False)
+    (msg,) = list(box)
+    assert msg["Subject"] == "x"
+
+
+def test_failed_write_leaves_nothing(tmp_path: Path) -> None:
+    """A write that fails removes its tmp file and puts nothing in new/."""
+    md = Maildir(tmp_path / "md")
+    md.create()
+
+    def chunks() -> Any:
+        yield b"partial"
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        md.deliver(chunks())
+    assert list((tmp_path / "md" / "tmp").iterdir()) == []
+    assert list((tmp_path / "md" / "new").iterdir()) == []
+
+
+def test_unique_names(tmp_path: Path) -> None:
+    """Two deliveries in the same microsecond still get distinct names."""
+    md = Maildir(tmp_path)
+    assert len({md.unique_name() for _ in range(1000)}) == 1000
+
+
+class MaildirServerTests(TestCase):
+    @inlineCallbacks
+    def test_250_only_after_file_is_in_new(self) -> Deferred[None]:
+        """Over a real socket: when the 250 arrives the message is already in new/."""
+        server, port = start_server(self, {"plugins": "rcpt_to.in_host_list\nqueue/maildir\n"})
+        newdir = server.base / "maildir" / "new"  # type: ignore[attr-defined]
+
+        def send() -> list[str]:
+            with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
+                s.sendmail("a@client.test", ["b@example.com"], b"Subject: one\r\n\r\nbody\r\n")
+                return os.listdir(newdir)
+
+        names = yield deferToThread(send)
+        self.assertEqual(len(names), 1)
+        data = (newdir / names[0]).read_bytes()
+        self.assertTrue(data.startswith(b"Received: from "))
+        self.assertTrue(data.endswith(b"\r\nSubject: one\r\n\r\nbody\r\n"))
+
+    @inlineCallbacks
+    def test_unwritable_maildir_is_451_not_lost(self) -> Deferred[None]:
+        """If the Maildir cannot be written the client gets a 4xx (try again), never a 250."""
+        server, port = start_server(self, {"plugins": "rcpt_to.in_host_list\nqueue/maildir\n"})
+        tmpdir = server.base / "maildir" / "tmp"  # type: ignore[attr-defined]
+        tmpdir.rename(tmpdir.with_name("gone"))
+
+        def send() -> Any:
+            with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
+                s.ehlo("c.test")
+                s.mail("a@client.test")
+                s.rcpt("b@example.com")
+                return s.data(b"Subject: x\r\n\r\nbody\r\n")
+
+        code, text = yield deferToThread(send)
+        self.assertEqual(code, 450)
+        self.assertIn(b"Temporary storage failure", text)

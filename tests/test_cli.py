@@ -1,0 +1,69 @@
+"""The haraka-tw command: init, plugins, hooks."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from haraka_tw.cli import main
+from haraka_tw.paths import default_config_dir
+
+HARAKA_TW = Path(sys.executable).parent / "haraka-tw"
+
+
+def test_init_copies_defaults(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """init DIR creates a config directory holding every shipped default file."""
+    target = tmp_path / "conf"
+    assert main(["init", str(target)]) == 0
+    shipped = sorted(
+        p.name
+        for p in default_config_dir().iterdir()
+        if p.is_file() and not p.name.startswith(("_", ".")) and p.suffix != ".py"
+    )
+    assert sorted(p.name for p in target.iterdir()) == shipped
+    assert (target / "plugins").read_text() == (default_config_dir() / "plugins").read_text()
+    assert "twistd -n haraka --config" in capsys.readouterr().out
+
+
+def test_init_refuses_non_empty(tmp_path: Path) -> None:
+    """init refuses a non-empty directory unless --force, which only adds missing files."""
+    (tmp_path / "plugins").write_text("queue/discard\n")
+    assert main(["init", str(tmp_path)]) == 1
+    assert main(["init", "--force", str(tmp_path)]) == 0
+    assert (tmp_path / "plugins").read_text() == "queue/discard\n"
+    assert (tmp_path / "smtp.ini").exists()
+
+
+def test_console_script_plugins_and_hooks(tmp_path: Path) -> None:
+    """The installed haraka-tw lists a config's plugins with their hooks, and the hook order."""
+    (tmp_path / "plugins").write_text("queue/discard\nrcpt_to.in_host_list\n")
+    out = subprocess.run(
+        [str(HARAKA_TW), "plugins", "-c", str(tmp_path)], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.splitlines() == [
+        "queue/discard: queue, queue_outbound",
+        "rcpt_to.in_host_list: mail, rcpt",
+    ]
+    out = subprocess.run(
+        [str(HARAKA_TW), "hooks"], capture_output=True, text=True, check=True
+    ).stdout
+    names = [line.split()[0] for line in out.splitlines()]
+    assert (
+        names.index("connect_init")
+        < names.index("connect")
+        < names.index("mail")
+        < names.index("queue")
+    )
+
+
+def test_plugins_reports_bad_plugin(tmp_path: Path) -> None:
+    """A plugin that cannot load is reported by name, exit status 1."""
+    (tmp_path / "plugins").write_text("no/such_thing\n")
+    proc = subprocess.run(
+        [str(HARAKA_TW), "plugins", "-c", str(tmp_path)], capture_output=True, text=True
+    )
+    assert proc.returncode == 1
+    assert "plugin 'no/such_thing' failed to load" in proc.stderr

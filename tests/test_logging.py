@@ -1,0 +1,89 @@
+"""Logging: Haraka levels, the three line formats, the log hook, log.ini."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from twisted.logger import Logger, LogLevel
+
+from haraka_tw.logging import HarakaLog, Level, LogRecord, format_record
+
+
+def capture() -> tuple[HarakaLog, list[dict[str, Any]]]:
+    events: list[dict[str, Any]] = []
+    return HarakaLog(level=Level.INFO, logger=Logger(observer=events.append)), events
+
+
+def test_default_line_format() -> None:
+    """The default line is [LEVEL] [uuid] [origin] message, fields as key=value."""
+    r = LogRecord(Level.NOTICE, "disconnect", "ABC.1", "core", {"ip": "1.2.3.4", "lr": "250 ok"})
+    assert format_record(r) == '[NOTICE] [ABC.1] [core] disconnect ip=1.2.3.4 lr="250 ok"'
+    assert format_record(LogRecord(Level.INFO, "x")) == "[INFO] [-] [core] x"
+
+
+def test_logfmt_and_json() -> None:
+    """logfmt and json carry the same fields."""
+    r = LogRecord(Level.WARN, 'say "hi"', "U", "p", {"n": 1}, 0.0)
+    assert format_record(r, "logfmt") == 'level=WARN uuid=U source=p message="say \\"hi\\"" n=1'
+    obj = json.loads(format_record(r, "json", timestamps=True))
+    assert obj == {
+        "level": "WARN",
+        "timestamp": "1970-01-01T00:00:00.000Z",
+        "uuid": "U",
+        "origin": "p",
+        "message": 'say "hi"',
+        "n": 1,
+    }
+
+
+def test_level_filter_and_twisted_levels() -> None:
+    """Lines above the configured level are dropped; CRIT maps to twisted's critical."""
+    log, events = capture()
+    log.log(Level.DEBUG, "hidden")
+    log.log(Level.CRIT, "shown", origin="p")
+    assert [e["haraka_text"] for e in events] == ["[CRIT] [-] [p] shown"]
+    assert events[0]["log_level"] is LogLevel.critical
+
+
+def test_log_hook_suppresses_and_does_not_recurse() -> None:
+    """A log hook returning True suppresses the line; logging inside the hook is not re-hooked."""
+    log, events = capture()
+    seen: list[str] = []
+
+    def hook(conn: Any, record: LogRecord) -> bool:
+        seen.append(record.message)
+        log.log(Level.INFO, "from inside the hook")
+        return record.message == "secret"
+
+    log.hook = hook
+    log.log(Level.INFO, "secret")
+    log.log(Level.INFO, "public")
+    assert seen == ["secret", "public"]
+    texts = [e["haraka_text"] for e in events]
+    assert "[INFO] [-] [core] secret" not in texts
+    assert "[INFO] [-] [core] public" in texts
+
+
+def test_configure_from_log_ini() -> None:
+    """log.ini level/format/timestamps apply; a bad level or format is an error."""
+    log, _ = capture()
+    log.configure({"main": {"level": "warning", "format": "JSON", "timestamps": True}})
+    assert (log.level, log.format, log.timestamps) == (Level.WARN, "json", True)
+    with pytest.raises(ValueError, match="unknown log level"):
+        log.configure({"main": {"level": "loud"}})
+    with pytest.raises(ValueError, match="format"):
+        log.configure({"main": {"format": "xml"}})
+
+
+def test_plugin_logger_tags_uuid() -> None:
+    """A plugin logger tags lines with the transaction uuid when there is one."""
+    log, events = capture()
+
+    class Conn:
+        uuid = "C"
+        transaction = type("T", (), {"uuid": "C.2"})()
+
+    log.for_origin("my/plugin").info("hello", Conn())
+    assert events[0]["haraka_text"] == "[INFO] [C.2] [my/plugin] hello"

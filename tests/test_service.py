@@ -1,0 +1,79 @@
+"""smtp.ini listen parsing, and the service's graceful stop on a real port."""
+
+from __future__ import annotations
+
+import smtplib
+import socket
+
+import pytest
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import TestCase
+
+from haraka_tw.service import HarakaService, parse_listen
+from haraka_tw.server import HarakaServer
+from tests.support import temp_dir, write_config
+
+
+def test_listen_forms() -> None:
+    """ip:port, [v6]:port, bare ip (port 25), :port and endpoint strings."""
+    assert parse_listen("127.0.0.1:2525, [::1]:2526,10.0.0.1") == [
+        "tcp:2525:interface=127.0.0.1",
+        "tcp6:2526:interface=\\:\\:1",
+        "tcp:25:interface=10.0.0.1",
+    ]
+    assert parse_listen("[::0]:25") == ["tcp6:25:interface=\\:\\:0"]
+    assert parse_listen("*:587,:465") == ["tcp:587", "tcp:465"]
+    assert parse_listen("tcp:2525:interface=127.0.0.1,unix:/run/h.sock") == [
+        "tcp:2525:interface=127.0.0.1",
+        "unix:/run/h.sock",
+    ]
+
+
+def test_listen_errors_name_the_entry() -> None:
+    """A bad entry is an error naming it."""
+    for bad in ("127.0.0.1:99999", "a b:25", "[zz]:25", ""):
+        with pytest.raises(ValueError, match="listen"):
+            parse_listen(bad)
+
+
+class GracefulStopTests(TestCase):
+    @inlineCallbacks
+    def test_stop_lets_open_session_finish_then_closes(self) -> Deferred[None]:
+        """stopService closes the listener at once, lets a session finish, then closes it."""
+        base = temp_dir(self)
+        conf = write_config(
+            base / "c",
+            {
+                "smtp.ini": "[main]\nforce_shutdown_timeout=1\n",
+                "maildir.ini": f"[main]\npath={base / 'md'}\n",
+                "me": "mx.test\n",
+            },
+        )
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        service = HarakaService(
+            HarakaServer.from_directory(conf, reactor),
+            [f"tcp:{port}:interface=127.0.0.1"],
+            watch_interval=0,
+            handle_sighup=False,
+        )
+        service.startService()
+        client = yield deferToThread(smtplib.SMTP, "127.0.0.1", port, timeout=5)
+        yield deferToThread(client.ehlo, "c.test")
+        stopping = service.stopService()
+        yield deferLater(reactor, 0.1, lambda: None)
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        code, _ = yield deferToThread(client.noop)  # still served while draining
+        self.assertEqual(code, 250)
+        yield stopping
+        # The server said 421 and closed: the next read sees the 421, then the close.
+        code, text = yield deferToThread(client.noop)
+        self.assertEqual((code, text), (421, b"4.3.2 server shutting down, closing connection"))
+        with pytest.raises((smtplib.SMTPServerDisconnected, OSError)):
+            yield deferToThread(client.noop)
+        client.close()
