@@ -12,8 +12,8 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
-from haraka_tw.service import HarakaService, parse_listen
 from haraka_tw.server import HarakaServer
+from haraka_tw.service import HarakaService, parse_listen
 from tests.support import temp_dir, write_config
 
 

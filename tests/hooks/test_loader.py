@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 import textwrap
-from pathlib import Path
 from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
