@@ -26,6 +26,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IReactorTime, IStreamServerEndpoint
 
+from haraka_tw.codes import Code, HookResult
 from haraka_tw.logging import Level
 from haraka_tw.server import HarakaServer, StartupError
 
@@ -89,6 +90,7 @@ class HarakaService(MultiService):
         *,
         watch_interval: float = 1.0,
         handle_sighup: bool = True,
+        owns_process: bool = False,
     ) -> None:
         super().__init__()
         self.server = server
@@ -104,6 +106,7 @@ class HarakaService(MultiService):
         self.graceful = bool(smtp.get("graceful_shutdown", True))
         self.watch_interval = watch_interval
         self.handle_sighup = handle_sighup
+        self.owns_process = owns_process  # twistd: an init_master refusal stops the reactor
         self.ports: list[IListeningPort] = []
         self._old_sighup: Any = None
 
@@ -148,6 +151,23 @@ class HarakaService(MultiService):
                 self._old_sighup = signal.signal(signal.SIGHUP, self._sighup)
             except ValueError:  # not the main thread
                 self._old_sighup = None
+        d = self.server.runner.run("init_master", self.server)
+        d.addCallback(self._init_master_answered)
+
+    def _init_master_answered(self, result: HookResult) -> None:
+        """Anything but OK or CONT from init_master stops the server (and under twistd, the
+        process), as in Haraka."""
+        if result.code in (Code.OK, Code.CONT):
+            return
+        self.server.log.log(
+            Level.EMERG,
+            f"init_master: {result.plugin} answered {result.code.name}"
+            f"{': ' + result.text if result.text else ''}; stopping",
+        )
+        d = self.stopService()
+        if self.owns_process:
+            reactor: Any = self.reactor
+            d.addBoth(lambda _: reactor.stop())
 
     def _sighup(self, signum: int, frame: Any) -> None:
         self.reactor.callFromThread(self.reload)  # type: ignore[attr-defined]

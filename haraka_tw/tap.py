@@ -46,7 +46,7 @@ def makeService(options: Any) -> HarakaService:
         endpoints = None
         if options["listen"]:
             endpoints = parse_listen(",".join(options["listen"]))
-        return HarakaService.from_directory(options["config"], endpoints)
+        return HarakaService.from_directory(options["config"], endpoints, owns_process=True)
     except (StartupError, ValueError) as e:
         sys.stderr.write(f"haraka_tw: {e}\n")
         raise SystemExit(1) from e

@@ -77,3 +77,36 @@ class GracefulStopTests(TestCase):
         with pytest.raises((smtplib.SMTPServerDisconnected, OSError)):
             yield deferToThread(client.noop)
         client.close()
+
+
+class InitMasterTests(TestCase):
+    def service(self, answer: object) -> HarakaService:
+        base = temp_dir(self)
+        conf = write_config(base / "c", {"me": "mx.test\n", "plugins": "queue/discard\n"})
+        server = HarakaServer.from_directory(conf, reactor)
+        from haraka_tw.hooks.runner import HookRunner, LoadedPlugin
+        from tests.support import plugin_with
+
+        plugin = plugin_with({"init_master": lambda srv: answer})
+        server.runner = HookRunner([LoadedPlugin("gate", plugin)], reactor, server.log)
+        return HarakaService(
+            server, ["tcp:0:interface=127.0.0.1"], watch_interval=0, handle_sighup=False
+        )
+
+    def test_init_master_refusal_stops_listening(self) -> None:
+        """init_master answering DENY stops the service: its listener closes."""
+        from haraka_tw.codes import DENY
+
+        service = self.service((DENY, "license expired"))
+        service.startService()
+        self.assertEqual(service.ports, [])
+        self.assertFalse(service.running)
+
+    def test_init_master_ok_keeps_running(self) -> None:
+        """init_master answering OK (or CONT) leaves the server listening."""
+        from haraka_tw.codes import OK
+
+        service = self.service(OK)
+        service.startService()
+        self.assertEqual(len(service.ports), 1)
+        self.addCleanup(service.stopService)

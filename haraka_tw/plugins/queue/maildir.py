@@ -52,11 +52,20 @@ class Maildir:
         return f"{int(now)}.M{usec}P{os.getpid()}Q{next(self._counter)}.{self.host}"
 
     def deliver(self, chunks: Any) -> Path:
-        """Write the message; return its path in new/. Blocking: run it in a thread."""
+        """Write the message; return its path in new/. Blocking: run it in a thread.
+
+        The directories are made on first use, so that under C{twistd -u/-g} they belong
+        to the user the server runs as, not to root.
+        """
         name = self.unique_name()
         tmp = self.path / "tmp" / name
         new = self.path / "new" / name
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+        try:
+            fd = os.open(tmp, flags, 0o600)
+        except FileNotFoundError:
+            self.create()
+            fd = os.open(tmp, flags, 0o600)
         try:
             with os.fdopen(fd, "wb") as f:
                 for chunk in chunks:
@@ -89,7 +98,7 @@ class Plugin:
         self.maildir = Maildir(
             str(main.get("path") or "var/maildir"), bool(main.get("fsync", True))
         )
-        self.maildir.create()
+        self.log.info(f"delivering to the Maildir {self.maildir.path.absolute()}")
 
     def hook_queue(self, connection: Any) -> Any:
         txn = connection.transaction

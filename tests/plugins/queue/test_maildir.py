@@ -50,6 +50,14 @@ def test_failed_write_leaves_nothing(tmp_path: Path) -> None:
     assert list((tmp_path / "md" / "new").iterdir()) == []
 
 
+def test_created_on_first_delivery(tmp_path: Path) -> None:
+    """A missing Maildir is created (0700) by the first delivery, as the server's user."""
+    md = Maildir(tmp_path / "later" / "md")
+    path = md.deliver([b"x\r\n"])
+    assert path.read_bytes() == b"x\r\n"
+    assert ((tmp_path / "later" / "md" / "cur").stat().st_mode & 0o777) == 0o700
+
+
 def test_unique_names(tmp_path: Path) -> None:
     """Two deliveries in the same microsecond still get distinct names."""
     md = Maildir(tmp_path)
@@ -78,8 +86,8 @@ class MaildirServerTests(TestCase):
     def test_unwritable_maildir_is_451_not_lost(self) -> Deferred[None]:
         """If the Maildir cannot be written the client gets a 4xx (try again), never a 250."""
         server, port = start_server(self, {"plugins": "rcpt_to.in_host_list\nqueue/maildir\n"})
-        tmpdir = server.base / "maildir" / "tmp"  # type: ignore[attr-defined]
-        tmpdir.rename(tmpdir.with_name("gone"))
+        maildir = server.base / "maildir"  # type: ignore[attr-defined]
+        maildir.write_text("a file where the Maildir should be")
 
         def send() -> Any:
             with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:

@@ -1,0 +1,336 @@
+"""The real command: C{twistd haraka} as a subprocess, driven from outside.
+
+Each test writes a config directory with a free loopback port in smtp.ini, starts
+C{twistd} (the one next to this Python), waits for the port with a bounded poll, talks
+SMTP to it with smtplib or a raw socket, and signals it. Every process is killed in
+cleanup, whatever happened.
+"""
+
+from __future__ import annotations
+
+import mailbox
+import os
+import re
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from twisted.trial import unittest
+
+from tests.support import (
+    REPO_ROOT,
+    WireClient,
+    free_port,
+    reply_code,
+    temp_dir,
+    wait_for_port,
+    write_config,
+)
+
+TWISTD = Path(sys.executable).parent / "twistd"
+MESSAGE = b"From: <alice@x.test>\r\nTo: <bob@example.com>\r\nSubject: hello\r\n\r\nHi there.\r\n"
+
+
+def poll(condition: Callable[[], Any], timeout: float, step: float = 0.05) -> Any:
+    """Call C{condition} until it returns something true; that value, or None at timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(step)
+
+
+def is_running(pid: int) -> bool:
+    """Whether C{pid} is a live process (a zombie counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            status = f.read()
+    except OSError:
+        return False
+    m = re.search(r"^State:\s+(\S)", status, re.M)
+    return m is not None and m.group(1) != "Z"
+
+
+def rcpt_code(port: int, recipient: str) -> int:
+    """The reply code to RCPT TO:<recipient> in a fresh session."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
+        smtp.ehlo("client.test")
+        smtp.mail("alice@x.test")
+        return int(smtp.rcpt(recipient)[0])
+
+
+def ehlo_size(port: int) -> str | None:
+    """The SIZE a fresh session advertises."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
+        smtp.ehlo("client.test")
+        return smtp.esmtp_features.get("size")
+
+
+class TwistdTestCase(unittest.SynchronousTestCase):
+    """Runs C{twistd} in a temporary directory with a config directory of its own."""
+
+    def setUp(self) -> None:
+        if not TWISTD.exists():
+            raise unittest.SkipTest(f"no twistd next to {sys.executable}")
+        self.base = temp_dir(self)
+        self.config = self.base / "config"
+        self.maildir = self.base / "maildir"
+        self.port = free_port()
+        self.log_path = self.base / "twistd.out"
+
+    def configure(self, files: Mapping[str, str] = (), *, listen: str | None = None) -> None:
+        """Write the config directory: our port, our maildir, plus C{files}."""
+        all_files = {
+            "smtp.ini": f"[main]\nlisten={listen or f'127.0.0.1:{self.port}'}\n",
+            "maildir.ini": f"[main]\npath={self.maildir}\nfsync=false\n",
+            "me": "mx.test\n",
+        }
+        all_files.update(files)
+        write_config(self.config, all_files)
+
+    def spawn(self, twistd_args: Sequence[str], haraka_args: Sequence[str] = ()) -> subprocess.Popen[bytes]:
+        """Start C{twistd <twistd_args> haraka --config DIR <haraka_args>}."""
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(REPO_ROOT), *filter(None, [env.get("PYTHONPATH")])]
+        )
+        env["PYTHONUNBUFFERED"] = "1"
+        argv = [str(TWISTD), *twistd_args, "haraka", "--config", str(self.config), *haraka_args]
+        out = open(self.log_path, "ab")  # noqa: SIM115 (closed in cleanup)
+        self.addCleanup(out.close)
+        proc = subprocess.Popen(
+            argv, cwd=self.base, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
+        self.addCleanup(self.reap, proc)
+        return proc
+
+    def reap(self, proc: subprocess.Popen[bytes]) -> None:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+
+    def output(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def start_foreground(self, extra: Sequence[str] = ()) -> subprocess.Popen[bytes]:
+        """C{twistd -n} (no pid file) with the port up."""
+        proc = self.spawn(["-n", "--pidfile=", *extra])
+        self.wait_listening(proc, self.port)
+        return proc
+
+    def wait_listening(self, proc: subprocess.Popen[bytes] | None, port: int) -> None:
+        def alive() -> None:
+            if proc is not None and proc.poll() is not None:
+                self.fail(f"twistd exited with {proc.returncode}:\n{self.output()}")
+
+        try:
+            wait_for_port(port, timeout=20, alive=alive)
+        except TimeoutError as e:
+            self.fail(f"{e}\n{self.output()}")
+
+    def stored(self) -> list[bytes]:
+        if not self.maildir.is_dir():
+            return []
+        box = mailbox.Maildir(str(self.maildir), create=False)
+        return [box.get_bytes(key) for key in sorted(box.keys())]
+
+    def send_message(self, port: int | None = None) -> dict[str, Any]:
+        with smtplib.SMTP("127.0.0.1", port or self.port, timeout=10) as smtp:
+            return smtp.sendmail("alice@x.test", ["bob@example.com"], MESSAGE)
+
+    def stop(self, proc: subprocess.Popen[bytes], timeout: float = 15) -> int:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            return proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.fail(f"twistd did not stop on SIGTERM:\n{self.output()}")
+
+
+class ForegroundTests(TwistdTestCase):
+    def test_foreground_accepts_a_message_into_the_maildir(self) -> None:
+        """twistd -n haraka --config DIR accepts a message from smtplib into the Maildir."""
+        self.configure()
+        proc = self.start_foreground()
+        self.assertEqual(self.send_message(), {})
+        stored = self.stored()
+        self.assertEqual(len(stored), 1)
+        self.assertTrue(stored[0].startswith(b"Received: from client") or b"Received: " in stored[0])
+        self.assertTrue(stored[0].endswith(MESSAGE))
+        self.assertEqual(self.stop(proc), 0, self.output())
+
+    def test_daemon_writes_pid_and_log_and_stops_on_sigterm(self) -> None:
+        """Daemon mode writes the pid file and log file, serves, and stops on SIGTERM."""
+        self.configure()
+        pidfile, logfile = self.base / "haraka.pid", self.base / "haraka.log"
+        launcher = self.spawn(["--pidfile", str(pidfile), "--logfile", str(logfile)])
+        self.assertEqual(launcher.wait(20), 0, self.output())
+        text = poll(lambda: pidfile.exists() and pidfile.read_text().strip(), 10)
+        self.assertTrue(text, f"no pid file:\n{self.output()}")
+        pid = int(text)
+        self.addCleanup(_kill_quietly, pid)
+        self.assertNotEqual(pid, launcher.pid)  # it forked away
+        self.wait_listening(None, self.port)
+        self.assertEqual(self.send_message(), {})
+        self.assertEqual(len(self.stored()), 1)
+        log = logfile.read_text()
+        self.assertIn(f"listening on tcp:{self.port}:interface=127.0.0.1", log)
+        self.assertIn("delivered to", log)
+        os.kill(pid, signal.SIGTERM)
+        self.assertTrue(poll(lambda: not is_running(pid), 15), "the daemon did not stop")
+        self.assertFalse(pidfile.exists(), "the pid file was left behind")
+        self.assertRaises(OSError, socket.create_connection, ("127.0.0.1", self.port), 1)
+
+
+def _kill_quietly(pid: int) -> None:
+    if is_running(pid):
+        os.kill(pid, signal.SIGKILL)
+
+
+class StartupErrorTests(TwistdTestCase):
+    def run_to_exit(self) -> tuple[int, str]:
+        proc = self.spawn(["-n", "--pidfile="])
+        try:
+            code = proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.fail(f"twistd kept running:\n{self.output()}")
+        return code, self.output()
+
+    def test_config_syntax_error_names_file_and_line(self) -> None:
+        """connection.ini with a '[max' line: twistd exits non-zero naming the file and line."""
+        self.configure({"connection.ini": "[main]\nsmtputf8=true\n[max\nbytes=10\n"})
+        code, out = self.run_to_exit()
+        self.assertNotEqual(code, 0, out)
+        self.assertRegex(out, r"connection\.ini:3\b")
+        self.assertIn("[max", out)
+
+    def test_unknown_plugin_names_the_plugin(self) -> None:
+        """A plugins file naming a missing plugin: twistd exits non-zero naming it."""
+        self.configure({"plugins": "rcpt_to.in_host_list\nno_such_plugin_x\nqueue/maildir\n"})
+        code, out = self.run_to_exit()
+        self.assertNotEqual(code, 0, out)
+        self.assertIn("no_such_plugin_x", out)
+
+
+class ReloadTests(TwistdTestCase):
+    def setUp(self) -> None:
+        super().setUp()
+        self.configure(
+            {"host_list": "example.com\n", "connection.ini": "[max]\nbytes=26214400\n"}
+        )
+
+    def test_sighup_applies_new_config_to_new_sessions(self) -> None:
+        """After SIGHUP, new sessions see the new host_list and connection.ini; open ones keep theirs."""
+        proc = self.start_foreground()
+        self.assertEqual(rcpt_code(self.port, "carol@newdomain.test"), 550)
+        self.assertEqual(ehlo_size(self.port), "26214400")
+        with WireClient(self.port) as old:
+            self.assertIn(b"SIZE 26214400", old.command("EHLO client.test"))
+            write_config(
+                self.config,
+                {
+                    "host_list": "example.com\nnewdomain.test\n",
+                    "connection.ini": "[max]\nbytes=12345\n",
+                },
+            )
+            proc.send_signal(signal.SIGHUP)
+            # SIGHUP reloads at once; the watcher could not act within one poll interval.
+            line = poll(lambda: re.search(r"\[core\] reload: ([^\n]*)", self.output()), 0.9)
+            self.assertIsNotNone(line, f"no reload after SIGHUP:\n{self.output()}")
+            self.assertIn("host_list", line.group(1))
+            self.assertIn("connection.ini", line.group(1))
+            self.assertEqual(rcpt_code(self.port, "carol@newdomain.test"), 250)
+            self.assertEqual(ehlo_size(self.port), "12345")
+            # The session that was open keeps the settings it started with.
+            self.assertIn(b"SIZE 26214400", old.command("EHLO client.test"))
+            self.assertEqual(reply_code(old.command("QUIT")), 221)
+        self.assertEqual(self.stop(proc), 0, self.output())
+
+    def test_watcher_applies_host_list_change_without_sighup(self) -> None:
+        """Without SIGHUP, an edited host_list applies to new sessions within a few seconds."""
+        proc = self.start_foreground()
+        self.assertEqual(rcpt_code(self.port, "dave@watched.test"), 550)
+        write_config(self.config, {"host_list": "example.com\nwatched.test\n"})
+        accepted = poll(lambda: rcpt_code(self.port, "dave@watched.test") == 250, 6, step=0.2)
+        self.assertTrue(accepted, f"host_list change not picked up:\n{self.output()}")
+        self.assertEqual(rcpt_code(self.port, "bob@example.com"), 250)
+        self.assertEqual(self.stop(proc), 0, self.output())
+
+
+class GracefulShutdownTests(TwistdTestCase):
+    def test_open_session_finishes_its_transaction_then_is_closed(self) -> None:
+        """SIGTERM mid-transaction: no new connections, the open one finishes, then is closed."""
+        self.configure({"smtp.ini": f"[main]\nlisten=127.0.0.1:{self.port}\nforce_shutdown_timeout=2\n"})
+        proc = self.start_foreground()
+        with WireClient(self.port) as c:
+            c.command("EHLO client.test")
+            self.assertEqual(reply_code(c.command("MAIL FROM:<alice@x.test>")), 250)
+            self.assertEqual(reply_code(c.command("RCPT TO:<bob@example.com>")), 250)
+            signalled = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+
+            def refused() -> bool:
+                try:
+                    socket.create_connection(("127.0.0.1", self.port), 1).close()
+                except OSError:
+                    return True
+                return False
+
+            self.assertTrue(poll(refused, 5), "still accepting connections after SIGTERM")
+            self.assertEqual(reply_code(c.command("DATA")), 354)
+            c.send(MESSAGE + b".\r\n")
+            self.assertEqual(reply_code(c.reply()), 250)
+            # Then the server closes the session (421), by force_shutdown_timeout at the latest.
+            rest = c.quiet(2 + 3)
+            self.assertRegex(rest, rb"^421 [^\r\n]*\r\n$")
+            self.assertTrue(c.at_eof(1))
+            self.assertLess(time.monotonic() - signalled, 2 + 3)
+        self.assertEqual(proc.wait(10), 0, self.output())
+        self.assertEqual(len(self.stored()), 1)
+
+
+class PrivilegeDropTests(TwistdTestCase):
+    def test_binds_port_25_then_runs_as_nobody(self) -> None:
+        """As root: -u nobody -g nogroup binds 127.0.0.1:25, then serves as nobody."""
+        if os.geteuid() != 0:
+            raise unittest.SkipTest("needs root: binds port 25 and drops to nobody")
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", 25))
+            except OSError as e:
+                raise unittest.SkipTest(f"127.0.0.1:25 is not free ({e})") from None
+        # nobody must reach the config (for reloads) and write the maildir.
+        os.chmod(self.base, 0o755)
+        spool = self.base / "spool"
+        spool.mkdir()
+        os.chmod(spool, 0o777)
+        self.maildir = spool / "maildir"
+        self.configure(listen="127.0.0.1:25")
+        proc = self.start_foreground_on(25, ["-u", "nobody", "-g", "nogroup"])
+        status = Path(f"/proc/{proc.pid}/status").read_text()
+        uid = re.search(r"^Uid:\s+(.*)$", status, re.M)
+        gid = re.search(r"^Gid:\s+(.*)$", status, re.M)
+        assert uid is not None and gid is not None
+        self.assertEqual(uid.group(1).split(), ["65534"] * 4)
+        self.assertEqual(gid.group(1).split(), ["65534"] * 4)
+        self.assertEqual(self.send_message(25), {}, self.output())
+        stored = self.stored()
+        self.assertEqual(len(stored), 1)
+        self.assertTrue(stored[0].endswith(MESSAGE))
+        self.assertEqual(self.stop(proc), 0, self.output())
+
+    def start_foreground_on(self, port: int, extra: Sequence[str]) -> subprocess.Popen[bytes]:
+        proc = self.spawn(["-n", "--pidfile=", *extra])
+        self.wait_listening(proc, port)
+        return proc
