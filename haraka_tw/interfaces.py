@@ -118,7 +118,9 @@ class IConnectHook(Interface):
 
 class ICapabilitiesHook(Interface):
     def hook_capabilities(connection):  # type: ignore[no-untyped-def]
-        """Add EHLO keywords to C{connection.capabilities} (a list of str). Runs after ehlo."""
+        """Add EHLO keywords to C{connection.capabilities} (a list of str). Runs after ehlo;
+        every plugin runs and results are ignored.
+        """
 
 
 class IHeloHook(Interface):
@@ -181,7 +183,7 @@ class IQueueHook(Interface):
 class IQueueOutboundHook(Interface):
     def hook_queue_outbound(connection):  # type: ignore[no-untyped-def]
         """Store a relayed message. OK: stored; DENY 550; DENYSOFT 450; CONT hands it to
-        the built-in outbound queue.
+        the built-in outbound queue when one is configured (until then: 450).
         """
 
 
@@ -197,7 +199,7 @@ class IQuitHook(Interface):
 
 class IRsetHook(Interface):
     def hook_rset(connection):  # type: ignore[no-untyped-def]
-        """RSET. Result ignored; 250."""
+        """RSET (the transaction is already reset). Result ignored; 250."""
 
 
 class IVrfyHook(Interface):
@@ -209,16 +211,17 @@ class IVrfyHook(Interface):
 
 class INoopHook(Interface):
     def hook_noop(connection):  # type: ignore[no-untyped-def]
-        """NOOP. DENY 500; else 250."""
+        """NOOP. DENY 500, DENYSOFT 450, the DISCONNECT variants close; else 250."""
 
 
 class IUnrecognizedCommandHook(Interface):
     def hook_unrecognized_command(connection, verb, argument):  # type: ignore[no-untyped-def]
         """A command the core does not know. C{verb} is upper-case str, C{argument} str.
 
-        OK: the plugin replied itself (with C{connection.respond}); HOOK_NEXT with a hook
-        name runs that hook; DENY 500; DENYDISCONNECT 521 and close; DENYSOFTDISCONNECT 421
-        and close; CONT 500 and the error count goes up.
+        OK: the plugin replied itself (with C{connection.respond}); HOOK_NEXT with a core
+        command's name (e.g. "NOOP") runs that command with this argument; DENY 500;
+        DENYDISCONNECT 521 and close; DENYSOFTDISCONNECT 421 and close; CONT 500 and the
+        error count goes up.
         """
 
 

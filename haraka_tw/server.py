@@ -45,10 +45,7 @@ class HarakaServer:
         self.log = log if log is not None else HarakaLog()
         self.notes: dict[str, Any] = {}
         try:
-            self.log.configure(config.get_ini("log.ini", booleans=["-main.timestamps"]))
-            loglevel = config.get_value("loglevel", None)
-            if loglevel is not None:
-                self.log.level = type(self.log.level).parse(loglevel)
+            self._configure_log()
             self.settings = SessionSettings.from_config(config)
             smtp_ini = config.get_ini("smtp.ini", booleans=SMTP_INI_BOOLEANS)["main"]
             names = config.get_list("plugins")
@@ -75,6 +72,7 @@ class HarakaServer:
         for name in _SETTINGS_FILES:
             config.on_change(name, self._settings_changed)
         config.on_change("log.ini", self._log_changed)
+        config.on_change("loglevel", self._log_changed)
         config.on_change("plugin_timeout", self._timeout_changed)
 
     @classmethod
@@ -108,11 +106,18 @@ class HarakaServer:
         self.factory.settings = self.settings
         self.log.log(Level.NOTICE, "session settings reloaded")
 
+    def _configure_log(self) -> None:
+        """log.ini, then the loglevel file (Haraka's older way), which wins when present."""
+        self.log.configure(self.config.get_ini("log.ini", booleans=["-main.timestamps"]))
+        loglevel = self.config.get_value("loglevel", None)
+        if loglevel is not None:
+            self.log.level = Level.parse(loglevel)
+
     def _log_changed(self) -> None:
         try:
-            self.log.configure(self.config.get_ini("log.ini", booleans=["-main.timestamps"]))
+            self._configure_log()
         except (ConfigError, ValueError) as e:
-            self.log.log(Level.ERROR, f"log.ini: {e}")
+            self.log.log(Level.ERROR, f"log config: {e}; keeping the last good settings")
 
     def _timeout_changed(self) -> None:
         try:

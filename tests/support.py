@@ -243,6 +243,19 @@ def wait_for_port(port: int, timeout: float = 15.0, alive: Any = None) -> None:
             time.sleep(0.05)
 
 
+def wait_for_refusal(port: int, timeout: float = 10.0) -> bool:
+    """Poll until 127.0.0.1:C{port} refuses connections; False if it still accepts at timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        except OSError:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+
+
 def reply_code(reply: bytes) -> int:
     """The code of one reply as L{WireClient.reply} returns it."""
     return int(reply[:3])
@@ -366,5 +379,6 @@ __all__ = [
     "reply_codes",
     "start_server",
     "wait_for_port",
+    "wait_for_refusal",
     "write_config",
 ]

@@ -34,7 +34,9 @@ from haraka_tw.logging import HarakaLog, Level
 
 __all__ = ["AFTER_DISCONNECT_HOOKS", "RUN_ALL_HOOKS", "HookRunner", "LoadedPlugin"]
 
-RUN_ALL_HOOKS = frozenset({"connect_init", "disconnect", "reset_transaction"})
+# Every plugin runs and results are ignored. capabilities is here too (Haraka stops its chain
+# at the first OK, which hides later plugins' keywords).
+RUN_ALL_HOOKS = frozenset({"connect_init", "capabilities", "disconnect", "reset_transaction"})
 AFTER_DISCONNECT_HOOKS = frozenset({"reset_transaction", "disconnect", "log"})
 DEFAULT_TIMEOUT = 30.0
 

@@ -74,11 +74,11 @@ TABLE: dict[str, dict[Code | None, Outcome]] = {
     "connect": _GREETING_ROWS,
     "helo": {
         **_refusals((550, "5.7.1", "HELO rejected"), (450, "4.7.1", "HELO rejected")),
-        _ANY: _o(P, 250, None, "{me} Hello {host}, Haraka is at your service."),
+        _ANY: _o(P, 250, None, "{me} Hello {remote}, Haraka_tw is at your service."),
     },
     "ehlo": {
         **_refusals((550, "5.7.1", "EHLO rejected"), (450, "4.7.1", "EHLO rejected")),
-        _ANY: Outcome(P, None),  # the capability list, built by the protocol
+        _ANY: Outcome(P, None),  # the helo greeting, then the capability list
     },
     "mail": {
         **_refusals(

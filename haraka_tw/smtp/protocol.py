@@ -28,7 +28,7 @@ from twisted.python.failure import Failure
 
 from haraka_tw import __version__
 from haraka_tw.codes import Code, HookResult
-from haraka_tw.hooks.table import TABLE, Outcome, Then, outcome
+from haraka_tw.hooks.table import Outcome, Then, outcome
 from haraka_tw.logging import Level
 from haraka_tw.message.header import Header, HeaderCollector
 from haraka_tw.smtp.address import AddressError, parse_mail_argument, parse_rcpt_argument
@@ -140,31 +140,35 @@ class HarakaESMTP(smtp.ESMTP):
         d.addErrback(self._internal_error)
 
     def _rdns_answered(self, result: HookResult) -> Deferred[Any] | None:
+        """A denial ends the greeting; OK (with a name) skips the core lookup; else look up."""
         conn = self._conn
-        if result.code is Code.OK and isinstance(result.message, str):
-            conn.remote.host = result.message
-        elif result.code is not Code.CONT:
-            self._act(outcome("lookup_rdns", result.code), result)
-            self._busy = False
-            self._pump()
+        row = outcome("lookup_rdns", result.code)
+        if row.then is not Then.PROCEED:
+            self._greeting_done(row, result)
             return None
-        else:
-            d = self.factory.rdns.lookup(conn.remote.ip)
+        if result.code is Code.OK:
+            if isinstance(result.message, str) and result.message:
+                conn.remote.host = result.message
+            return self.runner.run("connect", conn).addCallback(self._connect_answered)
 
-            def named(host: str | None) -> Deferred[HookResult]:
-                conn.remote.host = host
-                return self.runner.run("connect", conn)
+        def named(host: str | None) -> Deferred[HookResult]:
+            conn.remote.host = host
+            return self.runner.run("connect", conn)
 
-            return d.addCallback(named).addCallback(self._connect_answered)
-        return self.runner.run("connect", conn).addCallback(self._connect_answered)
+        d = self.factory.rdns.lookup(conn.remote.ip)
+        return d.addCallback(named).addCallback(self._connect_answered)
 
     def _connect_answered(self, result: HookResult) -> None:
-        row = outcome("connect", result.code)
-        if row.then is not Then.PROCEED:
-            self._act(row, result)
-        else:
+        self._greeting_done(outcome("connect", result.code), result)
+
+    def _greeting_done(self, row: Outcome, result: HookResult) -> None:
+        """Send the banner (a connect plugin's text replaces it) or the denial; then read."""
+        if row.then is Then.PROCEED:
             self._conn.state = State.CMD
-            self._send(self._banner())
+            banner = self._banner()
+            self._send(banner.with_text(result.text) if result.text else banner)
+        else:
+            self._act(row, result)
         self._busy = False
         self._pump()
 
@@ -329,20 +333,18 @@ class HarakaESMTP(smtp.ESMTP):
         def answered(result: HookResult) -> Deferred[Any] | None:
             row = outcome(hook, result.code)
             if row.then is not Then.PROCEED:
-                if result.code in (Code.DENY, Code.DENYDISCONNECT):
-                    conn.hello = Hello()
+                conn.hello = Hello()  # a refused greeting is no greeting: MAIL needs a new one
                 self._act(row, result)
                 return None
-            greeting = (
-                self.settings.helo_message
-                or f"{self.settings.me} Hello {self._remote_name()}, {PRODUCT} is at your service."
-            )
+            if not result.text and self.settings.helo_message:
+                result = HookResult(result.code, self.settings.helo_message, result.plugin)
+            greeting = self._reply_for(outcome("helo", Code.CONT), result)
             if verb == "HELO":
-                self._send(Reply(250, None, (greeting,)).with_text(result.text or greeting))
+                self._send(greeting)
                 return None
             conn.capabilities = self._capabilities()
             return self.runner.run("capabilities", conn).addCallback(
-                lambda _: self._send(Reply(250, None, (greeting, *conn.capabilities)))
+                lambda _: self._send(Reply(250, None, (*greeting.lines, *conn.capabilities)))
             )
 
         return run() if d is None else d.addCallback(run)
@@ -389,7 +391,7 @@ class HarakaESMTP(smtp.ESMTP):
 
         def answered(result: HookResult) -> Deferred[Any] | None:
             row = outcome("mail", result.code)
-            self._act(row, result, sender=sender.format())
+            self._act(row, result)
             if row.then is not Then.PROCEED:
                 return self._reset_transaction()
             return None
@@ -441,7 +443,7 @@ class HarakaESMTP(smtp.ESMTP):
             self._count_rcpt(problem.code)
             self._send(problem)
             return None
-        fields = {"recipient": recipient.format()}
+        shown = recipient.format()
 
         def answered(result: HookResult) -> Deferred[Any] | None:
             code = result.code
@@ -451,7 +453,7 @@ class HarakaESMTP(smtp.ESMTP):
                 return self.runner.run("rcpt_ok", conn, recipient).addCallback(accepted)
             row = outcome("rcpt", code)
             self._count_rcpt(row.reply.code if row.reply else 550)
-            self._act(row, result, **fields)
+            self._act(row, result, shown)
             return None
 
         def accepted(result: HookResult) -> None:
@@ -460,7 +462,7 @@ class HarakaESMTP(smtp.ESMTP):
                 txn.rcpt_to.append(recipient)
                 txn.rcpt_params.append(params)
             self._count_rcpt(row.reply.code if row.reply else 250)
-            self._act(row, result, **fields)
+            self._act(row, result, shown)
 
         return self.runner.run("rcpt", conn, recipient, params).addCallback(answered)
 
@@ -487,11 +489,11 @@ class HarakaESMTP(smtp.ESMTP):
             self._send(S554_NO_VALID_RCPT if self._inbuf else S503_DATA_NO_RCPT)
             return None
 
-        def answered(result: HookResult) -> None:
+        def answered(result: HookResult) -> Deferred[Any] | None:
             row = outcome("data", result.code)
             if row.then is not Then.PROCEED:
                 self._act(row, result)
-                return
+                return self._reset_transaction()  # as Haraka: a refused DATA ends the message
             s = self.settings
             self._received = self._received_header(txn)
             self._headers = HeaderCollector(max_lines=s.header_max_lines)
@@ -503,6 +505,7 @@ class HarakaESMTP(smtp.ESMTP):
             )
             conn.state = State.DATA
             self._act(row, result)
+            return None
 
         return self.runner.run("data", conn).addCallback(answered)
 
@@ -613,7 +616,7 @@ class HarakaESMTP(smtp.ESMTP):
         row = outcome(hook, result.code)
         if row.then is not Then.PROCEED or row.reply is None:
             return self._finish_message(hook, result)
-        reply = self._reply_for(row, result, uuid=txn.uuid)
+        reply = self._reply_for(row, result)
         return self.runner.run("queue_ok", conn, reply.text).addCallback(
             lambda _: self._finish_message(hook, result, reply)
         )
@@ -625,7 +628,7 @@ class HarakaESMTP(smtp.ESMTP):
         conn = self._conn
         txn = conn.transaction
         row = outcome(hook, result.code)
-        reply = reply or self._reply_for(row, result, uuid=txn.uuid if txn else "")
+        reply = reply or self._reply_for(row, result)
         self._count_msg(reply.code)
         self._send(reply)
         d = self._reset_transaction()
@@ -653,8 +656,9 @@ class HarakaESMTP(smtp.ESMTP):
         d = self._reset_transaction()
 
         def run(_: Any = None) -> Deferred[Any]:
+            # rset plugins are told; their answer does not change the 250.
             return self.runner.run("rset", self._conn).addCallback(
-                lambda r: self._act(outcome("rset", Code.CONT), r)
+                lambda _: self._act(outcome("rset", Code.CONT), HookResult(Code.CONT))
             )
 
         return run() if d is None else d.addCallback(run)
@@ -692,11 +696,21 @@ class HarakaESMTP(smtp.ESMTP):
 
     def _unrecognized_answered(self, result: HookResult) -> Deferred[Any] | None:
         conn = self._conn
-        if result.code is Code.HOOK_NEXT and isinstance(result.message, str):
-            hook = result.message
-            table = hook if hook in TABLE else "unrecognized_command"
-            return self.runner.run(hook, conn).addCallback(
-                lambda r: self._act(outcome(table, r.code), r)
+        if result.code is Code.HOOK_NEXT:
+            # The plugin says: treat this command as the core command it names.
+            command = conn.current_command
+            handler = self._commands.get(str(result.message or "").upper())
+            if handler is not None and command is not None:
+                alias = Command(
+                    str(result.message).upper(),
+                    command.argument,
+                    command.raw,
+                    command.has_8bit,
+                    command.bad_bytes,
+                )
+                return handler(alias)
+            conn.log(
+                Level.ERROR, f"HOOK_NEXT names no core command: {result.message!r}", result.plugin
             )
         if result.code in (Code.CONT, Code.DENY):
             conn.errors += 1
@@ -705,24 +719,35 @@ class HarakaESMTP(smtp.ESMTP):
 
     # -- acting on results ---------------------------------------------------------
 
-    def _reply_for(self, row: Outcome, result: HookResult, **fields: str) -> Reply:
-        """The row's reply with the plugin's text (or whole reply) and the fields filled."""
+    def _reply_for(self, row: Outcome, result: HookResult, recipient: str = "") -> Reply:
+        """The row's reply, with the plugin's text (or whole Reply) when it gave one, and
+        the placeholders {me} {remote} {sender} {recipient} {uuid} filled."""
         if isinstance(result.message, Reply):
             return result.message
         assert row.reply is not None
-        base = row.reply.with_text(result.text) if result.text else row.reply
-        return base.format(
-            me=self.settings.me, uuid=fields.pop("uuid", ""), **_fields_with_defaults(fields)
+        reply = row.reply.with_text(result.text) if result.text else row.reply
+        conn = self._conn
+        txn = conn.transaction
+        return reply.fill(
+            {
+                "me": self.settings.me,
+                "remote": self._remote_name(),
+                "sender": txn.mail_from.format() if txn is not None and txn.mail_from else "<>",
+                "recipient": recipient or "<>",
+                "uuid": txn.uuid if txn is not None else conn.uuid,
+            }
         )
 
-    def _act(self, row: Outcome, result: HookResult, **fields: str) -> None:
+    def _act(self, row: Outcome, result: HookResult, recipient: str = "") -> None:
         """Reply as the row says and move to its next state."""
-        if row.reply is not None:
-            self._send(self._reply_for(row, result, **fields))
+        if row.reply is None:
+            return
+        reply = self._reply_for(row, result, recipient)
+        self._send(reply)
         if row.then is Then.CLOSE:
             self._close()
-        elif row.then is Then.LOOP and row.reply is not None:
-            self._loop(self._reply_for(row, result, **fields))
+        elif row.then is Then.LOOP:
+            self._loop(reply)
 
     def _loop(self, reply: Reply) -> None:
         self._conn.state = State.LOOP
@@ -800,7 +825,3 @@ class HarakaESMTP(smtp.ESMTP):
     def _log(self, level: Level, message: str) -> None:
         if self.factory.log.enabled(level):
             self._conn.log(level, message)
-
-
-def _fields_with_defaults(fields: dict[str, str]) -> dict[str, str]:
-    return {"sender": "<>", "recipient": "<>", "host": "", **fields}

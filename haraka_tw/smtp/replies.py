@@ -6,8 +6,11 @@ core renders the enhanced code only to clients that greeted with EHLO (RFC 2034)
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Any
+
+_PLACEHOLDER = re.compile(r"\{([a-z_]+)\}")
 
 __all__ = ["Reply", "render_lines"]
 
@@ -43,9 +46,19 @@ class Reply:
             enhanced = str(code)[0] + enhanced[1:]
         return replace(self, code=code, enhanced=enhanced)
 
-    def format(self, **fields: Any) -> Reply:
-        """Fill C{{name}} placeholders in the text."""
-        return replace(self, lines=tuple(line.format(**fields) for line in self.lines))
+    def fill(self, fields: Mapping[str, str]) -> Reply:
+        """Replace each C{{name}} whose name is in C{fields}; any other brace stays as it is.
+
+        One pass: a value that itself contains C{{sender}} is not filled again, so client
+        input (an address may hold braces) can never break or reshape a reply.
+        """
+        if not any("{" in line for line in self.lines):
+            return self
+
+        def value(m: re.Match[str]) -> str:
+            return fields.get(m.group(1), m.group(0))
+
+        return replace(self, lines=tuple(_PLACEHOLDER.sub(value, line) for line in self.lines))
 
     @property
     def text(self) -> str:

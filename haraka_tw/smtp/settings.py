@@ -46,7 +46,7 @@ class SessionSettings:
     header_max_received: int = 100
     inactivity_timeout: float = 300.0
     spool_dir: str | None = None
-    spool_after: int = -1
+    spool_after: int = 1048576
     strict_rfc1869: bool = False
     smtputf8: bool = True
     bare_newline: BareNewline = BareNewline.REJECT
@@ -81,9 +81,7 @@ class SessionSettings:
             raise ValueError(
                 f"connection.ini bare_newline must be reject or normalise, not {bare!r}"
             ) from None
-        timeout = smtp.get("main", {}).get(
-            "inactivity_timeout", main.get("inactivity_timeout", 300)
-        )
+        timeout = smtp.get("main", {}).get("inactivity_timeout", 300)
         return cls(
             me=me,
             max_line_length=_int(mx, "line_length", 512),

@@ -10,7 +10,16 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
 
-from haraka_tw.codes import CONT, DENY, DENYDISCONNECT, DENYSOFT, DENYSOFTDISCONNECT, HOOK_NEXT, OK
+from haraka_tw.codes import (
+    CONT,
+    DENY,
+    DENYDISCONNECT,
+    DENYSOFT,
+    DENYSOFTDISCONNECT,
+    HOOK_NEXT,
+    OK,
+    Code,
+)
 from haraka_tw.smtp.connection import State
 from haraka_tw.smtp.settings import SessionSettings
 from tests.support import Session, plugin_with, reply_codes
@@ -624,3 +633,71 @@ class OrderAndDefectTests(SynchronousTestCase):
         self.assertIn(
             b"\r\nOriginal-Authentication-Results: forged; pass\r\nSubject: t\r\n\r\nbody\r\n", msg
         )
+
+
+class ContractFixTests(SynchronousTestCase):
+    """Places where the code once disagreed with its own contract (found writing docs/)."""
+
+    def test_braces_never_break_a_reply(self) -> None:
+        """Braces in plugin text or in an address are sent as they are; placeholders fill once."""
+        s = Session([("m", plugin_with({"mail": lambda c, f, p: (DENY, "{sender} {odd} {")}))])
+        s.send("EHLO x\r\n")
+        out = s.send("MAIL FROM:<a{sender}b@c.d>\r\n")
+        self.assertEqual(out, "550 5.7.1 <a{sender}b@c.d> {odd} {\r\n")
+
+    def test_lookup_rdns_ok_without_name_still_greets(self) -> None:
+        """lookup_rdns OK without a hostname, or STOP, still runs connect and greets."""
+        for answer, host in ((OK, None), (Code.STOP, "client.example")):
+            s = Session([("r", plugin_with({"lookup_rdns": lambda c, a=answer: a}))])
+            self.assertTrue(s.banner.startswith("220 "), answer)
+            self.assertEqual(s.connection.remote.host, host)  # only OK skips the core lookup
+
+    def test_connect_text_replaces_banner(self) -> None:
+        """connect OK with a message: that message is the 220 banner."""
+        s = Session([("c", plugin_with({"connect": lambda c: (OK, "welcome, friend")}))])
+        self.assertEqual(s.banner, "220 welcome, friend\r\n")
+
+    def test_helo_denysoft_clears_greeting(self) -> None:
+        """After a refused HELO (even DENYSOFT) MAIL needs a new greeting."""
+        s = Session([("h", plugin_with({"helo": lambda c, h: DENYSOFT}))])
+        self.assertEqual(s.codes("HELO x\r\nMAIL FROM:<a@b.c>\r\n"), [450, 503])
+
+    def test_data_denial_resets_transaction(self) -> None:
+        """data DENY ends the transaction: RCPT afterwards needs a new MAIL."""
+        s = session(ACCEPT_ALL, ("d", plugin_with({"data": lambda c: DENY})))
+        s.send(ENVELOPE)
+        self.assertEqual(s.codes("DATA\r\nRCPT TO:<c@example.com>\r\n"), [554, 503])
+
+    def test_capabilities_every_plugin_runs(self) -> None:
+        """Every capabilities plugin adds its keyword, even after one answers OK."""
+        s = Session(
+            [
+                (
+                    "a",
+                    plugin_with({"capabilities": lambda c: (c.capabilities.append("XA"), OK)[1]}),
+                ),
+                ("b", plugin_with({"capabilities": lambda c: c.capabilities.append("XB")})),
+            ]
+        )
+        out = s.send("EHLO x\r\n")
+        self.assertIn("250-XA\r\n", out)
+        self.assertIn("250 XB\r\n", out)
+
+    def test_hook_next_runs_core_command(self) -> None:
+        """HOOK_NEXT naming a core command runs that command with the same argument."""
+        s = Session(
+            [
+                (
+                    "x",
+                    plugin_with(
+                        {
+                            "unrecognized_command": lambda c, v, a: (
+                                (HOOK_NEXT, "HELO") if v == "HI" else CONT
+                            ),
+                        }
+                    ),
+                )
+            ]
+        )
+        self.assertIn("250 mx.test Hello", s.send("HI there.example\r\n"))
+        self.assertEqual(s.connection.hello.host, "there.example")

@@ -63,7 +63,8 @@ class SenderPolicyTests(unittest.TestCase):
 
         def check(reply: tuple[int, bytes]) -> None:
             self.assertEqual(
-                reply, (450, b"4.7.1 Mail from <alice@slow.example> is deferred, please try again later")
+                reply,
+                (450, b"4.7.1 Mail from <alice@slow.example> is deferred, please try again later"),
             )
             self.assertGreaterEqual(time.monotonic() - started, 1.0)
 

@@ -20,7 +20,8 @@ __all__ = ["Plugin"]
 @implementer(IQueueHook, IQueueOutboundHook)
 class Plugin:
     def hook_queue(self, connection: Any) -> Code:
-        wants = connection.transaction.notes.get("queue.wants")
+        notes = connection.transaction.notes
+        wants = notes.get("queue.wants") or notes.get_path("queue.wants")
         if wants and wants != "discard":
             return CONT
         return OK

@@ -3,14 +3,20 @@
 maildir.ini::
 
     [main]
-    path = var/maildir   ; relative paths are from the working directory
-    fsync = true         ; fsync the file and the new/ directory before answering OK
+    ; relative paths are from the working directory
+    path = var/maildir
+    ; fsync the file and the new/ directory before answering OK
+    fsync = true
 
 The message (with its Received header) is written to C{tmp/}, fsynced, renamed into
 C{new/}, and the directory fsynced; only then is the answer OK, so the client's 250 means
 the message is on disk. Names follow the Maildir convention (time.MusecPpidQn.host), so
 Python's C{mailbox.Maildir} and mail clients read the result. The write runs in a thread:
 the reactor keeps serving other sessions while the disk syncs.
+
+If the hook times out (the client is told 450 and will retry) while the write is still
+running, the write's file is removed when it completes, so the retry does not deliver the
+message twice.
 """
 
 from __future__ import annotations
@@ -18,10 +24,12 @@ from __future__ import annotations
 import itertools
 import os
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
+from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 from zope.interface import implementer
 
@@ -113,8 +121,23 @@ class Plugin:
             self.log.error(f"maildir delivery failed: {failure.getErrorMessage()}", connection)
             return DENYSOFT, "Temporary storage failure, try again later"
 
-        # The session waits for this answer, so nothing else touches the stream meanwhile.
-        d = deferToThread(lambda: self.maildir.deliver(stream.chunks()))
-        return d.addCallbacks(delivered, failed)
+        abandoned = threading.Event()
+
+        def write() -> Path:
+            # The session waits for this answer, so nothing else touches the stream meanwhile.
+            path = self.maildir.deliver(stream.chunks())
+            if abandoned.is_set():  # timed out: the client was told 450 and will retry
+                path.unlink(missing_ok=True)
+                raise TimeoutError("delivery finished after the hook timed out; removed")
+            return path
+
+        answer: Deferred[Any] = Deferred(canceller=lambda _: abandoned.set())
+
+        def settle(result: Any) -> None:
+            if not answer.called:  # else the runner gave up on us (timeout) already
+                answer.callback(result)
+
+        deferToThread(write).addCallbacks(delivered, failed).addCallback(settle)
+        return answer
 
     hook_queue_outbound = hook_queue

@@ -5,12 +5,15 @@ from __future__ import annotations
 import mailbox
 import os
 import smtplib
+import threading
 from pathlib import Path
 from typing import Any
 from unittest import mock
 
 import pytest
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
@@ -99,3 +102,41 @@ class MaildirServerTests(TestCase):
         code, text = yield deferToThread(send)
         self.assertEqual(code, 450)
         self.assertIn(b"Temporary storage failure", text)
+
+
+class MaildirTimeoutTests(TestCase):
+    @inlineCallbacks
+    def test_timed_out_write_is_removed(self) -> Deferred[None]:
+        """A write that finishes after the hook timed out is removed: no duplicate on retry."""
+        from haraka_tw.plugins.queue import maildir as module
+
+        server, port = start_server(
+            self, {"plugins": "rcpt_to.in_host_list\nqueue/maildir\n", "plugin_timeout": "1\n"}
+        )
+        newdir = server.base / "maildir" / "new"  # type: ignore[attr-defined]
+        release = threading.Event()
+        real_deliver = module.Maildir.deliver
+
+        def slow_deliver(md: Maildir, chunks: Any) -> Path:
+            path = real_deliver(md, chunks)
+            release.wait(10)
+            return path
+
+        self.patch(module.Maildir, "deliver", slow_deliver)
+
+        def send() -> Any:
+            with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
+                s.ehlo("c.test")
+                s.mail("a@client.test")
+                s.rcpt("b@example.com")
+                return s.data(b"Subject: x\r\n\r\nbody\r\n")
+
+        code, text = yield deferToThread(send)
+        self.assertEqual((code, text), (450, b"4.3.0 plugin timeout"))
+        self.assertEqual(len(os.listdir(newdir)), 1)  # written, not yet judged
+        release.set()
+        for _ in range(100):
+            if not os.listdir(newdir):
+                break
+            yield deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(os.listdir(newdir), [])
