@@ -625,8 +625,6 @@ class HarakaESMTP(smtp.ESMTP):
         self, hook: str, result: HookResult, reply: Reply | None = None
     ) -> Deferred[Any] | None:
         """Reply to the end of DATA, count the message, and end the transaction."""
-        conn = self._conn
-        txn = conn.transaction
         row = outcome(hook, result.code)
         reply = reply or self._reply_for(row, result)
         self._count_msg(reply.code)

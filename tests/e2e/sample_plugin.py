@@ -11,10 +11,11 @@ through every way of answering:
   C{queue=<directive>}.
 
 A directive is C{<code>.<mode>}. C{<code>} is deny, denysoft, denydisconnect,
-denysoftdisconnect, ok or cont, or hang (a Deferred that never fires). C{<mode>} is sync
-(return the code), deferred (a Deferred fired 0.05 s later), coroutine (an C{async def}
-that awaits first) or wait<ms> (a Deferred fired after that many milliseconds); no mode is
-sync. Anything that is not a directive is CONT, so ordinary mail passes through.
+denysoftdisconnect, ok or cont, or hang (never answers: a Deferred that never fires, or
+with mode coroutine an C{async def} that never returns). C{<mode>} is sync (return the
+code), deferred (a Deferred fired 0.05 s later), coroutine (an C{async def} that awaits
+first) or wait<ms> (a Deferred fired after that many milliseconds); no mode is sync.
+Anything that is not a directive is CONT, so ordinary mail passes through.
 
 At data_post the plugin records a copy of the transaction's notes in the server notes,
 under C{sample_plugin.data_post_notes}, for tests to look at.
@@ -74,8 +75,14 @@ def parse_directive(text: str) -> tuple[str, str] | None:
 
 def answer(word: str, mode: str) -> Any:
     """The code for C{word}, answered the way C{mode} says."""
-    if word == "hang":
-        return Deferred()  # never fires: the server's plugin timeout must answer
+    if word == "hang":  # never answers: the server's plugin timeout must
+        if mode == "coroutine":
+
+            async def forever() -> None:
+                await Deferred()
+
+            return forever()
+        return Deferred()
     code = CODES[word]
     if mode == "sync":
         return code

@@ -6,6 +6,7 @@ import mailbox
 import random
 import re
 import smtplib
+import socket
 import string
 from typing import Any
 
@@ -92,21 +93,26 @@ SMUGGLED = (
 )
 
 
-def smuggling_session(port: int, shape: bytes) -> list[bytes]:
-    """One transaction whose body hides C{shape} + SMUGGLED, then the real end and QUIT,
-    all in one write after the 354; every reply that follows, until the server closes."""
+def smuggling_session(port: int, shape: bytes, bytewise: bool = False) -> list[bytes]:
+    """One transaction whose body hides C{shape} + SMUGGLED in one write after the 354 (or
+    one byte per write); then, once the server has stayed silent, the real end and QUIT.
+    Returns every reply after the 354, until the server closes."""
     with WireClient(port) as c:
+        c.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         assert reply_code(c.command("EHLO client.test")) == 250
         assert reply_code(c.command("MAIL FROM:<alice@x.test>")) == 250
         assert reply_code(c.command("RCPT TO:<bob@example.com>")) == 250
         assert reply_code(c.command("DATA")) == 354
-        c.send(
-            b"From: <alice@x.test>\r\nSubject: innocent\r\n\r\nHello"
-            + shape
-            + SMUGGLED
-            + b".\r\nQUIT\r\n"
-        )
-        replies = []
+        payload = b"From: <alice@x.test>\r\nSubject: innocent\r\n\r\nHello" + shape + SMUGGLED
+        if bytewise:
+            for i in range(len(payload)):
+                c.send(payload[i : i + 1])
+        else:
+            c.send(payload)
+        # Neither the shape nor the embedded commands ended the message: no reply yet.
+        early = c.quiet(0.15)
+        c.send(b".\r\nQUIT\r\n")
+        replies = [early] if early else []
         while True:
             try:
                 replies.append(c.reply())
@@ -152,6 +158,26 @@ class SmugglingTests(unittest.TestCase):
 
         return deferToThread(smuggling_session, port, shape).addCallback(check)
 
+    def test_every_shape_sent_a_byte_at_a_time_is_rejected(self) -> None:
+        """Each shape, one byte per write, still does not end DATA; each message gets 550."""
+        server, port = start_server(self, {"plugins": PLUGINS})
+        maildir = server.base / "maildir"  # type: ignore[attr-defined]
+
+        def client() -> dict[bytes, list[bytes]]:
+            return {
+                shape: smuggling_session(port, shape, bytewise=True)
+                for shape in SMUGGLING_SHAPES.values()
+            }
+
+        def check(results: dict[bytes, list[bytes]]) -> None:
+            for shape, replies in results.items():
+                self.assertEqual(len(replies), 2, (shape, replies))
+                self.assertRegex(replies[0], BARE_NEWLINE_REPLY)
+                self.assertRegex(replies[1], QUIT_REPLY)
+            self.assertEqual(maildir_messages(maildir), [])
+
+        return deferToThread(client).addCallback(check)
+
 
 def _add_smuggling_tests() -> None:
     for name, shape in SMUGGLING_SHAPES.items():
@@ -163,7 +189,9 @@ def _add_smuggling_tests() -> None:
             return self.check_normalised(shape)
 
         rejected.__name__ = f"test_{name}_rejected_by_default"
-        rejected.__doc__ = f"{shape!r} in DATA does not end it; the message gets 550 (bare newline)."
+        rejected.__doc__ = (
+            f"{shape!r} in DATA does not end it; the message gets 550 (bare newline)."
+        )
         normalised.__name__ = f"test_{name}_normalised_into_one_message"
         normalised.__doc__ = f"{shape!r} with bare_newline=normalise: one message, text kept."
         setattr(SmugglingTests, rejected.__name__, rejected)

@@ -8,6 +8,7 @@ command, in command order.
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
@@ -82,9 +83,7 @@ class PipeliningTests(unittest.TestCase):
                 )
                 self.assertEqual(c.reply(), b"250 2.1.0 sender <cont.wait500@x.test> OK\r\n")
                 self.assertGreaterEqual(time.monotonic() - start, 0.45)
-                self.assertEqual(
-                    c.reply(), b"250 2.1.5 recipient <cont.wait10@example.com> OK\r\n"
-                )
+                self.assertEqual(c.reply(), b"250 2.1.5 recipient <cont.wait10@example.com> OK\r\n")
                 self.assertEqual(c.reply(), b"250 2.1.5 recipient <cont.sync@example.com> OK\r\n")
                 self.assertEqual(c.reply(), b"250 2.0.0 OK\r\n")
                 self.assertEqual(reply_code(c.reply()), 354)
@@ -100,5 +99,37 @@ class PipeliningTests(unittest.TestCase):
 
         def check(_: Any) -> None:
             self.assertEqual(len(maildir_messages(self.maildir)), 1)
+
+        return deferToThread(client).addCallback(check)
+
+    def test_input_held_past_the_pause_bound_is_all_answered(self) -> None:
+        """300 KB pipelined behind a pending hook (past the 256 KiB pause) all get replies."""
+        padded_noop = b"NOOP " + b"x" * 500 + b"\r\n"
+        count = 600  # about 300 KB
+
+        def client() -> list[bytes]:
+            with WireClient(self.port) as c:
+                c.command("EHLO client.test")
+                replies: list[bytes] = []
+
+                def read() -> None:  # read while writing, so neither side's buffer fills up
+                    replies.extend(c.replies(count + 2))
+
+                reader = threading.Thread(target=read)
+                reader.start()
+                c.send(
+                    b"MAIL FROM:<cont.wait300@x.test>\r\n"
+                    + padded_noop * count
+                    + b"RCPT TO:<bob@example.com>\r\n"
+                )
+                reader.join(30)
+                self.assertFalse(reader.is_alive(), f"only {len(replies)} replies came")
+                self.assertEqual(reply_code(c.command("QUIT")), 221)
+                return replies
+
+        def check(replies: list[bytes]) -> None:
+            self.assertEqual(replies[0], b"250 2.1.0 sender <cont.wait300@x.test> OK\r\n")
+            self.assertEqual(replies[1:-1], [b"250 2.0.0 OK\r\n"] * count)
+            self.assertEqual(replies[-1], b"250 2.1.5 recipient <bob@example.com> OK\r\n")
 
         return deferToThread(client).addCallback(check)

@@ -47,12 +47,19 @@ QUEUED = re.compile(rb"^250 2\.0\.0 Message Queued \([0-9A-F-]+\.\d+\)\r\n$")
 
 
 def table_reply(hook: str, word: str, **fields: str) -> bytes:
-    """The wire bytes the table gives for C{hook} answered with C{word} (EHLO client)."""
+    """The wire bytes the table gives for C{hook} answered with C{word} (EHLO client).
+
+    Built from the row's code, enhanced code and text alone, placeholders filled here.
+    """
     row = outcome(hook, CODES[word])
     assert row.reply is not None
-    values = {"sender": "<>", "recipient": "<>", "uuid": "", "me": "mx.test", "host": ""}
-    values.update(fields)
-    return row.reply.format(**values).to_bytes(enhanced=True)
+    reply = row.reply
+    assert len(reply.lines) == 1, reply
+    text = reply.lines[0]
+    for name, value in fields.items():
+        text = text.replace("{" + name + "}", value)
+    prefix = f"{reply.code} {reply.enhanced} " if reply.enhanced else f"{reply.code} "
+    return f"{prefix}{text}\r\n".encode()
 
 
 def message(subject: str, body: str = "Hello.\r\n") -> bytes:

@@ -1,6 +1,7 @@
 """Plugin timeouts over a real socket: a hook that never answers gets a 4xx in time.
 
-The sample plugin answers the directive C{hang} with a Deferred that never fires; the
+The sample plugin answers the directive C{hang} with a Deferred that never fires (or,
+C{hang.coroutine}, a coroutine that never returns); the
 server's C{plugin_timeout} (or the plugin's own C{<name>.timeout} file) must answer for it
 with DENYSOFT "plugin timeout", and the session must go on.
 """
@@ -51,14 +52,14 @@ class PluginTimeoutTests(unittest.TestCase):
         return deferToThread(client)
 
     def test_per_plugin_timeout_shorter_than_plugin_timeout(self) -> None:
-        """<plugin>.timeout 1 overrides plugin_timeout 30: a hung RCPT hook gets 450 in ~1 s."""
+        """<plugin>.timeout 1 beats plugin_timeout 30: a hung async RCPT hook gets 450 in ~1 s."""
         port = self.start({"plugin_timeout": "30\n", f"{SAMPLE}.timeout": "1\n"})
 
         def client() -> None:
             with WireClient(port) as c:
                 c.command("EHLO client.test")
                 self.assertEqual(reply_code(c.command("MAIL FROM:<alice@x.test>")), 250)
-                reply, took = timed(c, b"RCPT TO:<hang@example.com>\r\n")
+                reply, took = timed(c, b"RCPT TO:<hang.coroutine@example.com>\r\n")
                 self.assertEqual(reply, b"450 4.7.1 plugin timeout\r\n")
                 self.assertGreaterEqual(took, 0.9)
                 self.assertLess(took, 2.5)
