@@ -107,11 +107,20 @@ class HarakaServer:
         self.log.log(Level.NOTICE, "session settings reloaded")
 
     def _configure_log(self) -> None:
-        """log.ini, then the loglevel file (Haraka's older way), which wins when present."""
-        self.log.configure(self.config.get_ini("log.ini", booleans=["-main.timestamps"]))
+        """log.ini, then the loglevel file (Haraka's older way), which wins when present.
+
+        Both are read and checked before either is applied, so a bad value changes nothing.
+        """
+        trial = HarakaLog()
+        trial.configure(self.config.get_ini("log.ini", booleans=["-main.timestamps"]))
         loglevel = self.config.get_value("loglevel", None)
         if loglevel is not None:
-            self.log.level = Level.parse(loglevel)
+            trial.level = Level.parse(loglevel)
+        self.log.level, self.log.format, self.log.timestamps = (
+            trial.level,
+            trial.format,
+            trial.timestamps,
+        )
 
     def _log_changed(self) -> None:
         try:

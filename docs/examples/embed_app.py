@@ -116,7 +116,6 @@ def factory_by_hand(
         LoadedPlugin("inbox", Inbox(messages)),
     ]
     runner = HookRunner(plugins, reactor, log, plugin_timeout=30)
-    # SessionSettings() holds the built-in defaults; spool_after there is -1 (never spool),
-    # where the shipped connection.ini says 1048576. Say what you want explicitly.
-    settings = SessionSettings(me=me, spool_after=1048576)
+    # SessionSettings() holds the shipped defaults (spool_after=1048576, ...); set what differs.
+    settings = SessionSettings(me=me)
     return HarakaSMTPFactory(runner, settings, log, reactor=reactor)

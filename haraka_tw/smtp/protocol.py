@@ -165,8 +165,11 @@ class HarakaESMTP(smtp.ESMTP):
         """Send the banner (a connect plugin's text replaces it) or the denial; then read."""
         if row.then is Then.PROCEED:
             self._conn.state = State.CMD
-            banner = self._banner()
-            self._send(banner.with_text(result.text) if result.text else banner)
+            if isinstance(result.message, Reply):
+                self._send(result.message)
+            else:
+                banner = self._banner()
+                self._send(banner.with_text(result.text) if result.text else banner)
         else:
             self._act(row, result)
         self._busy = False
@@ -710,6 +713,7 @@ class HarakaESMTP(smtp.ESMTP):
             conn.log(
                 Level.ERROR, f"HOOK_NEXT names no core command: {result.message!r}", result.plugin
             )
+            result = HookResult(Code.CONT)
         if result.code in (Code.CONT, Code.DENY):
             conn.errors += 1
         self._act(outcome("unrecognized_command", result.code), result)

@@ -92,7 +92,7 @@ class SessionSettings:
             header_max_received=_int(headers, "max_received", 100),
             inactivity_timeout=float(timeout),
             spool_dir=str(main["spool_dir"]) if main.get("spool_dir") else None,
-            spool_after=_int(main, "spool_after", -1),
+            spool_after=_int(main, "spool_after", 1048576),
             strict_rfc1869=bool(main.get("strict_rfc1869", False)),
             smtputf8=bool(main.get("smtputf8", True)),
             bare_newline=bare_newline,
