@@ -99,6 +99,8 @@ class HarakaESMTP(smtp.ESMTP):
         self._headers: HeaderCollector | None = None
         self._received: str | None = None
         self._quit_seen = False
+        self._on_idle: list[Callable[[], None]] = []
+        self._line_waiter: Deferred[bytes] | None = None
         self._commands: dict[str, Callable[[Command], Deferred[Any] | None]] = {
             "HELO": self.do_HELO,
             "EHLO": self.do_EHLO,
@@ -172,8 +174,7 @@ class HarakaESMTP(smtp.ESMTP):
                 self._send(banner.with_text(result.text) if result.text else banner)
         else:
             self._act(row, result)
-        self._busy = False
-        self._pump()
+        self._set_idle()
 
     def _banner(self) -> Reply:
         s = self.settings
@@ -194,8 +195,18 @@ class HarakaESMTP(smtp.ESMTP):
             return
         conn.remote.closed = True
         conn.state = State.DISCONNECTED
+        self._closing = True  # nothing more is parsed: buffered commands die with the client
         self._reader = None
-        d = self._reset_transaction() if conn.transaction is not None else None
+        self._inbuf.clear()
+        if self._line_waiter is not None:
+            waiter, self._line_waiter = self._line_waiter, None
+            waiter.errback(reason)
+        # A hook may still be working on the transaction (a queue plugin writing the message
+        # in a thread): end the transaction only once it has answered.
+        self._when_idle(self._cleanup)
+
+    def _cleanup(self) -> None:
+        d = self._reset_transaction()
         if d is None:
             self._disconnected()
         else:
@@ -306,10 +317,24 @@ class HarakaESMTP(smtp.ESMTP):
         def resume(result: Any) -> None:
             if isinstance(result, Failure):
                 self._internal_error(result)
-            self._busy = False
-            self._pump()
+            self._set_idle()
 
         d.addBoth(lambda _: resume(finished[0]))
+
+    def _set_idle(self) -> None:
+        """The pending work is done: run what waited for it, then read on."""
+        self._busy = False
+        waiting, self._on_idle = self._on_idle, []
+        for fn in waiting:
+            fn()
+        self._pump()
+
+    def _when_idle(self, fn: Callable[[], None]) -> None:
+        """Call C{fn} now, or once the pending hook has answered."""
+        if self._busy:
+            self._on_idle.append(fn)
+        else:
+            fn()
 
     # -- commands --------------------------------------------------------------------
 
@@ -602,8 +627,6 @@ class HarakaESMTP(smtp.ESMTP):
 
     def _queue_answered(self, hook: str, result: HookResult) -> Deferred[Any] | None:
         conn = self._conn
-        txn = conn.transaction
-        assert txn is not None
         if hook == "queue_outbound" and result.code is Code.CONT:
             outbound = self.factory.outbound
             if outbound is None:
@@ -803,13 +826,13 @@ class HarakaESMTP(smtp.ESMTP):
         self.transport.loseConnection()
 
     def _internal_error(self, failure: Failure) -> None:
+        """A bug in the core or an unexpected failure: log it, answer 451, carry on."""
         self.factory.log.log(
             Level.CRIT,
             f"internal error: {failure.getTraceback()}",
             uuid=self.connection.uuid if self.connection else None,
         )
         self._send(S451_INTERNAL)
-        self._busy = False
         self._flush()
 
     # -- helpers -------------------------------------------------------------------------

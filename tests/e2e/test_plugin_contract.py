@@ -10,7 +10,9 @@ codes, and leave the rest of the chain working behind a CONT.
 
 from __future__ import annotations
 
+import mailbox
 import re
+import smtplib
 from typing import Any
 
 from twisted.internet.threads import deferToThread
@@ -238,8 +240,6 @@ class ChainBehindTests(unittest.TestCase):
 
     def test_plain_mail_reaches_in_host_list_and_maildir(self) -> None:
         """Mail with no directive is judged by in_host_list and stored by queue/maildir."""
-        import smtplib
-
         body = message("through the chain", "Line one.\r\n.dotted line\r\n")
 
         def client() -> dict[str, Any]:
@@ -252,8 +252,6 @@ class ChainBehindTests(unittest.TestCase):
         def check(refused: dict[str, Any]) -> None:
             self.assertEqual(list(refused), ["carol@elsewhere.test"])
             self.assertEqual(refused["carol@elsewhere.test"][0], 550)
-            import mailbox
-
             box = mailbox.Maildir(str(self.maildir), create=False)
             keys = box.keys()
             self.assertEqual(len(keys), 1)

@@ -93,26 +93,24 @@ class TwistdTestCase(unittest.SynchronousTestCase):
         self.port = free_port()
         self.log_path = self.base / "twistd.out"
 
-    def configure(self, files: Mapping[str, str] = (), *, listen: str | None = None) -> None:
+    def configure(self, files: Mapping[str, str] | None = None, *, listen: str = "") -> None:
         """Write the config directory: our port, our maildir, plus C{files}."""
         all_files = {
             "smtp.ini": f"[main]\nlisten={listen or f'127.0.0.1:{self.port}'}\n",
             "maildir.ini": f"[main]\npath={self.maildir}\nfsync=false\n",
             "me": "mx.test\n",
         }
-        all_files.update(files)
+        all_files.update(files or {})
         write_config(self.config, all_files)
 
-    def spawn(
-        self, twistd_args: Sequence[str], haraka_args: Sequence[str] = ()
-    ) -> subprocess.Popen[bytes]:
-        """Start C{twistd <twistd_args> haraka --config DIR <haraka_args>}."""
+    def spawn(self, twistd_args: Sequence[str]) -> subprocess.Popen[bytes]:
+        """Start C{twistd <twistd_args> haraka --config DIR}."""
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(
             [str(REPO_ROOT), *filter(None, [env.get("PYTHONPATH")])]
         )
         env["PYTHONUNBUFFERED"] = "1"
-        argv = [str(TWISTD), *twistd_args, "haraka", "--config", str(self.config), *haraka_args]
+        argv = [str(TWISTD), *twistd_args, "haraka", "--config", str(self.config)]
         with open(self.log_path, "ab") as out:  # the child keeps its own descriptor
             proc = subprocess.Popen(
                 argv,
@@ -136,10 +134,12 @@ class TwistdTestCase(unittest.SynchronousTestCase):
         except FileNotFoundError:
             return ""
 
-    def start_foreground(self, extra: Sequence[str] = ()) -> subprocess.Popen[bytes]:
+    def start_foreground(
+        self, extra: Sequence[str] = (), port: int | None = None
+    ) -> subprocess.Popen[bytes]:
         """C{twistd -n} (no pid file) with the port up."""
         proc = self.spawn(["-n", "--pidfile=", *extra])
-        self.wait_listening(proc, self.port)
+        self.wait_listening(proc, port or self.port)
         return proc
 
     def wait_listening(self, proc: subprocess.Popen[bytes] | None, port: int) -> None:
@@ -186,6 +186,20 @@ class ForegroundTests(TwistdTestCase):
         self.assertTrue(stored[0].startswith(b"Received: from "), stored[0])
         self.assertIn(b"by mx.test", stored[0])
         self.assertTrue(stored[0].endswith(MESSAGE))
+        self.stop(proc)
+
+    def test_foreground_loads_a_plugin_from_outside_the_package(self) -> None:
+        """A module:Factory plugin on PYTHONPATH answers ahead of the built-in chain."""
+        sample = "tests.e2e.sample_plugin:Factory"
+        self.configure({"plugins": f"{sample}\nrcpt_to.in_host_list\nqueue/maildir\n"})
+        proc = self.start_foreground()
+        with smtplib.SMTP("127.0.0.1", self.port, timeout=10) as smtp:
+            smtp.ehlo("client.test")
+            code, text = smtp.mail("deny.deferred@x.test")
+            self.assertEqual((code, text), (550, b"5.7.1 sender <deny.deferred@x.test> denied"))
+            self.assertEqual(smtp.sendmail("alice@x.test", ["bob@example.com"], MESSAGE), {})
+        self.assertEqual(len(self.stored()), 1)
+        self.assertIn(f"[{sample}] mail: answering deny (deferred)", self.output())
         self.stop(proc)
 
     def test_daemon_writes_pid_and_log_and_stops_on_sigterm(self) -> None:
@@ -344,7 +358,7 @@ class PrivilegeDropTests(TwistdTestCase):
         os.chmod(spool, 0o777)
         self.maildir = spool / "maildir"
         self.configure(listen="127.0.0.1:25")
-        proc = self.start_foreground_on(25, ["-u", "nobody", "-g", "nogroup"])
+        proc = self.start_foreground(["-u", "nobody", "-g", "nogroup"], port=25)
         status = Path(f"/proc/{proc.pid}/status").read_text()
         uid = re.search(r"^Uid:\s+(.*)$", status, re.M)
         gid = re.search(r"^Gid:\s+(.*)$", status, re.M)
@@ -358,8 +372,3 @@ class PrivilegeDropTests(TwistdTestCase):
         (path,) = (self.maildir / "new").iterdir()
         self.assertEqual(path.stat().st_uid, 65534)  # written by nobody, not root
         self.stop(proc)
-
-    def start_foreground_on(self, port: int, extra: Sequence[str]) -> subprocess.Popen[bytes]:
-        proc = self.spawn(["-n", "--pidfile=", *extra])
-        self.wait_listening(proc, port)
-        return proc
