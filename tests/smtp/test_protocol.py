@@ -28,6 +28,16 @@ ACCEPT_ALL = ("accept", plugin_with({"rcpt": lambda c, r, p: OK, "queue": lambda
 ENVELOPE = b"EHLO client.test\r\nMAIL FROM:<a@client.test>\r\nRCPT TO:<b@example.com>\r\n"
 
 
+def storing(stored: list[bytes]) -> tuple[str, object]:
+    """A plugin that accepts every recipient and keeps each queued message's bytes."""
+
+    def queue(c: Any) -> Any:
+        stored.append(c.transaction.message_stream.get_bytes())
+        return OK
+
+    return ("store", plugin_with({"rcpt": lambda c, r, p: OK, "queue": queue}))
+
+
 def session(*plugins: tuple[str, object], **kw: Any) -> Session:
     return Session(plugins or (ACCEPT_ALL,), **kw)
 
@@ -458,22 +468,7 @@ class OrderAndDefectTests(SynchronousTestCase):
     def test_overlong_data_line_is_not_smuggling(self) -> None:
         """A 20 KB body line stays in the body; SMTP commands after it are body text."""
         stored: list[bytes] = []
-        s = Session(
-            [
-                (
-                    "q",
-                    plugin_with(
-                        {
-                            "rcpt": lambda c, r, p: OK,
-                            "queue": lambda c: (
-                                stored.append(c.transaction.message_stream.get_bytes()),
-                                OK,
-                            )[1],
-                        }
-                    ),
-                )
-            ]
-        )
+        s = Session([storing(stored)])
         s.send(ENVELOPE + b"DATA\r\n")
         body = (
             b"A" * 20000 + b"\r\nMAIL FROM:<evil@x>\r\nRCPT TO:<v@example.com>\r\nDATA\r\nevil\r\n"
@@ -518,20 +513,7 @@ class OrderAndDefectTests(SynchronousTestCase):
         from haraka_tw.smtp.data import BareNewline
 
         s = Session(
-            [
-                (
-                    "q",
-                    plugin_with(
-                        {
-                            "rcpt": lambda c, r, p: OK,
-                            "queue": lambda c: (
-                                stored.append(c.transaction.message_stream.get_bytes()),
-                                OK,
-                            )[1],
-                        }
-                    ),
-                )
-            ],
+            [storing(stored)],
             settings=SessionSettings(me="mx.test", bare_newline=BareNewline.NORMALISE),
         )
         s.send(ENVELOPE + b"DATA\r\n")
@@ -602,22 +584,7 @@ class OrderAndDefectTests(SynchronousTestCase):
     def test_received_header_and_auth_results(self) -> None:
         """A Received header goes on top; Authentication-Results becomes Original-..."""
         stored: list[bytes] = []
-        s = Session(
-            [
-                (
-                    "q",
-                    plugin_with(
-                        {
-                            "rcpt": lambda c, r, p: OK,
-                            "queue": lambda c: (
-                                stored.append(c.transaction.message_stream.get_bytes()),
-                                OK,
-                            )[1],
-                        }
-                    ),
-                )
-            ]
-        )
+        s = Session([storing(stored)])
         s.send(ENVELOPE + b"DATA\r\n")
         uuid = s.connection.transaction.uuid
         s.send(b"Authentication-Results: forged; pass\r\nSubject: t\r\n\r\nbody\r\n.\r\n")
