@@ -3,6 +3,7 @@
 # scan sees twisted/plugins/), with the test tools. Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+bash scripts/system-packages.sh
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv

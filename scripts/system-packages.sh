@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Installs the Debian packages the tests use as real peers (HAProxy for the PROXY protocol,
+# swaks as an SMTP client, openssl for TLS probes), when they are missing and we are root.
+# Without root the tests that need a missing tool are reported as skipped, with the reason.
+set -euo pipefail
+need=()
+command -v haproxy >/dev/null 2>&1 || need+=(haproxy)
+command -v swaks >/dev/null 2>&1 || need+=(swaks)
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
+[ ${#need[@]} -eq 0 ] && exit 0
+if [ "$(id -u)" != 0 ]; then
+    echo "system-packages: not root; missing: ${need[*]}" >&2
+    exit 0
+fi
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq >/dev/null
+apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
