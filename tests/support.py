@@ -93,7 +93,6 @@ class Session:
             peerAddress=IPv4Address("TCP", CLIENT_IP, 40000),
         )
         self.proto = self.factory.buildProtocol(self.transport.getPeer())
-        self.proto.callLater = self.clock.callLater  # TimeoutMixin on the fake clock
         self.proto.makeConnection(self.transport)
         self.banner = self.read()
         if greet:

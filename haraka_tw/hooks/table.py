@@ -2,8 +2,8 @@
 
 Haraka spreads this over mail_respond, rcpt_respond, rcpt_ok_respond and friends, each a
 copy of the same switch. Here it is declared once; the protocol looks up
-C{outcome(hook, code)} and acts on C{Then}. Reply text may hold C{{sender}},
-C{{recipient}}, C{{uuid}}, C{{me}} and C{{host}} placeholders, filled by the protocol.
+C{outcome(hook, code)} and acts on C{Then}. Reply text may hold the placeholders
+C{{me}}, C{{remote}}, C{{sender}}, C{{recipient}} and C{{uuid}}, filled by the protocol.
 """
 
 from __future__ import annotations
@@ -28,8 +28,11 @@ class Then(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
+    """One row: what happens next, and the reply (None: the core, or the plugin itself,
+    writes the reply, as for rcpt OK -> rcpt_ok, or data_post -> queue)."""
+
     then: Then
-    reply: Reply | None  # None: the core (or the plugin itself) writes the reply
+    reply: Reply | None
 
 
 def _r(code: int, enhanced: str | None, text: str) -> Reply:
@@ -121,7 +124,8 @@ TABLE: dict[str, dict[Code | None, Outcome]] = {
     "queue_outbound": {
         **_refusals((550, "5.3.0", "Message denied"), (450, "4.3.0", "Message deferred")),
         Code.OK: _o(P, 250, "2.0.0", "Message Queued ({uuid})"),
-        _ANY: Outcome(P, None),  # the built-in outbound queue takes it
+        Code.CONT: Outcome(P, None),  # the built-in outbound queue takes it
+        _ANY: _o(R, 451, "4.3.0", "Queuing declined or disabled, try later"),
     },
     "vrfy": {
         Code.OK: _o(P, 250, "2.1.5", "User OK"),

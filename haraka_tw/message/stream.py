@@ -31,8 +31,6 @@ class MessageStream:
         self._memory: list[bytes] | None = []
         self._file: BinaryIO | None = None
         self.spool_path: str | None = None
-        if spool_after == 0:
-            self._spool()
 
     @property
     def spooled(self) -> bool:
@@ -49,8 +47,8 @@ class MessageStream:
             return
         assert self._memory is not None
         self._memory.append(data)
-        if self.spool_after > 0 and self.body_size > self.spool_after:
-            self._spool()
+        if self.spool_after >= 0 and self.body_size > self.spool_after:
+            self._spool()  # made on the first byte past the limit, not before
 
     def _spool(self) -> None:
         if self.spool_dir:

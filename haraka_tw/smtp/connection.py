@@ -11,9 +11,10 @@ import enum
 import ipaddress
 import time
 import uuid as uuidlib
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
+
+from twisted.internet.defer import Deferred
 
 from haraka_tw.logging import HarakaLog, Level
 from haraka_tw.message.header import Header
@@ -24,12 +25,39 @@ if TYPE_CHECKING:
     from haraka_tw.smtp.address import Address
     from haraka_tw.smtp.command import Command
 
-__all__ = ["Connection", "Counts", "Hello", "Local", "Remote", "State", "TLSInfo", "Transaction"]
+__all__ = [
+    "Connection",
+    "Counts",
+    "Hello",
+    "Local",
+    "Remote",
+    "SessionControl",
+    "State",
+    "TLSInfo",
+    "Transaction",
+]
+
+
+class SessionControl(Protocol):
+    """What a plugin may ask of the session, through its Connection."""
+
+    def respond(self, code: int, text: Any, enhanced: str | None) -> None: ...
+
+    def disconnect(self) -> None: ...
+
+    def read_line(self) -> Deferred[bytes]: ...
+
+    def start_tls(self, context_factory: Any) -> Deferred[None]: ...
+
+    def restart(
+        self, remote_ip: str | None, remote_port: int | None, remote_host: str | None
+    ) -> Deferred[None]: ...
 
 
 class State(enum.Enum):
     """Where the session is (Haraka's connection states)."""
 
+    PROXY = "proxy"  # waiting for a PROXY protocol header; no banner yet
     CONNECTING = "connecting"  # connect hooks running; no banner yet
     CMD = "cmd"
     DATA = "data"
@@ -124,8 +152,7 @@ class Transaction:
         self.rcpt_params: list[dict[str, str | None]] = []
         self.notes = Notes()
         self.results = Results()
-        self.header = Header()
-        self.message_stream = MessageStream(self.header, spool_dir, spool_after)
+        self.message_stream = MessageStream(Header(), spool_dir, spool_after)
         self.data_bytes = 0
         self.mime_part_count = 0
         self.msg_status: str | None = None
@@ -134,6 +161,15 @@ class Transaction:
         self.parse_body = False
         self.start_time = time.time()
         self._relaying: bool | None = None
+
+    @property
+    def header(self) -> Header:
+        """The message header (empty until DATA has received it)."""
+        return self.message_stream.header
+
+    @header.setter
+    def header(self, header: Header) -> None:
+        self.message_stream.header = header
 
     def add_header(self, name: str, value: str) -> None:
         """Add a header field at the end (Haraka's add_header)."""
@@ -162,8 +198,7 @@ class Connection:
         *,
         server_notes: dict[str, Any] | None = None,
         log: HarakaLog | None = None,
-        respond: Callable[[int, Any, str | None], None] | None = None,
-        disconnect: Callable[[], None] | None = None,
+        session: SessionControl | None = None,
     ) -> None:
         self.uuid = str(uuidlib.uuid4()).upper()
         self.remote = remote
@@ -183,7 +218,7 @@ class Connection:
         self.rcpt_count = Counts()
         self.msg_count = Counts()
         self.errors = 0
-        self.last_response: str | None = None
+        self.last_reply: bytes = b""  # the last reply as written
         self.last_reject: str | None = None
         self.state = State.CONNECTING
         self.current_command: Command | None = None
@@ -191,8 +226,12 @@ class Connection:
         self.bytes_in = 0
         self._relaying = False
         self._log = log
-        self._respond = respond
-        self._disconnect = disconnect
+        self._session = session
+
+    @property
+    def last_response(self) -> str:
+        """The last reply sent, as text (continuation lines joined)."""
+        return self.last_reply.decode("utf-8", "replace").rstrip("\r\n").replace("\r\n", " ")
 
     # -- relaying is scoped to the transaction while one is open ------------------------
 
@@ -214,14 +253,42 @@ class Connection:
     # -- actions a plugin may take --------------------------------------------------------
 
     def respond(self, code: int, text: Any, enhanced: str | None = None) -> None:
-        """Send a reply (for unrecognized_command plugins that answer OK themselves)."""
-        if self._respond is not None:
-            self._respond(code, text, enhanced)
+        """Send a reply now, even while the calling hook is still pending (for plugins that
+        answer a command themselves, and for multi-step exchanges such as AUTH)."""
+        if self._session is not None:
+            self._session.respond(code, text, enhanced)
 
     def disconnect(self) -> None:
         """Close the connection after pending replies are written."""
-        if self._disconnect is not None:
-            self._disconnect()
+        if self._session is not None:
+            self._session.disconnect()
+
+    def read_line(self) -> Deferred[bytes]:
+        """The client's next line (without its line ending), taken before command parsing.
+
+        Fails with the connection-lost reason if the client goes first.
+        """
+        return self._control().read_line()
+
+    def start_tls(self, context_factory: Any) -> Deferred[None]:
+        """Discard pipelined plaintext, start TLS, reset the session; fires after the
+        handshake with C{self.tls} filled. The caller sends its 220 first."""
+        return self._control().start_tls(context_factory)
+
+    def restart(
+        self,
+        remote_ip: str | None = None,
+        remote_port: int | None = None,
+        remote_host: str | None = None,
+    ) -> Deferred[None]:
+        """Begin again as a new client (XCLIENT): new uuid, relaying off, the address
+        replaced, connect_init/lookup_rdns/connect run again and a new banner sent."""
+        return self._control().restart(remote_ip, remote_port, remote_host)
+
+    def _control(self) -> SessionControl:
+        if self._session is None:
+            raise RuntimeError("this connection has no session to control")
+        return self._session
 
     # -- logging with this connection's uuid --------------------------------------------------
 
@@ -276,6 +343,6 @@ class Connection:
             "rcpts": str(self.rcpt_count),
             "msgs": str(self.msg_count),
             "bytes": self.bytes_in,
-            "lr": self.last_response or "",
+            "lr": self.last_response,
             "time": f"{time.time() - self.start_time:.3f}",
         }

@@ -50,3 +50,11 @@ class HarakaSMTPFactory(protocol.ServerFactory):
         self.rdns = rdns if rdns is not None else ReverseLookup(reactor)
         self.outbound = outbound
         self.sessions: set[HarakaESMTP] = set()
+        self.reactor = reactor
+
+    def buildProtocol(self, addr: Any) -> HarakaESMTP:  # type: ignore[override]
+        """A session whose timeouts run on this factory's reactor (a task.Clock in tests)."""
+        proto = HarakaESMTP()
+        proto.factory = self
+        proto.callLater = self.reactor.callLater  # type: ignore[method-assign,assignment]
+        return proto

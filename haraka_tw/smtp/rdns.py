@@ -8,6 +8,7 @@ nameserver.
 from __future__ import annotations
 
 import ipaddress
+from collections import OrderedDict
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
@@ -40,12 +41,14 @@ class ReverseLookup:
         ttl: float = 600.0,
         hosts: dict[str, str] | None = None,
         resolver: Any = None,
+        cache_size: int = 10000,
     ) -> None:
         self._reactor = reactor
         self.timeout = timeout
         self.ttl = ttl
         self._hosts = read_hosts_file() if hosts is None else hosts
-        self._cache: dict[str, tuple[float, str | None]] = {}
+        self._cache: OrderedDict[str, tuple[float, str | None]] = OrderedDict()
+        self.cache_size = cache_size
         self._resolver = resolver
 
     def lookup(self, ip: str) -> Deferred[str | None]:
@@ -76,6 +79,9 @@ class ReverseLookup:
 
         def store(host: str | None) -> str | None:
             self._cache[ip] = (self._reactor.seconds() + self.ttl, host)
+            self._cache.move_to_end(ip)
+            while len(self._cache) > self.cache_size:  # bounded, oldest first
+                self._cache.popitem(last=False)
             return host
 
         d.addCallbacks(found, lambda _failure: None)

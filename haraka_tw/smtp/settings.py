@@ -6,6 +6,7 @@ it started with, so a reload never changes a session half-way.
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +24,24 @@ CONNECTION_INI_BOOLEANS = (
     "-haproxy.enabled",
 )
 SMTP_INI_BOOLEANS = ("-main.ignore_bad_plugins", "+main.graceful_shutdown", "-main.daemonize")
+
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _networks(hosts: Any) -> tuple[IPNetwork, ...]:
+    """connection.ini [haproxy] hosts[]: addresses and CIDRs, IPv4 and IPv6."""
+    if isinstance(hosts, str):
+        hosts = [h for h in hosts.replace(",", " ").split() if h]
+    out = []
+    for host in hosts:
+        try:
+            out.append(ipaddress.ip_network(str(host).strip(), strict=False))
+        except ValueError:
+            raise ValueError(
+                f"connection.ini [haproxy] hosts: {host!r} is not an address or CIDR"
+            ) from None
+    return tuple(out)
 
 
 def _int(section: dict[str, Any], key: str, default: int) -> int:
@@ -45,6 +64,9 @@ class SessionSettings:
     header_max_lines: int = 1000
     header_max_received: int = 100
     inactivity_timeout: float = 300.0
+    data_timeout: float = 300.0
+    proxy_hosts: tuple[IPNetwork, ...] = ()
+    proxy_timeout: float = 30.0
     spool_dir: str | None = None
     spool_after: int = 1048576
     strict_rfc1869: bool = False
@@ -81,7 +103,9 @@ class SessionSettings:
             raise ValueError(
                 f"connection.ini bare_newline must be reject or normalise, not {bare!r}"
             ) from None
-        timeout = smtp.get("main", {}).get("inactivity_timeout", 300)
+        smtp_main = smtp.get("main", {})
+        timeout = float(smtp_main.get("inactivity_timeout", 300))
+        haproxy = conn.get("haproxy", {})
         return cls(
             me=me,
             max_line_length=_int(mx, "line_length", 512),
@@ -90,7 +114,10 @@ class SessionSettings:
             max_recipients=_int(mx, "recipients", 1000),
             header_max_lines=_int(headers, "max_lines", 1000),
             header_max_received=_int(headers, "max_received", 100),
-            inactivity_timeout=float(timeout),
+            inactivity_timeout=timeout,
+            data_timeout=float(smtp_main.get("data_timeout", timeout)),
+            proxy_hosts=_networks(haproxy.get("hosts") or ()),
+            proxy_timeout=float(haproxy.get("timeout", 30)),
             spool_dir=str(main["spool_dir"]) if main.get("spool_dir") else None,
             spool_after=_int(main, "spool_after", 1048576),
             strict_rfc1869=bool(main.get("strict_rfc1869", False)),

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
+import haraka_tw.smtp.catalogue as catalogue
 import haraka_tw.smtp.protocol as protocol
 from haraka_tw import __version__
 from haraka_tw.codes import Code
@@ -113,9 +114,9 @@ class CoverageTests(SynchronousTestCase):
             self.assertTrue(iface.__name__ in text, f"hooks.md does not name {iface.__name__}")
 
     def test_core_replies_are_documented(self) -> None:
-        """Each S<code>_ reply in protocol.py has a row with its code, enhanced code and text."""
+        """Each S<code>_ reply in catalogue.py has a row with its code, enhanced code and text."""
         text = HOOKS_MD.read_text(encoding="utf-8")
-        replies = {n: v for n, v in vars(protocol).items() if isinstance(v, Reply)}
+        replies = {n: v for n, v in vars(catalogue).items() if isinstance(v, Reply)}
         self.assertGreater(len(replies), 20)
         for name, reply in replies.items():
             shown = f"{reply.code} {reply.enhanced} {reply.text}".replace(__version__, "{version}")

@@ -35,10 +35,11 @@ def test_spools_past_threshold_and_cleans_up(tmp_path: Path) -> None:
 
 
 def test_spool_always(tmp_path: Path) -> None:
-    """spool_after=0 spools from the first byte."""
+    """spool_after=0 spools from the first byte, and not before (no file per MAIL)."""
     s = MessageStream(Header(), str(tmp_path), 0)
-    assert s.spooled
+    assert not s.spooled and list(tmp_path.iterdir()) == []
     s.write(b"hello")
+    assert s.spooled
     assert s.get_bytes() == b"hello"
     s.close()
 

@@ -1,0 +1,115 @@
+"""Message intake: the bytes of one message, from DATA or BDAT, into the transaction.
+
+A L{MessageIntake} takes the message as it arrives: through the bulk L{DataReader} for DATA
+(dot-stuffed, ended by CRLF.CRLF) or as raw BDAT chunks. It finds the end of the header,
+parses it, renames Authentication-Results and puts the Received header on top, then streams
+the body into the transaction's MessageStream (memory, or a spool file). Nothing here
+touches the network; the protocol feeds it and asks for the summary at the end.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from haraka_tw.message.header import Header, HeaderCollector
+from haraka_tw.smtp.connection import Transaction
+from haraka_tw.smtp.data import DataReader
+from haraka_tw.smtp.settings import SessionSettings
+
+__all__ = ["MessageEnd", "MessageIntake"]
+
+
+@dataclass(frozen=True, slots=True)
+class MessageEnd:
+    """What the end-of-data checks need to know about the message received."""
+
+    size: int
+    exceeded: bool
+    long_lines: bool
+    bare_lf: int
+    bare_cr: int
+
+
+class MessageIntake:
+    """One message on its way into C{transaction}."""
+
+    def __init__(
+        self,
+        transaction: Transaction,
+        settings: SessionSettings,
+        received: str | None,
+        *,
+        discard: bool = False,
+    ) -> None:
+        self.transaction = transaction
+        self.discard = discard  # read to the end, keep nothing
+        self._settings = settings
+        self._received = received
+        self._collector = HeaderCollector(max_lines=settings.header_max_lines)
+        self._reader: DataReader | None = None
+        self._chunked = 0  # BDAT bytes taken so far
+        self._chunk_exceeded = False
+
+    # -- DATA -------------------------------------------------------------------------
+
+    def feed_data(self, data: bytes) -> bytes | None:
+        """DATA bytes; once CRLF.CRLF is seen, the bytes after it (else None)."""
+        if self._reader is None:
+            s = self._settings
+            self._reader = DataReader(
+                self._sink,
+                max_bytes=s.max_bytes,
+                max_line_length=s.max_data_line_length,
+                bare_newline=s.bare_newline,
+            )
+        return self._reader.feed(data)
+
+    # -- BDAT -------------------------------------------------------------------------
+
+    def feed_chunk(self, data: bytes) -> None:
+        """Raw BDAT bytes (no dot-stuffing, no terminator); counted against max.bytes."""
+        self._chunked += len(data)
+        limit = self._settings.max_bytes
+        if limit and self._chunked > limit:
+            self._chunk_exceeded = True  # stop storing; keep reading the chunks
+            return
+        self._sink(data)
+
+    # -- both ------------------------------------------------------------------------------
+
+    def finish(self) -> MessageEnd:
+        """The message is complete: end the header if it never ended, and sum up."""
+        if not self._collector.done:
+            self._header_done(*self._collector.finish())
+        self.transaction.data_bytes = self.size
+        reader = self._reader
+        if reader is None:
+            return MessageEnd(self._chunked, self._chunk_exceeded, False, 0, 0)
+        return MessageEnd(
+            reader.size, reader.exceeded, reader.long_lines, reader.bare_lf, reader.bare_cr
+        )
+
+    @property
+    def size(self) -> int:
+        """Bytes received so far (before unstuffing, for DATA)."""
+        return self._reader.size if self._reader is not None else self._chunked
+
+    def _sink(self, data: bytes) -> None:
+        if self.discard:
+            return
+        if not self._collector.done:
+            split = self._collector.feed(data)
+            if split is not None:
+                self._header_done(*split)
+            return
+        self.transaction.message_stream.write(data)
+
+    def _header_done(self, head: bytes, body: bytes) -> None:
+        header = Header.parse(head)
+        if self._settings.clean_auth_results:
+            header.rename("Authentication-Results", "Original-Authentication-Results")
+        if self._settings.add_received and self._received:
+            header.add("Received", self._received)
+        txn = self.transaction
+        txn.header = header
+        txn.message_stream.write(body)

@@ -1,0 +1,169 @@
+"""What plugins ask of the session (respond, read_line, restart) and hostile-input guards."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.trial.unittest import SynchronousTestCase
+
+from haraka_tw.codes import CONT, OK
+from haraka_tw.smtp.connection import State
+from tests.smtp.test_protocol import storing
+from tests.support import Session, plugin_with, reply_codes
+
+
+def exchange_plugin(seen: list[bytes]) -> tuple[str, object]:
+    """XAUTH: a two-step exchange like AUTH LOGIN, answered with read_line()."""
+
+    async def command(c: Any, verb: str, arg: str) -> Any:
+        if verb != "XAUTH":
+            return CONT
+        c.respond(334, "VXNlcm5hbWU6")
+        seen.append(await c.read_line())
+        c.respond(334, "UGFzc3dvcmQ6")
+        seen.append(await c.read_line())
+        c.respond(235, "ok", "2.7.0")
+        return OK
+
+    return ("xauth", plugin_with({"unrecognized_command": command}))
+
+
+class SessionControlTests(SynchronousTestCase):
+    def test_multi_step_exchange(self) -> None:
+        """respond() is written at once; read_line() takes raw lines, not commands."""
+        seen: list[bytes] = []
+        s = Session([exchange_plugin(seen)])
+        s.send(b"EHLO x\r\n")
+        self.assertEqual(s.send(b"XAUTH\r\n"), "334 VXNlcm5hbWU6\r\n")
+        s.clock.advance(0)
+        self.assertEqual(s.send(b"QUIT\r\n"), "334 UGFzc3dvcmQ6\r\n")  # a line, not QUIT
+        s.clock.advance(0)
+        self.assertEqual(s.send(b"c2VjcmV0\r\nNOOP\r\n"), "235 2.7.0 ok\r\n250 2.0.0 OK\r\n")
+        self.assertEqual(seen, [b"QUIT", b"c2VjcmV0"])
+        self.assertFalse(s.closed)
+
+    def test_exchange_pipelined_in_one_write(self) -> None:
+        """A client that sends the whole exchange at once is answered in order."""
+        seen: list[bytes] = []
+        s = Session([exchange_plugin(seen)])
+        s.send(b"EHLO x\r\n")
+        out = s.send(b"XAUTH\r\nuser\r\npass\r\nNOOP\r\n")
+        s.clock.advance(0)
+        out += s.read()
+        self.assertEqual(reply_codes(out), [334, 334, 235, 250])
+        self.assertEqual(seen, [b"user", b"pass"])
+
+    def test_restart_for_xclient(self) -> None:
+        """restart(): new uuid, relaying off, new address, connect hooks again, new banner."""
+        calls: list[str] = []
+
+        def xclient(c: Any, verb: str, arg: str) -> Any:
+            if verb != "XCLIENT":
+                return CONT
+            return c.restart(arg.split("=")[1], 4242, None).addCallback(lambda _: OK)
+
+        s = Session(
+            [
+                (
+                    "x",
+                    plugin_with(
+                        {
+                            "unrecognized_command": xclient,
+                            "lookup_rdns": lambda c: (
+                                OK,
+                                "named.example",
+                            ),  # no real PTR lookups here
+                            "connect": lambda c: calls.append(c.remote.ip),
+                        }
+                    ),
+                )
+            ]
+        )
+        first = s.connection.uuid
+        s.connection.relaying = True
+        s.send(b"EHLO x\r\nMAIL FROM:<a@b.c>\r\n")
+        out = s.send(b"XCLIENT ADDR=198.51.100.7\r\n")
+        self.assertTrue(out.startswith("220 mx.test ESMTP"), out)
+        conn = s.connection
+        self.assertNotEqual(conn.uuid, first)
+        self.assertEqual((conn.remote.ip, conn.remote.port), ("198.51.100.7", 4242))
+        self.assertFalse(conn.relaying)
+        self.assertIsNone(conn.transaction)
+        self.assertIsNone(conn.hello.host)
+        self.assertEqual(calls, ["192.0.2.10", "198.51.100.7"])
+
+
+class HostileInputTests(SynchronousTestCase):
+    def test_non_ascii_digits_in_size(self) -> None:
+        """SIZE=² (a Unicode digit) is a 501, not an exception."""
+        s = Session()
+        s.send(b"EHLO x\r\n")
+        self.assertIn("501", s.send("MAIL FROM:<a@b.c> SIZE=\u00b2 SMTPUTF8\r\n".encode()))
+        self.assertFalse(s.closed)
+
+    def test_refused_data_body_never_runs(self) -> None:
+        """A body pipelined behind a refused DATA is swallowed, not run as commands."""
+        stored: list[bytes] = []
+        s = Session([storing(stored)])
+        s.send(b"EHLO x\r\nMAIL FROM:<a@b.c>\r\n")
+        out = s.send(b"DATA\r\nRSET\r\nMAIL FROM:<evil@x>\r\n.\r\nNOOP\r\n")
+        self.assertEqual(reply_codes(out), [554, 250])
+        self.assertEqual(s.connection.tran_count, 1)
+
+    def test_client_not_reading_stops_us_reading(self) -> None:
+        """When the transport's buffer fills we stop parsing (and reading) until it drains."""
+        s = Session()
+        s.proto.pauseProducing()  # what the transport does when the client does not read
+        self.assertEqual(s.send(b"NOOP\r\n" * 100), "")
+        self.assertEqual(s.transport.producerState, "paused")
+        s.proto.resumeProducing()
+        self.assertEqual(reply_codes(s.read()), [250] * 100)
+        self.assertEqual(s.transport.producerState, "producing")
+
+    def test_closing_aborts_a_client_that_never_reads(self) -> None:
+        """After QUIT the socket is aborted if the client has not gone within 10 s."""
+        s = Session()
+        s.send(b"QUIT\r\n")
+        aborted: list[bool] = []
+        s.transport.abortConnection = lambda: aborted.append(True)  # type: ignore[method-assign]
+        s.clock.advance(10.1)
+        self.assertEqual(aborted, [True])
+
+    def test_no_reply_after_close(self) -> None:
+        """Nothing is written after the session decided to close."""
+        s = Session()
+        out = s.send(b"QUIT\r\nNOOP\r\n")
+        self.assertEqual(reply_codes(out), [221])
+
+    @settings(max_examples=150, deadline=None)
+    @given(
+        st.lists(
+            st.binary(max_size=200)
+            | st.sampled_from(
+                [
+                    b"EHLO x\r\n",
+                    b"MAIL FROM:<a@b.c>\r\n",
+                    b"RCPT TO:<d@e.f>\r\n",
+                    b"DATA\r\n",
+                    b"BDAT 5\r\n",
+                    b"BDAT 3 LAST\r\n",
+                    b".\r\n",
+                    b"RSET\r\n",
+                    b"\r\n.\r\n",
+                    b"MAIL FROM:<a@b.c> SIZE=\xc2\xb2\r\n",
+                    b"\r\n\r\n\x00\r\nQUIT\n",
+                ]
+            ),
+            max_size=25,
+        )
+    )
+    def test_any_input_never_raises(self, chunks: list[bytes]) -> None:
+        """Whatever a client sends, in whatever reads, no exception escapes the protocol."""
+        s = Session([storing([])])
+        for chunk in chunks:
+            s.proto.dataReceived(chunk)  # raises if anything escapes
+        s.clock.advance(400)
+        self.assertFalse(any("internal error" in m for m in s.log.messages()))
+        self.assertIn(s.connection.state, set(State))
