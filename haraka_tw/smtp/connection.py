@@ -161,6 +161,7 @@ class Transaction:
         self.parse_body = False
         self.start_time = time.time()
         self._relaying: bool | None = None
+        self.auth_results_list: list[str] = []
 
     @property
     def header(self) -> Header:
@@ -170,6 +171,11 @@ class Transaction:
     @header.setter
     def header(self, header: Header) -> None:
         self.message_stream.header = header
+
+    def auth_results(self, result: str) -> None:
+        """Add a method result (e.g. "spf=pass smtp.mailfrom=example.com") to this message's
+        Authentication-Results header, added by the core at the end of DATA."""
+        self.auth_results_list.append(result)
 
     def add_header(self, name: str, value: str) -> None:
         """Add a header field at the end (Haraka's add_header)."""
@@ -225,6 +231,7 @@ class Connection:
         self.start_time = time.time()
         self.bytes_in = 0
         self._relaying = False
+        self.auth_results_list: list[str] = []
         self._log = log
         self._session = session
 
@@ -249,6 +256,11 @@ class Connection:
             self.transaction._relaying = bool(value)
         else:
             self._relaying = bool(value)
+
+    def auth_results(self, result: str) -> None:
+        """Add a result (e.g. "auth=pass (plain) smtp.auth=alice") to the
+        Authentication-Results header of every message of this connection."""
+        self.auth_results_list.append(result)
 
     # -- actions a plugin may take --------------------------------------------------------
 

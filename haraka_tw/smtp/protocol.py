@@ -160,8 +160,9 @@ class HarakaESMTP(smtp.ESMTP):
         if row.then is not Then.PROCEED:
             self._greeting_done(row, result)
             return None
-        if result.code is Code.OK:
-            if isinstance(result.message, str) and result.message:
+        if result.code is Code.OK or conn.remote.host is not None:
+            # A plugin named the client, or XCLIENT's NAME did: no core lookup.
+            if result.code is Code.OK and isinstance(result.message, str) and result.message:
                 conn.remote.host = result.message
             return self.runner.run("connect", conn).addCallback(self._connect_answered)
 
@@ -387,6 +388,11 @@ class HarakaESMTP(smtp.ESMTP):
     def _next_line(self, limit: int) -> bytes | None:
         """Cut one line from the buffer; None to wait for more. Too long: 521 and close."""
         buf = self._inbuf
+        if buf[:1] == b"\x16" and bytes(buf[1:2]) in (b"", b"\x03"):
+            # A TLS ClientHello on a plaintext port: say so in the clear, then close.
+            self._send(S.S554_TLS_ON_PLAINTEXT)
+            self._close()
+            return None
         if buf[:4] == b"\r\n\r\n" and _V2_SIGNATURE.startswith(bytes(buf[:12])):
             if len(buf) < len(_V2_SIGNATURE):
                 return None  # maybe a PROXY v2 header: wait for its signature to finish
@@ -893,6 +899,9 @@ class HarakaESMTP(smtp.ESMTP):
         if end.exceeded:
             d = self.runner.run("max_data_exceeded", conn)
             return d.addCallback(lambda r: self._finish_message("max_data_exceeded", r))
+        results = [*conn.auth_results_list, *txn.auth_results_list]
+        if results:  # as Haraka: one header naming this host, with every plugin's result
+            txn.header.add("Authentication-Results", "; ".join([self.settings.me, *results]))
         return self.runner.run("data_post", conn).addCallback(self._data_post_answered)
 
     def _message_refused(self, reply: Reply) -> Deferred[Any] | None:

@@ -10,7 +10,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from haraka_tw.codes import CONT, OK
 from haraka_tw.smtp.connection import State
-from tests.smtp.test_protocol import storing
+from tests.smtp.test_protocol import ENVELOPE, storing
 from tests.support import Session, plugin_with, reply_codes
 
 
@@ -167,3 +167,29 @@ class HostileInputTests(SynchronousTestCase):
         s.clock.advance(400)
         self.assertFalse(any("internal error" in m for m in s.log.messages()))
         self.assertIn(s.connection.state, set(State))
+
+
+class PlaintextPortTests(SynchronousTestCase):
+    def test_tls_client_hello_on_plaintext_port(self) -> None:
+        """A TLS ClientHello on a plaintext port gets a clear 554 and a close."""
+        s = Session()
+        out = s.send(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")
+        self.assertEqual(out, "554 TLS on a plaintext port; use STARTTLS or the SMTPS port\r\n")
+        self.assertTrue(s.closed)
+
+    def test_auth_results_header(self) -> None:
+        """Plugins' auth_results() end up in one Authentication-Results header on top."""
+        stored: list[bytes] = []
+
+        def mail(c: Any, sender: Any, params: Any) -> None:
+            c.auth_results("auth=pass smtp.auth=alice")
+            c.transaction.auth_results("spf=pass smtp.mailfrom=b.c")
+
+        s = Session([("a", plugin_with({"mail": mail})), storing(stored)])
+        s.send(ENVELOPE + b"DATA\r\nSubject: x\r\n\r\nhi\r\n.\r\n")
+        self.assertTrue(
+            stored[0].startswith(
+                b"Authentication-Results: mx.test; auth=pass smtp.auth=alice; spf=pass smtp.mailfrom=b.c\r\n"
+            ),
+            stored[0][:200],
+        )
