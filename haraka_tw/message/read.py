@@ -12,10 +12,14 @@ misread at a chunk boundary. The message is never held whole.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
 
-from haraka_tw.message.stream import CHUNK, MessageStream
+if TYPE_CHECKING:  # stream.py may import this module to offer a read method
+    from haraka_tw.message.stream import MessageStream
 
 __all__ = ["LineFormatter", "format_chunks", "read_message"]
+
+CHUNK = 64 * 1024
 
 
 class LineFormatter:

@@ -59,7 +59,7 @@ class XclientTests(SynchronousTestCase):
 
     def test_ipv6_and_cidr(self) -> None:
         """CIDRs in xclient.hosts; IPV6: addresses; NAME=[UNAVAILABLE] means no name."""
-        s, seen = self.session("192.0.2.0/24\n")
+        s, _seen = self.session("192.0.2.0/24\n")
         out = s.send(b"XCLIENT ADDR=IPV6:2001:db8::5 NAME=[UNAVAILABLE]\r\n")
         self.assertTrue(out.startswith("220 "))
         self.assertEqual(s.connection.remote.ip, "2001:db8::5")

@@ -189,7 +189,8 @@ class PlaintextPortTests(SynchronousTestCase):
         s.send(ENVELOPE + b"DATA\r\nSubject: x\r\n\r\nhi\r\n.\r\n")
         self.assertTrue(
             stored[0].startswith(
-                b"Authentication-Results: mx.test; auth=pass smtp.auth=alice; spf=pass smtp.mailfrom=b.c\r\n"
+                b"Authentication-Results: mx.test; auth=pass smtp.auth=alice;"
+                b" spf=pass smtp.mailfrom=b.c\r\n"
             ),
             stored[0][:200],
         )
