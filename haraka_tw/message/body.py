@@ -754,6 +754,8 @@ class BodyParser:
         if self._root is not None:
             self._root.feed(data)
             if self._ctx.too_many_parts:
+                if self._rewriter is not None:  # the rest, cut short, must not be rewritten
+                    self._rewriter.stop()
                 self._stop()
         elif self._rewriter is not None:
             self._rewriter.structure(self.body, data)
@@ -824,6 +826,7 @@ class BodyRewriter:
         self.hold_limit = hold_limit
         self._out: list[bytes] = []
         self._held: _Held | None = None
+        self._stopped = False
 
     @classmethod
     def rewrite(
@@ -888,6 +891,11 @@ class BodyRewriter:
         if held is not None:
             self._write(held.raw())
 
+    def stop(self) -> None:
+        """Write out what is held and rewrite nothing from now on."""
+        self._stopped = True
+        self.release()
+
     def take(self) -> bytes:
         """The output produced since the last call."""
         out, self._out = self._out, []
@@ -898,7 +906,7 @@ class BodyRewriter:
             self._out.append(data)
 
     def _applies(self, part: Body) -> bool:
-        if part.kind is not PartKind.TEXT or part.embedded:
+        if self._stopped or part.kind is not PartKind.TEXT or part.embedded:
             return False
         if self.banner is not None and part.content_type in ("text/plain", "text/html"):
             return True

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+import re
 import time
 import uuid as uuidlib
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from twisted.internet.defer import Deferred
 
 from haraka_tw.logging import HarakaLog, Level
+from haraka_tw.message.body import AttachmentHook, Banner, Body, BodyFilter
 from haraka_tw.message.header import Header
 from haraka_tw.message.stream import MessageStream
 from haraka_tw.smtp.state import Notes, Results
@@ -158,7 +160,11 @@ class Transaction:
         self.msg_status: str | None = None
         self.encoding = "utf-8"
         self.discard_data = False
-        self.parse_body = False
+        self.parse_body = False  # set by a plugin (at or before DATA) to get .body
+        self.body: Body | None = None  # the MIME tree, after DATA, when parse_body was set
+        self.attachment_hook_list: list[AttachmentHook] = []
+        self.body_filters: list[BodyFilter] = []
+        self.banner: Banner | None = None
         self.start_time = time.time()
         self._relaying: bool | None = None
         self.auth_results_list: list[str] = []
@@ -171,6 +177,23 @@ class Transaction:
     @header.setter
     def header(self, header: Header) -> None:
         self.message_stream.header = header
+
+    def attachment_hooks(self, hook: AttachmentHook) -> None:
+        """Call C{hook(info)} for each attachment as it arrives; it may return a sink whose
+        C{data(bytes)} gets the decoded content and C{end(info)} the final size. Turns on
+        body parsing."""
+        self.attachment_hook_list.append(hook)
+        self.parse_body = True
+
+    def add_body_filter(self, content_type: str | re.Pattern[str], fn: Any) -> None:
+        """Rewrite text parts whose type matches: C{fn(content_type, charset, text) -> text}."""
+        self.body_filters.append(BodyFilter(content_type, fn))
+        self.parse_body = True
+
+    def set_banner(self, text: str, html: str | None = None) -> None:
+        """Append a banner to the text (and HTML) parts of the message."""
+        self.banner = Banner(text, html)
+        self.parse_body = True
 
     def auth_results(self, result: str) -> None:
         """Add a method result (e.g. "spf=pass smtp.mailfrom=example.com") to this message's

@@ -9,7 +9,7 @@ from twisted.internet.interfaces import IReactorTime
 
 from haraka_tw.hooks.runner import HookRunner
 from haraka_tw.logging import HarakaLog
-from haraka_tw.smtp.protocol import HarakaESMTP
+from haraka_tw.smtp.protocol import HarakaESMTP, SessionCore
 from haraka_tw.smtp.rdns import ReverseLookup
 from haraka_tw.smtp.settings import SessionSettings
 
@@ -49,7 +49,7 @@ class HarakaSMTPFactory(protocol.ServerFactory):
         self.server_notes = server_notes if server_notes is not None else {}
         self.rdns = rdns if rdns is not None else ReverseLookup(reactor)
         self.outbound = outbound
-        self.sessions: set[HarakaESMTP] = set()
+        self.sessions: set[SessionCore] = set()
         self.reactor = reactor
 
     def buildProtocol(self, addr: Any) -> HarakaESMTP:  # type: ignore[override]

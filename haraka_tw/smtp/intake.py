@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from haraka_tw.message.body import BodyParser, BodyRewriter
 from haraka_tw.message.header import Header, HeaderCollector
 from haraka_tw.smtp.connection import Transaction
 from haraka_tw.smtp.data import DataReader
@@ -28,6 +29,8 @@ class MessageEnd:
     long_lines: bool
     bare_lf: int
     bare_cr: int
+    too_many_parts: bool = False
+    plugin_errors: tuple[BaseException, ...] = ()
 
 
 class MessageIntake:
@@ -47,6 +50,7 @@ class MessageIntake:
         self._received = received
         self._collector = HeaderCollector(max_lines=settings.header_max_lines)
         self._reader: DataReader | None = None
+        self._parser: BodyParser | None = None  # when a plugin asked for the MIME body
         self._chunked = 0  # BDAT bytes taken so far
         self._chunk_exceeded = False
 
@@ -79,14 +83,28 @@ class MessageIntake:
 
     def finish(self) -> MessageEnd:
         """The message is complete: end the header if it never ended, and sum up."""
-        if not self._collector.done:
+        if not self._collector.done and not self.discard:
             self._header_done(*self._collector.finish())
-        self.transaction.data_bytes = self.size
+        txn = self.transaction
+        txn.data_bytes = self.size
+        parser, too_many = self._parser, False
+        errors: tuple[BaseException, ...] = ()
+        if parser is not None:
+            txn.message_stream.write(parser.close())
+            txn.body = parser.body
+            txn.mime_part_count = parser.mime_part_count
+            too_many, errors = parser.too_many_parts, tuple(parser.errors)
         reader = self._reader
         if reader is None:
-            return MessageEnd(self._chunked, self._chunk_exceeded, False, 0, 0)
+            return MessageEnd(self._chunked, self._chunk_exceeded, False, 0, 0, too_many, errors)
         return MessageEnd(
-            reader.size, reader.exceeded, reader.long_lines, reader.bare_lf, reader.bare_cr
+            reader.size,
+            reader.exceeded,
+            reader.long_lines,
+            reader.bare_lf,
+            reader.bare_cr,
+            too_many,
+            errors,
         )
 
     @property
@@ -102,6 +120,8 @@ class MessageIntake:
             if split is not None:
                 self._header_done(*split)
             return
+        if self._parser is not None:
+            data = self._parser.feed(data)
         self.transaction.message_stream.write(data)
 
     def _header_done(self, head: bytes, body: bytes) -> None:
@@ -112,4 +132,15 @@ class MessageIntake:
             header.add("Received", self._received)
         txn = self.transaction
         txn.header = header
+        if txn.parse_body:
+            rewriter = None
+            if txn.body_filters or txn.banner is not None:
+                rewriter = BodyRewriter(filters=txn.body_filters, banner=txn.banner)
+            self._parser = BodyParser(
+                header,
+                max_mime_parts=self._settings.max_mime_parts,
+                attachment_hooks=txn.attachment_hook_list,
+                rewriter=rewriter,
+            )
+            body = self._parser.feed(body)
         txn.message_stream.write(body)

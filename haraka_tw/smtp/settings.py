@@ -61,6 +61,7 @@ class SessionSettings:
     max_bytes: int = 26214400
     max_data_line_length: int = 992
     max_recipients: int = 1000
+    max_mime_parts: int = 1000
     header_max_lines: int = 1000
     header_max_received: int = 100
     inactivity_timeout: float = 300.0
@@ -112,6 +113,7 @@ class SessionSettings:
             max_bytes=_int(mx, "bytes", 26214400),
             max_data_line_length=_int(mx, "data_line_length", 992),
             max_recipients=_int(mx, "recipients", 1000),
+            max_mime_parts=_int(mx, "mime_parts", 1000),
             header_max_lines=_int(headers, "max_lines", 1000),
             header_max_received=_int(headers, "max_received", 100),
             inactivity_timeout=timeout,

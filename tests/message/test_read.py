@@ -17,6 +17,7 @@ from haraka_tw.smtp.data import DataReader
 
 
 def stream_of(header: bytes, body: bytes, tmp_path: Path | None = None) -> MessageStream:
+    """A message stream holding ``body``; spooled from the first byte when given a dir."""
     spool = str(tmp_path) if tmp_path is not None else None
     s = MessageStream(Header.parse(header), spool, 0 if tmp_path is not None else -1)
     s.write(body)

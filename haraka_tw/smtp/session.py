@@ -1,0 +1,424 @@
+"""The session core under the protocol: framing, ordering, flow control, replies.
+
+See L{haraka_tw.smtp.protocol} for the class that puts the rooms together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import connectionDone
+from twisted.mail import smtp
+from twisted.python.failure import Failure
+
+from haraka_tw.codes import HookResult
+from haraka_tw.hooks.table import Outcome, Then
+from haraka_tw.logging import Level
+from haraka_tw.smtp import catalogue as S
+from haraka_tw.smtp.command import Command, parse_command
+from haraka_tw.smtp.connection import Connection, State
+from haraka_tw.smtp.intake import MessageIntake
+from haraka_tw.smtp.replies import Reply
+
+if TYPE_CHECKING:
+    from haraka_tw.smtp.factory import HarakaSMTPFactory
+
+
+from haraka_tw.hooks.runner import HookRunner
+from haraka_tw.smtp.settings import SessionSettings
+
+__all__ = ["SessionCore"]
+
+_HOLD_LIMIT = 256 * 1024  # input held while a hook runs before the socket is paused
+_CLOSE_GRACE = 10.0  # seconds a closing client has to read our last words
+_AUTH_LINE_LIMIT = 12288  # RFC 4954 4: lines of an AUTH exchange may be this long
+_V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"  # a PROXY v2 header where a command should be
+
+
+class SessionCore(smtp.ESMTP):
+    """The session's machinery: input framing, one command at a time, flow control,
+    output batching, closing, and turning hook results into replies.
+
+    The rooms that build on it (greeting, envelope, receiving) and the protocol that
+    composes them call each other through the methods declared at the end of this class.
+    """
+
+    factory: HarakaSMTPFactory
+    transport: Any  # a TCP (or TLS, or unix) transport: pause/resumeProducing, abortConnection
+    settings: SessionSettings
+    runner: HookRunner
+    _commands: dict[str, Callable[[Command], Deferred[Any] | None]]
+
+    def __init__(self) -> None:
+        smtp.ESMTP.__init__(self)
+        self.connection: Connection | None = None
+        self._inbuf = bytearray()
+        self._out: list[bytes] = []
+        self._busy = False
+        self._closing = False
+        self._paused = False  # reading from the socket is paused
+        self._held = False  # too much input while a hook runs
+        self._output_full = False  # the client is not reading our replies
+        self._loop_reply: Reply | None = None
+        self._on_idle: list[Callable[[], None]] = []
+        self._line_waiter: Deferred[bytes] | None = None
+        self._tls_waiter: Deferred[None] | None = None
+        self._proxy_timer: Any = None
+        self._abort_call: Any = None
+        # A message being received: by DATA (_in_data), or by BDAT chunks (_chunk_left).
+        self._intake: MessageIntake | None = None
+        self._in_data = False
+        self._chunk_left = 0
+        self._chunk_last = False
+        self._chunk_refusal: Reply | None = None  # a BDAT chunk read only to be refused
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.setTimeout(None)
+        self._cancel_proxy_timer()
+        if self._abort_call is not None and self._abort_call.active():
+            self._abort_call.cancel()
+        self._in_data = False
+        conn = self.connection
+        self.factory.sessions.discard(self)
+        if conn is None:
+            return
+        conn.remote.closed = True
+        conn.state = State.DISCONNECTED
+        self._closing = True  # nothing more is parsed: buffered commands die with the client
+        self._intake = None
+        self._chunk_left = 0
+        self._inbuf.clear()
+        for waiter in (self._line_waiter, self._tls_waiter):
+            if waiter is not None and not waiter.called:
+                waiter.errback(reason)
+        self._line_waiter = self._tls_waiter = None
+        # A hook may still be working on the transaction (a queue plugin writing the message
+        # in a thread): end the transaction only once it has answered.
+        self._when_idle(self._cleanup)
+
+    def _cleanup(self) -> None:
+        d = self._reset_transaction()
+        if d is None:
+            self._disconnected()
+        else:
+            d.addBoth(lambda _: self._disconnected())
+
+    def _disconnected(self) -> None:
+        conn = self._conn
+        d = self.runner.run("disconnect", conn)
+        d.addBoth(lambda _: conn.log(Level.NOTICE, "disconnect", **conn.summary()))
+
+    def timeoutConnection(self) -> None:
+        """No input for the phase's timeout: 421 and close."""
+        self._send(S.S421_TIMEOUT)
+        self._close()
+
+    def shutdown(self) -> None:
+        """The server is stopping: 421 to the client and close."""
+        self._send(S.S421_SHUTDOWN)
+        self._close()
+
+    def dataReceived(self, data: bytes) -> None:
+        """Bytes from the client: message bytes in bulk, else into the command buffer."""
+        if self._closing:
+            return
+        self.resetTimeout()
+        conn = self._conn
+        conn.bytes_in += len(data)
+        if conn.state is State.PROXY:
+            self._inbuf += data
+            self._proxy_header()
+            self._flush()
+            return
+        if conn.state is State.CONNECTING:
+            conn.early_talker = True
+        if (self._in_data or self._chunk_left) and not self._inbuf and not self._busy:
+            data = self._take_message_bytes(data)
+        self._inbuf += data
+        self._pump()
+
+    def _pump(self) -> None:
+        """Work through buffered input until it runs out or a hook is pending."""
+        while not self._closing and self._inbuf and not self._output_full:
+            if self._line_waiter is not None:
+                if not self._deliver_line():
+                    break
+                continue
+            if self._busy:
+                break
+            if self._in_data or self._chunk_left:
+                data = bytes(self._inbuf)
+                self._inbuf.clear()
+                self._inbuf[:0] = self._take_message_bytes(data)
+                continue
+            line = self._next_line(self.settings.max_line_length)
+            if line is None:
+                break
+            self._command(line)
+        if self._busy and len(self._inbuf) > _HOLD_LIMIT:
+            self._held = True
+        elif not self._busy and len(self._inbuf) < _HOLD_LIMIT // 4:
+            self._held = False
+        self._reading_paused(self._held or self._output_full)
+        self._flush()
+
+    def pauseProducing(self) -> None:
+        self._output_full = True
+        self._reading_paused(True)
+
+    def resumeProducing(self) -> None:
+        self._output_full = False
+        self._reading_paused(self._held)
+        self._pump()
+
+    def stopProducing(self) -> None:
+        self._output_full = True
+
+    def _reading_paused(self, paused: bool) -> None:
+        """Stop or restart reading from the socket (input held, or output not drained)."""
+        if paused == self._paused or self.transport is None:
+            return
+        self._paused = paused
+        if paused:
+            self.transport.pauseProducing()
+        else:
+            self.transport.resumeProducing()
+
+    def _next_line(self, limit: int) -> bytes | None:
+        """Cut one line from the buffer; None to wait for more. Too long: 521 and close."""
+        buf = self._inbuf
+        if buf[:1] == b"\x16" and bytes(buf[1:2]) in (b"", b"\x03"):
+            # A TLS ClientHello on a plaintext port: say so in the clear, then close.
+            self._send(S.S554_TLS_ON_PLAINTEXT)
+            self._close()
+            return None
+        if buf[:4] == b"\r\n\r\n" and _V2_SIGNATURE.startswith(bytes(buf[:12])):
+            if len(buf) < len(_V2_SIGNATURE):
+                return None  # maybe a PROXY v2 header: wait for its signature to finish
+            self.do_PROXY(parse_command(b"PROXY"))
+            return None
+        nl = buf.find(b"\n", 0, limit)
+        if nl < 0:
+            if len(buf) > limit:
+                self._inbuf.clear()
+                self._send(S.S521_LINE_TOO_LONG)
+                self._close()
+            return None
+        line = bytes(buf[: nl + 1])
+        del buf[: nl + 1]
+        return line
+
+    def _deliver_line(self) -> bool:
+        """Hand the next raw line to a plugin waiting in read_line(); False to wait."""
+        line = self._next_line(_AUTH_LINE_LIMIT)
+        if line is None:
+            return False
+        waiter, self._line_waiter = self._line_waiter, None
+        assert waiter is not None
+        waiter.callback(line.rstrip(b"\r\n"))
+        return True
+
+    def _command(self, line: bytes) -> None:
+        conn = self._conn
+        cmd = parse_command(line)
+        conn.current_command = cmd
+        if self.factory.log.enabled(Level.PROTOCOL):
+            self._log(Level.PROTOCOL, f"C: {cmd.raw.decode('utf-8', 'replace')}")
+        if conn.state is State.LOOP and cmd.verb != "QUIT":
+            assert self._loop_reply is not None
+            self._send(self._loop_reply)
+            return
+        if cmd.bad_bytes:
+            conn.errors += 1
+            self._send(S.S501_BAD_BYTES)
+            return
+        if cmd.has_8bit and not (
+            cmd.verb in ("MAIL", "RCPT") and self.settings.smtputf8 and conn.esmtp
+        ):
+            conn.errors += 1
+            self._send(S.S501_8BIT)
+            return
+        if self._inbuf:
+            conn.pipelining = True  # the client sent more before reading this reply
+        handler = self._commands.get(cmd.verb)
+        try:
+            if handler is None:
+                d = self.runner.run("unrecognized_command", conn, cmd.verb, cmd.argument)
+                self._wait(d.addCallback(self._unrecognized_answered))
+            else:
+                self._wait(handler(cmd))
+        except Exception:
+            self._internal_error(Failure())
+
+    def _wait(self, d: Deferred[Any] | None) -> None:
+        """Hold further commands until C{d} fires (at once, for synchronous hooks)."""
+        if d is None:
+            return
+        finished: list[Any] = []
+        d.addBoth(finished.append)
+        if finished:
+            if isinstance(finished[0], Failure):
+                self._internal_error(finished[0])
+            return
+        self._busy = True
+
+        def resume(result: Any) -> None:
+            if isinstance(result, Failure):
+                self._internal_error(result)
+            self._set_idle()
+
+        d.addBoth(lambda _: resume(finished[0]))
+
+    def _set_idle(self) -> None:
+        """The pending work is done: run what waited for it, then read on."""
+        self._busy = False
+        waiting, self._on_idle = self._on_idle, []
+        for fn in waiting:
+            fn()
+        self._pump()
+
+    def _when_idle(self, fn: Callable[[], None]) -> None:
+        """Call C{fn} now, or once the pending hook has answered."""
+        if self._busy:
+            self._on_idle.append(fn)
+        else:
+            fn()
+
+    def _reply_for(self, row: Outcome, result: HookResult, recipient: str = "") -> Reply:
+        """The row's reply, with the plugin's text (or whole Reply) when it gave one, and
+        the placeholders {me} {remote} {sender} {recipient} {uuid} filled."""
+        base = row.reply if row.reply is not None else S.S451_INTERNAL
+        given = result.message
+        if isinstance(given, Reply):
+            # A plugin's whole Reply stands (a DSN may turn 450 into 550), but it cannot
+            # turn a refusal into a success or the other way round.
+            if (given.code < 400) == (base.code < 400):
+                return given
+            given = list(given.lines)
+            result = HookResult(result.code, given, result.plugin)
+        reply = base.with_text(result.text) if result.text else base
+        if not any("{" in line for line in reply.lines):
+            return reply
+        conn = self._conn
+        txn = conn.transaction
+        return reply.fill(
+            {
+                "me": self.settings.me,
+                "remote": self._remote_name(),
+                "sender": txn.mail_from.format() if txn is not None and txn.mail_from else "<>",
+                "recipient": recipient or "<>",
+                "uuid": txn.uuid if txn is not None else conn.uuid,
+            }
+        )
+
+    def _act(self, row: Outcome, result: HookResult, recipient: str = "") -> None:
+        """Reply as the row says and move to its next state."""
+        if row.reply is None:
+            return
+        reply = self._reply_for(row, result, recipient)
+        self._send(reply)
+        if row.then is Then.CLOSE:
+            self._close()
+        elif row.then is Then.LOOP:
+            self._loop(reply)
+
+    def _loop(self, reply: Reply) -> None:
+        self._conn.state = State.LOOP
+        self._loop_reply = reply
+
+    def _reset_transaction(self) -> Deferred[Any] | None:
+        """End the open transaction (running reset_transaction); None when there is none."""
+        conn = self._conn
+        txn = conn.transaction
+        self._intake = None
+        self._in_data = False
+        if txn is None:
+            return None
+
+        def drop(_: Any) -> None:
+            if conn.transaction is txn:
+                conn.transaction = None
+            txn.close()
+
+        return self.runner.run("reset_transaction", conn).addBoth(drop)
+
+    @staticmethod
+    def _count(counts: Any, code: int) -> None:
+        """Count a reply as accept, tempfail or reject."""
+        if code < 400:
+            counts.accept += 1
+        elif code < 500:
+            counts.tempfail += 1
+        else:
+            counts.reject += 1
+
+    def _send(self, reply: Reply) -> None:
+        conn = self._conn
+        if conn.remote.closed or self._closing:
+            return
+        data = reply.to_bytes(enhanced=conn.esmtp)
+        conn.last_reply = data
+        if self.factory.log.enabled(Level.PROTOCOL):
+            self._log(Level.PROTOCOL, f"S: {conn.last_response}")
+        self._out.append(data)
+
+    def _flush(self) -> None:
+        if self._out and self.transport is not None:
+            data = b"".join(self._out)
+            self._out.clear()
+            self.transport.write(data)
+
+    def _close(self) -> None:
+        if self._closing:
+            return
+        self._flush()
+        self._closing = True
+        self._conn.state = State.DISCONNECTING
+        self._inbuf.clear()
+        self._reading_paused(False)
+        self.transport.loseConnection()
+        # A client that never reads would keep the socket (and our output) for ever.
+        self._abort_call = self.callLater(_CLOSE_GRACE, lambda: self.transport.abortConnection())
+
+    def _internal_error(self, failure: Failure) -> None:
+        """A bug in the core or an unexpected failure: log it, answer 451, carry on."""
+        self.factory.log.log(
+            Level.CRIT,
+            f"internal error: {failure.getTraceback()}",
+            uuid=self.connection.uuid if self.connection else None,
+        )
+        self._send(S.S451_INTERNAL)
+        self._flush()
+
+    @property
+    def _conn(self) -> Connection:
+        conn = self.connection
+        assert conn is not None
+        return conn
+
+    def _remote_name(self) -> str:
+        remote = self._conn.remote
+        return f"{remote.host} [{remote.ip}]" if remote.host else f"[{remote.ip}]"
+
+    def _log(self, level: Level, message: str) -> None:
+        if self.factory.log.enabled(level):
+            self._conn.log(level, message)
+
+    # -- provided by the rooms built on this one -----------------------------------------
+
+    def _proxy_header(self) -> None:
+        raise NotImplementedError
+
+    def _cancel_proxy_timer(self) -> None:
+        raise NotImplementedError
+
+    def do_PROXY(self, cmd: Command) -> None:
+        raise NotImplementedError
+
+    def _take_message_bytes(self, data: bytes) -> bytes:
+        raise NotImplementedError
+
+    def _unrecognized_answered(self, result: HookResult) -> Deferred[Any] | None:
+        raise NotImplementedError
