@@ -52,6 +52,7 @@ __all__ = [
     "IResetTransactionHook",
     "IRsetHook",
     "ISendEmailHook",
+    "IShutdown",
     "IUnrecognizedCommandHook",
     "IVrfyHook",
 ]
@@ -66,6 +67,10 @@ class IPluginContext(Interface):
     )
     log = Attribute("A L{haraka_tw.logging.PluginLogger} whose lines carry the plugin's name.")
     server_notes = Attribute("A dict shared by every plugin and connection of this server.")
+    reactor = Attribute(
+        "The reactor the server runs on (IReactorTime and friends): use it for timers "
+        "instead of importing the global reactor, so tests can pass a task.Clock."
+    )
 
     def set_priority(hook: str, priority: int) -> None:
         """Run this plugin's C{hook} at C{priority} (-100 first .. 100 last, default 0).
@@ -84,6 +89,13 @@ class IRegistration(Interface):
         @raise Exception: any exception stops start-up with a message naming the plugin
             (unless smtp.ini ignore_bad_plugins is set).
         """
+
+
+class IShutdown(Interface):
+    """A plugin with something to stop (timers, connections) when the server stops."""
+
+    def shutdown() -> None:
+        """Called once when the service stops, after the listeners have closed."""
 
 
 # -- Connection phase -------------------------------------------------------------------

@@ -60,6 +60,7 @@ class HarakaServer:
                 log=self.log,
                 server_notes=self.notes,
                 ignore_bad_plugins=bool(smtp_ini.get("ignore_bad_plugins")),
+                reactor=reactor,
             )
         except PluginLoadError as e:
             raise StartupError(str(e)) from e

@@ -27,8 +27,17 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IReactorTime, IStreamServerEndpoint
 
 from haraka_tw.codes import Code, HookResult
+from haraka_tw.interfaces import IShutdown
 from haraka_tw.logging import Level
 from haraka_tw.server import HarakaServer, StartupError
+from haraka_tw.tls import (
+    ImplicitTLS,
+    ImplicitTLSEndpoint,
+    ServerTLS,
+    TLSConfigError,
+    implicit_tls,
+    server_tls,
+)
 
 __all__ = ["HarakaService", "parse_listen"]
 
@@ -42,19 +51,33 @@ def _escape(text: str) -> str:
     return text.replace("\\", "\\\\").replace(":", "\\:").replace("=", "\\=")
 
 
+def _is_tls_host_port(entry: str) -> bool:
+    """C{tls:} then a host:port form with a port (not an endpoint string, and not Twisted's
+    own C{tls:/dir/of/pems:...} endpoint)."""
+    if entry[:4].lower() != "tls:" or entry[4:].split(":", 1)[0].lower() in _ENDPOINT_KINDS:
+        return False
+    m = _HOST_PORT.match(entry[4:])
+    return m is not None and m.group("port") is not None
+
+
 def parse_listen(text: str, default_port: int = 25) -> list[str]:
     """smtp.ini C{listen} as Twisted endpoint descriptions.
 
     Entries are comma-separated: C{127.0.0.1:2525}, C{[::1]:2525}, C{[::0]:25}, C{127.0.0.1}
     (port 25), C{:2525} or C{*:2525} (every IPv4 address), or an endpoint string such as
-    C{tcp:2525:interface=127.0.0.1} or C{unix:/run/haraka.sock}.
+    C{tcp:2525:interface=127.0.0.1} or C{unix:/run/haraka.sock}. C{tls:} before a
+    host:port form (C{tls:127.0.0.1:465}) makes that listener TLS from the first byte; it is
+    written C{tls:tcp:465:interface=127.0.0.1} (see L{haraka_tw.tls.implicit_tls}).
 
     @raise ValueError: for an entry that is none of these, naming it.
     """
-    out = []
+    out: list[str] = []
     for raw in text.split(","):
         entry = raw.strip()
         if not entry:
+            continue
+        if _is_tls_host_port(entry):
+            out.extend(f"tls:{spec}" for spec in parse_listen(entry[4:], default_port))
             continue
         if entry.split(":", 1)[0].lower() in _ENDPOINT_KINDS:
             out.append(entry)
@@ -102,6 +125,21 @@ class HarakaService(MultiService):
             except ValueError as e:
                 raise StartupError(str(e)) from e
         self.endpoints = list(endpoints)
+        # Implicit TLS (tls: entries, and listeners on smtps_port): TLS from the first byte.
+        self._implicit_tls: dict[int, ImplicitTLS] = {}
+        self._tls: ServerTLS | None = None
+        try:
+            self.smtps_port = int(smtp.get("smtps_port", 465) or 0)
+            for index, spec in enumerate(self.endpoints):
+                found = implicit_tls(spec, self.smtps_port) if isinstance(spec, str) else None
+                if found is not None:
+                    self._implicit_tls[index] = found
+            if self._implicit_tls:
+                self._tls = server_tls(
+                    server.config, server.notes, lambda m: server.log.log(Level.NOTICE, m)
+                )
+        except (TLSConfigError, ValueError) as e:
+            raise StartupError(f"implicit TLS: {e}") from e
         self.force_shutdown_timeout = float(smtp.get("force_shutdown_timeout", 30))
         self.graceful = bool(smtp.get("graceful_shutdown", True))
         self.watch_interval = watch_interval
@@ -129,8 +167,8 @@ class HarakaService(MultiService):
     def privilegedStartService(self) -> None:
         """Bind every listener now (as root, before twistd's -u/-g drop)."""
         factory = self.server.factory
-        for spec in self.endpoints:
-            endpoint = serverFromString(self.reactor, spec) if isinstance(spec, str) else spec
+        for index, spec in enumerate(self.endpoints):
+            endpoint = self._endpoint(index, spec)
             d = endpoint.listen(factory)
             failures: list[Any] = []
             d.addCallbacks(self.ports.append, failures.append)
@@ -138,6 +176,14 @@ class HarakaService(MultiService):
                 raise StartupError(f"cannot listen on {spec}: {failures[0].getErrorMessage()}")
             self.server.log.log(Level.NOTICE, f"listening on {spec}")
         super().privilegedStartService()
+
+    def _endpoint(self, index: int, spec: str | IStreamServerEndpoint) -> IStreamServerEndpoint:
+        """The endpoint to listen on; an implicit TLS one wraps its plain endpoint in TLS."""
+        tls = self._implicit_tls.get(index)
+        if tls is not None and self._tls is not None:
+            plain = serverFromString(self.reactor, tls.endpoint)
+            return ImplicitTLSEndpoint(plain, self._tls.creator_for_port(tls.port))
+        return serverFromString(self.reactor, spec) if isinstance(spec, str) else spec
 
     def startService(self) -> None:
         if not self.ports:
@@ -185,6 +231,12 @@ class HarakaService(MultiService):
         if self._old_sighup is not None:
             signal.signal(signal.SIGHUP, self._old_sighup)
             self._old_sighup = None
+        for loaded in self.server.runner.plugins:
+            if IShutdown.providedBy(loaded.plugin):
+                try:
+                    loaded.plugin.shutdown()
+                except Exception as e:
+                    self.server.log.log(Level.ERROR, f"shutdown failed: {e!r}", origin=loaded.name)
         ports, self.ports = self.ports, []
         stopped = [defer.maybeDeferred(p.stopListening) for p in ports]
         d: Deferred[Any] = defer.gatherResults(stopped, consumeErrors=True)

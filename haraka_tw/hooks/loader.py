@@ -50,6 +50,7 @@ class PluginContext:
     config: Any
     log: PluginLogger
     server_notes: dict[str, Any]
+    reactor: Any = None
     priorities: dict[str, int] = field(default_factory=dict)
 
     def set_priority(self, hook: str, priority: int) -> None:
@@ -121,6 +122,7 @@ def load_plugins(
     log: HarakaLog,
     server_notes: dict[str, Any],
     ignore_bad_plugins: bool = False,
+    reactor: Any = None,
 ) -> list[LoadedPlugin]:
     """Create and register every plugin named, in order; a repeated name loads once.
 
@@ -135,7 +137,7 @@ def load_plugins(
             continue
         seen.add(name)
         try:
-            loaded.append(_load_one(name, config, log, server_notes))
+            loaded.append(_load_one(name, config, log, server_notes, reactor))
         except PluginLoadError as e:
             if not ignore_bad_plugins:
                 raise
@@ -143,13 +145,19 @@ def load_plugins(
     return loaded
 
 
-def _load_one(name: str, config: Any, log: HarakaLog, server_notes: dict[str, Any]) -> LoadedPlugin:
+def _load_one(
+    name: str, config: Any, log: HarakaLog, server_notes: dict[str, Any], reactor: Any
+) -> LoadedPlugin:
     factory = resolve(name)
     try:
         plugin = factory()
     except Exception as e:
         raise PluginLoadError(name, f"factory raised {type(e).__name__}: {e}") from e
-    context = PluginContext(name, config, log.for_origin(name), server_notes)
+    if reactor is None:
+        from twisted.internet import reactor as global_reactor
+
+        reactor = global_reactor
+    context = PluginContext(name, config, log.for_origin(name), server_notes, reactor)
     if IRegistration.providedBy(plugin):
         try:
             plugin.register(context)

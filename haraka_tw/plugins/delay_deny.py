@@ -149,7 +149,7 @@ class Plugin:
         if notes is not None:
             notes.setdefault(FAIL_NOTE, {})[plugin] = 1
 
-    def hook_rcpt_ok(self, connection: Connection, recipient: Address) -> Any:
+    def hook_rcpt_ok(self, connection: Connection, recipient: Address) -> Code | tuple[Code, Any]:
         txn = connection.transaction
         if txn is None:
             return CONT

@@ -32,7 +32,13 @@ from twisted.internet.task import LoopingCall
 from zope.interface import implementer
 
 from haraka_tw.codes import CONT, DENYSOFTDISCONNECT, Code
-from haraka_tw.interfaces import IConnectHook, IInitMasterHook, IPluginContext, IRegistration
+from haraka_tw.interfaces import (
+    IConnectHook,
+    IInitMasterHook,
+    IPluginContext,
+    IRegistration,
+    IShutdown,
+)
 from haraka_tw.smtp.connection import Connection
 
 __all__ = ["MESSAGE", "SMOOTHING", "LagMonitor", "Plugin"]
@@ -92,7 +98,7 @@ def _milliseconds(value: Any, what: str) -> float:
     return number / 1000
 
 
-@implementer(IRegistration, IInitMasterHook, IConnectHook)
+@implementer(IRegistration, IInitMasterHook, IConnectHook, IShutdown)
 class Plugin:
     name = "toobusy"
 
@@ -150,6 +156,8 @@ class Plugin:
     def stop(self) -> None:
         """Stop measuring (the last lag measured stays in force)."""
         self.monitor.stop()
+
+    shutdown = stop  # IShutdown: the service stops the LoopingCall on stop
 
     def hook_init_master(self, server: Any) -> Code:
         self.start()

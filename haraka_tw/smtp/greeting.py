@@ -52,6 +52,12 @@ class Greeting(SessionCore):
         self.setTimeout(self.settings.inactivity_timeout)
         self._log(Level.PROTOCOL, f"connect ip={conn.remote.ip} port={conn.remote.port}")
         self._busy = True
+        limit = self.settings.max_connections
+        if limit and len(self.factory.sessions) > limit:
+            conn.log(Level.WARN, f"connection limit {limit} reached: refusing {conn.remote.ip}")
+            self._send(S.S421_TOO_MANY_CONNECTIONS)
+            self._close()
+            return
         if self._proxy_allowed(conn.remote.ip):
             conn.state = State.PROXY
             conn.proxy.allowed = True

@@ -182,7 +182,5 @@ class HarakaESMTP(Greeting, Envelope, Receiving):
                 return handler(alias)
             conn.log(Level.ERROR, f"HOOK_NEXT names no core command: {name!r}", result.plugin)
             result = HookResult(Code.CONT)
-        if result.code in (Code.CONT, Code.DENY):
-            conn.errors += 1
         self._act(outcome("unrecognized_command", result.code), result)
         return None

@@ -32,6 +32,7 @@ from haraka_tw.smtp.settings import SessionSettings
 __all__ = ["SessionCore"]
 
 _HOLD_LIMIT = 256 * 1024  # input held while a hook runs before the socket is paused
+_CLIENT_ERRORS = frozenset({500, 501, 502, 503, 504, 555})
 _CLOSE_GRACE = 10.0  # seconds a closing client has to read our last words
 _AUTH_LINE_LIMIT = 12288  # RFC 4954 4: lines of an AUTH exchange may be this long
 _V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"  # a PROXY v2 header where a command should be
@@ -231,13 +232,11 @@ class SessionCore(smtp.ESMTP):
             self._send(self._loop_reply)
             return
         if cmd.bad_bytes:
-            conn.errors += 1
             self._send(S.S501_BAD_BYTES)
             return
         if cmd.has_8bit and not (
             cmd.verb in ("MAIL", "RCPT") and self.settings.smtputf8 and conn.esmtp
         ):
-            conn.errors += 1
             self._send(S.S501_8BIT)
             return
         if self._inbuf:
@@ -358,6 +357,8 @@ class SessionCore(smtp.ESMTP):
         conn = self._conn
         if conn.remote.closed or self._closing:
             return
+        if reply.code in _CLIENT_ERRORS:
+            conn.errors += 1  # as Haraka: syntax and sequence errors count against the client
         data = reply.to_bytes(enhanced=conn.esmtp)
         conn.last_reply = data
         if self.factory.log.enabled(Level.PROTOCOL):

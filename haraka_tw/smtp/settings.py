@@ -62,6 +62,7 @@ class SessionSettings:
     max_data_line_length: int = 992
     max_recipients: int = 1000
     max_mime_parts: int = 1000
+    max_connections: int = 5000
     header_max_lines: int = 1000
     header_max_received: int = 100
     inactivity_timeout: float = 300.0
@@ -114,6 +115,7 @@ class SessionSettings:
             max_data_line_length=_int(mx, "data_line_length", 992),
             max_recipients=_int(mx, "recipients", 1000),
             max_mime_parts=_int(mx, "mime_parts", 1000),
+            max_connections=_int(smtp_main, "max_connections", 5000),
             header_max_lines=_int(headers, "max_lines", 1000),
             header_max_received=_int(headers, "max_received", 100),
             inactivity_timeout=timeout,

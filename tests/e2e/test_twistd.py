@@ -292,7 +292,7 @@ class ReloadTests(TwistdTestCase):
         proc = self.start_foreground()
         write_config(self.config, {"connection.ini": "[max\nbytes=5\n"})
         proc.send_signal(signal.SIGHUP)
-        warned = poll(lambda: "keeping the last good connection.ini" in self.output(), 5)
+        warned = poll(lambda: "keeping the last good connection.ini" in self.output(), 15)
         self.assertTrue(warned, self.output())
         self.assertIn("connection.ini:1:", self.output())
         self.assertEqual(ehlo_size(self.port), "26214400")

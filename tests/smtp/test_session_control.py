@@ -194,3 +194,18 @@ class PlaintextPortTests(SynchronousTestCase):
             ),
             stored[0][:200],
         )
+
+
+class ConnectionLimitTests(SynchronousTestCase):
+    def test_total_connection_limit(self) -> None:
+        """Past smtp.ini max_connections a new client gets 421 and is closed at once."""
+        from haraka_tw.smtp.settings import SessionSettings
+
+        first = Session(settings=SessionSettings(me="mx.test", max_connections=1))
+        other = first.factory.buildProtocol(first.transport.getPeer())
+        from twisted.internet.testing import StringTransport
+
+        transport = StringTransport()
+        other.makeConnection(transport)
+        self.assertEqual(transport.value(), b"421 Too many connections, try again later\r\n")
+        self.assertTrue(transport.disconnecting)

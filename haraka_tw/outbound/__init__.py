@@ -1,0 +1,1 @@
+"""Outbound delivery: the queue, the scheduler, MX lookup and the SMTP/LMTP client."""
