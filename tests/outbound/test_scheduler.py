@@ -1,0 +1,147 @@
+"""The relay manager's ordering and limits, on task.Clock."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from haraka_tw.outbound.scheduler import DeliveryScheduler, DomainLimits, Limits
+from tests.support import ListLog
+
+
+@dataclass
+class Item:
+    key: str
+    domain: str
+    due: float = 0.0
+
+
+class SchedulerTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.started: list[str] = []
+        self.pending: dict[str, Deferred[None]] = {}
+        self.log = ListLog()
+
+    def attempt(self, item: Item) -> Deferred[None]:
+        self.started.append(item.key)
+        d: Deferred[None] = Deferred()
+        self.pending[item.key] = d
+        return d
+
+    def finish(self, key: str) -> None:
+        self.pending.pop(key).callback(None)
+        self.clock.advance(0)
+
+    def scheduler(self, limits: Limits | None = None) -> DeliveryScheduler:
+        s = DeliveryScheduler(
+            self.clock,
+            self.attempt,
+            due=lambda i: i.due,
+            domain_of=lambda i: i.domain,
+            key_of=lambda i: i.key,
+            limits=limits,
+            log=self.log,
+        )
+        s.start()
+        self.addCleanup(s.stop)
+        return s
+
+    def test_due_entries_start_in_time_order(self) -> None:
+        """Entries start when due, earliest first; a future entry waits for its time."""
+        s = self.scheduler()
+        s.add(Item("late", "a.test", due=30))
+        s.add(Item("now", "a.test", due=0))
+        s.add(Item("soon", "a.test", due=5))
+        self.clock.advance(0)
+        self.assertEqual(self.started, ["now"])
+        self.clock.advance(5)
+        self.assertEqual(self.started, ["now", "soon"])
+        self.clock.advance(25)
+        self.assertEqual(self.started, ["now", "soon", "late"])
+
+    def test_global_concurrency(self) -> None:
+        """No more than concurrency_max attempts at once; the next starts when one ends."""
+        s = self.scheduler(Limits(concurrency_max=2))
+        for i in range(5):
+            s.add(Item(f"m{i}", f"d{i}.test"))
+        self.clock.advance(0)
+        self.assertEqual(len(self.started), 2)
+        self.finish(self.started[0])
+        self.assertEqual(len(self.started), 3)
+        self.assertEqual(s.active, 2)
+
+    def test_per_domain_concurrency(self) -> None:
+        """A domain's concurrency limit holds its entries while others go on."""
+        s = self.scheduler(Limits(domains={"slow.test": DomainLimits(concurrency=1)}))
+        for i in range(3):
+            s.add(Item(f"s{i}", "slow.test"))
+        s.add(Item("f0", "fast.test"))
+        self.clock.advance(0)
+        self.assertEqual(sorted(self.started), ["f0", "s0"])
+        self.finish("s0")
+        self.assertIn("s1", self.started)
+        self.assertNotIn("s2", self.started)
+
+    def test_per_domain_rate(self) -> None:
+        """rate_per_minute: a burst up to the rate, then one message per 60/rate seconds."""
+        s = self.scheduler(Limits(domains={"rated.test": DomainLimits(rate_per_minute=2)}))
+        for i in range(4):
+            s.add(Item(f"r{i}", "rated.test"))
+        self.clock.advance(0)
+        for key in list(self.pending):
+            self.finish(key)
+        self.assertEqual(self.started, ["r0", "r1"])
+        self.clock.advance(29)
+        self.assertEqual(len(self.started), 2)
+        self.clock.advance(1.5)
+        self.assertEqual(len(self.started), 3)
+
+    def test_flush_and_disabled(self) -> None:
+        """flush(domain) makes waiting entries due now; disabled starts nothing until cleared."""
+        s = self.scheduler()
+        s.disabled = True
+        s.add(Item("a", "x.test", due=1000))
+        s.add(Item("b", "y.test", due=1000))
+        self.assertEqual(s.flush("x.test"), 1)
+        self.clock.advance(1)
+        self.assertEqual(self.started, [])
+        s.disabled = False
+        s.run_due()
+        self.assertEqual(self.started, ["a"])
+        self.assertEqual(s.pending(), {"y.test": 1})
+
+    def test_remove_waiting_entry(self) -> None:
+        """remove() takes a waiting entry out; it never starts."""
+        s = self.scheduler()
+        s.add(Item("gone", "x.test", due=10))
+        self.assertTrue(s.remove("gone"))
+        self.clock.advance(20)
+        self.assertEqual(self.started, [])
+        self.assertFalse(s.remove("gone"))
+
+    def test_readding_while_in_flight(self) -> None:
+        """An attempt that reschedules its own entry (same key) gets it queued again."""
+        s = self.scheduler()
+        item = Item("again", "x.test")
+        s.add(item)
+        self.clock.advance(0)
+        s.add(Item("again", "x.test", due=60))
+        self.finish("again")
+        self.clock.advance(60)
+        self.assertEqual(self.started, ["again", "again"])
+
+    def test_failed_attempt_is_logged_and_frees_the_slot(self) -> None:
+        """An attempt that errors is logged at CRIT; its slot is freed."""
+        s = self.scheduler(Limits(concurrency_max=1))
+        s.add(Item("bad", "x.test"))
+        s.add(Item("next", "x.test"))
+        self.clock.advance(0)
+        self.pending.pop("bad").errback(RuntimeError("boom"))
+        self.clock.advance(0)
+        self.assertEqual(self.started, ["bad", "next"])
+        self.assertTrue(any("boom" in m for m in self.log.messages()))
