@@ -9,12 +9,16 @@ C{tests.e2e.test_tls:Probe}, writes down at MAIL what the session knew about its
 
 from __future__ import annotations
 
+import os
 import re
+import select
 import shutil
 import smtplib
 import ssl
 import subprocess
 import sys
+import time
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -73,7 +77,6 @@ def tls_files(p: PKI, ini: str = "", plugins: str = PLUGINS) -> dict[str, str]:
     """Config files: the tls plugin with mx.test in tls.ini and other.test in tls/."""
     return {
         "plugins": plugins,
-        "maildir.ini": "[main]\nfsync=false\n",
         "tls.ini": f"[main]\nkey={p.mx.key}\ncert={p.mx.cert}\nca={p.ca}\n{ini}",
         "tls/other.pem": p.other.bundle.read_text(),
     }
@@ -121,11 +124,36 @@ def client_context(cert: Issued | None = None) -> ssl.SSLContext:
     return ctx
 
 
-def s_client(args: Sequence[str], stdin: bytes, timeout: float = 10) -> str:
-    """Run C{openssl s_client} with C{args} and scripted input; its stdout and stderr."""
+def s_client(
+    args: Sequence[str], script: bytes, until: bytes = b"\n221 ", timeout: float = 8
+) -> str:
+    """Run C{openssl s_client} with C{args}, send C{script}, read until C{until} has come
+    (or the server closed, or C{timeout}), then close its input so it ends. Returns all it
+    printed (stdout and stderr)."""
     argv = ["openssl", "s_client", "-CAfile", str(pki().ca), "-nocommands", "-crlf", *args]
-    done = subprocess.run(argv, input=stdin, capture_output=True, timeout=timeout, check=False)
-    return (done.stdout + done.stderr).decode("utf-8", "replace")
+    proc = subprocess.Popen(
+        argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    out = bytearray()
+    deadline = time.monotonic() + timeout
+    try:
+        proc.stdin.write(script)
+        proc.stdin.flush()
+        while until not in out and (left := deadline - time.monotonic()) > 0:
+            ready, _, _ = select.select([proc.stdout], [], [], left)
+            piece = os.read(proc.stdout.fileno(), 65536) if ready else b""
+            if not piece:
+                break
+            out += piece
+        proc.stdin.close()
+        remaining, _ = proc.communicate(timeout=5)
+        out += remaining
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return out.decode("utf-8", "replace")
 
 
 SMTP_SCRIPT = (
@@ -157,7 +185,7 @@ class StartTLSTests(unittest.TestCase):
             out = {}
             for name in ("mx.test", "other.test", "x.wild.test", None):
                 sni = ["-servername", name] if name else ["-noservername"]
-                args = ["-starttls", "smtp", "-connect", f"127.0.0.1:{port}", *sni, "-ign_eof"]
+                args = ["-starttls", "smtp", "-connect", f"127.0.0.1:{port}", *sni]
                 out[str(name)] = s_client(args, SMTP_SCRIPT)
             return out
 
@@ -320,9 +348,12 @@ class MinVersionTests(unittest.TestCase):
     def handshake(self, port: int, maximum: ssl.TLSVersion, minimum: Any = None) -> Deferred[Any]:
         def run() -> Any:
             ctx = client_context()
-            ctx.maximum_version = maximum
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # TLS 1.1 is, on purpose
+                ctx.maximum_version = maximum
+                if minimum is not None:
+                    ctx.minimum_version = minimum
             if minimum is not None:
-                ctx.minimum_version = minimum
                 ctx.set_ciphers("DEFAULT:@SECLEVEL=0")
             try:
                 with starttls_ehlo(port, ctx) as smtp:
@@ -347,8 +378,10 @@ class MinVersionTests(unittest.TestCase):
         _server, port, _maildir = start_tls_server(self)
         probe = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         try:
-            probe.minimum_version = ssl.TLSVersion.TLSv1_1
-            probe.maximum_version = ssl.TLSVersion.TLSv1_1
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # TLS 1.1 is, on purpose
+                probe.minimum_version = ssl.TLSVersion.TLSv1_1
+                probe.maximum_version = ssl.TLSVersion.TLSv1_1
             probe.set_ciphers("DEFAULT:@SECLEVEL=0")
         except (ValueError, ssl.SSLError) as e:
             raise unittest.SkipTest(f"this OpenSSL cannot make a TLS 1.1 client: {e}") from e
@@ -374,7 +407,7 @@ class ImplicitTLSTests(unittest.TestCase):
         port = bound_port(service)
 
         def run() -> str:
-            args = ["-connect", f"127.0.0.1:{port}", "-servername", "mx.test", "-ign_eof"]
+            args = ["-connect", f"127.0.0.1:{port}", "-servername", "mx.test"]
             return s_client(args, SMTP_SCRIPT)
 
         def check(out: str) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
