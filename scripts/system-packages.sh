@@ -7,6 +7,8 @@ need=()
 command -v haproxy >/dev/null 2>&1 || need+=(haproxy)
 command -v swaks >/dev/null 2>&1 || need+=(swaks)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
+# swaks speaks TLS through these Perl modules
+perl -MIO::Socket::SSL -e 1 >/dev/null 2>&1 || need+=(libio-socket-ssl-perl libnet-ssleay-perl)
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" != 0 ]; then
     echo "system-packages: not root; missing: ${need[*]}" >&2

@@ -37,6 +37,7 @@ __all__ = [
     "State",
     "TLSInfo",
     "Transaction",
+    "forget_auth",
 ]
 
 
@@ -54,6 +55,15 @@ class SessionControl(Protocol):
     def restart(
         self, remote_ip: str | None, remote_port: int | None, remote_host: str | None
     ) -> Deferred[None]: ...
+
+
+AUTH_NOTES = ("auth_user", "auth_passwd", "auth_method", "auth_fails", "auth_bridge")
+
+
+def forget_auth(connection: Connection) -> None:
+    """Drop what SMTP AUTH established (after STARTTLS, or when XCLIENT names a new client)."""
+    if any(connection.notes.pop(key, None) is not None for key in AUTH_NOTES):
+        connection.relaying = False
 
 
 class State(enum.Enum):

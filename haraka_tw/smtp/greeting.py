@@ -16,7 +16,15 @@ from haraka_tw.hooks.table import Outcome, Then, outcome
 from haraka_tw.logging import Level
 from haraka_tw.smtp import catalogue as S
 from haraka_tw.smtp.command import Command
-from haraka_tw.smtp.connection import Connection, Hello, Local, Remote, SessionControl, State
+from haraka_tw.smtp.connection import (
+    Connection,
+    Hello,
+    Local,
+    Remote,
+    SessionControl,
+    State,
+    forget_auth,
+)
 from haraka_tw.smtp.proxy import ProxyError, ProxyHeader, parse_proxy_header
 from haraka_tw.smtp.replies import Reply
 from haraka_tw.smtp.session import SessionCore
@@ -205,6 +213,7 @@ class Greeting(SessionCore):
 
         def again(_: Any) -> Deferred[Any]:
             conn.uuid = str(uuidlib.uuid4()).upper()
+            forget_auth(conn)
             conn.relaying = False
             conn.hello = Hello()
             conn.esmtp = False

@@ -31,7 +31,7 @@ from haraka_tw.hooks.table import outcome
 from haraka_tw.logging import Level
 from haraka_tw.smtp import catalogue as S
 from haraka_tw.smtp.command import Command
-from haraka_tw.smtp.connection import Hello
+from haraka_tw.smtp.connection import Hello, forget_auth
 from haraka_tw.smtp.envelope import Envelope
 from haraka_tw.smtp.greeting import Greeting
 from haraka_tw.smtp.receiving import Receiving
@@ -82,7 +82,13 @@ class HarakaESMTP(Greeting, Envelope, Receiving):
     def read_line(self) -> Deferred[bytes]:
         if self._line_waiter is not None:
             raise RuntimeError("read_line() called while another read_line() is pending")
-        waiter: Deferred[bytes] = Deferred()
+
+        def cancel(d: Deferred[bytes]) -> None:
+            # The plugin gave up (its hook timed out): the next line is a command again.
+            if self._line_waiter is d:
+                self._line_waiter = None
+
+        waiter: Deferred[bytes] = Deferred(canceller=cancel)
         if self._closing:
             waiter.errback(Failure(ConnectionError("connection closed")))
             return waiter
@@ -104,6 +110,7 @@ class HarakaESMTP(Greeting, Envelope, Receiving):
         conn.hello = Hello()
         conn.esmtp = False
         conn.capabilities = []
+        forget_auth(conn)  # RFC 3207 4.2: nothing the client proved before TLS counts
         self._tls_waiter = Deferred()
         d = self._reset_transaction()
         waiter = self._tls_waiter

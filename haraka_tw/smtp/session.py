@@ -226,7 +226,11 @@ class SessionCore(smtp.ESMTP):
         cmd = parse_command(line)
         conn.current_command = cmd
         if self.factory.log.enabled(Level.PROTOCOL):
-            self._log(Level.PROTOCOL, f"C: {cmd.raw.decode('utf-8', 'replace')}")
+            shown = cmd.raw.decode("utf-8", "replace")
+            words = shown.split()
+            if cmd.verb == "AUTH" and len(words) > 2:  # the initial response holds the password
+                shown = f"{words[0]} {words[1]} [redacted]"
+            self._log(Level.PROTOCOL, f"C: {shown}")
         if conn.state is State.LOOP and cmd.verb != "QUIT":
             assert self._loop_reply is not None
             self._send(self._loop_reply)

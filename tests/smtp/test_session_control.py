@@ -209,3 +209,35 @@ class ConnectionLimitTests(SynchronousTestCase):
         other.makeConnection(transport)
         self.assertEqual(transport.value(), b"421 Too many connections, try again later\r\n")
         self.assertTrue(transport.disconnecting)
+
+
+class AuthStateTests(SynchronousTestCase):
+    def test_cancelled_read_line_gives_lines_back_to_commands(self) -> None:
+        """A read_line() cancelled by a hook timeout leaves the next line to be a command."""
+
+        def waiter(c: Any, verb: str, arg: str) -> Any:
+            return c.read_line() if verb == "XWAIT" else CONT
+
+        s = Session([("w", plugin_with({"unrecognized_command": waiter}))], plugin_timeout=2)
+        s.send(b"EHLO x\r\n")
+        self.assertEqual(s.send(b"XWAIT\r\n"), "")
+        s.clock.advance(2.1)
+        self.assertIn("450", s.read())
+        self.assertEqual(s.send(b"NOOP\r\n"), "250 2.0.0 OK\r\n")
+
+    def test_auth_forgotten_on_restart(self) -> None:
+        """XCLIENT's restart drops AUTH notes and the relaying they gave."""
+        s = Session([("r", plugin_with({"lookup_rdns": lambda c: OK}))])
+        conn = s.connection
+        conn.notes["auth_user"] = "alice"
+        conn.relaying = True
+        conn.restart("198.51.100.9", None, None)
+        self.assertNotIn("auth_user", conn.notes)
+        self.assertFalse(conn.relaying)
+
+    def test_auth_argument_not_logged(self) -> None:
+        """The PROTOCOL log shows AUTH's mechanism, never its initial response."""
+        s = Session()
+        s.send(b"EHLO x\r\nAUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n")
+        lines = [m for m in s.log.messages() if m.startswith("C: AUTH")]
+        self.assertEqual(lines, ["C: AUTH PLAIN [redacted]"])

@@ -67,11 +67,7 @@ from haraka_tw.interfaces import (
     IRegistration,
     IUnrecognizedCommandHook,
 )
-from haraka_tw.smtp.address import Address
-from haraka_tw.smtp.connection import Connection
-from haraka_tw.smtp.replies import Reply
-
-from .sasl import (
+from haraka_tw.plugins.auth.sasl import (
     CRAM_MD5,
     LOGIN,
     LOGIN_PASSWORD_PROMPT,
@@ -86,6 +82,9 @@ from .sasl import (
     encode_challenge,
     parse_plain,
 )
+from haraka_tw.smtp.address import Address
+from haraka_tw.smtp.connection import Connection
+from haraka_tw.smtp.replies import Reply
 
 __all__ = [
     "S235_OK",
@@ -271,12 +270,9 @@ class AuthPlugin:
     extra_booleans: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, reactor: Any = None) -> None:
-        # The plugin loader calls the factory with no arguments; a test passes a Clock.
-        if reactor is None:
-            from twisted.internet import reactor as global_reactor
-
-            reactor = global_reactor
-        self.reactor = reactor
+        # The plugin loader calls the factory with no arguments and gives the server's
+        # reactor at registration; a test may pass a Clock here instead.
+        self.reactor: Any = reactor
         self.settings = AuthSettings()
         self.portal = Portal(AuthRealm())
 
@@ -288,6 +284,12 @@ class AuthPlugin:
 
     def register(self, context: IPluginContext) -> None:
         self.name = context.name
+        if self.reactor is None:
+            self.reactor = getattr(context, "reactor", None)
+        if self.reactor is None:
+            from twisted.internet import reactor as global_reactor
+
+            self.reactor = global_reactor
         self.config = context.config
         self.log = context.log
         self.load()
@@ -544,4 +546,4 @@ class AuthPlugin:
 
 
 def _reply(connection: Connection, reply: Reply) -> None:
-    connection.respond(reply.code, reply, reply.enhanced)
+    connection.respond(reply.code, list(reply.lines), reply.enhanced)

@@ -27,13 +27,12 @@ from typing import Any
 
 from twisted.cred.checkers import ICredentialsChecker
 
+from haraka_tw.plugins.auth.auth_base import AuthCredentials
+from haraka_tw.plugins.auth.auth_proxy import Plugin as AuthProxyPlugin
+from haraka_tw.plugins.auth.auth_proxy import RemoteChecker
+from haraka_tw.plugins.auth.remote_smtp import Endpoint, parse_endpoint
+from haraka_tw.plugins.auth.sasl import PasswordCredentials
 from haraka_tw.smtp.connection import Connection
-
-from .auth_base import AuthCredentials
-from .auth_proxy import Plugin as AuthProxyPlugin
-from .auth_proxy import RemoteChecker
-from .remote_smtp import Endpoint, parse_endpoint
-from .sasl import PasswordCredentials
 
 __all__ = ["Plugin", "read_bridge_host"]
 
@@ -67,7 +66,7 @@ class Plugin(AuthProxyPlugin):
     def make_checker(self, ini: dict[str, dict[str, Any]]) -> ICredentialsChecker:
         self.endpoint = read_bridge_host(self.config.get_ini(BRIDGE_FILE)["main"])
         hosts = [self.endpoint]
-        return RemoteChecker(self.authenticator(ini), lambda _: hosts, getattr(self, "log", None))
+        return RemoteChecker(self.authenticator(ini), lambda _: hosts, self.log)
 
     def authenticated(
         self, connection: Connection, mechanism: str, user: str, credentials: AuthCredentials

@@ -36,9 +36,15 @@ from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
-from .auth_base import AuthPlugin, AuthUnavailable
-from .remote_smtp import Endpoint, RemoteAuthenticator, RemoteError, TLSPolicy, parse_endpoints
-from .sasl import LOGIN, PLAIN
+from haraka_tw.plugins.auth.auth_base import AuthPlugin, AuthUnavailable
+from haraka_tw.plugins.auth.remote_smtp import (
+    Endpoint,
+    RemoteAuthenticator,
+    RemoteError,
+    TLSPolicy,
+    parse_endpoints,
+)
+from haraka_tw.plugins.auth.sasl import LOGIN, PLAIN
 
 __all__ = ["Plugin", "RemoteChecker", "read_domains"]
 
@@ -125,7 +131,7 @@ class Plugin(AuthPlugin):
             timeout=float(timeout),
             tls=TLSPolicy(enabled=True, verify=bool(core.get("tls_verify"))),
             strip_domain=self.strip_domain,
-            log=self.log.protocol if hasattr(self, "log") else None,
+            log=self.log.protocol,
         )
 
     def make_checker(self, ini: dict[str, dict[str, Any]]) -> ICredentialsChecker:
@@ -137,4 +143,4 @@ class Plugin(AuthPlugin):
                 return None
             return domains.get(domain.lower().rstrip("."))
 
-        return RemoteChecker(self.authenticator(ini), route, getattr(self, "log", None))
+        return RemoteChecker(self.authenticator(ini), route, self.log)

@@ -31,7 +31,7 @@ from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
 
-from .auth_base import AuthPlugin
+from haraka_tw.plugins.auth.auth_base import AuthPlugin
 
 __all__ = ["FlatFileChecker", "Plugin", "read_users"]
 
@@ -81,6 +81,5 @@ class Plugin(AuthPlugin):
 
     def make_checker(self, ini: dict[str, dict[str, Any]]) -> ICredentialsChecker:
         checker = FlatFileChecker(read_users(ini.get("users", {})))
-        if hasattr(self, "log"):
-            self.log.debug(f"{len(checker)} users in {self.config_file}")
+        self.log.debug(f"{len(checker)} users in {self.config_file}")
         return checker

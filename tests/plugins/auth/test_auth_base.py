@@ -5,10 +5,17 @@ from __future__ import annotations
 
 import base64
 
+from twisted.cred.credentials import IUsernamePassword
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import alsoProvides
 
 from haraka_tw.logging import Level
-from haraka_tw.plugins.auth.auth_base import domain_allowed, failure_delay, read_settings
+from haraka_tw.plugins.auth.auth_base import (
+    IAuthorizingChecker,
+    domain_allowed,
+    failure_delay,
+    read_settings,
+)
 from haraka_tw.plugins.auth.sasl import MECHANISMS
 from tests.plugins.auth.support import USERS_INI, AuthSession, b64, cram_answer, plain
 from tests.support import reply_codes
@@ -74,6 +81,21 @@ class PlainTests(SynchronousTestCase):
         self.assertEqual(s.send(f"AUTH PLAIN {plain('matt', 'test', 'boss')}\r\n"), "")
         self.assertEqual(s.wait(1), "535 5.7.8 Authentication failed\r\n")
         self.assertNotIn("auth_user", s.connection.notes)
+
+    def test_authzid_allowed_by_checker(self) -> None:
+        """A checker providing IAuthorizingChecker may let a user act as another."""
+        s = AuthSession(self)
+        checker = s.plugin.portal.checkers[IUsernamePassword]
+        alsoProvides(checker, IAuthorizingChecker)
+        checker.may_act_as = lambda user, authzid: (user, authzid) == (b"matt", b"boss")
+        self.assertEqual(s.codes(f"AUTH PLAIN {plain('matt', 'test', 'boss')}\r\n"), [235])
+        self.assertEqual(s.connection.notes["auth_user"], "boss")
+        other = AuthSession(self)
+        checker = other.plugin.portal.checkers[IUsernamePassword]
+        alsoProvides(checker, IAuthorizingChecker)
+        checker.may_act_as = lambda user, authzid: False
+        other.send(f"AUTH PLAIN {plain('matt', 'test', 'boss')}\r\n")
+        self.assertEqual(reply_codes(other.wait(1)), [535])
 
     def test_relaying_after_auth(self) -> None:
         """After AUTH the client may relay: a foreign recipient is accepted by the core."""
@@ -407,3 +429,14 @@ class PolicyTests(SynchronousTestCase):
         s.send(f"AUTH PLAIN {plain('matt', 'test')}\r\n")
         self.assertEqual(reply_codes(s.wait(1)), [535])
         self.assertIn("matt=test", USERS_INI)  # the test users come from the tests only
+
+
+class CredentialLeakTests(SynchronousTestCase):
+    def test_prevent_credential_leaks_sees_the_password(self) -> None:
+        """auth_user and auth_passwd let prevent_credential_leaks refuse a message that
+        gives them away."""
+        s = AuthSession(self, names=["auth/flat_file", "prevent_credential_leaks"])
+        s.send(f"AUTH PLAIN {plain('user@example.com', 'secret')}\r\n")
+        s.send("MAIL FROM:<user@example.com>\r\nRCPT TO:<x@elsewhere.test>\r\nDATA\r\n")
+        out = s.send("Subject: hi\r\n\r\nmy login is user and secret\r\n.\r\n")
+        self.assertIn("550 5.7.1 Credential leak detected", out)
