@@ -4,6 +4,8 @@
   (Haraka's C{haraka -i}).
 - C{haraka-tw plugins [-c DIR]}: list the plugins the config loads and the hooks each answers.
 - C{haraka-tw hooks}: print the hook firing order.
+- C{haraka-tw queue list|stat|show|flush|delete|bounce}: the outbound queue
+  (L{haraka_tw.outbound.tools}).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import sys
 from pathlib import Path
 
 from haraka_tw.interfaces import HOOKS
+from haraka_tw.outbound.tools import add_queue_parser
 from haraka_tw.paths import default_config_dir
 
 __all__ = ["main"]
@@ -79,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_plugins)
     p = sub.add_parser("hooks", help="print the hooks in firing order")
     p.set_defaults(func=_hooks)
+    add_queue_parser(sub)
     args = parser.parse_args(argv)
     return int(args.func(args))
 

@@ -18,12 +18,17 @@ def test_init_copies_defaults(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     """init DIR creates a config directory holding every shipped default file."""
     target = tmp_path / "conf"
     assert main(["init", str(target)]) == 0
-    shipped = sorted(
-        p.name
-        for p in default_config_dir().iterdir()
-        if p.is_file() and not p.name.startswith(("_", ".")) and p.suffix != ".py"
-    )
-    assert sorted(p.name for p in target.iterdir()) == shipped
+    def files(root: Path) -> list[str]:
+        return sorted(
+            str(p.relative_to(root))
+            for p in root.rglob("*")
+            if p.is_file()
+            and not p.name.startswith(("_", "."))
+            and p.suffix != ".py"
+            and "__pycache__" not in p.parts
+        )
+
+    assert files(target) == files(default_config_dir())
     assert (target / "plugins").read_text() == (default_config_dir() / "plugins").read_text()
     assert "twistd -n haraka --config" in capsys.readouterr().out
 

@@ -31,7 +31,6 @@ import struct
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any, BinaryIO
 
 __all__ = [
@@ -106,7 +105,7 @@ class Todo:
     def to_json(self) -> dict[str, Any]:
         """The JSON object written to disk (without ``message_size``)."""
         return {
-            "queue_time": int(round(self.queue_time * 1000)),
+            "queue_time": _ms(self.queue_time),
             "domain": self.domain,
             "rcpt_to": [_address_json(r.address, r.original, r.params) for r in self.rcpt_to],
             "mail_from": _address_json(self.mail_from, None, None),
@@ -231,13 +230,11 @@ def _json_default(value: object) -> object:
 def encode_todo(todo: Todo, message_size: int) -> bytes:
     """The todo's JSON bytes with ``message_size`` last, padded to a fixed width."""
     body = json.dumps(todo.to_json(), ensure_ascii=False, default=_json_default)
-    head = body[:-1] + (',' if body != "{}" else "") + '"message_size":'
+    head = body[:-1] + ("," if body != "{}" else "") + '"message_size":'
     return (head + str(message_size).rjust(_SIZE_FIELD) + "}").encode("utf-8", "surrogateescape")
 
 
-def write_queue_file(
-    target: int | BinaryIO, todo: Todo, message_chunks: Iterable[bytes]
-) -> int:
+def write_queue_file(target: int | BinaryIO, todo: Todo, message_chunks: Iterable[bytes]) -> int:
     """Write a whole queue file to C{target} (a file descriptor or a seekable binary file).
 
     The message size is counted while writing and filled into the todo at the end (so
@@ -295,8 +292,7 @@ def read_todo_from(f: BinaryIO, where: str, file_size: int) -> tuple[Todo, int]:
     if length > MAX_TODO_LENGTH or length > file_size - _PREFIX.size:
         raise QueueFileError(
             where,
-            f"wrong declared todo length {length}: "
-            f"only {file_size - _PREFIX.size} bytes follow",
+            f"wrong declared todo length {length}: only {file_size - _PREFIX.size} bytes follow",
         )
     data = f.read(length)
     if len(data) != length:
@@ -371,7 +367,7 @@ def escape_host(hostname: str) -> str:
 
 
 def _ms(seconds: float) -> int:
-    return int(round(seconds * 1000))
+    return round(seconds * 1000)
 
 
 @dataclass(frozen=True)
