@@ -18,6 +18,7 @@ from haraka_tw.config import ConfigDirectory, ConfigError
 from haraka_tw.hooks.loader import PluginLoadError, load_plugins
 from haraka_tw.hooks.runner import DEFAULT_TIMEOUT, HookRunner
 from haraka_tw.logging import HarakaLog, Level
+from haraka_tw.outbound.service import OutboundService
 from haraka_tw.paths import default_config_dir
 from haraka_tw.smtp.factory import HarakaSMTPFactory
 from haraka_tw.smtp.settings import SMTP_INI_BOOLEANS, SessionSettings
@@ -67,8 +68,20 @@ class HarakaServer:
         self.runner = HookRunner(plugins, reactor, self.log, plugin_timeout)
         if self.runner.has("log"):
             self.log.hook = self.runner.run_log
+        try:
+            self.outbound = OutboundService(
+                config, reactor, self.runner, self.log, self.settings.me
+            )
+        except (ConfigError, ValueError) as e:
+            raise StartupError(f"outbound: {e}") from e
+        self.notes["outbound"] = self.outbound  # plugins: server_notes["outbound"].send_email(...)
         self.factory = HarakaSMTPFactory(
-            self.runner, self.settings, self.log, reactor=reactor, server_notes=self.notes
+            self.runner,
+            self.settings,
+            self.log,
+            reactor=reactor,
+            server_notes=self.notes,
+            outbound=self.outbound,
         )
         for name in _SETTINGS_FILES:
             config.on_change(name, self._settings_changed)

@@ -174,7 +174,8 @@ class HarakaService(MultiService):
             d.addCallbacks(self.ports.append, failures.append)
             if failures:
                 raise StartupError(f"cannot listen on {spec}: {failures[0].getErrorMessage()}")
-            self.server.log.log(Level.NOTICE, f"listening on {spec}")
+            tls = " (implicit TLS)" if index in self._implicit_tls else ""
+            self.server.log.log(Level.NOTICE, f"listening on {spec}{tls}")
         super().privilegedStartService()
 
     def _endpoint(self, index: int, spec: str | IStreamServerEndpoint) -> IStreamServerEndpoint:
@@ -199,6 +200,10 @@ class HarakaService(MultiService):
                 self._old_sighup = None
         d = self.server.runner.run("init_master", self.server)
         d.addCallback(self._init_master_answered)
+        # After twistd's -u/-g drop, so the queue directory belongs to the server's user.
+        self.server.outbound.start().addErrback(
+            lambda f: self.server.log.log(Level.CRIT, f"outbound: {f.getErrorMessage()}")
+        )
 
     def _init_master_answered(self, result: HookResult) -> None:
         """Anything but OK or CONT from init_master stops the server (and under twistd, the
@@ -221,6 +226,7 @@ class HarakaService(MultiService):
     def reload(self) -> list[str]:
         """Re-read every config file now (what SIGHUP does)."""
         changed: list[str] = self.server.config.reload()
+        self.server.outbound.flush()  # as Haraka: SIGHUP retries the deferred queue now
         self.server.log.log(Level.NOTICE, f"reload: {', '.join(changed) or 'nothing changed'}")
         return changed
 
@@ -241,6 +247,7 @@ class HarakaService(MultiService):
         stopped = [defer.maybeDeferred(p.stopListening) for p in ports]
         d: Deferred[Any] = defer.gatherResults(stopped, consumeErrors=True)
         d.addCallback(lambda _: self._drain())
+        d.addCallback(lambda _: self.server.outbound.stop())
         return d
 
     def _drain(self) -> Deferred[None]:

@@ -43,7 +43,6 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import dh
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 from twisted.internet.defer import Deferred
@@ -402,12 +401,8 @@ def load_tls(config: ConfigDirectory) -> LoadedTLS:
     ca_certificates: tuple[x509.Certificate, ...] = ()
     if settings.dhparam:
         where, data = _read(config, settings.dhparam, "tls.ini dhparam", watched)
-        try:
-            params = serialization.load_pem_parameters(data)
-        except ValueError as e:
-            raise TLSConfigError(f"tls.ini dhparam: {where}: not DH parameters: {e}") from None
-        if not isinstance(params, dh.DHParameters):
-            raise TLSConfigError(f"tls.ini dhparam: {where}: not DH parameters")
+        if not any(label == "DH PARAMETERS" for label, _ in split_pem(data)):
+            raise TLSConfigError(f"tls.ini dhparam: {where}: no DH PARAMETERS in it")
         dhparam = Path(where)
     if settings.ca:
         where, data = _read(config, settings.ca, "tls.ini ca", watched)

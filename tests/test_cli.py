@@ -18,6 +18,7 @@ def test_init_copies_defaults(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     """init DIR creates a config directory holding every shipped default file."""
     target = tmp_path / "conf"
     assert main(["init", str(target)]) == 0
+
     def files(root: Path) -> list[str]:
         return sorted(
             str(p.relative_to(root))

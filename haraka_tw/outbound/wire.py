@@ -62,21 +62,28 @@ class ReplyReader:
         self._code = 0
         self._lines: list[str] = []
 
-    def feed(self, data: bytes) -> list[Reply]:
+    def feed(self, data: bytes, *, last: bool = False) -> list[Reply]:
         """The replies completed by ``data``, in order.
+
+        ``last``: the next reply is the last in plaintext (the answer to STARTTLS): return
+        it alone and discard every byte after it, which the server must not have sent and
+        the client must not read (RFC 3207 4.2).
 
         @raise ReplyError: for a line that is not part of a reply, or one too long.
         """
         buf = self._tail + data if self._tail else data
         pieces = buf.split(b"\n")
         self._tail = pieces.pop()
-        if len(self._tail) > self._max_line:
-            raise ReplyError(f"reply line longer than {self._max_line} bytes")
         out: list[Reply] = []
         for raw in pieces:
             reply = self._line(raw[:-1] if raw.endswith(b"\r") else raw)
             if reply is not None:
                 out.append(reply)
+                if last:
+                    self._tail = b""
+                    return out
+        if len(self._tail) > self._max_line:
+            raise ReplyError(f"reply line longer than {self._max_line} bytes")
         return out
 
     @property

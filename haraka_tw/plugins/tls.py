@@ -26,6 +26,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from cryptography.hazmat.primitives import hashes
+from cryptography.x509.oid import NameOID
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -58,8 +60,6 @@ _NEED_CERT = Reply(530, "5.7.0", ("A verified client certificate is required",))
 
 
 def _name_fields(name: Any) -> dict[str, str]:
-    from cryptography.x509.oid import NameOID
-
     fields = {"CN": NameOID.COMMON_NAME, "O": NameOID.ORGANIZATION_NAME}
     out = {}
     for key, oid in fields.items():
@@ -77,8 +77,6 @@ def describe_certificate(cert: Any) -> dict[str, Any] | None:
         return None
     if hasattr(cert, "to_cryptography"):
         cert = cert.to_cryptography()
-    from cryptography.hazmat.primitives import hashes
-
     digest = cert.fingerprint(hashes.SHA256())
     return {
         "subject": _name_fields(cert.subject),
@@ -135,7 +133,7 @@ class Plugin:
         connection.respond(220, "Ready to start TLS", "2.0.0")
         d = connection.start_tls(self.tls.creator_for_port(connection.local.port))
         return d.addCallbacks(
-            lambda _: self._secured(connection), self._failed, (), {}, (connection,)
+            lambda _: self._secured(connection), self._failed, errbackArgs=(connection,)
         )
 
     def hook_mail(self, connection: Connection, sender: Any, params: Any) -> Any:

@@ -136,6 +136,7 @@ class TLSInfo:
     enabled: bool = False
     advertised: bool = False
     verified: bool = False
+    verify_error: int | None = None  # OpenSSL's verify result for the client certificate
     cipher: str | None = None
     version: str | None = None
     peer_certificate: Any = None

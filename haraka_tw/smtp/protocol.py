@@ -127,8 +127,11 @@ class HarakaESMTP(Greeting, Envelope, Receiving):
             tls.version = handle.get_protocol_version_name()
             cert = handle.get_peer_certificate()
             tls.peer_certificate = cert
-            tls.verified = cert is not None and handle.get_verify_result() == 0
+            verify = getattr(handle, "get_verify_result", None)  # haraka_tw.tls records it
+            tls.verify_error = verify() if verify is not None and cert is not None else None
+            tls.verified = cert is not None and tls.verify_error == 0
         conn.log(Level.INFO, f"TLS {tls.version} {tls.cipher} verified={tls.verified}")
+        self._reading_paused(self._held)  # reads held back during the handshake resume
         waiter, self._tls_waiter = self._tls_waiter, None
         if waiter is not None:
             waiter.callback(None)

@@ -167,6 +167,11 @@ class SessionCore(smtp.ESMTP):
 
     def pauseProducing(self) -> None:
         self._output_full = True
+        tls = self._conn.tls if self.connection is not None else None
+        if tls is not None and tls.enabled and tls.cipher is None:
+            # The TLS layer holds our output until its handshake is done; the handshake
+            # needs us to keep reading, so only command processing waits.
+            return
         self._reading_paused(True)
 
     def resumeProducing(self) -> None:
@@ -383,6 +388,8 @@ class SessionCore(smtp.ESMTP):
         self._conn.state = State.DISCONNECTING
         self._inbuf.clear()
         self._reading_paused(False)
+        # A registered producer holds back the TLS close_notify and the TCP close.
+        self.transport.unregisterProducer()
         self.transport.loseConnection()
         # A client that never reads would keep the socket (and our output) for ever.
         self._abort_call = self.callLater(_CLOSE_GRACE, lambda: self.transport.abortConnection())

@@ -357,7 +357,9 @@ class PrivilegeDropTests(TwistdTestCase):
         spool.mkdir()
         os.chmod(spool, 0o777)
         self.maildir = spool / "maildir"
-        self.configure(listen="127.0.0.1:25")
+        self.configure(
+            {"outbound.ini": f"[main]\nqueue_dir={spool / 'queue'}\n"}, listen="127.0.0.1:25"
+        )
         proc = self.start_foreground(["-u", "nobody", "-g", "nogroup"], port=25)
         status = Path(f"/proc/{proc.pid}/status").read_text()
         uid = re.search(r"^Uid:\s+(.*)$", status, re.M)

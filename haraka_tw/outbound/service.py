@@ -1,0 +1,365 @@
+"""The outbound side as one object: what the inbound server and plugins call, and what
+starts, stops and reloads the delivery machinery.
+
+- L{OutboundService.queue_transaction}: a relayed message (queue_outbound answered CONT)
+  goes into the queue, one file per destination domain (per recipient with always_split),
+  each fsynced; the returned Deferred fires only then, so the client's 250 means stored.
+- L{OutboundService.send_email}: a plugin queues a message of its own.
+- L{OutboundService.start}: take the queue directory's lock, scan it (every file is
+  scheduled; torn ones set aside), start the scheduler and watch for control files left by
+  C{haraka-tw queue}. L{OutboundService.flush} (SIGHUP) retries the deferred mail now.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid as uuidlib
+from collections.abc import Iterable
+from email.utils import formatdate
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.internet.task import LoopingCall
+from twisted.internet.threads import deferToThread
+
+from haraka_tw.config import ConfigDirectory, ConfigError
+from haraka_tw.dns import Resolver
+from haraka_tw.hooks.runner import HookRunner
+from haraka_tw.logging import HarakaLog, Level
+from haraka_tw.outbound.bounce import dsn_template
+from haraka_tw.outbound.courier import Courier, OutboundSettings
+from haraka_tw.outbound.mx import MXResolver
+from haraka_tw.outbound.pool import ConnectionPool
+from haraka_tw.outbound.qfile import QueueRecipient, Todo
+from haraka_tw.outbound.queue import FileQueue, QueueEntry, queue_dir_of
+from haraka_tw.outbound.retry import RetryPolicy
+from haraka_tw.outbound.scheduler import DeliveryScheduler, DomainLimits, Limits
+
+__all__ = ["OutboundService", "read_limits"]
+
+_BOOLEANS = ("-main.disabled", "+main.enable_tls", "-main.always_split", "-main.local_mx_ok")
+
+
+def read_limits(ini: dict[str, dict[str, Any]]) -> Limits:
+    """outbound.ini: [main] concurrency_max, domain_concurrency, domain_rate (messages per
+    minute), and [domain.<name>] concurrency / rate for one destination domain."""
+    main = ini.get("main", {})
+    default = DomainLimits(
+        int(main.get("domain_concurrency", 0) or 0), float(main.get("domain_rate", 0) or 0)
+    )
+    domains = {}
+    for section, keys in ini.items():
+        if section.startswith("domain."):
+            domains[section[len("domain.") :].lower()] = DomainLimits(
+                int(keys.get("concurrency", default.concurrency) or 0),
+                float(keys.get("rate", default.rate_per_minute) or 0),
+            )
+    return Limits(int(main.get("concurrency_max", 100) or 100), default, domains)
+
+
+def _hosts(value: Any) -> frozenset[str]:
+    if not value:
+        return frozenset()
+    items = value if isinstance(value, list) else str(value).replace(",", " ").split()
+    return frozenset(str(v).strip().lower() for v in items if str(v).strip())
+
+
+class OutboundService:
+    """The queue, the scheduler and the courier, wired to the config."""
+
+    def __init__(
+        self,
+        config: ConfigDirectory,
+        reactor: Any,
+        runner: HookRunner,
+        log: HarakaLog,
+        me: str,
+        *,
+        queue_dir: Path | None = None,
+        resolver: Resolver | None = None,
+    ) -> None:
+        self.config = config
+        self.reactor = reactor
+        self.runner = runner
+        self.log = log
+        self.me = me
+        self.queue = FileQueue(queue_dir or queue_dir_of(config), log=self._log_line)
+        self.resolver = resolver or Resolver.from_config(config, reactor)
+        self.pool = ConnectionPool(reactor)
+        self.owner = False
+        self._stopping = False
+        self._started: Deferred[None] = defer.succeed(None)
+        self._load()
+        self.scheduler = DeliveryScheduler(
+            reactor,
+            self._attempt,
+            due=lambda e: e.next_attempt,
+            domain_of=lambda e: e.todo.domain,
+            key_of=lambda e: e.id,
+            limits=self.limits,
+            log=log,
+        )
+        self.scheduler.disabled = self.disabled
+        self._controls = LoopingCall(self._take_controls)
+        self._controls.clock = reactor
+        config.on_change("outbound.ini", self._reload)
+        config.on_change("dns.ini", self._reload)
+
+    def _log_line(self, message: str) -> None:
+        self.log.log(Level.WARN, message, origin="outbound")
+
+    def _load(self) -> None:
+        ini = self.config.get_ini("outbound.ini", booleans=_BOOLEANS)
+        main = ini["main"]
+        self.ini = ini
+        self.disabled = bool(main.get("disabled", False))
+        self.always_split = bool(main.get("always_split", False))
+        self.limits = read_limits(ini)
+        self.retry = RetryPolicy.from_ini(main, self._log_line)
+        self.mx = MXResolver.from_config(self.config, self.resolver)
+        self.settings = OutboundSettings(
+            me=self.me,
+            enable_tls=bool(main.get("enable_tls", True)),
+            force_tls_hosts=_hosts(main.get("force_tls_hosts")),
+            no_tls_hosts=_hosts(main.get("no_tls_hosts")),
+            ca_file=str(main["ca_file"]) if main.get("ca_file") else None,
+        )
+        self.courier = Courier(
+            queue=self.queue,
+            runner=self.runner,
+            mx=self.mx,
+            retry=self.retry,
+            settings=self.settings,
+            reactor=self.reactor,
+            log=self.log,
+            reschedule=self._schedule,
+            bounce_template=lambda action: dsn_template(self.config, action),
+            pool=self.pool,
+        )
+
+    def _reload(self) -> None:
+        try:
+            self._load()
+        except (ConfigError, ValueError) as e:
+            self.log.log(Level.ERROR, f"outbound.ini: {e}; keeping the last good settings")
+            return
+        self.scheduler.limits = self.limits
+        self.scheduler.disabled = self.disabled
+        self.log.log(Level.NOTICE, f"outbound settings reloaded (disabled={self.disabled})")
+        self.scheduler.run_due()
+
+    # -- life ----------------------------------------------------------------------------------
+
+    def start(self) -> Deferred[None]:
+        """Own the queue directory, schedule what it holds, start delivering.
+
+        A queue directory that cannot be used is logged and leaves the inbound server
+        running (relayed mail is then answered 4xx, never accepted and lost).
+        """
+        try:
+            locked = self.queue.lock()
+        except OSError as e:
+            self.log.log(Level.CRIT, f"outbound queue unusable: {e}; not delivering")
+            return defer.succeed(None)
+        if not locked:
+            self.log.log(
+                Level.ERROR,
+                f"queue directory {self.queue.queue_dir} is held by another process:"
+                " not delivering",
+            )
+            return defer.succeed(None)
+        self.owner = True
+        self._stopping = False
+        d = self.queue.scan()
+
+        def scanned(entries: list[QueueEntry]) -> None:
+            if self._stopping:  # stopped while the scan ran
+                return
+            for entry in entries:
+                self.scheduler.add(entry)
+            self.log.log(Level.NOTICE, f"outbound queue: {len(entries)} messages waiting")
+            self.scheduler.start()
+            self._controls.start(1.0, now=False)
+
+        self._started = d.addCallback(scanned)
+        return self._started
+
+    def stop(self) -> Deferred[None]:
+        """Stop delivering; fires once attempts in flight have settled and the lock is free."""
+        self._stopping = True
+        started, self._started = self._started, defer.succeed(None)
+        d: Deferred[Any] = started.addBoth(lambda _: None)
+        d.addCallback(lambda _: self._stop_now())
+        return d
+
+    def _stop_now(self) -> Deferred[None]:
+        if self._controls.running:
+            self._controls.stop()
+        d = self.scheduler.stop()
+        d.addCallback(lambda _: self.pool.close())
+
+        def release(_: Any) -> None:
+            if self.owner:
+                self.queue.unlock()
+                self.owner = False
+
+        return d.addBoth(release)
+
+    def flush(self, domain: str | None = None) -> int:
+        """Retry deferred mail now (SIGHUP; C{haraka-tw queue flush})."""
+        count = self.scheduler.flush(domain)
+        self.log.log(Level.NOTICE, f"outbound flush{' of ' + domain if domain else ''}: {count}")
+        return count
+
+    # -- adding mail -------------------------------------------------------------------------
+
+    def queue_transaction(self, connection: Any) -> Deferred[list[QueueEntry]]:
+        """Queue a relayed message: fires once every queue file is durably written."""
+        txn = connection.transaction
+        d = self.runner.run("pre_send_trans_email", connection)
+
+        def queue_it(_: Any) -> Deferred[list[QueueEntry]]:
+            header = txn.header
+            if "Message-Id" not in header:
+                header.add_end("Message-Id", f"<{txn.uuid}@{self.me}>")
+            if "Date" not in header:
+                header.add_end("Date", formatdate(localtime=True))
+            rcpts = [
+                QueueRecipient(r.address, r.format(), _dsn_params(p))
+                for r, p in zip(txn.rcpt_to, txn.rcpt_params, strict=False)
+            ]
+            return self._add(
+                mail_from=txn.mail_from.address if txn.mail_from else "",
+                recipients=rcpts,
+                chunks=lambda: txn.message_stream.chunks(),
+                uuid=txn.uuid,
+                notes=_plain(txn.notes),
+                ret=txn.mail_params.get("RET"),
+                envid=txn.mail_params.get("ENVID"),
+            )
+
+        return d.addCallback(queue_it)
+
+    def send_email(
+        self,
+        mail_from: str,
+        recipients: Iterable[str],
+        message: bytes,
+        *,
+        notes: dict[str, Any] | None = None,
+    ) -> Deferred[list[QueueEntry]]:
+        """Queue a message a plugin made (CRLF line endings, not dot-stuffed)."""
+        rcpts = [QueueRecipient(r) for r in recipients]
+        return self._add(
+            mail_from=mail_from,
+            recipients=rcpts,
+            chunks=lambda: [message],
+            uuid=str(uuidlib.uuid4()).upper(),
+            notes=dict(notes or {}),
+            ret=None,
+            envid=None,
+        )
+
+    def _add(
+        self,
+        *,
+        mail_from: str,
+        recipients: list[QueueRecipient],
+        chunks: Any,
+        uuid: str,
+        notes: dict[str, Any],
+        ret: str | None,
+        envid: str | None,
+    ) -> Deferred[list[QueueEntry]]:
+        groups: dict[str, list[QueueRecipient]] = {}
+        for rcpt in recipients:
+            domain = rcpt.address.rpartition("@")[2].lower()
+            key = f"{domain}\0{rcpt.address}" if self.always_split else domain
+            groups.setdefault(key, []).append(rcpt)
+        now = time.time()
+        adds = []
+        for i, (key, rcpts) in enumerate(groups.items()):
+            todo = Todo(
+                domain=key.split("\0")[0],
+                mail_from=mail_from,
+                rcpt_to=rcpts,
+                uuid=uuid if len(groups) == 1 else f"{uuid}.{i + 1}",
+                queue_time=now,
+                notes=notes,
+                ret=ret,
+                envid=envid,
+            )
+            adds.append(self.queue.add(todo, chunks()))
+        d: Deferred[list[QueueEntry]] = defer.gatherResults(adds, consumeErrors=True)
+
+        def added(entries: list[QueueEntry]) -> list[QueueEntry]:
+            for entry in entries:
+                self._schedule(entry)
+            return entries
+
+        def unwrap(failure: Any) -> Any:  # the first error, not a FirstError wrapper
+            return (
+                failure.value.subFailure if isinstance(failure.value, defer.FirstError) else failure
+            )
+
+        return d.addCallbacks(added, unwrap)
+
+    def _schedule(self, entry: QueueEntry) -> None:
+        if self.owner:
+            self.scheduler.add(entry)
+
+    def _schedule_report(self, report: QueueEntry | None) -> None:
+        if report is not None:
+            self._schedule(report)
+
+    def _attempt(self, entry: QueueEntry) -> Deferred[None]:
+        return self.courier.attempt(entry)
+
+    # -- haraka-tw queue --------------------------------------------------------------------
+
+    def _take_controls(self) -> Deferred[None]:
+        d = self.queue.take_controls()
+
+        def act(controls: list[Any]) -> None:
+            for control in controls:
+                self._control(control.action, control.args)
+
+        return d.addCallback(act)
+
+    def _control(self, action: str, args: dict[str, Any]) -> None:
+        self.log.log(Level.NOTICE, f"queue control: {action} {args}", origin="outbound")
+        if action == "flush":
+            self.flush(args.get("domain"))
+        elif action in ("delete", "bounce"):
+            ids = set(args.get("ids") or ())
+            d = self.queue.scan()
+            d.addCallback(lambda entries: self._act_on(action, [e for e in entries if e.id in ids]))
+
+    def _act_on(self, action: str, entries: list[QueueEntry]) -> None:
+        from haraka_tw.outbound.tools import bounce_entry
+
+        for entry in entries:
+            if self.scheduler.in_flight(entry.id):
+                self.log.log(Level.WARN, f"{action} {entry.id}: being delivered now; try again")
+                continue
+            self.scheduler.remove(entry.id)
+            if action == "delete":
+                self.queue.remove(entry)
+            else:
+                d = deferToThread(bounce_entry, self.queue.store, entry, self.config, time.time())
+                d.addCallback(self._schedule_report)
+
+
+def _dsn_params(params: dict[str, Any]) -> dict[str, str]:
+    return {k: str(v) for k, v in params.items() if k in ("NOTIFY", "ORCPT") and v}
+
+
+def _plain(notes: Any) -> dict[str, Any]:
+    """Notes that survive JSON (a queue file): plain values only."""
+    out: dict[str, Any] = {}
+    for key, value in dict(notes).items():
+        if isinstance(value, (str, int, float, bool, type(None), list, dict)):
+            out[key] = value
+    return out
