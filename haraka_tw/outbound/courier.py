@@ -201,7 +201,8 @@ class Courier:
             self._log(
                 Level.INFO,
                 hmail,
-                f"delivery to {address.mx.exchange} [{address.ip}] failed in {error.phase}: {error}",
+                f"delivery to {address.mx.exchange} [{address.ip}]"
+                f" failed in {error.phase}: {error}",
             )
             if error.phase in _TRY_NEXT and not error.settled:
                 return self._try_addresses(hmail, addresses, index + 1, error)
