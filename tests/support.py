@@ -155,11 +155,17 @@ def temp_dir(case: Any) -> Path:
 def start_server(case: Any, files: Mapping[str, str]) -> tuple[HarakaServer, int]:
     """A server on the shipped defaults overlaid with C{files}, on a loopback port.
 
-    The maildir goes under the test's temporary directory unless C{files} says otherwise.
+    The maildir and the outbound queue go under the test's temporary directory unless
+    C{files} says otherwise; C{{base}} in a file's text is that directory.
     """
     base = temp_dir(case)
-    all_files = {"maildir.ini": f"[main]\npath={base / 'maildir'}\n", "me": "mx.test\n"}
+    all_files = {
+        "maildir.ini": f"[main]\npath={base / 'maildir'}\n",
+        "outbound.ini": "[main]\nqueue_dir={base}/queue\n",
+        "me": "mx.test\n",
+    }
     all_files.update(files)
+    all_files = {name: text.replace("{base}", str(base)) for name, text in all_files.items()}
     config_dir = write_config(base / "config", all_files)
     server = HarakaServer.from_directory(config_dir, reactor)
     server.log.hook = server.log.hook or (lambda c, r: r.level > Level.WARN)
