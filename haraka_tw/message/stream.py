@@ -83,6 +83,18 @@ class MessageStream:
         yield self.header.to_bytes()
         yield from self.body_chunks(size)
 
+    def read(
+        self, *, line_endings: str = "\r\n", dot_stuffed: bool = False, ending_dot: bool = False
+    ) -> Iterator[bytes]:
+        """The message in chunks, as a plugin that hands it on wants it (Haraka's
+        message_stream options): "\n" line endings for a local program, dot-stuffed with a
+        final "." for an SMTP peer."""
+        from haraka_tw.message.read import read_message
+
+        return read_message(
+            self, line_endings=line_endings, dot_stuffed=dot_stuffed, ending_dot=ending_dot
+        )
+
     def get_bytes(self) -> bytes:
         """The whole message in memory: for small messages and tests."""
         return b"".join(self.chunks())

@@ -51,3 +51,13 @@ def test_header_changes_show_in_chunks(tmp_path: Path) -> None:
     s.write(b"\r\nbody\r\n")
     h.add("Received", "by me")
     assert s.get_bytes() == b"Received: by me\r\nSubject: x\r\n\r\nbody\r\n"
+
+
+def test_read_options(tmp_path: Path) -> None:
+    """read(): LF line endings, or dot-stuffed with the final dot, across chunks."""
+    s = MessageStream(Header.parse(b"A: 1\r\n"), str(tmp_path), 0)
+    s.write(b"\r\n.dot\r\nplain\r\n")
+    assert b"".join(s.read(line_endings="\n")) == b"A: 1\n\n.dot\nplain\n"
+    stuffed = b"".join(s.read(dot_stuffed=True, ending_dot=True))
+    assert stuffed == b"A: 1\r\n\r\n..dot\r\nplain\r\n.\r\n"
+    s.close()
