@@ -15,12 +15,14 @@ from typing import Any
 from twisted.internet.interfaces import IReactorTime
 
 from haraka_tw.config import ConfigDirectory, ConfigError
+from haraka_tw.dns import Resolver
 from haraka_tw.hooks.loader import PluginLoadError, load_plugins
 from haraka_tw.hooks.runner import DEFAULT_TIMEOUT, HookRunner
 from haraka_tw.logging import HarakaLog, Level
 from haraka_tw.outbound.service import OutboundService
 from haraka_tw.paths import default_config_dir
 from haraka_tw.smtp.factory import HarakaSMTPFactory
+from haraka_tw.smtp.rdns import ReverseLookup
 from haraka_tw.smtp.settings import SMTP_INI_BOOLEANS, SessionSettings
 
 __all__ = ["HarakaServer", "StartupError"]
@@ -69,8 +71,9 @@ class HarakaServer:
         if self.runner.has("log"):
             self.log.hook = self.runner.run_log
         try:
+            self.resolver = Resolver.from_config(config, reactor)
             self.outbound = OutboundService(
-                config, reactor, self.runner, self.log, self.settings.me
+                config, reactor, self.runner, self.log, self.settings.me, resolver=self.resolver
             )
         except (ConfigError, ValueError) as e:
             raise StartupError(f"outbound: {e}") from e
@@ -82,6 +85,7 @@ class HarakaServer:
             reactor=reactor,
             server_notes=self.notes,
             outbound=self.outbound,
+            rdns=ReverseLookup(reactor, resolver=self.resolver),
         )
         for name in _SETTINGS_FILES:
             config.on_change(name, self._settings_changed)

@@ -476,3 +476,30 @@ class ClockTests(unittest.TestCase):
             await lookup
         self.assertIn("no answer in 3600 s", str(caught.exception))
         self.assertEqual(clock.getDelayedCalls(), [])
+
+
+class CoreReverseLookupTests(unittest.TestCase):
+    def test_core_rdns_uses_the_project_resolver(self) -> Deferred[None]:
+        """The session's reverse lookup asks the project's resolver (dns.ini), cached."""
+        from haraka_tw.smtp.rdns import ReverseLookup
+
+        server = serve(
+            self,
+            "$ORIGIN in-addr.arpa.\n@ 300 IN SOA ns. h. 1 2 3 4 5\n"
+            "7.113.0.203 300 IN PTR mail.example.org.\n",
+            origin="in-addr.arpa.",
+        )
+        from twisted.internet import reactor
+
+        resolver = Resolver(reactor, [("127.0.0.1", server.port)], timeout=2)
+        lookup = ReverseLookup(reactor, hosts={}, resolver=resolver)
+        d = lookup.lookup("203.0.113.7")
+
+        def check(name: str | None) -> Deferred[str | None]:
+            self.assertEqual(name, "mail.example.org")
+            asked = len(server.queries)
+            return lookup.lookup("203.0.113.7").addCallback(
+                lambda again: self.assertEqual((again, len(server.queries)), (name, asked))
+            )
+
+        return d.addCallback(check)

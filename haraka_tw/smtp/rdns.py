@@ -1,5 +1,8 @@
 """The core reverse lookup used when no lookup_rdns plugin names the client.
 
+It goes through the project's one resolver (L{haraka_tw.dns.Resolver}, configured by
+dns.ini), shared with the outbound side.
+
 It answers from the hosts file first, then a PTR query with a short timeout, and caches
 answers (and failures) for a while, so a client never waits long on a slow or unreachable
 nameserver.
@@ -60,22 +63,19 @@ class ReverseLookup:
         if cached is not None and cached[0] > now:
             return succeed(cached[1])
         try:
-            name = ipaddress.ip_address(ip).reverse_pointer
+            ipaddress.ip_address(ip)
         except ValueError:
             return succeed(None)
         resolver = self._resolver
         if resolver is None:
-            from twisted.names import client
+            from haraka_tw.dns import Resolver
 
-            resolver = self._resolver = client.createResolver()
-        d: Deferred[Any] = resolver.lookupPointer(name, timeout=(self.timeout,))
+            resolver = self._resolver = Resolver(self._reactor, timeout=self.timeout, attempts=1)
+        d: Deferred[Any] = resolver.lookup_ptr(ip)
+        d.addTimeout(self.timeout, self._reactor)  # no client waits long on a slow nameserver
 
-        def found(result: Any) -> str | None:
-            answers = result[0]
-            for rr in answers:
-                if rr.type == 12:  # PTR
-                    return str(rr.payload.name).rstrip(".") or None
-            return None
+        def found(names: list[str]) -> str | None:
+            return names[0] if names else None
 
         def store(host: str | None) -> str | None:
             self._cache[ip] = (self._reactor.seconds() + self.ttl, host)
