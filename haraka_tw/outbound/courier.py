@@ -245,7 +245,11 @@ class Courier:
         s = self.settings
         name = mx.exchange.lower()
         if todo.force_tls or name in s.force_tls_hosts or todo.domain in s.force_tls_hosts:
-            return TLSPolicy(mode="required", verify=True, ca_file=s.ca_file)
+            return TLSPolicy(
+                mode="required", verify=True, ca_file=s.ca_file, implicit=mx.implicit_tls
+            )
+        if mx.implicit_tls:  # TLS from the first byte: there is no plaintext to fall back to
+            return TLSPolicy(mode="opportunistic", ca_file=s.ca_file, implicit=True)
         if not s.enable_tls or name in s.no_tls_hosts:
             return TLSPolicy(mode="none")
         return TLSPolicy(mode="opportunistic", ca_file=s.ca_file)
@@ -349,8 +353,16 @@ class Courier:
         if envelope is None:
             self._log(Level.INFO, hmail, f"no {action} report: the sender is <> (a bounce)")
             return None
+        until = self.retry.retry_until(now, hmail.attempts + 1) if action == "delayed" else None
         failures = [
-            RecipientFailure(r, status, diagnostic=why, remote_mta=remote, last_attempt=now)
+            RecipientFailure(
+                r,
+                status,
+                diagnostic=why,
+                remote_mta=remote,
+                last_attempt=now,
+                will_retry_until=until,
+            )
             for r, status, why in failed
         ]
         dsn = build_dsn(
@@ -372,9 +384,15 @@ class Courier:
         entry = hmail.entry
         if not outcome.deferred:
             return self.queue.remove(entry)  # type: ignore[no-any-return]
+        # A delay notice is queued first; the entry records it as sent only after that.
+        d = self._delay_notice(hmail, outcome)
+        return d.addCallback(lambda sent: self._defer_entry(hmail, outcome, sent))
+
+    def _defer_entry(self, hmail: HMail, outcome: _Outcome, notice_sent: bool) -> Deferred[None]:
+        entry = hmail.entry
         when = time.time() + getattr(hmail, "next_delay", 60.0)
         why = "; ".join(sorted({w for _, _, w in outcome.deferred}))
-        delay_report = self._delay_notice(hmail, outcome)
+        delay_report = {"dsn_delayed_sent": True} if notice_sent else {}
         if len(outcome.deferred) == len(hmail.todo.rcpt_to):
             d = self.queue.reschedule(entry, when, entry.attempts + 1, why, **delay_report)
             d.addCallback(self.reschedule)
@@ -392,17 +410,20 @@ class Courier:
 
         return d.addCallback(split_done)  # type: ignore[no-any-return]
 
-    def _delay_notice(self, hmail: HMail, outcome: _Outcome) -> dict[str, bool]:
-        """Send one "delayed" report to recipients that asked NOTIFY=DELAY."""
+    def _delay_notice(self, hmail: HMail, outcome: _Outcome) -> Deferred[bool]:
+        """Queue one "delayed" report for recipients that asked NOTIFY=DELAY; fires True
+        once it is durably queued (False when none was due)."""
         if hmail.todo.dsn_delayed_sent:
-            return {}
+            return defer.succeed(False)
         wanted = [
             item for item in outcome.deferred if "DELAY" in item[0].params.get("NOTIFY", "").upper()
         ]
         if not wanted:
-            return {}
-        self._send_report(hmail, wanted, outcome.remote, "delayed")
-        return {"dsn_delayed_sent": True}
+            return defer.succeed(False)
+        d = self._send_report(hmail, wanted, outcome.remote, "delayed")
+        if d is None:
+            return defer.succeed(False)
+        return d.addCallback(lambda _: True)
 
     def _put_back(
         self, hmail: HMail, seconds: float, *, count: bool, error: str | None

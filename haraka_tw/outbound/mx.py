@@ -63,7 +63,8 @@ class MXHost:
     """One host to deliver to: from DNS, an address literal, or a get_mx plugin.
 
     ``exchange`` is a host name or an IP address. The fields after ``port`` are for
-    get_mx plugins (Haraka's HarakaMx): source address, HELO name, AUTH, LMTP.
+    get_mx plugins (Haraka's HarakaMx): source address, HELO name, AUTH, LMTP, and
+    ``implicit_tls`` for a host that speaks TLS from the first byte (SMTPS, port 465).
     """
 
     exchange: str
@@ -75,6 +76,7 @@ class MXHost:
     auth_pass: str | None = None
     using_lmtp: bool = False
     from_dns: bool = True
+    implicit_tls: bool = False
 
 
 @dataclass(frozen=True)
