@@ -156,12 +156,15 @@ def start_server(case: Any, files: Mapping[str, str]) -> tuple[HarakaServer, int
     """A server on the shipped defaults overlaid with C{files}, on a loopback port.
 
     The maildir and the outbound queue go under the test's temporary directory unless
-    C{files} says otherwise; C{{base}} in a file's text is that directory.
+    C{files} says otherwise; C{{base}} in a file's text is that directory. The outbound
+    service runs as under twistd; DNS goes to a closed loopback port unless C{files} gives
+    a dns.ini (no test waits on a real nameserver).
     """
     base = temp_dir(case)
     all_files = {
         "maildir.ini": f"[main]\npath={base / 'maildir'}\n",
         "outbound.ini": "[main]\nqueue_dir={base}/queue\n",
+        "dns.ini": "[main]\nnameservers=127.0.0.1:9\ntimeout=1\nattempts=1\n",
         "me": "mx.test\n",
     }
     all_files.update(files)
@@ -178,6 +181,8 @@ def start_server(case: Any, files: Mapping[str, str]) -> tuple[HarakaServer, int
         return port.stopListening()
 
     case.addCleanup(stop)
+    server.outbound.start()
+    case.addCleanup(server.outbound.stop)
     server.base = base  # type: ignore[attr-defined]
     return server, port.getHost().port
 

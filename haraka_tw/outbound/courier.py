@@ -333,7 +333,8 @@ class Courier:
         d = self.runner.run("bounce", hmail, error)
 
         def answered(result: HookResult) -> Deferred[Any] | None:
-            if result.code is not Code.CONT:
+            timed_out = result.code is Code.DENYSOFT and result.message == "plugin timeout"
+            if result.code is not Code.CONT and not timed_out:  # a broken plugin keeps the DSN
                 self._log(Level.NOTICE, hmail, f"bounce hook {result.plugin}: no DSN sent")
                 return None
             return self._send_report(hmail, outcome.bounced, outcome.remote, "failed")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 import uuid as uuidlib
 from collections.abc import Iterable
+from dataclasses import replace
 from email.utils import formatdate
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from haraka_tw.hooks.runner import HookRunner
 from haraka_tw.logging import HarakaLog, Level
 from haraka_tw.outbound.bounce import dsn_template
 from haraka_tw.outbound.courier import Courier, OutboundSettings
+from haraka_tw.outbound.delivery import Timeouts
 from haraka_tw.outbound.mx import MXResolver
 from haraka_tw.outbound.pool import ConnectionPool
 from haraka_tw.outbound.qfile import QueueRecipient, Todo
@@ -125,6 +127,7 @@ class OutboundService:
             force_tls_hosts=_hosts(main.get("force_tls_hosts")),
             no_tls_hosts=_hosts(main.get("no_tls_hosts")),
             ca_file=str(main["ca_file"]) if main.get("ca_file") else None,
+            timeouts=replace(Timeouts(), connect=float(main.get("connect_timeout", 30) or 30)),
         )
         self.courier = Courier(
             queue=self.queue,
@@ -158,6 +161,8 @@ class OutboundService:
         A queue directory that cannot be used is logged and leaves the inbound server
         running (relayed mail is then answered 4xx, never accepted and lost).
         """
+        if self.owner:
+            return self._started
         try:
             locked = self.queue.lock()
         except OSError as e:
@@ -216,7 +221,13 @@ class OutboundService:
     # -- adding mail -------------------------------------------------------------------------
 
     def queue_transaction(self, connection: Any) -> Deferred[list[QueueEntry]]:
-        """Queue a relayed message: fires once every queue file is durably written."""
+        """Queue a relayed message: fires once every queue file is durably written.
+
+        Fails (so the client gets 4xx) when this process does not own the queue directory:
+        mail accepted there would wait for another process's restart.
+        """
+        if not self.owner:
+            return defer.fail(RuntimeError("the outbound queue is not running in this process"))
         txn = connection.transaction
         d = self.runner.run("pre_send_trans_email", connection)
 

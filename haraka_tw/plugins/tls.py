@@ -39,6 +39,7 @@ from haraka_tw.interfaces import (
     IRegistration,
     IUnrecognizedCommandHook,
 )
+from haraka_tw.smtp.catalogue import S220_TLS_GO_AHEAD
 from haraka_tw.smtp.connection import Connection
 from haraka_tw.smtp.replies import Reply
 from haraka_tw.tls import ServerTLS, server_tls
@@ -130,7 +131,7 @@ class Plugin:
         if not connection.tls.advertised:
             connection.respond(503, "Send EHLO first", "5.5.1")
             return OK
-        connection.respond(220, "Ready to start TLS", "2.0.0")
+        connection.respond(220, S220_TLS_GO_AHEAD, None)
         d = connection.start_tls(self.tls.creator_for_port(connection.local.port))
         return d.addCallbacks(
             lambda _: self._secured(connection), self._failed, errbackArgs=(connection,)

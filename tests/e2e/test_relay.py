@@ -66,8 +66,6 @@ class RelayTests(TestCase):
                 "dns.ini": f"[main]\nnameservers=127.0.0.1:{dns.port}\ntimeout=2\n",
             },
         )
-        server.outbound.start()
-        self.addCleanup(server.outbound.stop)
         self.server = server
         return smtp_port
 

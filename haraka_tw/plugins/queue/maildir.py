@@ -14,6 +14,9 @@ the message is on disk. Names follow the Maildir convention (time.MusecPpidQn.ho
 Python's C{mailbox.Maildir} and mail clients read the result. The write runs in a thread:
 the reactor keeps serving other sessions while the disk syncs.
 
+Only inbound mail (the queue hook) goes to the Maildir: relayed mail (queue_outbound) is
+left to the outbound queue, which delivers it to its destination.
+
 If the hook times out (the client is told 450 and will retry) while the write is still
 running, the write's file is removed when it completes, so the retry does not deliver the
 message twice.
@@ -34,7 +37,7 @@ from twisted.internet.threads import deferToThread
 from zope.interface import implementer
 
 from haraka_tw.codes import DENYSOFT, OK, Code
-from haraka_tw.interfaces import IPluginContext, IQueueHook, IQueueOutboundHook, IRegistration
+from haraka_tw.interfaces import IPluginContext, IQueueHook, IRegistration
 
 __all__ = ["Maildir", "Plugin"]
 
@@ -94,7 +97,7 @@ class Maildir:
         return new
 
 
-@implementer(IRegistration, IQueueHook, IQueueOutboundHook)
+@implementer(IRegistration, IQueueHook)
 class Plugin:
     name = "queue/maildir"
 
@@ -139,5 +142,3 @@ class Plugin:
 
         deferToThread(write).addCallbacks(delivered, failed).addCallback(settle)
         return answer
-
-    hook_queue_outbound = hook_queue
