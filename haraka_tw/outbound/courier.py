@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from twisted.internet import defer
@@ -458,7 +458,7 @@ def _mx_hosts(answer: Any, port: int) -> list[MXHost]:
     hosts = []
     for i, item in enumerate(items):
         if isinstance(item, MXHost):
-            hosts.append(item)
+            hosts.append(replace(item, from_plugin=True))
             continue
         text = str(item)
         host, _, port_text = text.rpartition(":") if text.count(":") == 1 else (text, "", "")
@@ -468,6 +468,7 @@ def _mx_hosts(answer: Any, port: int) -> list[MXHost]:
                 priority=i,
                 port=int(port_text) if port_text.isdigit() else port,
                 from_dns=False,
+                from_plugin=True,
             )
         )
     return hosts

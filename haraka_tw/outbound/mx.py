@@ -23,7 +23,8 @@ The rules, and where they differ from Haraka's:
   ``inet_prefer`` ``v4`` (and ``default``) lists each MX's IPv4 addresses first, ``v6``
   its IPv6 ones. An address already listed for a better MX is not listed again.
 - Loopback, private, link-local, unspecified and multicast addresses are skipped (and
-  logged) unless ``local_mx_ok``.
+  logged) unless ``local_mx_ok``. Hosts a get_mx plugin names are the operator's choice
+  (a smart host on a private address) and are not skipped, as in Haraka.
 - An MX whose lookups fail is skipped when another has addresses. With no address left:
   permanent **5.4.4** when every MX name is NXDOMAIN, else temporary (4.4.3 if a lookup
   failed, 4.4.4 when the names have no usable address).
@@ -77,6 +78,7 @@ class MXHost:
     using_lmtp: bool = False
     from_dns: bool = True
     implicit_tls: bool = False
+    from_plugin: bool = False  # named by a get_mx plugin: the operator's choice, never skipped
 
 
 @dataclass(frozen=True)
@@ -231,7 +233,7 @@ class MXResolver:
                 if ip in seen:
                     continue
                 seen.add(ip)
-                if not self.local_mx_ok and _is_local(ip):
+                if not host.from_plugin and not self.local_mx_ok and _is_local(ip):
                     skipped.append(f"{ip} ({host.exchange})")
                 else:
                     found.append(MXAddress(host, ip))

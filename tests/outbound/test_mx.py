@@ -414,3 +414,16 @@ class ConfigTests(unittest.SynchronousTestCase):
                 MXResolver.from_config(self.config(text), self.resolver())
             self.assertIn("outbound.ini", str(caught.exception))
             self.assertIn(key, str(caught.exception))
+
+
+class PluginHostTests(unittest.TestCase):
+    def test_plugin_hosts_on_local_addresses_are_kept(self) -> Deferred[None]:
+        """A get_mx host (from_dns=False) on a loopback address is used without local_mx_ok."""
+        from twisted.internet import reactor
+
+        from haraka_tw.dns import Resolver
+        from haraka_tw.outbound.mx import MXHost, MXResolver
+
+        mx = MXResolver(Resolver(reactor, [("127.0.0.1", 9)], timeout=1), local_mx_ok=False)
+        d = mx.addresses([MXHost("127.0.0.1", 0, port=2525, from_dns=False, from_plugin=True)])
+        return d.addCallback(lambda found: self.assertEqual([a.ip for a in found], ["127.0.0.1"]))
