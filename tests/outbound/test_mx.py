@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from typing import Any
 
 from twisted.internet import reactor, task
 from twisted.internet.defer import CancelledError
@@ -417,7 +418,7 @@ class ConfigTests(unittest.SynchronousTestCase):
 
 
 class PluginHostTests(unittest.TestCase):
-    def test_plugin_hosts_on_local_addresses_are_kept(self) -> Deferred[None]:
+    def test_plugin_hosts_on_local_addresses_are_kept(self) -> Any:
         """A get_mx host (from_dns=False) on a loopback address is used without local_mx_ok."""
         from twisted.internet import reactor
 
