@@ -60,7 +60,11 @@ def _is_tls_host_port(entry: str) -> bool:
     return m is not None and m.group("port") is not None
 
 
-def parse_listen(text: str, default_port: int = 25) -> list[str]:
+# Twisted's default is 50: a burst of 100 clients then waits on SYN retransmits (seconds).
+DEFAULT_BACKLOG = 1024
+
+
+def parse_listen(text: str, default_port: int = 25, backlog: int | None = None) -> list[str]:
     """smtp.ini C{listen} as Twisted endpoint descriptions.
 
     Entries are comma-separated: C{127.0.0.1:2525}, C{[::1]:2525}, C{[::0]:25}, C{127.0.0.1}
@@ -68,6 +72,8 @@ def parse_listen(text: str, default_port: int = 25) -> list[str]:
     C{tcp:2525:interface=127.0.0.1} or C{unix:/run/haraka.sock}. C{tls:} before a
     host:port form (C{tls:127.0.0.1:465}) makes that listener TLS from the first byte; it is
     written C{tls:tcp:465:interface=127.0.0.1} (see L{haraka_tw.tls.implicit_tls}).
+    C{backlog} (smtp.ini listen_backlog) is the kernel's queue of connections not yet
+    accepted, for the host:port forms; endpoint strings say their own.
 
     @raise ValueError: for an entry that is none of these, naming it.
     """
@@ -77,7 +83,7 @@ def parse_listen(text: str, default_port: int = 25) -> list[str]:
         if not entry:
             continue
         if _is_tls_host_port(entry):
-            out.extend(f"tls:{spec}" for spec in parse_listen(entry[4:], default_port))
+            out.extend(f"tls:{s}" for s in parse_listen(entry[4:], default_port, backlog))
             continue
         if entry.split(":", 1)[0].lower() in _ENDPOINT_KINDS:
             out.append(entry)
@@ -88,14 +94,15 @@ def parse_listen(text: str, default_port: int = 25) -> list[str]:
         port = int(m.group("port") or default_port)
         if not 0 < port < 65536:
             raise ValueError(f"smtp.ini listen: port {port} in {entry!r} is out of range")
+        extra = f":backlog={backlog}" if backlog else ""
         if m.group("v6") is not None:
-            out.append(f"tcp6:{port}:interface={_escape(m.group('v6'))}")
+            out.append(f"tcp6:{port}:interface={_escape(m.group('v6'))}{extra}")
         else:
             host = m.group("v4")
             if host in (None, "*", "0.0.0.0"):
-                out.append(f"tcp:{port}")
+                out.append(f"tcp:{port}{extra}")
             else:
-                out.append(f"tcp:{port}:interface={_escape(host)}")
+                out.append(f"tcp:{port}:interface={_escape(host)}{extra}")
     if not out:
         raise ValueError("smtp.ini listen is empty")
     return out
@@ -121,7 +128,10 @@ class HarakaService(MultiService):
         smtp = server.smtp_ini
         if endpoints is None:
             try:
-                endpoints = parse_listen(str(smtp.get("listen", "127.0.0.1:2525")))
+                endpoints = parse_listen(
+                    str(smtp.get("listen", "127.0.0.1:2525")),
+                    backlog=int(smtp.get("listen_backlog", DEFAULT_BACKLOG) or DEFAULT_BACKLOG),
+                )
             except ValueError as e:
                 raise StartupError(str(e)) from e
         self.endpoints = list(endpoints)

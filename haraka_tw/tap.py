@@ -11,7 +11,7 @@ from typing import Any
 from twisted.python import usage
 
 from haraka_tw.server import StartupError
-from haraka_tw.service import HarakaService
+from haraka_tw.service import DEFAULT_BACKLOG, HarakaService, parse_listen
 
 __all__ = ["Options", "makeService"]
 
@@ -40,12 +40,10 @@ class Options(usage.Options):
 
 def makeService(options: Any) -> HarakaService:
     """Build the service; a configuration problem stops twistd with a clear message."""
-    from haraka_tw.service import parse_listen
-
     try:
         endpoints = None
         if options["listen"]:
-            endpoints = parse_listen(",".join(options["listen"]))
+            endpoints = parse_listen(",".join(options["listen"]), backlog=DEFAULT_BACKLOG)
         return HarakaService.from_directory(options["config"], endpoints, owns_process=True)
     except (StartupError, ValueError) as e:
         sys.stderr.write(f"haraka_tw: {e}\n")

@@ -110,3 +110,12 @@ class InitMasterTests(TestCase):
         service.startService()
         self.assertEqual(len(service.ports), 1)
         self.addCleanup(service.stopService)
+
+
+def test_listen_backlog() -> None:
+    """host:port listeners get smtp.ini listen_backlog; endpoint strings keep their own."""
+    assert parse_listen("127.0.0.1:2525,[::1]:25,tcp:26", backlog=1024) == [
+        "tcp:2525:interface=127.0.0.1:backlog=1024",
+        "tcp6:25:interface=\\:\\:1:backlog=1024",
+        "tcp:26",
+    ]
