@@ -17,23 +17,24 @@ Every raw byte belongs to exactly one of: a part's header (with its blank line),
 content, or a multipart's own bytes (preamble, delimiter lines, epilogue). L{BodyRewriter}
 listens to those pieces and writes them out again, replacing only the text parts that body
 filters or a banner change (each such part is held, bounded, until it ends).
+
+The tree's node (L{Body}, L{PartKind}) is in L{haraka_tw.message.part}, the transfer
+decoders in L{haraka_tw.message.transfer}, and L{BodyRewriter}, L{BodyFilter} and L{Banner}
+in L{haraka_tw.message.rewrite}; this module re-exports them.
 """
 
 from __future__ import annotations
 
-import binascii
-import contextlib
 import enum
-import html
 import re
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from email.header import decode_header, make_header
-from email.message import Message
-from email.utils import collapse_rfc2231_value
 from typing import Protocol
 
 from haraka_tw.message.header import Header, HeaderCollector
+from haraka_tw.message.part import TEXT_LIMIT, Body, PartKind
+from haraka_tw.message.rewrite import Banner, BodyFilter, BodyRewriter
+from haraka_tw.message.transfer import decode_text, decoder_for
 
 __all__ = [
     "AttachmentHook",
@@ -47,243 +48,12 @@ __all__ = [
     "PartKind",
 ]
 
-TEXT_LIMIT = 1024 * 1024  # decoded bytes kept per text part
 PART_HEADER_LIMIT = 64 * 1024  # bytes of one part's header
 MAX_DEPTH = 30  # nesting of multiparts and embedded messages
 _MAX_DELIMITER_PADDING = 1024  # spaces/tabs allowed after a boundary before the line end
 
 
-class PartKind(enum.Enum):
-    """What the parser does with a part's content."""
-
-    MULTIPART = "multipart"  # split into child parts at the boundary
-    TEXT = "text"  # text/* and message/* (but rfc822): decoded, kept in C{bodytext}
-    MESSAGE = "message"  # message/rfc822 and message/global: an embedded message, one child
-    #: everything else, and any part with Content-Disposition: attachment (a forwarded
-    #: message too), and a multipart or message nested too deep: decoded and streamed to
-    #: the attachment hooks, not kept
-    ATTACHMENT = "attachment"
-
-
-class Body:
-    """One node of the MIME tree.
-
-    C{content_type} is lower-case C{type/subtype} (RFC 2045 defaults applied);
-    C{params} the Content-Type parameters (RFC 2231 decoded, names lower-case);
-    C{charset} lower-case or None; C{transfer_encoding} lower-case, "7bit" when absent;
-    C{disposition} "inline" / "attachment" / None; C{filename} from Content-Disposition
-    filename or Content-Type name (RFC 2231 and RFC 2047 decoded); C{bodytext} the decoded
-    text of a TEXT part (line endings as in the message), at most C{text_limit} bytes of it
-    (C{truncated} tells); C{size} the decoded size of a leaf's content.
-    """
-
-    def __init__(
-        self, header: Header, parent: Body | None = None, default_type: str = "text/plain"
-    ) -> None:
-        self.header = header
-        self.parent = parent
-        self.children: list[Body] = []
-        self.depth: int = 0 if parent is None else parent.depth + 1
-        #: inside a message/rfc822 part (body filters and banners leave these alone)
-        self.embedded: bool = parent is not None and (
-            parent.embedded or parent.kind is PartKind.MESSAGE
-        )
-        self.content_type = default_type
-        self.params: dict[str, str] = {}
-        self.charset: str | None = None
-        self.boundary: str | None = None
-        self.disposition: str | None = None
-        self.filename: str | None = None
-        self.transfer_encoding = "7bit"
-        self.kind: PartKind = PartKind.TEXT
-        self.bodytext = ""
-        self.truncated = False
-        self.size = 0
-        _describe(self, default_type)
-
-    @property
-    def is_html(self) -> bool:
-        """Whether this is a text/html part."""
-        return self.content_type == "text/html"
-
-    @property
-    def is_attachment(self) -> bool:
-        """Whether this part's content went to the attachment hooks."""
-        return self.kind is PartKind.ATTACHMENT
-
-    def walk(self) -> Iterator[Body]:
-        """This node and every node below it, depth first, in message order."""
-        yield self
-        for child in self.children:
-            yield from child.walk()
-
-    def __repr__(self) -> str:
-        return f"<Body {self.content_type} {self.kind.value} children={len(self.children)}>"
-
-
-def _first(header: Header, name: str) -> str | None:
-    values = header.get_all(name)
-    return values[0] if values else None
-
-
-def _describe(body: Body, default_type: str) -> None:
-    """Fill C{body}'s MIME attributes from its header (stdlib parameter parsing)."""
-    header = body.header
-    fields: Message[str, str] = Message()
-    fields.set_default_type(default_type)
-    ctype = _first(header, "Content-Type")
-    if ctype is not None:
-        fields["Content-Type"] = ctype
-    disposition = _first(header, "Content-Disposition")
-    if disposition is not None:
-        fields["Content-Disposition"] = disposition
-    body.content_type = fields.get_content_type()
-    for name, value in (fields.get_params(header="content-type") or [])[1:]:
-        body.params[name.lower()] = collapse_rfc2231_value(value)
-    charset = fields.get_content_charset()
-    body.charset = (charset.strip() or None) if charset else None
-    boundary = fields.get_boundary()
-    body.boundary = boundary or None
-    body.disposition = fields.get_content_disposition()
-    body.filename = _decode_filename(fields)
-    cte = _first(header, "Content-Transfer-Encoding")
-    body.transfer_encoding = (cte or "").strip().lower() or "7bit"
-
-
-def _decode_filename(fields: Message[str, str]) -> str | None:
-    name = fields.get_filename()
-    if name is None:
-        return None
-    if "=?" in name:
-        with contextlib.suppress(ValueError, LookupError, UnicodeError):  # kept as sent
-            name = str(make_header(decode_header(name)))
-    # Raw 8-bit bytes arrive as surrogate escapes; give plugins a clean str.
-    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-
-
-def _decode_text(data: bytes, charset: str | None) -> str:
-    """Decode with the declared charset; fall back to UTF-8, then to replacement characters."""
-    name = (charset or "us-ascii").lower()
-    if name in ("us-ascii", "ascii", "ansi_x3.4-1968"):
-        name = "utf-8"  # a superset; 8-bit text mislabelled as ASCII is common
-    for candidate in (name, "utf-8"):
-        try:
-            return data.decode(candidate)
-        except (LookupError, UnicodeDecodeError):
-            continue
-    try:
-        return data.decode(name, "replace")
-    except LookupError:
-        return data.decode("utf-8", "replace")
-
-
-# -- transfer decoding -----------------------------------------------------------------------
-
-_B64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
-_B64_JUNK = bytes(c for c in range(256) if c not in _B64_ALPHABET + b"=")
-
-
-class _Decoder(Protocol):
-    def decode(self, data: bytes) -> bytes: ...
-
-    def flush(self) -> bytes: ...
-
-
-class _Identity:
-    """7bit, 8bit, binary and unknown encodings: the bytes as they are."""
-
-    def decode(self, data: bytes) -> bytes:
-        return data
-
-    def flush(self) -> bytes:
-        return b""
-
-
-class _Base64:
-    """Base64, any chunking: non-alphabet bytes dropped, quanta completed across chunks.
-
-    A run of C{=} ends a segment (so concatenated encodings decode in full); a segment whose
-    length is not a multiple of four is completed with padding, a stray sixth bit dropped.
-    """
-
-    def __init__(self) -> None:
-        self._pending = b""  # fewer than four alphabet characters
-
-    def decode(self, data: bytes) -> bytes:
-        data = data.translate(None, _B64_JUNK)
-        if self._pending:
-            data = self._pending + data
-        out = b""
-        if b"=" in data:
-            *ended, data = data.split(b"=")
-            out = b"".join(_b64_segment(piece) for piece in ended if piece)
-        cut = len(data) - len(data) % 4
-        self._pending = data[cut:]
-        return out + _a2b(data[:cut]) if cut else out
-
-    def flush(self) -> bytes:
-        pending, self._pending = self._pending, b""
-        return _b64_segment(pending)
-
-
-def _b64_segment(piece: bytes) -> bytes:
-    extra = len(piece) % 4
-    if extra == 1:
-        piece = piece[:-1]
-    elif extra:
-        piece += b"=" * (4 - extra)
-    return _a2b(piece)
-
-
-def _a2b(data: bytes) -> bytes:
-    if not data:
-        return b""
-    try:
-        return binascii.a2b_base64(data)
-    except binascii.Error:  # pragma: no cover - only whole, padded quanta get here
-        return b""
-
-
-class _QuotedPrintable:
-    """Quoted-printable, any chunking: whole lines are decoded; a partial line is held.
-
-    A line longer than C{limit} is decoded in pieces cut where no C{=XX} escape or soft line
-    break can be split, so memory stays bounded on malformed input.
-    """
-
-    def __init__(self, limit: int = 4096) -> None:
-        self._line = b""
-        self._limit = limit
-
-    def decode(self, data: bytes) -> bytes:
-        if self._line:
-            data = self._line + data
-        nl = data.rfind(b"\n") + 1
-        done, rest = data[:nl], data[nl:]
-        if len(rest) > self._limit:
-            cut = len(rest)
-            while cut > 0 and (rest[cut - 1] in b"=\r" or (cut > 1 and rest[cut - 2] == 0x3D)):
-                cut -= 1
-            if cut == 0:  # nothing but "=" signs: garbage, decode it as it is
-                cut = len(rest)
-            done, rest = data[: nl + cut], rest[cut:]
-        self._line = rest
-        return binascii.a2b_qp(done) if done else b""
-
-    def flush(self) -> bytes:
-        line, self._line = self._line, b""
-        return binascii.a2b_qp(line) if line else b""
-
-
-def _decoder_for(encoding: str) -> _Decoder:
-    if encoding == "base64":
-        return _Base64()
-    if encoding == "quoted-printable":
-        return _QuotedPrintable()
-    return _Identity()
-
-
-# -- attachments, filters, banners -----------------------------------------------------------
+# -- attachments -----------------------------------------------------------------------------
 
 
 @dataclass
@@ -312,42 +82,6 @@ class AttachmentSink(Protocol):
 
 #: Called when an attachment starts; returns a sink for its bytes, or None to skip them.
 AttachmentHook = Callable[[AttachmentInfo], "AttachmentSink | None"]
-
-
-@dataclass(frozen=True)
-class BodyFilter:
-    """Rewrites the decoded text of matching text parts (Haraka's add_body_filter).
-
-    C{ct_match}: a string matches content types starting with it ("text/", "text/html");
-    a compiled pattern is searched in the content type. C{fn(content_type, charset, text)}
-    returns the new text.
-    """
-
-    ct_match: str | re.Pattern[str]
-    fn: Callable[[str, str, str], str]
-
-    def matches(self, content_type: str) -> bool:
-        """Whether this filter applies to C{content_type} (lower-case type/subtype)."""
-        if isinstance(self.ct_match, str):
-            return content_type.startswith(self.ct_match.lower())
-        return self.ct_match.search(content_type) is not None
-
-
-@dataclass(frozen=True)
-class Banner:
-    """Text appended to text/plain parts and HTML put before </body> of text/html parts.
-
-    Without C{html}, the HTML banner is C{text} escaped, with line breaks as <br>.
-    """
-
-    text: str
-    html: str | None = None
-
-    def html_banner(self) -> str:
-        """The HTML form of the banner."""
-        if self.html is not None:
-            return self.html
-        return "<br>\n".join(html.escape(line) for line in self.text.splitlines())
 
 
 # -- the parser ------------------------------------------------------------------------------
@@ -492,7 +226,7 @@ class _Leaf:
         self._ctx = ctx
         self._body = body
         self._emit = emit
-        self._decoder = _decoder_for(body.transfer_encoding)
+        self._decoder = decoder_for(body.transfer_encoding)
         self._text = bytearray()
         self._sinks: list[AttachmentSink] = []
         self._info: AttachmentInfo | None = None
@@ -512,7 +246,7 @@ class _Leaf:
         self._deliver(self._decoder.flush())
         body = self._body
         if body.kind is PartKind.TEXT:
-            body.bodytext = _decode_text(bytes(self._text), body.charset)
+            body.bodytext = decode_text(bytes(self._text), body.charset)
             self._text = bytearray()
         elif self._inner is not None:
             self._inner.close()
@@ -775,214 +509,3 @@ class BodyParser:
             root.close()
         if self._rewriter is not None:
             self._rewriter.release()
-
-
-# -- the rewriter ----------------------------------------------------------------------------
-
-
-_NEWLINES = re.compile(r"\r\n|\r|\n")
-_BODY_END = re.compile(r"</body\s*>", re.IGNORECASE)
-_MAX_LINE = 998
-
-
-class _Held:
-    """A text part being held until it ends, so its content can be replaced."""
-
-    def __init__(self, part: Body, head: bytes, blank: bytes) -> None:
-        self.part = part
-        self.head = head
-        self.blank = blank
-        self.content: list[bytes] = []
-        self.size = 0
-
-    def raw(self) -> bytes:
-        return self.head + self.blank + b"".join(self.content)
-
-
-class BodyRewriter:
-    """Applies body filters and a banner to text parts while the body streams through.
-
-    Give it to L{BodyParser} as C{rewriter}; the parser's L{BodyParser.feed} and
-    L{BodyParser.close} then return the rewritten body. Only text parts that a filter
-    matches (text/plain and text/html ones too when there is a banner), outside embedded
-    messages, are held, at most C{hold_limit} raw bytes each; a longer part, or one whose
-    text was truncated, passes through unchanged. A part whose text does not change is
-    written back byte for byte. A changed part is re-encoded with its transfer encoding
-    (7bit text that is no longer ASCII, or has lines over 998 bytes, becomes
-    quoted-printable) and its charset (UTF-8 when the new text does not fit it); its header
-    is updated to match. For the top-level part that means the message header itself: that
-    change is made in L{close}, so it shows only if the header is written out afterwards.
-    """
-
-    def __init__(
-        self,
-        filters: Sequence[BodyFilter] = (),
-        banner: Banner | None = None,
-        *,
-        hold_limit: int = 4 * TEXT_LIMIT,
-    ) -> None:
-        self.filters = list(filters)
-        self.banner = banner
-        self.hold_limit = hold_limit
-        self._out: list[bytes] = []
-        self._held: _Held | None = None
-        self._stopped = False
-
-    @classmethod
-    def rewrite(
-        cls,
-        header: Header,
-        chunks: Iterable[bytes],
-        filters: Sequence[BodyFilter] = (),
-        banner: Banner | None = None,
-    ) -> Iterator[bytes]:
-        """Rewrite a whole body given in chunks (e.g. a stored message read back)."""
-        parser = BodyParser(header, max_mime_parts=0, rewriter=cls(filters, banner))
-        for chunk in chunks:
-            out = parser.feed(chunk)
-            if out:
-                yield out
-        out = parser.close()
-        if out:
-            yield out
-
-    # The parser calls these, in message order; together they carry every byte once.
-
-    def begin(self, part: Body, head: bytes, blank: bytes) -> None:
-        """A part starts: its raw header and the blank line after it."""
-        if self._applies(part):
-            self._held = _Held(part, head, blank)
-        else:
-            self._write(head + blank)
-
-    def content(self, part: Body, data: bytes) -> None:
-        """Raw (still encoded) content of a leaf part."""
-        held = self._held
-        if held is None or held.part is not part:
-            self._write(data)
-            return
-        held.content.append(data)
-        held.size += len(data)
-        if held.size > self.hold_limit:
-            self.release()
-
-    def structure(self, part: Body, data: bytes) -> None:
-        """Bytes of a multipart that belong to no child: preamble, delimiters, epilogue."""
-        self._write(data)
-
-    def finish(self, part: Body) -> None:
-        """A part ended."""
-        held = self._held
-        if held is None or held.part is not part:
-            return
-        self._held = None
-        raw = b"".join(held.content)
-        text = self._new_text(part)
-        if text is None or part.truncated:
-            self._write(held.head + held.blank + raw)
-            return
-        payload, header_changed = _encode_text(part, text, raw.endswith(b"\n"))
-        head = part.header.to_bytes() if header_changed and part.parent is not None else held.head
-        self._write(head + held.blank + payload)
-
-    def release(self) -> None:
-        """Stop holding the current part: write what was held; it passes through unchanged."""
-        held, self._held = self._held, None
-        if held is not None:
-            self._write(held.raw())
-
-    def stop(self) -> None:
-        """Write out what is held and rewrite nothing from now on."""
-        self._stopped = True
-        self.release()
-
-    def take(self) -> bytes:
-        """The output produced since the last call."""
-        out, self._out = self._out, []
-        return b"".join(out)
-
-    def _write(self, data: bytes) -> None:
-        if data:
-            self._out.append(data)
-
-    def _applies(self, part: Body) -> bool:
-        if self._stopped or part.kind is not PartKind.TEXT or part.embedded:
-            return False
-        if self.banner is not None and part.content_type in ("text/plain", "text/html"):
-            return True
-        return any(f.matches(part.content_type) for f in self.filters)
-
-    def _new_text(self, part: Body) -> str | None:
-        """The part's text after filters and banner, or None when it is unchanged."""
-        text = original = part.bodytext
-        charset = part.charset or "us-ascii"
-        for f in self.filters:
-            if f.matches(part.content_type):
-                text = f.fn(part.content_type, charset, text)
-        if self.banner is not None:
-            if part.content_type == "text/plain":
-                text = _append_banner(text, self.banner.text)
-            elif part.content_type == "text/html":
-                text = _insert_html_banner(text, self.banner.html_banner())
-        return None if text == original else text
-
-
-def _append_banner(text: str, banner: str) -> str:
-    sep = "" if not text or text.endswith("\n") else "\r\n"
-    return f"{text}{sep}{banner}\r\n"
-
-
-def _insert_html_banner(text: str, banner: str) -> str:
-    ends = list(_BODY_END.finditer(text))
-    if not ends:
-        return _append_banner(text, banner)
-    at = ends[-1].start()
-    return text[:at] + banner + text[at:]
-
-
-def _encode_text(part: Body, text: str, ends_with_newline: bool) -> tuple[bytes, bool]:
-    """The new content bytes of C{part}, and whether its header had to change."""
-    text = _NEWLINES.sub("\r\n", text)
-    charset = part.charset or "us-ascii"
-    new_charset: str | None = None
-    try:
-        data = text.encode(charset)
-    except (LookupError, UnicodeEncodeError):
-        new_charset = "utf-8"
-        data = text.encode("utf-8")
-    encoding = part.transfer_encoding
-    new_encoding: str | None = None
-    if encoding not in ("base64", "quoted-printable"):
-        long_lines = any(len(line) > _MAX_LINE for line in data.split(b"\r\n"))
-        if long_lines or (encoding not in ("8bit", "binary") and not data.isascii()):
-            new_encoding = encoding = "quoted-printable"
-    if encoding == "base64":
-        lines = [
-            binascii.b2a_base64(data[i : i + 57], newline=False) for i in range(0, len(data), 57)
-        ]
-        payload = b"\r\n".join(lines) + (b"\r\n" if ends_with_newline and lines else b"")
-    elif encoding == "quoted-printable":
-        payload = binascii.b2a_qp(data, istext=True)
-    else:
-        payload = data
-    if new_charset is None and new_encoding is None:
-        return payload, False
-    _set_mime_fields(part, new_charset, new_encoding)
-    return payload, True
-
-
-def _set_mime_fields(part: Body, charset: str | None, encoding: str | None) -> None:
-    header = part.header
-    if charset is not None:
-        fields: Message[str, str] = Message()
-        fields["Content-Type"] = _first(header, "Content-Type") or part.content_type
-        fields.set_param("charset", charset)
-        header.remove("Content-Type")
-        header.add_end("Content-Type", str(fields["Content-Type"]))
-        part.charset = charset
-    if encoding is not None:
-        header.remove("Content-Transfer-Encoding")
-        header.add_end("Content-Transfer-Encoding", encoding)
-        part.transfer_encoding = encoding
-    if part.parent is None and "MIME-Version" not in header:
-        header.add_end("MIME-Version", "1.0")

@@ -2,7 +2,8 @@
 
 L{deliver} is the entry point. It opens a L{ClientSession} (or takes an idle one from a
 L{ConnectionPool<haraka_tw.outbound.pool.ConnectionPool>}), runs one transaction and
-reports per recipient. The dialogue, in the order RFC 5321 and its extensions ask for:
+reports per recipient. The dialogue, in the order RFC 5321 and its extensions ask for (the
+steps up to AUTH are L{haraka_tw.outbound.dialogue}'s, composed here with this policy):
 
 1. Connect (from C{bind} if given); with L{TLSPolicy.implicit} TLS starts at once.
 2. The banner must be 220 (4xx: temporary, 5xx: permanent failure).
@@ -30,7 +31,6 @@ point) is a L{DeliveryError} naming the phase. 2xx accepted, 5xx permanent, anyt
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -46,6 +46,7 @@ from twisted.internet.endpoints import (
 )
 from twisted.internet.interfaces import IStreamClientEndpoint
 
+from haraka_tw.outbound import dialogue
 from haraka_tw.outbound.delivery import (
     DeliveryError,
     DeliveryReport,
@@ -63,8 +64,6 @@ from haraka_tw.outbound.wire import (
     mail_command,
     needs_smtputf8,
     rcpt_command,
-    sasl_answer,
-    sasl_initial,
 )
 from haraka_tw.smtp.replies import Reply
 
@@ -248,7 +247,7 @@ async def _establish(
     try:
         return await _greet(proto, destination, timeouts, starttls)
     except DeliveryError:
-        await _hang_up(proto, timeouts)
+        await dialogue.hang_up(proto, timeouts.quit)
         raise
     except BaseException:
         await proto.abort()
@@ -288,42 +287,20 @@ def _tls(destination: Destination, phase: Phase) -> ClientTLS:
 async def _greet(
     proto: SMTPClientProtocol, destination: Destination, timeouts: Timeouts, starttls: bool
 ) -> ClientSession:
-    banner = await proto.reply("banner", timeouts.banner)
-    if banner.code != 220:
-        raise DeliveryError.from_reply("banner", banner)
-    hello, caps = await _hello(proto, destination, timeouts)
-    required = destination.tls.mode == "required"
-    if starttls and "STARTTLS" in caps:
-        reply = await proto.starttls(timeouts.starttls)
-        if reply.code == 220:
-            await proto.start_tls(_tls(destination, "starttls"), timeouts.starttls)
-            hello, caps = await _hello(proto, destination, timeouts)
-        else:
-            proto.resume_plaintext()
-            if required:
-                text = f"TLS required: STARTTLS refused: {reply.code} {reply.text}"
-                raise DeliveryError("starttls", text, code=reply.code)
-    elif starttls and required:
-        raise DeliveryError("starttls", "TLS required: the server does not offer STARTTLS")
+    name, lmtp = destination.helo, destination.lmtp
+    banner = await dialogue.read_banner(proto, timeouts.banner)
+    hello, caps = await dialogue.hello(proto, name, timeouts.ehlo, lmtp=lmtp)
+    if starttls and await dialogue.starttls(
+        proto,
+        caps,
+        lambda: _tls(destination, "starttls"),
+        timeouts.starttls,
+        required=destination.tls.mode == "required",
+    ):
+        hello, caps = await dialogue.hello(proto, name, timeouts.ehlo, lmtp=lmtp)
     if destination.auth is not None:
         await _authenticate(proto, destination, caps, timeouts)
     return ClientSession(proto, destination, timeouts, banner, hello, caps)
-
-
-async def _hello(
-    proto: SMTPClientProtocol, destination: Destination, timeouts: Timeouts
-) -> tuple[Reply, Capabilities]:
-    verb = "LHLO" if destination.lmtp else "EHLO"
-    line = f"{verb} {destination.helo}\r\n".encode()
-    reply = await proto.command(line, "ehlo", timeouts.ehlo)
-    if reply.code == 250:
-        return reply, Capabilities.from_reply(reply)
-    if reply.code >= 500 and not destination.lmtp:
-        line = f"HELO {destination.helo}\r\n".encode()
-        reply = await proto.command(line, "ehlo", timeouts.ehlo)
-        if reply.code == 250:
-            return reply, Capabilities()
-    raise DeliveryError.from_reply("ehlo", reply)
 
 
 async def _authenticate(
@@ -337,28 +314,9 @@ async def _authenticate(
     if mechanism is None:
         offered = " ".join(sorted(caps.auth)) or "nothing"
         raise DeliveryError("auth", f"no usable AUTH mechanism (offered: {offered})")
-    reply = await proto.command(sasl_initial(mechanism, user, password), "auth", timeouts.auth)
-    step = 0
-    while reply.code == 334:
-        try:
-            answer = sasl_answer(mechanism, step, reply.text, user, password)
-        except ValueError as e:
-            await proto.command(b"*\r\n", "auth", timeouts.auth)  # cancel the exchange
-            raise DeliveryError("auth", f"AUTH {mechanism} failed: {e}") from e
-        reply = await proto.command(answer, "auth", timeouts.auth)
-        step += 1
+    reply = await dialogue.sasl(proto, mechanism, user, password, timeouts.auth)
     if reply.code != 235:
         raise DeliveryError.from_reply("auth", reply, soft=True)
-
-
-async def _hang_up(proto: SMTPClientProtocol, timeouts: Timeouts) -> None:
-    """QUIT if the dialogue is in step (the server is owed a goodbye), else drop."""
-    if not proto.usable:
-        await proto.abort()
-        return
-    with contextlib.suppress(DeliveryError):
-        await proto.command(b"QUIT\r\n", "quit", timeouts.quit)
-    await proto.close(timeouts.quit)
 
 
 class ClientSession:
@@ -574,7 +532,7 @@ class ClientSession:
     async def quit(self) -> None:
         """QUIT (when in step) and close; returns once the connection is gone."""
         if self.usable:
-            await _hang_up(self.proto, self.timeouts)
+            await dialogue.hang_up(self.proto, self.timeouts.quit)
         else:
             await self.proto.abort()
 

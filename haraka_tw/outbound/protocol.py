@@ -1,6 +1,7 @@
 """The I/O half of the outbound client: one TCP (or TLS) connection to an SMTP/LMTP server.
 
-L{SMTPClientProtocol} knows nothing about the SMTP dialogue; L{client} drives it. It offers:
+L{SMTPClientProtocol} knows nothing about the SMTP dialogue; L{dialogue} and L{client} drive
+it. It offers:
 
 - L{reply}: a Deferred of the next whole reply, with a per-phase timeout. Replies that
   arrive before anyone asks are queued, so a pipelined batch is written once and its
@@ -14,7 +15,8 @@ L{SMTPClientProtocol} knows nothing about the SMTP dialogue; L{client} drives it
 
 A lost connection, a timeout or a malformed reply fails whatever is outstanding (or the
 next request) with a temporary L{DeliveryError} naming the phase. Cancelling an
-outstanding Deferred aborts the connection.
+outstanding Deferred aborts the connection. A timeout of None sets no timer: the caller
+bounds the whole dialogue (as the auth plugins' remote login check does).
 """
 
 from __future__ import annotations
@@ -54,7 +56,11 @@ class _Wait:
     waits for the TLS handshake rather than a reply."""
 
     def __init__(
-        self, deferred: Deferred[Any], phase: Phase, timer: IDelayedCall, handshake: bool = False
+        self,
+        deferred: Deferred[Any],
+        phase: Phase,
+        timer: IDelayedCall | None,
+        handshake: bool = False,
     ) -> None:
         self.deferred = deferred
         self.phase = phase
@@ -71,8 +77,9 @@ class _Wait:
 class SMTPClientProtocol(Protocol):
     """One outbound connection; see the module docstring."""
 
-    def __init__(self, clock: IReactorTime, tls: ClientTLS | None = None) -> None:
-        """``tls``: for a connection that is TLS from the start, whose handshake it checks."""
+    def __init__(self, clock: IReactorTime | None = None, tls: ClientTLS | None = None) -> None:
+        """``clock``: for the timeouts (None only when every timeout asked for is None);
+        ``tls``: for a connection that is TLS from the start, whose handshake it checks."""
         self._clock = clock
         self._tls = tls
         self._reader = ReplyReader()
@@ -115,12 +122,12 @@ class SMTPClientProtocol(Protocol):
         if not self.lost and self.transport is not None:
             self.transport.write(data)
 
-    def command(self, line: bytes, phase: Phase, timeout: float) -> Deferred[Reply]:
+    def command(self, line: bytes, phase: Phase, timeout: float | None) -> Deferred[Reply]:
         """Write one command line and return its reply."""
         self.write(line)
         return self.reply(phase, timeout)
 
-    def reply(self, phase: Phase, timeout: float) -> Deferred[Reply]:
+    def reply(self, phase: Phase, timeout: float | None) -> Deferred[Reply]:
         """The next reply; fails with a temporary L{DeliveryError} if the connection is
         lost, the reply is malformed or does not come within ``timeout`` seconds."""
         if self._wait is not None:
@@ -133,7 +140,7 @@ class SMTPClientProtocol(Protocol):
         self._wait = _Wait(d, phase, self._timer(phase, timeout, f"no {phase} reply"))
         return d
 
-    def starttls(self, timeout: float) -> Deferred[Reply]:
+    def starttls(self, timeout: float | None) -> Deferred[Reply]:
         """Send STARTTLS and return its reply; nothing the server sends after that reply
         in plaintext is read. On a 220 call L{start_tls}, else L{resume_plaintext}."""
         self._tls_next = True
@@ -143,7 +150,7 @@ class SMTPClientProtocol(Protocol):
         """STARTTLS was refused: read plaintext again."""
         self._tls_next = self._plaintext_over = False
 
-    def start_tls(self, tls: ClientTLS, timeout: float) -> Deferred[None]:
+    def start_tls(self, tls: ClientTLS, timeout: float | None) -> Deferred[None]:
         """Start TLS (after the server's 220 to STARTTLS); fires when the handshake is done
         and the certificate passed L{ClientTLS.check}.
 
@@ -161,7 +168,7 @@ class SMTPClientProtocol(Protocol):
         self.transport.startTLS(tls)  # type: ignore[union-attr]
         return d
 
-    def send_body(self, chunks: Iterable[bytes], block_timeout: float) -> Deferred[int]:
+    def send_body(self, chunks: Iterable[bytes], block_timeout: float | None) -> Deferred[int]:
         """Stream ``chunks`` dot-stuffed, then the terminator; fires with the bytes sent."""
         if self._broken is not None:
             return fail(DeliveryError("data", self._broken))
@@ -186,7 +193,7 @@ class SMTPClientProtocol(Protocol):
         self.transport.loseConnection()
         d = self.closed()
         if timeout is not None:
-            timer = self._clock.callLater(timeout, self.abort)
+            timer = self._call_later(timeout, self.abort)
 
             def closed(result: None) -> None:
                 if timer.active():
@@ -270,12 +277,20 @@ class SMTPClientProtocol(Protocol):
         if body is not None:
             body.fail(DeliveryError("data", self._broken))
 
-    def _timer(self, phase: Phase, timeout: float, what: str) -> IDelayedCall:
+    def _timer(self, phase: Phase, timeout: float | None, what: str) -> IDelayedCall | None:
+        if timeout is None:
+            return None
+
         def expire() -> None:
             self._break(f"{what} within {timeout:g}s (timeout)")
             self.abort()
 
-        return self._clock.callLater(timeout, expire)
+        return self._call_later(timeout, expire)
+
+    def _call_later(self, delay: float, call: Any) -> IDelayedCall:
+        if self._clock is None:
+            raise RuntimeError("a timeout needs the protocol to have a clock")
+        return self._clock.callLater(delay, call)
 
     def _cancel(self, d: Deferred[Any]) -> None:
         """A caller cancelled the outstanding Deferred: drop the connection."""
@@ -299,7 +314,7 @@ class _BodyProducer:
     """Writes the stuffed message each time the transport asks for more."""
 
     def __init__(
-        self, proto: SMTPClientProtocol, chunks: Iterator[bytes], block_timeout: float
+        self, proto: SMTPClientProtocol, chunks: Iterator[bytes], block_timeout: float | None
     ) -> None:
         self._proto = proto
         self._chunks = chunks

@@ -52,12 +52,15 @@ class ReplyReader:
 
     Lines end with CRLF; a bare LF is tolerated as a line end (a CR before it is dropped).
     A reply is its continuation lines (``250-``) and a final line (``250 `` or ``250``);
-    every line of one reply must carry the same code.
+    every line of one reply must carry the same code. With ``enhanced`` (the default) the
+    RFC 2034 enhanced status code is taken out of the text into L{Reply.enhanced}; without
+    it the lines are kept as they came.
     """
 
-    def __init__(self, max_line: int = 4096, max_lines: int = 1000) -> None:
+    def __init__(self, max_line: int = 4096, max_lines: int = 1000, enhanced: bool = True) -> None:
         self._max_line = max_line
         self._max_lines = max_lines
+        self._enhanced = enhanced
         self._tail = b""
         self._code = 0
         self._lines: list[str] = []
@@ -110,7 +113,7 @@ class ReplyReader:
         if sep == b"-":
             return None
         lines, self._lines = self._lines, []
-        return _reply(code, lines)
+        return _reply(code, lines) if self._enhanced else Reply(code, None, tuple(lines))
 
 
 def _reply(code: int, lines: list[str]) -> Reply:
@@ -165,9 +168,11 @@ class Capabilities:
         return frozenset(word.upper() for word in self.keywords.get("AUTH", ()))
 
 
-def choose_mechanism(offered: frozenset[str]) -> str | None:
-    """The first of L{AUTH_PREFERENCE} the server offers."""
-    for mechanism in AUTH_PREFERENCE:
+def choose_mechanism(
+    offered: frozenset[str], preference: tuple[str, ...] = AUTH_PREFERENCE
+) -> str | None:
+    """The first of ``preference`` (by default L{AUTH_PREFERENCE}) the server offers."""
+    for mechanism in preference:
         if mechanism in offered:
             return mechanism
     return None
@@ -220,20 +225,27 @@ def _b64(data: bytes) -> bytes:
     return base64.b64encode(data)
 
 
-def sasl_initial(mechanism: str, user: str, password: str) -> bytes:
+def _octets(value: str | bytes) -> bytes:
+    """Credentials as they go into SASL: bytes as they are, text as UTF-8."""
+    return value if isinstance(value, bytes) else value.encode()
+
+
+def sasl_initial(mechanism: str, user: str | bytes, password: str | bytes) -> bytes:
     """The AUTH command line (CRLF included) that starts ``mechanism``.
 
     PLAIN goes with its initial response (RFC 4954 4); CRAM-MD5 and LOGIN wait for a 334.
     """
     if mechanism == "PLAIN":
-        token = _b64(b"\0" + user.encode() + b"\0" + password.encode())
+        token = _b64(b"\0" + _octets(user) + b"\0" + _octets(password))
         return b"AUTH PLAIN " + token + b"\r\n"
     if mechanism in ("CRAM-MD5", "LOGIN"):
         return f"AUTH {mechanism}\r\n".encode()
     raise ValueError(f"unsupported SASL mechanism {mechanism!r}")
 
 
-def sasl_answer(mechanism: str, step: int, challenge: str, user: str, password: str) -> bytes:
+def sasl_answer(
+    mechanism: str, step: int, challenge: str, user: str | bytes, password: str | bytes
+) -> bytes:
     """The answer line (CRLF included) to the ``step``-th 334 challenge (0-based).
 
     @raise ValueError: for a challenge the mechanism cannot answer (bad base64, too many steps).
@@ -243,10 +255,10 @@ def sasl_answer(mechanism: str, step: int, challenge: str, user: str, password: 
     except binascii.Error:
         raise ValueError(f"challenge is not base64: {challenge[:80]!r}") from None
     if mechanism == "CRAM-MD5" and step == 0:
-        digest = hmac.new(password.encode(), decoded, "md5").hexdigest()
-        return _b64(f"{user} {digest}".encode()) + b"\r\n"
+        digest = hmac.new(_octets(password), decoded, "md5").hexdigest()
+        return _b64(_octets(user) + b" " + digest.encode()) + b"\r\n"
     if mechanism == "LOGIN" and step in (0, 1):
-        return _b64((user if step == 0 else password).encode()) + b"\r\n"
+        return _b64(_octets(user if step == 0 else password)) + b"\r\n"
     if mechanism == "PLAIN" and step == 0 and not decoded:
-        return _b64(b"\0" + user.encode() + b"\0" + password.encode()) + b"\r\n"
+        return _b64(b"\0" + _octets(user) + b"\0" + _octets(password)) + b"\r\n"
     raise ValueError(f"unexpected {mechanism} challenge at step {step}")

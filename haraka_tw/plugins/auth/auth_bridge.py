@@ -27,10 +27,10 @@ from typing import Any
 
 from twisted.cred.checkers import ICredentialsChecker
 
+from haraka_tw.outbound.endpoint import Endpoint, parse_endpoint
 from haraka_tw.plugins.auth.auth_base import AuthCredentials
 from haraka_tw.plugins.auth.auth_proxy import Plugin as AuthProxyPlugin
 from haraka_tw.plugins.auth.auth_proxy import RemoteChecker
-from haraka_tw.plugins.auth.remote_smtp import Endpoint, parse_endpoint
 from haraka_tw.plugins.auth.sasl import PasswordCredentials
 from haraka_tw.smtp.connection import Connection
 

@@ -36,14 +36,9 @@ from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
+from haraka_tw.outbound.endpoint import Endpoint, parse_endpoints
 from haraka_tw.plugins.auth.auth_base import AuthPlugin, AuthUnavailable
-from haraka_tw.plugins.auth.remote_smtp import (
-    Endpoint,
-    RemoteAuthenticator,
-    RemoteError,
-    TLSPolicy,
-    parse_endpoints,
-)
+from haraka_tw.plugins.auth.remote_smtp import RemoteAuthenticator, RemoteError, TLSPolicy
 from haraka_tw.plugins.auth.sasl import LOGIN, PLAIN
 
 __all__ = ["Plugin", "RemoteChecker", "read_domains"]

@@ -1,14 +1,15 @@
 """Checking a username and password by logging in to a remote SMTP server.
 
-The client auth_proxy and auth_bridge share: connect, read the greeting, EHLO, STARTTLS
+The check auth_proxy and auth_bridge share: connect, read the greeting, EHLO, STARTTLS
 when the server offers it (then EHLO again), AUTH PLAIN (or LOGIN when PLAIN is not
 offered), QUIT. The credentials are good if and only if the server answers 235.
 
-- L{ReplyParser} turns reply lines into L{RemoteReply} values (no I/O);
-- L{SMTPLineClient} is the protocol: it sends lines and hands out whole replies as
-  Deferreds;
-- L{converse} is the dialogue on a connected client, L{RemoteAuthenticator} connects to
-  one host and runs it under a timeout.
+It runs on the outbound client's pieces: L{SMTPLineClient} is its
+L{SMTPClientProtocol<haraka_tw.outbound.protocol.SMTPClientProtocol>} with a protocol log,
+L{converse} composes the steps of L{haraka_tw.outbound.dialogue} with this policy, and TLS
+contexts come from L{haraka_tw.outbound.tls_client}. L{RemoteAuthenticator} connects to one
+host and runs the dialogue under a timeout. L{ReplyParser} gives a line-at-a-time view of
+the outbound L{ReplyReader<haraka_tw.outbound.wire.ReplyReader>}.
 
 A host that cannot give an answer (refused, timed out, no AUTH, a 4xx to AUTH, nonsense)
 raises L{RemoteError}, so the caller may try another; a 5xx to AUTH is a plain "no".
@@ -17,20 +18,23 @@ Passwords are never logged: protocol lines carrying credentials are logged as C{
 
 from __future__ import annotations
 
-import binascii
-import re
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet import error as net_error
-from twisted.internet import ssl
-from twisted.internet.defer import CancelledError, Deferred, TimeoutError, fail, succeed
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
-from twisted.internet.protocol import connectionDone
-from twisted.protocols.basic import LineReceiver
+from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
+
+from haraka_tw.outbound import delivery, dialogue
+from haraka_tw.outbound.delivery import DeliveryError, Phase
+from haraka_tw.outbound.endpoint import Endpoint, parse_endpoint, parse_endpoints
+from haraka_tw.outbound.protocol import SMTPClientProtocol
+from haraka_tw.outbound.tls_client import client_tls
+from haraka_tw.outbound.wire import ReplyError, ReplyReader, choose_mechanism
+from haraka_tw.smtp.replies import Reply
 
 __all__ = [
     "Endpoint",
@@ -45,54 +49,12 @@ __all__ = [
     "parse_endpoints",
 ]
 
-_REPLY_LINE = re.compile(rb"([2-5][0-9]{2})(?:([ -])(.*))?")
-_SEPARATORS = re.compile(r"[\s,;]+")
+#: PLAIN or LOGIN only: the password is passed on as the client gave it.
+_MECHANISMS = ("PLAIN", "LOGIN")
 
 
 class RemoteError(Exception):
     """The remote host gave no usable answer (connection, timeout, protocol)."""
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    """A remote SMTP server."""
-
-    host: str
-    port: int = 25
-
-    def __str__(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
-
-
-def parse_endpoint(text: str, default_port: int = 25) -> Endpoint:
-    """C{host}, C{host:port}, C{[v6]:port} or a bare IPv6 address.
-
-    @raise ValueError: for an empty host or a bad port.
-    """
-    text = text.strip()
-    port: str | None = None
-    if text.startswith("["):
-        host, close, rest = text[1:].partition("]")
-        if not close or (rest and not rest.startswith(":")):
-            raise ValueError(f"bad host {text!r}")
-        port = rest[1:] or None
-    elif text.count(":") == 1:
-        host, _, port = text.partition(":")
-    else:
-        host = text
-    if not host:
-        raise ValueError(f"no host in {text!r}")
-    if port is None:
-        return Endpoint(host, default_port)
-    if not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"bad port in {text!r}")
-    return Endpoint(host, int(port))
-
-
-def parse_endpoints(value: Any, default_port: int = 25) -> list[Endpoint]:
-    """A list of hosts separated by spaces, commas or semicolons (Haraka's auth_proxy)."""
-    return [parse_endpoint(p, default_port) for p in _SEPARATORS.split(str(value)) if p]
 
 
 @dataclass(frozen=True)
@@ -114,11 +76,10 @@ class RemoteReply:
 
 
 class ReplyParser:
-    """Collects reply lines into replies."""
+    """Collects reply lines into replies (the outbound L{ReplyReader}, a line at a time)."""
 
     def __init__(self) -> None:
-        self._lines: list[str] = []
-        self._code: int | None = None
+        self._reader = ReplyReader(enhanced=False)
 
     def feed(self, line: bytes) -> RemoteReply | None:
         """Take one line (without its line ending); the reply when this line ends one.
@@ -126,103 +87,55 @@ class ReplyParser:
         @raise RemoteError: for a line that is not a reply line, or a code that changes
             inside a multi-line reply.
         """
-        m = _REPLY_LINE.fullmatch(line)
-        if m is None:
+        if b"\n" in line:
             raise RemoteError(f"not an SMTP reply: {line[:80]!r}")
-        code = int(m.group(1))
-        if self._code is not None and code != self._code:
-            raise RemoteError(f"reply code changed from {self._code} to {code}")
-        self._code = code
-        self._lines.append((m.group(3) or b"").decode("utf-8", "replace"))
-        if m.group(2) == b"-":
+        try:
+            replies = self._reader.feed(line + b"\r\n")
+        except ReplyError as e:
+            raise RemoteError(str(e)) from None
+        if not replies:
             return None
-        reply = RemoteReply(code, tuple(self._lines))
-        self._lines, self._code = [], None
+        return RemoteReply(replies[0].code, replies[0].lines)
+
+
+class SMTPLineClient(SMTPClientProtocol):
+    """The outbound client's protocol with a protocol log (C{S:} and C{C:} lines) in which
+    credentials show as C{****}. Without a clock it keeps no timers of its own: the caller
+    bounds the dialogue (L{RemoteAuthenticator} does)."""
+
+    def __init__(
+        self, log: Callable[[str], None] | None = None, clock: IReactorTime | None = None
+    ) -> None:
+        super().__init__(clock)
+        self._log = log
+
+    def command(self, line: bytes, phase: Phase, timeout: float | None) -> Deferred[Reply]:
+        if self._log is not None:
+            self._log(f"C: {_shown(line, phase)}")
+        return super().command(line, phase, timeout)
+
+    def reply(self, phase: Phase, timeout: float | None) -> Deferred[Reply]:
+        d = super().reply(phase, timeout)
+        if self._log is not None:
+            d.addCallback(self._logged)
+        return d
+
+    def _logged(self, reply: Reply) -> Reply:
+        assert self._log is not None
+        for line in str(reply).split("\r\n"):
+            self._log(f"S: {line}")
         return reply
 
 
-class SMTPLineClient(LineReceiver):
-    """Sends command lines; L{reply} gives the next whole reply."""
-
-    delimiter = b"\n"
-    MAX_LENGTH = 8192
-    transport: Any  # a TCP transport (abortConnection, startTLS)
-
-    def __init__(self, log: Callable[[str], None] | None = None) -> None:
-        self._parser = ReplyParser()
-        self._replies: deque[RemoteReply] = deque()
-        self._waiter: Deferred[RemoteReply] | None = None
-        self._problem: RemoteError | None = None
-        self._log = log
-
-    def lineReceived(self, line: bytes) -> None:
-        line = line.rstrip(b"\r")
-        if self._log is not None:
-            self._log(f"S: {line.decode('utf-8', 'replace')}")
-        try:
-            reply = self._parser.feed(line)
-        except RemoteError as e:
-            self._stop(e)
-            return
-        if reply is None:
-            return
-        waiter, self._waiter = self._waiter, None
-        if waiter is not None:
-            waiter.callback(reply)
-        else:
-            self._replies.append(reply)
-
-    def lineLengthExceeded(self, line: bytes) -> None:
-        self._stop(RemoteError("reply line too long"))
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if self._problem is None:
-            self._problem = RemoteError(f"connection lost: {reason.getErrorMessage()}")
-        waiter, self._waiter = self._waiter, None
-        if waiter is not None:
-            waiter.errback(self._problem)
-
-    def _stop(self, problem: RemoteError) -> None:
-        self._problem = problem
-        if self.transport is not None:
-            self.transport.abortConnection()
-
-    def reply(self) -> Deferred[RemoteReply]:
-        """The next whole reply.
-
-        Fails with L{RemoteError} if the connection ends first; cancelling it aborts the
-        connection.
-        """
-        if self._replies:
-            return succeed(self._replies.popleft())
-        if self._problem is not None:
-            return fail(self._problem)
-        if self._waiter is not None:
-            raise RuntimeError("reply() while another reply() is pending")
-
-        def cancel(_: Deferred[RemoteReply]) -> None:
-            self._waiter = None
-            if self.transport is not None:
-                self.transport.abortConnection()
-
-        self._waiter = Deferred(cancel)
-        return self._waiter
-
-    def command(self, line: bytes, shown: str | None = None) -> Deferred[RemoteReply]:
-        """Send one line; its reply. C{shown} is what the log says was sent."""
-        if self._log is not None:
-            self._log(f"C: {shown if shown is not None else line.decode('utf-8', 'replace')}")
-        self.sendLine(line)
-        return self.reply()
-
-    def sendLine(self, line: bytes) -> None:
-        if self.transport is not None:
-            self.transport.write(line + b"\r\n")
-
-    def close(self) -> None:
-        """Close the connection (after what was written)."""
-        if self.transport is not None:
-            self.transport.loseConnection()
+def _shown(line: bytes, phase: Phase) -> str:
+    """A command line as the log shows it: in the AUTH exchange only C{AUTH <mechanism>}."""
+    text = line.rstrip(b"\r\n").decode("utf-8", "replace")
+    if phase != "auth":
+        return text
+    words = text.split(" ")
+    if words[0].upper() != "AUTH":
+        return "****"
+    return " ".join(words[:2]) + (" ****" if len(words) > 2 else "")
 
 
 @dataclass(frozen=True)
@@ -234,14 +147,12 @@ class TLSPolicy:
     enabled: bool = True
     verify: bool = False
 
-    def options(self, host: str) -> Any:
+    @property
+    def outbound(self) -> delivery.TLSPolicy:
+        """The same as the outbound client's policy (what its TLS contexts are built from)."""
         if self.verify:
-            return ssl.optionsForClientTLS(host)
-        return ssl.CertificateOptions(verify=False)
-
-
-def _b64(data: bytes) -> bytes:
-    return binascii.b2a_base64(data, newline=False)
+            return delivery.TLSPolicy(mode="required", verify=True)
+        return delivery.TLSPolicy(mode="opportunistic" if self.enabled else "none")
 
 
 async def converse(
@@ -257,70 +168,46 @@ async def converse(
     """Log in on a connected client: True on 235, False on a 5xx to AUTH.
 
     With C{strip_domain}, a 5xx to C{user@domain} is tried once more as C{user} (as
-    Haraka's auth_proxy does).
+    Haraka's auth_proxy does). No step has a timeout of its own: the caller bounds the
+    whole (L{RemoteAuthenticator} does).
 
     @raise RemoteError: when the host gives no usable answer.
     """
-    greeting = await client.reply()
-    if greeting.code != 220:
-        raise RemoteError(f"greeting {greeting.code}")
-    ehlo = await _ehlo(client, helo)
-    secure = False
-    if tls.enabled and "STARTTLS" in ehlo.keywords:
-        answer = await client.command(b"STARTTLS")
-        if answer.code == 220:
-            client.transport.startTLS(tls.options(host))
-            secure = True
-            ehlo = await _ehlo(client, helo)
-    if tls.verify and not secure:
-        raise RemoteError("STARTTLS required (tls_verify) but not offered or refused")
-    mechanisms = ehlo.keywords.get("AUTH", "").upper().split()
-    if "PLAIN" in mechanisms:
-        mechanism = "PLAIN"
-    elif "LOGIN" in mechanisms:
-        mechanism = "LOGIN"
-    else:
-        raise RemoteError(f"no AUTH PLAIN or LOGIN offered (AUTH {' '.join(mechanisms)})")
-    names = [username]
-    local, at, _ = username.rpartition(b"@")
-    if strip_domain and at and local:
-        names.append(local)
-    for name in names:
-        answer = await _login(client, mechanism, name, password)
-        if answer.code == 235:
-            _quit(client)
-            return True
-        if answer.code // 100 != 5:
-            _quit(client)
-            raise RemoteError(f"AUTH answered {answer.code}")
-    _quit(client)
-    return False
-
-
-async def _ehlo(client: SMTPLineClient, helo: str) -> RemoteReply:
-    reply = await client.command(f"EHLO {helo}".encode())
-    if reply.code != 250:
-        raise RemoteError(f"EHLO answered {reply.code}")
-    return reply
-
-
-async def _login(
-    client: SMTPLineClient, mechanism: str, username: bytes, password: bytes
-) -> RemoteReply:
-    if mechanism == "PLAIN":
-        token = _b64(b"\x00" + username + b"\x00" + password)
-        return await client.command(b"AUTH PLAIN " + token, "AUTH PLAIN ****")
-    answer = await client.command(b"AUTH LOGIN")
-    if answer.code != 334:
-        return answer
-    answer = await client.command(_b64(username), "****")
-    if answer.code != 334:
-        return answer
-    return await client.command(_b64(password), "****")
+    timeout = None  # no timer per step: the caller bounds the whole dialogue
+    try:
+        await dialogue.read_banner(client, timeout)
+        _, caps = await dialogue.hello(client, helo, timeout, helo_fallback=False)
+        if tls.enabled and await dialogue.starttls(
+            client, caps, lambda: client_tls(tls.outbound, host), timeout, required=tls.verify
+        ):
+            _, caps = await dialogue.hello(client, helo, timeout, helo_fallback=False)
+        elif tls.verify:
+            raise RemoteError("STARTTLS required (tls_verify) but not enabled")
+        mechanism = choose_mechanism(caps.auth, _MECHANISMS)
+        if mechanism is None:
+            offered = " ".join(sorted(caps.auth))
+            raise RemoteError(f"no AUTH PLAIN or LOGIN offered (AUTH {offered})")
+        names = [username]
+        local, at, _ = username.rpartition(b"@")
+        if strip_domain and at and local:
+            names.append(local)
+        for name in names:
+            answer = await dialogue.sasl(client, mechanism, name, password, timeout)
+            if answer.code == 235:
+                _quit(client)
+                return True
+            if answer.code // 100 != 5:
+                _quit(client)
+                raise RemoteError(f"AUTH answered {answer.code}")
+        _quit(client)
+        return False
+    except DeliveryError as e:
+        raise RemoteError(str(e)) from e
 
 
 def _quit(client: SMTPLineClient) -> None:
-    client.sendLine(b"QUIT")
+    """QUIT and close without waiting for the answer: the check is decided."""
+    client.write(b"QUIT\r\n")
     client.close()
 
 
@@ -370,8 +257,7 @@ class RemoteAuthenticator:
 
         def problem(failure: Failure) -> Failure:
             for client in clients:
-                if client.transport is not None:
-                    client.transport.abortConnection()
+                client.abort()
             if failure.check(RemoteError):
                 return failure
             if failure.check(TimeoutError, CancelledError, net_error.ConnectingCancelledError):

@@ -25,7 +25,7 @@ from zope.interface import implementer
 
 from haraka_tw.codes import CONT, DENYSOFT, OK
 from haraka_tw.interfaces import IPluginContext, IQueueHook, IQueueOutboundHook, IRegistration
-from haraka_tw.plugins.queue.smtp_forward import queue_wants
+from haraka_tw.plugins.queue.forwarding import queue_wants
 
 __all__ = ["Plugin"]
 

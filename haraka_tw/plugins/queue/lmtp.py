@@ -37,11 +37,10 @@ from zope.interface import implementer
 
 from haraka_tw.codes import CONT, OK, HookResult
 from haraka_tw.interfaces import IGetMxHook, IPluginContext, IQueueHook, IRegistration
-from haraka_tw.plugins.queue.smtp_forward import (
+from haraka_tw.plugins.queue.forwarding import (
     ROUTE_BOOLEANS,
     ForwardingPlugin,
     Route,
-    Routes,
     queue_wants,
     read_routes,
 )
@@ -60,22 +59,15 @@ class Plugin(ForwardingPlugin):
 
     def register(self, context: IPluginContext) -> None:
         self.setup(context)
-        self.routes = self._read()
+        self.watch(LMTP_INI)
         self.log.info(f"delivering over LMTP to {', '.join(map(str, self.routes.main.hosts))}")
-        context.config.on_change(LMTP_INI, self._reload)
 
-    def _read(self) -> Routes:
+    def load(self) -> None:
         ini = self.config.get_ini(LMTP_INI, booleans=ROUTE_BOOLEANS)
         for name, section in ini.items():
             if section.get("path"):
                 raise ValueError(f"{LMTP_INI} [{name}] path: Unix sockets are not supported")
-        return read_routes(ini, default_port=24, lmtp=True, where=LMTP_INI)
-
-    def _reload(self) -> None:
-        try:
-            self.routes = self._read()
-        except ValueError as e:
-            self.log.error(f"{e}; keeping the last good settings")
+        self.routes = read_routes(ini, default_port=24, lmtp=True, where=LMTP_INI)
 
     def groups(self, connection: Any) -> list[tuple[Route, list[int]]]:
         return self.routes.groups(connection.transaction)

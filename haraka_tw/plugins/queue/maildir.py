@@ -37,6 +37,7 @@ from twisted.internet.threads import deferToThread
 from zope.interface import implementer
 
 from haraka_tw.codes import DENYSOFT, OK, Code
+from haraka_tw.fsync import fsync_dir
 from haraka_tw.interfaces import IPluginContext, IQueueHook, IRegistration
 
 __all__ = ["Maildir", "Plugin"]
@@ -86,11 +87,7 @@ class Maildir:
                     os.fsync(f.fileno())
             os.rename(tmp, new)
             if self.fsync:
-                dfd = os.open(self.path / "new", os.O_RDONLY)
-                try:
-                    os.fsync(dfd)
-                finally:
-                    os.close(dfd)
+                fsync_dir(self.path / "new")
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise

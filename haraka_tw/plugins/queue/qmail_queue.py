@@ -36,8 +36,8 @@ from zope.interface import implementer
 
 from haraka_tw.codes import CONT, DENY, DENYSOFT, OK, HookResult
 from haraka_tw.interfaces import IPluginContext, IQueueHook, IQueueOutboundHook, IRegistration
+from haraka_tw.plugins.queue.forwarding import queue_wants
 from haraka_tw.plugins.queue.quarantine import to_lf
-from haraka_tw.plugins.queue.smtp_forward import queue_wants
 from haraka_tw.smtp.replies import Reply
 
 __all__ = ["DEFAULT_PATH", "EXIT_CODES", "Plugin", "QmailQueue", "answer_for", "envelope"]

@@ -39,8 +39,9 @@ from twisted.internet.threads import deferToThread
 from zope.interface import implementer
 
 from haraka_tw.codes import CONT, DENYSOFT, Code, HookResult
+from haraka_tw.fsync import fsync_dir
 from haraka_tw.interfaces import IPluginContext, IQueueHook, IQueueOutboundHook, IRegistration
-from haraka_tw.plugins.queue.smtp_forward import queue_wants
+from haraka_tw.plugins.queue.forwarding import queue_wants
 
 __all__ = ["QUARANTINE_INI", "Plugin", "Quarantine", "to_lf"]
 
@@ -61,14 +62,6 @@ def to_lf(chunks: Iterable[bytes]) -> Iterator[bytes]:
             yield chunk.replace(b"\r\n", b"\n")
     if held_cr:
         yield b"\r"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Quarantine:
@@ -106,7 +99,7 @@ class Quarantine:
                 f.flush()
                 os.fsync(f.fileno())
             os.link(tmp, final)
-            _fsync_dir(final_dir)
+            fsync_dir(final_dir)
         finally:
             tmp.unlink(missing_ok=True)
         return final

@@ -36,8 +36,8 @@ from zope.interface import implementer
 
 from haraka_tw.codes import CONT, HookResult
 from haraka_tw.interfaces import IPluginContext, IQueueHook, IQueueOutboundHook, IRegistration
-from haraka_tw.plugins.auth.remote_smtp import Endpoint
-from haraka_tw.plugins.queue.smtp_forward import ForwardingPlugin, Route, read_route
+from haraka_tw.outbound.endpoint import Endpoint
+from haraka_tw.plugins.queue.forwarding import ForwardingPlugin, Route, read_route
 
 __all__ = ["SMTP_BRIDGE_INI", "Plugin"]
 
@@ -55,18 +55,11 @@ class Plugin(ForwardingPlugin):
 
     def register(self, context: IPluginContext) -> None:
         self.setup(context)
-        self.template = self._read()
-        context.config.on_change(SMTP_BRIDGE_INI, self._reload)
+        self.watch(SMTP_BRIDGE_INI)
 
-    def _read(self) -> Route:
+    def load(self) -> None:
         main = self.config.get_ini(SMTP_BRIDGE_INI, booleans=_BOOLEANS)["main"]
-        return read_route("main", main, main, where=SMTP_BRIDGE_INI)
-
-    def _reload(self) -> None:
-        try:
-            self.template = self._read()
-        except ValueError as e:
-            self.log.error(f"{e}; keeping the last good settings")
+        self.template = read_route("main", main, main, where=SMTP_BRIDGE_INI)
 
     def route(self, bridge: dict[str, Any]) -> Route:
         """The route for one bridged login: its server, its credentials."""

@@ -62,7 +62,7 @@ from haraka_tw.outbound.client import ClientSession, Destination, open_session
 from haraka_tw.outbound.delivery import DeliveryError, Phase
 from haraka_tw.outbound.mx import MXError
 from haraka_tw.outbound.wire import mail_command, rcpt_command
-from haraka_tw.plugins.queue.smtp_forward import (
+from haraka_tw.plugins.queue.forwarding import (
     ROUTE_BOOLEANS,
     ForwardingPlugin,
     Route,
@@ -163,20 +163,13 @@ class Plugin(ForwardingPlugin):
 
     def register(self, context: IPluginContext) -> None:
         self.setup(context)
-        self.route = self._read()
+        self.watch(SMTP_PROXY_INI)
         self._held: weakref.WeakKeyDictionary[Any, Backend] = weakref.WeakKeyDictionary()
         self.log.info(f"proxying to {', '.join(map(str, self.route.hosts))}")
-        context.config.on_change(SMTP_PROXY_INI, self._reload)
 
-    def _read(self) -> Route:
+    def load(self) -> None:
         main = self.config.get_ini(SMTP_PROXY_INI, booleans=_BOOLEANS)["main"]
-        return read_route("main", main, main, where=SMTP_PROXY_INI)
-
-    def _reload(self) -> None:
-        try:
-            self.route = self._read()
-        except ValueError as e:
-            self.log.error(f"{e}; keeping the last good settings")
+        self.route: Route = read_route("main", main, main, where=SMTP_PROXY_INI)
 
     async def _open(self, connection: Any) -> ClientSession | None:
         """A greeted session with the first backend host that can be used."""

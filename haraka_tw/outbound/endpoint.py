@@ -1,0 +1,58 @@
+"""Where a remote SMTP server is: L{Endpoint} (host and port) and the C{host},
+C{host:port}, C{[v6]:port} forms config files name it in (Haraka's), one or a list.
+
+Used by the plugins that talk to a fixed server: the forwarding queue plugins (next hops)
+and auth_proxy / auth_bridge (the servers that check a login).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["Endpoint", "parse_endpoint", "parse_endpoints"]
+
+_SEPARATORS = re.compile(r"[\s,;]+")
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A remote SMTP server."""
+
+    host: str
+    port: int = 25
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+def parse_endpoint(text: str, default_port: int = 25) -> Endpoint:
+    """C{host}, C{host:port}, C{[v6]:port} or a bare IPv6 address.
+
+    @raise ValueError: for an empty host or a bad port.
+    """
+    text = text.strip()
+    port: str | None = None
+    if text.startswith("["):
+        host, close, rest = text[1:].partition("]")
+        if not close or (rest and not rest.startswith(":")):
+            raise ValueError(f"bad host {text!r}")
+        port = rest[1:] or None
+    elif text.count(":") == 1:
+        host, _, port = text.partition(":")
+    else:
+        host = text
+    if not host:
+        raise ValueError(f"no host in {text!r}")
+    if port is None:
+        return Endpoint(host, default_port)
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"bad port in {text!r}")
+    return Endpoint(host, int(port))
+
+
+def parse_endpoints(value: Any, default_port: int = 25) -> list[Endpoint]:
+    """A list of hosts separated by spaces, commas or semicolons (Haraka's auth_proxy)."""
+    return [parse_endpoint(p, default_port) for p in _SEPARATORS.split(str(value)) if p]
