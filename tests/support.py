@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import tempfile
@@ -157,13 +158,14 @@ def start_server(case: Any, files: Mapping[str, str]) -> tuple[HarakaServer, int
 
     The maildir and the outbound queue go under the test's temporary directory unless
     C{files} says otherwise; C{{base}} in a file's text is that directory. The outbound
-    service runs as under twistd; DNS goes to a closed loopback port unless C{files} gives
-    a dns.ini (no test waits on a real nameserver).
+    service runs as under twistd and owns its queue, but delivers nothing unless C{files}
+    gives an outbound.ini of its own (so a test can read what was queued); DNS goes to a
+    closed loopback port unless C{files} gives a dns.ini (no test waits on a nameserver).
     """
     base = temp_dir(case)
     all_files = {
         "maildir.ini": f"[main]\npath={base / 'maildir'}\n",
-        "outbound.ini": "[main]\nqueue_dir={base}/queue\n",
+        "outbound.ini": "[main]\nqueue_dir={base}/queue\ndisabled=true\n",
         "dns.ini": "[main]\nnameservers=127.0.0.1:9\ntimeout=1\nattempts=1\n",
         "me": "mx.test\n",
     }
@@ -171,6 +173,8 @@ def start_server(case: Any, files: Mapping[str, str]) -> tuple[HarakaServer, int
     all_files = {name: text.replace("{base}", str(base)) for name, text in all_files.items()}
     config_dir = write_config(base / "config", all_files)
     server = HarakaServer.from_directory(config_dir, reactor)
+    if os.environ.get("HARAKA_TW_TEST_LOG"):  # see every server line while debugging a test
+        server.log.hook = lambda c, r: print(f"{r.level.name} [{r.origin}] {r.message}") or True
     server.log.hook = server.log.hook or (lambda c, r: r.level > Level.WARN)
     port = reactor.listenTCP(0, server.factory, interface="127.0.0.1")
 

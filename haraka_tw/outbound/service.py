@@ -345,8 +345,10 @@ class OutboundService:
             self.flush(args.get("domain"))
         elif action in ("delete", "bounce"):
             ids = set(args.get("ids") or ())
-            d = self.queue.scan()
-            d.addCallback(lambda entries: self._act_on(action, [e for e in entries if e.id in ids]))
+            d = deferToThread(self.queue.store.listing)  # read-only: scan() cleans up
+            d.addCallback(
+                lambda listing: self._act_on(action, [e for e in listing.entries if e.id in ids])
+            )
 
     def _act_on(self, action: str, entries: list[QueueEntry]) -> None:
         from haraka_tw.outbound.tools import bounce_entry

@@ -102,6 +102,9 @@ class QueueStore:
         self.hostname = hostname
         self.log = log or _log_to_twisted
         self._lock_fd: int | None = None
+        # Marks this store's own temporary files: scan() must never remove a file that is
+        # being written right now (a message arriving while the queue is scanned at start).
+        self.token = "".join(random.choices(string.ascii_letters + string.digits, k=12))
 
     # -- helpers ---------------------------------------------------------------------
 
@@ -117,7 +120,7 @@ class QueueStore:
     def _write_durably(self, final: Path, write: Callable[[int], None]) -> None:
         """Write a file via tmp/: write(fd), fsync, rename to C{final}, fsync its dir."""
         self.ensure_dirs()
-        tmp = self.tmp / _unique(final.name + ".")
+        tmp = self.tmp / _unique(f"{final.name}.{self.token}.")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             try:
@@ -228,6 +231,8 @@ class QueueStore:
         """See L{IOutboundQueue.scan}."""
         self.ensure_dirs()
         for leftover in sorted(self.tmp.iterdir()):
+            if f".{self.token}." in leftover.name:
+                continue  # ours: being written now
             self.log(f"outbound queue: removing unfinished temporary file {leftover.name}")
             leftover.unlink(missing_ok=True)
         for path in sorted(self.dir.glob(_HARAKA_TMP + "*")):

@@ -486,3 +486,19 @@ def test_store_find(tmp_path: Path) -> None:
     assert store.find(entry.id) == entry
     assert store.find(entry.filename) == entry
     assert store.find("1_2_nope_3_h") is None
+
+
+def test_scan_keeps_files_being_written_now(tmp_path: Path) -> None:
+    """scan() removes other processes' leftovers from tmp/, never this store's own writes
+    (a message arriving while the queue is scanned at start must not lose its file)."""
+    from haraka_tw.outbound.store import QueueStore
+
+    store = QueueStore(tmp_path / "q")
+    store.ensure_dirs()
+    ours = store.tmp / f"1_2_0_1_x_1_h.{store.token}.123.1.2.abc"
+    theirs = store.tmp / "1_2_0_1_x_1_h.othertoken.123.1.2.abc"
+    ours.write_bytes(b"half written")
+    theirs.write_bytes(b"left by a crash")
+    store.scan()
+    assert ours.exists()
+    assert not theirs.exists()
