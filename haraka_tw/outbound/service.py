@@ -89,7 +89,7 @@ class OutboundService:
         self.me = me
         self.queue = FileQueue(queue_dir or queue_dir_of(config), log=self._log_line)
         self.resolver = resolver or Resolver.from_config(config, reactor)
-        self.pool = ConnectionPool(reactor)
+        self.pool = ConnectionPool(reactor, max_idle=16)  # reuse across parallel deliveries
         self.owner = False
         self._stopping = False
         self._started: Deferred[None] = defer.succeed(None)
