@@ -259,7 +259,6 @@ class Connection:
         self.msg_count = Counts()
         self.errors = 0
         self.last_reply: bytes = b""  # the last reply as written
-        self.last_reject: str | None = None
         self.state = State.CONNECTING
         self.current_command: Command | None = None
         self.start_time = time.time()

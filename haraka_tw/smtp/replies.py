@@ -39,13 +39,6 @@ class Reply:
             return self
         return replace(self, lines=_split(text))
 
-    def with_code(self, code: int) -> Reply:
-        """The same text with another code; the enhanced class follows the new code."""
-        enhanced = self.enhanced
-        if enhanced is not None and enhanced[0] != str(code)[0]:
-            enhanced = str(code)[0] + enhanced[1:]
-        return replace(self, code=code, enhanced=enhanced)
-
     def fill(self, fields: Mapping[str, str]) -> Reply:
         """Replace each C{{name}} whose name is in C{fields}; any other brace stays as it is.
 
@@ -64,11 +57,6 @@ class Reply:
     def text(self) -> str:
         """The lines joined by newlines, for logs."""
         return "\n".join(self.lines)
-
-    @property
-    def is_error(self) -> bool:
-        """True for 4xx and 5xx replies."""
-        return self.code >= 400
 
     def to_bytes(self, enhanced: bool = True) -> bytes:
         """The wire form: C{250-first} continuation lines, then C{250 last}, CRLF each."""
