@@ -109,7 +109,8 @@ class SessionCore(smtp.ESMTP):
     def _disconnected(self) -> None:
         conn = self._conn
         d = self.runner.run("disconnect", conn)
-        d.addBoth(lambda _: conn.log(Level.NOTICE, "disconnect", **conn.summary()))
+        if self.factory.log.enabled(Level.NOTICE):  # the summary is only built to be logged
+            d.addBoth(lambda _: conn.log(Level.NOTICE, "disconnect", **conn.summary()))
 
     def timeoutConnection(self) -> None:
         """No input for the phase's timeout: 421 and close."""
