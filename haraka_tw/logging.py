@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import enum
 import json
+import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -85,9 +86,12 @@ class LogRecord:
     time: float = 0.0
 
 
+_NEEDS_QUOTES = re.compile(r'[ ="\\]')
+
+
 def _logfmt_value(value: object) -> str:
-    text = str(value)
-    if text == "" or any(c in text for c in ' ="\\') or not text.isprintable():
+    text = value if isinstance(value, str) else str(value)
+    if text == "" or _NEEDS_QUOTES.search(text) is not None or not text.isprintable():
         return json.dumps(text)
     return text
 

@@ -8,6 +8,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 
 from haraka_tw.codes import Code, HookResult
+from haraka_tw.hooks.runner import then
 from haraka_tw.hooks.table import Then, outcome
 from haraka_tw.smtp import catalogue as S
 from haraka_tw.smtp.address import AddressError, parse_mail_argument, parse_rcpt_argument
@@ -44,8 +45,8 @@ class Envelope(SessionCore):
         conn.esmtp = verb == "EHLO"
         hook = verb.lower()
 
-        def run(_: Any = None) -> Deferred[Any]:
-            return self.runner.run(hook, conn, host).addCallback(answered)
+        def run(_: Any = None) -> Deferred[Any] | None:
+            return then(self.runner.call(hook, conn, host), answered)
 
         def answered(result: HookResult) -> Deferred[Any] | None:
             row = outcome(hook, result.code)
@@ -61,8 +62,9 @@ class Envelope(SessionCore):
                 self._send(greeting)
                 return None
             conn.capabilities = self._capabilities()
-            return self.runner.run("capabilities", conn).addCallback(
-                lambda _: self._send(Reply(250, None, (*greeting.lines, *conn.capabilities)))
+            return then(
+                self.runner.call("capabilities", conn),
+                lambda _: self._send(Reply(250, None, (*greeting.lines, *conn.capabilities))),
             )
 
         return run() if d is None else d.addCallback(run)
@@ -102,13 +104,13 @@ class Envelope(SessionCore):
             return None
         d = self._reset_transaction()
 
-        def run(_: Any = None) -> Deferred[Any]:
+        def run(_: Any = None) -> Deferred[Any] | None:
             conn.tran_count += 1
             s = self.settings
             txn = Transaction(f"{conn.uuid}.{conn.tran_count}", s.spool_dir, s.spool_after)
             txn.mail_from, txn.mail_params = sender, params
             conn.transaction = txn
-            return self.runner.run("mail", conn, sender, params).addCallback(answered)
+            return then(self.runner.call("mail", conn, sender, params), answered)
 
         def answered(result: HookResult) -> Deferred[Any] | None:
             row = outcome("mail", result.code)
@@ -180,7 +182,7 @@ class Envelope(SessionCore):
             if code is Code.CONT and conn.relaying:
                 code = Code.OK
             if code is Code.OK:
-                return self.runner.run("rcpt_ok", conn, recipient).addCallback(accepted)
+                return then(self.runner.call("rcpt_ok", conn, recipient), accepted)
             row = outcome("rcpt", code)
             self._count(conn.rcpt_count, row.reply.code if row.reply else 550)
             self._act(row, result, shown)
@@ -194,4 +196,4 @@ class Envelope(SessionCore):
             self._count(conn.rcpt_count, row.reply.code if row.reply else 250)
             self._act(row, result, shown)
 
-        return self.runner.run("rcpt", conn, recipient, params).addCallback(answered)
+        return then(self.runner.call("rcpt", conn, recipient, params), answered)

@@ -12,6 +12,7 @@ from twisted.python.failure import Failure
 
 from haraka_tw import __version__
 from haraka_tw.codes import Code, HookResult
+from haraka_tw.hooks.runner import then
 from haraka_tw.hooks.table import Outcome, Then, outcome
 from haraka_tw.logging import Level
 from haraka_tw.smtp import catalogue as S
@@ -71,15 +72,30 @@ class Greeting(SessionCore):
             conn.proxy.allowed = True
             self._proxy_timer = self.callLater(self.settings.proxy_timeout, self._proxy_timeout)
             return
-        self._greet().addBoth(self._greeted)
+        self._start_greeting()
 
-    def _greet(self) -> Deferred[Any]:
+    def _start_greeting(self) -> None:
+        """Greet, then read commands; at once when every connect hook answered in time."""
+        try:
+            pending = self._greet()
+        except Exception:
+            self._greeted(Failure())
+            return
+        if pending is None:
+            self._greeted(None)
+        else:
+            pending.addBoth(self._greeted)
+
+    def _greet(self) -> Deferred[Any] | None:
         """connect_init, lookup_rdns (or the core lookup), connect; then banner or denial."""
         conn = self._conn
         conn.state = State.CONNECTING
-        d = self.runner.run("connect_init", conn)
-        d.addCallback(lambda _: self.runner.run("lookup_rdns", conn))
-        return d.addCallback(self._rdns_answered)
+        runner = self.runner
+
+        def initialised(_: HookResult) -> Deferred[Any] | None:
+            return then(runner.call("lookup_rdns", conn), self._rdns_answered)
+
+        return then(runner.call("connect_init", conn), initialised)
 
     def _greeted(self, result: Any) -> None:
         if isinstance(result, Failure):
@@ -101,14 +117,13 @@ class Greeting(SessionCore):
             # A plugin named the client, or XCLIENT's NAME did: no core lookup.
             if result.code is Code.OK and isinstance(result.message, str) and result.message:
                 conn.remote.host = result.message
-            return self.runner.run("connect", conn).addCallback(self._connect_answered)
+            return then(self.runner.call("connect", conn), self._connect_answered)
 
-        def named(host: str | None) -> Deferred[HookResult]:
+        def named(host: str | None) -> Deferred[Any] | None:
             conn.remote.host = host
-            return self.runner.run("connect", conn)
+            return then(self.runner.call("connect", conn), self._connect_answered)
 
-        d = self.factory.rdns.lookup(conn.remote.ip)
-        return d.addCallback(named).addCallback(self._connect_answered)
+        return then(self.factory.rdns.lookup(conn.remote.ip), named)
 
     def _connect_answered(self, result: HookResult) -> None:
         self._greeting_done(outcome("connect", result.code), result)
@@ -161,7 +176,7 @@ class Greeting(SessionCore):
         del self._inbuf[: header.length]
         self._cancel_proxy_timer()
         self._apply_proxy(header)
-        self._greet().addBoth(self._greeted)
+        self._start_greeting()
 
     def _apply_proxy(self, header: ProxyHeader) -> None:
         conn = self._conn
@@ -211,7 +226,7 @@ class Greeting(SessionCore):
         conn = self._conn
         d = self._reset_transaction() or succeed(None)
 
-        def again(_: Any) -> Deferred[Any]:
+        def again(_: Any) -> Deferred[Any] | None:
             conn.uuid = str(uuidlib.uuid4()).upper()
             forget_auth(conn)
             conn.relaying = False

@@ -27,6 +27,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from haraka_tw.codes import Code, HookResult
+from haraka_tw.hooks.runner import then
 from haraka_tw.hooks.table import outcome
 from haraka_tw.logging import Level
 from haraka_tw.smtp import catalogue as S
@@ -142,22 +143,23 @@ class HarakaESMTP(Greeting, Envelope, Receiving):
             return None
         d = self._reset_transaction()
 
-        def run(_: Any = None) -> Deferred[Any]:
+        def run(_: Any = None) -> Deferred[Any] | None:
             # rset plugins are told; their answer does not change the 250.
-            return self.runner.run("rset", self._conn).addCallback(
-                lambda _: self._act(outcome("rset", Code.CONT), HookResult(Code.CONT))
+            return then(
+                self.runner.call("rset", self._conn),
+                lambda _: self._act(outcome("rset", Code.CONT), HookResult(Code.CONT)),
             )
 
         return run() if d is None else d.addCallback(run)
 
-    def do_NOOP(self, cmd: Command) -> Deferred[Any]:
-        return self.runner.run("noop", self._conn).addCallback(
-            lambda r: self._act(outcome("noop", r.code), r)
+    def do_NOOP(self, cmd: Command) -> Deferred[Any] | None:
+        return then(
+            self.runner.call("noop", self._conn), lambda r: self._act(outcome("noop", r.code), r)
         )
 
-    def do_VRFY(self, cmd: Command) -> Deferred[Any]:
-        return self.runner.run("vrfy", self._conn).addCallback(
-            lambda r: self._act(outcome("vrfy", r.code), r)
+    def do_VRFY(self, cmd: Command) -> Deferred[Any] | None:
+        return then(
+            self.runner.call("vrfy", self._conn), lambda r: self._act(outcome("vrfy", r.code), r)
         )
 
     def do_HELP(self, cmd: Command) -> None:
@@ -176,7 +178,7 @@ class HarakaESMTP(Greeting, Envelope, Receiving):
             self._send(reply)
             self._close()
 
-        return self.runner.run("quit", self._conn).addCallback(answered)
+        return then(self.runner.call("quit", self._conn), answered)
 
     def _unrecognized_answered(self, result: HookResult) -> Deferred[Any] | None:
         conn = self._conn

@@ -12,6 +12,7 @@ from twisted.python.failure import Failure
 
 from haraka_tw import __version__
 from haraka_tw.codes import Code, HookResult
+from haraka_tw.hooks.runner import then
 from haraka_tw.hooks.table import Outcome, Then, outcome
 from haraka_tw.logging import Level
 from haraka_tw.smtp import catalogue as S
@@ -41,20 +42,22 @@ class Receiving(SessionCore):
             return S.S554_NO_VALID_RCPT if self._inbuf else S.S503_DATA_NO_RCPT
         return None
 
-    def _start_message(self, then: Callable[[HookResult, Outcome], Any]) -> Deferred[Any]:
+    def _start_message(
+        self, started: Callable[[HookResult, Outcome], Deferred[Any] | None]
+    ) -> Deferred[Any] | None:
         """Run the data hook; if it allows the message, set up the intake."""
         conn = self._conn
 
-        def answered(result: HookResult) -> Any:
+        def answered(result: HookResult) -> Deferred[Any] | None:
             row = outcome("data", result.code)
             txn = conn.transaction
             if row.then is Then.PROCEED and txn is not None:
                 received = self._received_header(txn) if self.settings.add_received else None
                 self._intake = MessageIntake(txn, self.settings, received)
                 self.setTimeout(self.settings.data_timeout)
-            return then(result, row)
+            return started(result, row)
 
-        return self.runner.run("data", conn).addCallback(answered)
+        return then(self.runner.call("data", conn), answered)
 
     def do_DATA(self, cmd: Command) -> Deferred[Any] | None:
         if cmd.argument:
@@ -69,7 +72,7 @@ class Receiving(SessionCore):
             self._discard_pipelined_body()
             return None
 
-        def then(result: HookResult, row: Outcome) -> Deferred[Any] | None:
+        def started(result: HookResult, row: Outcome) -> Deferred[Any] | None:
             self._act(row, result)
             if row.then is not Then.PROCEED:
                 self._discard_pipelined_body()
@@ -78,7 +81,7 @@ class Receiving(SessionCore):
             self._in_data = True
             return None
 
-        return self._start_message(then)
+        return self._start_message(started)
 
     def _discard_pipelined_body(self) -> None:
         """DATA was refused, but the client already sent more: a body sent without waiting
@@ -106,13 +109,13 @@ class Receiving(SessionCore):
             self._chunk_refusal = self._message_refusal()
             if self._chunk_refusal is None:
 
-                def then(result: HookResult, row: Outcome) -> Deferred[Any] | None:
+                def started(result: HookResult, row: Outcome) -> Deferred[Any] | None:
                     if row.then is Then.PROCEED:
                         return self._chunk_progress()
                     self._chunk_refusal = self._reply_for(row, result) if row.reply else None
                     return self._reset_transaction()
 
-                return self._start_message(then)
+                return self._start_message(started)
         return self._chunk_progress()
 
     def _take_message_bytes(self, data: bytes) -> bytes:
@@ -193,12 +196,14 @@ class Receiving(SessionCore):
         if len(txn.header.get_all("Received")) > self.settings.header_max_received:
             return self._message_refused(S.S550_LOOP)
         if end.exceeded:
-            d = self.runner.run("max_data_exceeded", conn)
-            return d.addCallback(lambda r: self._finish_message("max_data_exceeded", r))
+            return then(
+                self.runner.call("max_data_exceeded", conn),
+                lambda r: self._finish_message("max_data_exceeded", r),
+            )
         results = [*conn.auth_results_list, *txn.auth_results_list]
         if results:  # as Haraka: one header naming this host, with every plugin's result
             txn.header.add("Authentication-Results", "; ".join([self.settings.me, *results]))
-        return self.runner.run("data_post", conn).addCallback(self._data_post_answered)
+        return then(self.runner.call("data_post", conn), self._data_post_answered)
 
     def _message_refused(self, reply: Reply) -> Deferred[Any] | None:
         self._count(self._conn.msg_count, reply.code)
@@ -211,8 +216,7 @@ class Receiving(SessionCore):
             return self._finish_message("data_post", result)
         conn = self._conn
         hook = "queue_outbound" if conn.relaying else "queue"
-        d = self.runner.run(hook, conn)
-        return d.addCallback(lambda r: self._queue_answered(hook, r))
+        return then(self.runner.call(hook, conn), lambda r: self._queue_answered(hook, r))
 
     def _queue_answered(self, hook: str, result: HookResult) -> Deferred[Any] | None:
         conn = self._conn
@@ -230,8 +234,9 @@ class Receiving(SessionCore):
         if row.then is not Then.PROCEED or row.reply is None:
             return self._finish_message(hook, result)
         reply = self._reply_for(row, result)
-        return self.runner.run("queue_ok", conn, reply.text).addCallback(
-            lambda _: self._finish_message(hook, result, reply)
+        return then(
+            self.runner.call("queue_ok", conn, reply.text),
+            lambda _: self._finish_message(hook, result, reply),
         )
 
     def _outbound_failed(self, hook: str, failure: Failure) -> Deferred[Any] | None:

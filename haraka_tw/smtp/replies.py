@@ -7,8 +7,9 @@ core renders the enhanced code only to clients that greeted with EHLO (RFC 2034)
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
+from functools import lru_cache
 
 _PLACEHOLDER = re.compile(r"\{([a-z_]+)\}")
 
@@ -39,19 +40,34 @@ class Reply:
             return self
         return replace(self, lines=_split(text))
 
-    def fill(self, fields: Mapping[str, str]) -> Reply:
+    def fill(self, fields: Mapping[str, str] | Callable[[str], str | None]) -> Reply:
         """Replace each C{{name}} whose name is in C{fields}; any other brace stays as it is.
+
+        C{fields} is a mapping, or a function from a name to its value (None: no such
+        field), called only for the names this reply holds, so a reply pays for the fields
+        it uses and no more.
 
         One pass: a value that itself contains C{{sender}} is not filled again, so client
         input (an address may hold braces) can never break or reshape a reply.
         """
         if not any("{" in line for line in self.lines):
             return self
-
-        def value(m: re.Match[str]) -> str:
-            return fields.get(m.group(1), m.group(0))
-
-        return replace(self, lines=tuple(_PLACEHOLDER.sub(value, line) for line in self.lines))
+        get = fields.get if isinstance(fields, Mapping) else fields
+        filled = []
+        for line in self.lines:
+            pieces = _template(line)
+            if len(pieces) == 1:
+                filled.append(line)
+                continue
+            out = []
+            for i, piece in enumerate(pieces):
+                if i % 2 == 0:
+                    out.append(piece)
+                else:
+                    value = get(piece)
+                    out.append(f"{{{piece}}}" if value is None else value)
+            filled.append("".join(out))
+        return Reply(self.code, self.enhanced, tuple(filled))
 
     @property
     def text(self) -> str:
@@ -66,9 +82,20 @@ class Reply:
         return self.to_bytes().decode("utf-8", "replace").rstrip("\r\n")
 
 
+@lru_cache(maxsize=1024)
+def _template(line: str) -> tuple[str, ...]:
+    """A reply line cut at its placeholders: text, name, text, name, ..., text."""
+    return tuple(_PLACEHOLDER.split(line))
+
+
 def render_lines(code: int, enhanced: str | None, lines: tuple[str, ...]) -> bytes:
     """Render a reply; text is UTF-8 and any CR or LF inside a line becomes a space."""
     status = f"{enhanced} " if enhanced else ""
+    if len(lines) == 1:
+        line = lines[0]
+        if "\r" in line or "\n" in line:
+            line = line.replace("\r", " ").replace("\n", " ")
+        return f"{code} {status}{line}\r\n".encode("utf-8", "replace")
     last = len(lines) - 1
     out = []
     for i, line in enumerate(lines):

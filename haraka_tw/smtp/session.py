@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from haraka_tw.smtp.factory import HarakaSMTPFactory
 
 
-from haraka_tw.hooks.runner import HookRunner
+from haraka_tw.hooks.runner import HookRunner, then
 from haraka_tw.smtp.settings import SessionSettings
 
 __all__ = ["SessionCore"]
@@ -108,9 +108,9 @@ class SessionCore(smtp.ESMTP):
 
     def _disconnected(self) -> None:
         conn = self._conn
-        d = self.runner.run("disconnect", conn)
+        done = self.runner.call("disconnect", conn)
         if self.factory.log.enabled(Level.NOTICE):  # the summary is only built to be logged
-            d.addBoth(lambda _: conn.log(Level.NOTICE, "disconnect", **conn.summary()))
+            then(done, lambda _: conn.log(Level.NOTICE, "disconnect", **conn.summary()))
 
     def timeoutConnection(self) -> None:
         """No input for the phase's timeout: 421 and close."""
@@ -254,8 +254,8 @@ class SessionCore(smtp.ESMTP):
         handler = self._commands.get(cmd.verb)
         try:
             if handler is None:
-                d = self.runner.run("unrecognized_command", conn, cmd.verb, cmd.argument)
-                self._wait(d.addCallback(self._unrecognized_answered))
+                answer = self.runner.call("unrecognized_command", conn, cmd.verb, cmd.argument)
+                self._wait(then(answer, self._unrecognized_answered))
             else:
                 self._wait(handler(cmd))
         except Exception:
@@ -310,17 +310,23 @@ class SessionCore(smtp.ESMTP):
         reply = base.with_text(result.text) if result.text else base
         if not any("{" in line for line in reply.lines):
             return reply
+        return reply.fill(lambda name: self._field(name, recipient))
+
+    def _field(self, name: str, recipient: str) -> str | None:
+        """The value of a reply placeholder, computed only when a reply holds it."""
         conn = self._conn
         txn = conn.transaction
-        return reply.fill(
-            {
-                "me": self.settings.me,
-                "remote": self._remote_name(),
-                "sender": txn.mail_from.format() if txn is not None and txn.mail_from else "<>",
-                "recipient": recipient or "<>",
-                "uuid": txn.uuid if txn is not None else conn.uuid,
-            }
-        )
+        if name == "me":
+            return self.settings.me
+        if name == "remote":
+            return self._remote_name()
+        if name == "sender":
+            return txn.mail_from.format() if txn is not None and txn.mail_from else "<>"
+        if name == "recipient":
+            return recipient or "<>"
+        if name == "uuid":
+            return txn.uuid if txn is not None else conn.uuid
+        return None
 
     def _act(self, row: Outcome, result: HookResult, recipient: str = "") -> None:
         """Reply as the row says and move to its next state."""
@@ -346,12 +352,16 @@ class SessionCore(smtp.ESMTP):
         if txn is None:
             return None
 
-        def drop(_: Any) -> None:
+        def drop(_: Any = None) -> None:
             if conn.transaction is txn:
                 conn.transaction = None
             txn.close()
 
-        return self.runner.run("reset_transaction", conn).addBoth(drop)
+        told = self.runner.call("reset_transaction", conn)
+        if isinstance(told, Deferred):
+            return told.addBoth(drop)
+        drop()
+        return None
 
     @staticmethod
     def _count(counts: Any, code: int) -> None:

@@ -9,7 +9,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from haraka_tw.codes import CONT, DENY, DENYSOFT, OK, Code, HookResult
-from haraka_tw.hooks.runner import HookRunner, LoadedPlugin
+from haraka_tw.hooks.runner import HookRunner, LoadedPlugin, then
 from haraka_tw.logging import Level
 from haraka_tw.smtp.state import Notes
 from tests.support import ListLog, plugin_with
@@ -276,3 +276,55 @@ class RunnerTests(SynchronousTestCase):
         self.assertTrue(r.run_log(None, object()))
         r = self.runner(("loud", {"log": lambda conn, record: None}))
         self.assertFalse(r.run_log(None, object()))
+
+    # -- call(): the result itself when every plugin answered synchronously ----------------
+
+    def test_synchronous_chain_gives_the_result_itself(self) -> None:
+        """Synchronous plugins (and an empty chain) give a HookResult, not a Deferred."""
+        r = self.runner(
+            ("a", {"mail": self.answer("a", None)}),
+            ("b", {"mail": self.answer("b", (DENY, "no"))}),
+        )
+        res = r.call("mail", FakeConn(), "s", {})
+        assert isinstance(res, HookResult)
+        self.assertEqual((res.code, res.message, res.plugin), (DENY, "no", "b"))
+        empty = r.call("rcpt", FakeConn(), "x", {})
+        assert isinstance(empty, HookResult)
+        self.assertIs(empty.code, CONT)
+
+    def test_one_asynchronous_plugin_gives_a_deferred(self) -> None:
+        """A Deferred anywhere in the chain makes the answer a Deferred, fired in order."""
+        pending: Deferred[Any] = Deferred()
+        r = self.runner(
+            ("a", {"mail": self.answer("a", None)}),
+            ("slow", {"mail": lambda *a: pending}),
+            ("c", {"mail": self.answer("c", OK)}),
+        )
+        res = r.call("mail", FakeConn(), "s", {})
+        assert isinstance(res, Deferred)
+        self.assertEqual(self.calls, ["a"])
+        pending.callback(None)
+        self.assertEqual(self.successResultOf(res).plugin, "c")
+        self.assertEqual(self.calls, ["a", "c"])
+
+    def test_synchronous_deny_override(self) -> None:
+        """A synchronous deny plugin answering OK resumes the chain, still without Deferreds."""
+        r = self.runner(
+            ("strict", {"mail": self.answer("strict", DENY)}),
+            ("forgiving", {"deny": self.answer("forgiving", OK)}),
+            ("last", {"mail": self.answer("last", (OK, "fine"))}),
+        )
+        res = r.call("mail", FakeConn(), "s", {})
+        assert isinstance(res, HookResult)
+        self.assertEqual((res.code, res.plugin), (OK, "last"))
+        self.assertEqual(self.calls, ["strict", "forgiving", "last"])
+
+    def test_then_calls_at_once_or_later(self) -> None:
+        """then() calls on at once for a value and once a Deferred fires."""
+        seen: list[int] = []
+        self.assertEqual(then(1, lambda v: seen.append(v) or v + 1), 2)
+        pending: Deferred[int] = Deferred()
+        chained = then(pending, lambda v: seen.append(v) or v + 1)
+        self.assertEqual(seen, [1])
+        pending.callback(5)
+        self.assertEqual((seen, self.successResultOf(chained)), ([1, 5], 6))
