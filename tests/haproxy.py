@@ -2,7 +2,8 @@
 
 - L{HAProxy}: runs C{/usr/sbin/haproxy} in the foreground with a minimal TCP-mode config
   (one frontend on a free loopback port, round-robin over the given backends, each sent a
-  PROXY header), for end-to-end tests. L{haproxy_path} says whether it is installed.
+  PROXY header), or a config of the test's own, for end-to-end tests. L{haproxy_path} says
+  whether it is installed; L{listening} whether a server listens, without connecting.
 - L{connect_from}, L{SourcedClient}: a client socket (or a L{tests.support.WireClient})
   bound to another loopback source address (all of 127.0.0.0/8 is loopback on Linux), so
   the "real client" differs from the proxy's 127.0.0.1; the client may send a header
@@ -21,7 +22,7 @@ import struct
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
 
@@ -34,6 +35,7 @@ __all__ = [
     "SourcedClient",
     "connect_from",
     "haproxy_path",
+    "listening",
     "v1_header",
     "v2_header",
     "v2_local",
@@ -178,6 +180,11 @@ class HAProxy:
     option naming the header sent to each backend: C{"send-proxy"} (v1) or
     C{"send-proxy-v2"}; C{proxy_v2_options} are HAProxy's C{proxy-v2-options} words
     (C{"crc32c"}, C{"unique-id"}, ...) for v2. C{port} is the frontend's loopback port.
+
+    C{config}, when given, is a whole configuration to run instead of the generated one
+    (C{backends} and the options above are then unused); its frontend must bind
+    127.0.0.1:C{port}. C{environment} is added to HAProxy's environment, which fills in
+    the C{"${NAME}"} a config may hold.
     """
 
     def __init__(
@@ -188,22 +195,28 @@ class HAProxy:
         listen_port: int | None = None,
         proxy_v2_options: Iterable[str] = (),
         start_timeout: float = 10.0,
+        config: str | None = None,
+        environment: Mapping[str, str] | None = None,
     ) -> None:
         if send_proxy not in ("send-proxy", "send-proxy-v2"):
             raise ValueError(f"send_proxy must be send-proxy or send-proxy-v2: {send_proxy!r}")
-        if not backends:
+        if not backends and config is None:
             raise ValueError("HAProxy needs at least one backend")
         self.backends = list(backends)
         self.send_proxy = send_proxy
         self.proxy_v2_options = list(proxy_v2_options)
         self.port = listen_port if listen_port is not None else _free_port()
         self.start_timeout = start_timeout
+        self.config = config
+        self.environment = {**os.environ, **(environment or {})}
         self.binary = haproxy_path()
         self._dir: Path | None = None
         self._process: subprocess.Popen[bytes] | None = None
 
     def config_text(self, pidfile: Path) -> str:
         """The configuration HAProxy runs with."""
+        if self.config is not None:
+            return self.config
         options = self.send_proxy
         if self.proxy_v2_options:
             options += " proxy-v2-options " + ",".join(self.proxy_v2_options)
@@ -250,6 +263,7 @@ class HAProxy:
             capture_output=True,
             timeout=30,
             check=False,
+            env=self.environment,
         )
         if check.returncode != 0:
             output = (check.stdout + check.stderr).decode("utf-8", "replace")
@@ -262,6 +276,7 @@ class HAProxy:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                env=self.environment,
             )
         try:
             self._wait_listening()
@@ -273,7 +288,7 @@ class HAProxy:
         # Watch the kernel's listening sockets rather than connecting: a probe connection
         # through HAProxy would reach a backend and look like a client to it.
         deadline = time.monotonic() + self.start_timeout
-        while not _listening("127.0.0.1", self.port):
+        while not listening("127.0.0.1", self.port):
             assert self._process is not None
             if self._process.poll() is not None:
                 raise HAProxyError(
@@ -329,8 +344,9 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _listening(ip: str, port: int) -> bool:
-    """Whether a TCP socket listens on C{ip:port}, from /proc/net/tcp (Linux)."""
+def listening(ip: str, port: int) -> bool:
+    """Whether a TCP socket listens on C{ip:port}, from /proc/net/tcp (Linux): no probe
+    connection, which a server behind a PROXY check would take for a client."""
     want = f"{struct.unpack('=I', socket.inet_aton(ip))[0]:08X}:{port:04X}"
     try:
         with open("/proc/net/tcp", encoding="ascii") as table:
