@@ -123,7 +123,7 @@ class Greeting(SessionCore):
             conn.remote.host = host
             return then(self.runner.call("connect", conn), self._connect_answered)
 
-        return then(self.factory.rdns.lookup(conn.remote.ip), named)
+        return then(self.factory.rdns.lookup_now(conn.remote.ip), named)
 
     def _connect_answered(self, result: HookResult) -> None:
         self._greeting_done(outcome("connect", result.code), result)

@@ -56,16 +56,22 @@ class ReverseLookup:
 
     def lookup(self, ip: str) -> Deferred[str | None]:
         """The name of C{ip}, or None; never fails."""
+        name = self.lookup_now(ip)
+        return name if isinstance(name, Deferred) else succeed(name)
+
+    def lookup_now(self, ip: str) -> str | Deferred[str | None] | None:
+        """L{lookup}, answering at once (without a Deferred) from the hosts file or the
+        cache, and for what is not an address."""
         if ip in self._hosts:
-            return succeed(self._hosts[ip])
+            return self._hosts[ip]
         now = self._reactor.seconds()
         cached = self._cache.get(ip)
         if cached is not None and cached[0] > now:
-            return succeed(cached[1])
+            return cached[1]
         try:
             ipaddress.ip_address(ip)
         except ValueError:
-            return succeed(None)
+            return None
         resolver = self._resolver
         if resolver is None:
             from haraka_tw.dns import Resolver

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable
 from email.utils import formatdate
 from typing import Any
@@ -26,6 +27,15 @@ from haraka_tw.smtp.session import SessionCore
 __all__ = ["Receiving"]
 
 _BDAT_ARGS = re.compile(r"^(\d{1,12})(?: +(LAST))? *$", re.IGNORECASE)
+_date_cache: list[Any] = [None, ""]  # [the second, its date text]
+
+
+def _now_rfc5322() -> str:
+    """The local date and time for a Received header; formatted once per second."""
+    second = int(time.time())
+    if _date_cache[0] != second:
+        _date_cache[:] = [second, formatdate(second, localtime=True)]
+    return str(_date_cache[1])
 
 
 class Receiving(SessionCore):
@@ -169,7 +179,7 @@ class Receiving(SessionCore):
         return (
             f"from {conn.hello.host} ({self._remote_name()})\n"
             f"\tby {s.me}{version} with {proto} id {txn.uuid}\n"
-            f"\tenvelope-from {sender}{tls};\n\t{formatdate(localtime=True)}"
+            f"\tenvelope-from {sender}{tls};\n\t{_now_rfc5322()}"
         )
 
     def _message_received(self) -> Deferred[Any] | None:

@@ -52,7 +52,7 @@ class Reply:
         """
         if not any("{" in line for line in self.lines):
             return self
-        get = fields.get if isinstance(fields, Mapping) else fields
+        get = fields if callable(fields) else fields.get
         filled = []
         for line in self.lines:
             pieces = _template(line)
