@@ -12,8 +12,9 @@ import ipaddress
 import re
 import time
 import uuid as uuidlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, overload
 
 from twisted.internet.defer import Deferred
 
@@ -39,6 +40,41 @@ __all__ = [
     "Transaction",
     "forget_auth",
 ]
+
+
+_T = TypeVar("_T")
+
+
+class _MadeOnFirstUse(Generic[_T]):
+    """An attribute made when first read, then an ordinary instance attribute.
+
+    Most connections are never asked for their notes, results, counters or TLS details
+    while they sit idle; making those on first use keeps an idle connection small. It can
+    be assigned like any attribute (it is a non-data descriptor: the instance's own value,
+    once there, is found first).
+    """
+
+    def __init__(self, make: Callable[[], _T]) -> None:
+        self._make = make
+        self._name = ""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self._name = name
+
+    @overload
+    def __get__(self, obj: None, owner: type | None = None) -> _MadeOnFirstUse[_T]: ...
+
+    @overload
+    def __get__(self, obj: object, owner: type | None = None) -> _T: ...
+
+    def __get__(self, obj: object | None, owner: type | None = None) -> _MadeOnFirstUse[_T] | _T:
+        if obj is None:
+            return self
+        value = self._make()
+        # setattr, not obj.__dict__[...]: reading __dict__ would give the instance a dict
+        # of its own instead of the values its class's instances share the keys of.
+        setattr(obj, self._name, value)
+        return value
 
 
 class SessionControl(Protocol):
@@ -93,7 +129,7 @@ def _is_local(ip: str) -> bool:
         return False
 
 
-@dataclass
+@dataclass(slots=True)
 class Remote:
     """The client: address, port, name (from lookup_rdns) and whether it has gone."""
 
@@ -112,7 +148,7 @@ class Remote:
         return _is_local(self.ip)
 
 
-@dataclass
+@dataclass(slots=True)
 class Local:
     """This end of the connection."""
 
@@ -121,7 +157,7 @@ class Local:
     host: str = ""
 
 
-@dataclass
+@dataclass(slots=True)
 class Hello:
     """What the client said in HELO/EHLO."""
 
@@ -129,7 +165,7 @@ class Hello:
     host: str | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class TLSInfo:
     """TLS state of the connection (filled by the tls plugin)."""
 
@@ -142,7 +178,7 @@ class TLSInfo:
     peer_certificate: Any = None
 
 
-@dataclass
+@dataclass(slots=True)
 class Counts:
     """accept / tempfail / reject counters (rcpt_count, msg_count)."""
 
@@ -228,8 +264,27 @@ class Transaction:
         self.message_stream.close()
 
 
+def _proxy_notes() -> Notes:
+    return Notes(allowed=False, ip=None, type=None)
+
+
 class Connection:
-    """One client session: what every hook gets as its first argument."""
+    """One client session: what every hook gets as its first argument.
+
+    The attributes an idle connection seldom needs (hello, tls, proxy, notes, results,
+    capabilities, the counters) are made on first use; to a plugin they are ordinary
+    attributes.
+    """
+
+    hello = _MadeOnFirstUse(Hello)
+    tls = _MadeOnFirstUse(TLSInfo)
+    proxy = _MadeOnFirstUse(_proxy_notes)
+    notes = _MadeOnFirstUse(Notes)
+    results = _MadeOnFirstUse(Results)
+    capabilities: _MadeOnFirstUse[list[str]] = _MadeOnFirstUse(list)
+    rcpt_count = _MadeOnFirstUse(Counts)
+    msg_count = _MadeOnFirstUse(Counts)
+    auth_results_list: _MadeOnFirstUse[list[str]] = _MadeOnFirstUse(list)
 
     def __init__(
         self,
@@ -243,20 +298,12 @@ class Connection:
         self.uuid = str(uuidlib.uuid4()).upper()
         self.remote = remote
         self.local = local
-        self.hello = Hello()
-        self.tls = TLSInfo()
-        self.proxy = Notes(allowed=False, ip=None, type=None)
-        self.notes = Notes()
-        self.results = Results()
         self.server_notes = server_notes if server_notes is not None else {}
         self.transaction: Transaction | None = None
-        self.capabilities: list[str] = []
         self.esmtp = False
         self.pipelining = False
         self.early_talker = False
         self.tran_count = 0
-        self.rcpt_count = Counts()
-        self.msg_count = Counts()
         self.errors = 0
         self.last_reply: bytes = b""  # the last reply as written
         self.state = State.CONNECTING
@@ -264,7 +311,6 @@ class Connection:
         self.start_time = time.time()
         self.bytes_in = 0
         self._relaying = False
-        self.auth_results_list: list[str] = []
         self._log = log
         self._session = session
 
