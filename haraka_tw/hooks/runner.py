@@ -41,6 +41,9 @@ AFTER_DISCONNECT_HOOKS = frozenset({"reset_transaction", "disconnect", "log"})
 DEFAULT_TIMEOUT = 30.0
 
 _CONT = HookResult(Code.CONT)
+# What synchronous plugins return: known at once not to be awaitable (an isawaitable() check
+# is an ABC instance check, costly on the hot path).
+_PLAIN_ANSWERS = frozenset({type(None), Code, HookResult, tuple, int})
 _T = TypeVar("_T")
 _R = TypeVar("_R")
 
@@ -158,7 +161,9 @@ class HookRunner:
             except Exception:
                 self._crash(hook, loaded, Failure(), connection)
                 continue
-            if isinstance(value, Deferred) or inspect.isawaitable(value):
+            if type(value) not in _PLAIN_ANSWERS and (
+                isinstance(value, Deferred) or inspect.isawaitable(value)
+            ):
                 return self._wait(hook, chain, index, connection, args, loaded, value)
             result = self._result(hook, loaded, value, connection)
             if run_all or result.code is Code.CONT:
