@@ -21,6 +21,10 @@ over 63 octets) cannot exist and raises :class:`NXDomain` too.
 
 Every Deferred may be cancelled: its timer is stopped and its socket closed. A lookup's
 Deferred fires only once its sockets are closed, so nothing is left in the reactor.
+
+A resolver made with ``cache=True`` (as :meth:`Resolver.from_config` makes the server's)
+keeps answers for their TTL and asks a question already on its way only once
+(:class:`haraka_tw.dnscache.AnswerCache`).
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ from twisted.internet.protocol import DatagramProtocol, Protocol
 from twisted.python.failure import Failure
 
 from haraka_tw.config.errors import ConfigError
+from haraka_tw.dnscache import AnswerCache, Cached
 
 if TYPE_CHECKING:
     from haraka_tw.config import ConfigDirectory
@@ -179,7 +184,8 @@ def _number(main: dict[str, Any], key: str, default: float, where: str) -> float
 class Resolver:
     """Asks ``nameservers`` (default: resolv.conf's) and reads the answers.
 
-    ``reactor`` must provide IReactorUDP, IReactorTCP and IReactorTime.
+    ``reactor`` must provide IReactorUDP, IReactorTCP and IReactorTime. With ``cache``,
+    answers are kept for their TTL (``self.cache``, an :class:`AnswerCache`).
     """
 
     def __init__(
@@ -188,6 +194,7 @@ class Resolver:
         nameservers: Sequence[Nameserver] | None = None,
         timeout: float = 5.0,
         attempts: int = 2,
+        cache: bool = False,
     ) -> None:
         self.clock = IReactorTime(reactor)
         self.udp = IReactorUDP(reactor)
@@ -199,6 +206,9 @@ class Resolver:
             raise ValueError("timeout must be positive and attempts at least 1")
         self.timeout = timeout
         self.attempts = attempts
+        self.cache: AnswerCache[tuple[str, int], _Answer] | None = (
+            AnswerCache(self.clock, copy_error=_fresh) if cache else None
+        )
 
     @classmethod
     def from_config(cls, config: ConfigDirectory, reactor: IReactorTime) -> Resolver:
@@ -206,7 +216,8 @@ class Resolver:
 
         ``nameservers`` is a comma-separated list of ``ip``, ``ip:port``, ``[ipv6]`` or
         ``[ipv6]:port`` (``nameservers[]`` lines work too); empty means resolv.conf's.
-        A bad entry raises :class:`ConfigError` naming the file and key.
+        A bad entry raises :class:`ConfigError` naming the file and key. Its answers are
+        cached.
         """
         main = config.get_ini("dns.ini")["main"]
         where = str(config.path("dns.ini") or "dns.ini")
@@ -221,7 +232,9 @@ class Resolver:
         attempts = _number(main, "attempts", 2, where)
         if attempts != int(attempts):
             raise ConfigError(where, None, f"[main] attempts: {attempts!r} is not a whole number")
-        return cls(reactor, nameservers or None, timeout=timeout, attempts=int(attempts))
+        return cls(
+            reactor, nameservers or None, timeout=timeout, attempts=int(attempts), cache=True
+        )
 
     # -- lookups ----------------------------------------------------------------------
 
@@ -281,10 +294,14 @@ class Resolver:
     def _records(self, name: str, rdtype: str) -> Deferred[dns.rrset.RRset]:
         return self._answer(name, rdtype).addCallback(lambda answer: answer[1])
 
-    def _answer(
-        self, name: str, rdtype: str | int
-    ) -> Deferred[tuple[dns.message.Message, dns.rrset.RRset]]:
+    def _answer(self, name: str, rdtype: str | int) -> Deferred[_Answer]:
         rdtype = dns.rdatatype.RdataType.make(rdtype)
+        if self.cache is None:
+            return self._ask(name, rdtype).addCallback(_unwrap)
+        key = (name.lower().rstrip(".") or ".", int(rdtype))
+        return self.cache.ask(key, lambda: self._ask(name, rdtype))
+
+    def _ask(self, name: str, rdtype: dns.rdatatype.RdataType) -> Deferred[Cached[_Answer]]:
         type_text = dns.rdatatype.to_text(rdtype)
         try:
             request = dns.message.make_query(name, rdtype, use_edns=0, payload=EDNS_PAYLOAD)
@@ -294,25 +311,44 @@ class Resolver:
         return exchange.start().addCallback(_read_answer, name, type_text)
 
 
+_Answer = tuple[dns.message.Message, dns.rrset.RRset]
+
+
+def _unwrap(result: Cached[_Answer]) -> _Answer:
+    if isinstance(result.value, Exception):
+        raise result.value
+    return result.value
+
+
+def _fresh(error: Exception) -> Exception:
+    """A new exception like a kept negative answer (NXDomain, NoAnswer), for one asker."""
+    if isinstance(error, NXDomain | NoAnswer):
+        return type(error)(error.name, error.rdtype, error.message)
+    return error
+
+
 def _host(name: dns.name.Name) -> str:
     """A domain name as text: lower-case, no final dot (the root stays ``"."``)."""
     return name.to_text(omit_final_dot=True).lower()
 
 
-def _read_answer(
-    response: dns.message.QueryMessage, name: str, rdtype: str
-) -> tuple[dns.message.Message, dns.rrset.RRset]:
-    if response.rcode() == dns.rcode.NXDOMAIN:
-        raise NXDomain(name, rdtype, "the name does not exist")
+def _read_answer(response: dns.message.QueryMessage, name: str, rdtype: str) -> Cached[_Answer]:
+    """The answer, or the negative answer (NXDomain, NoAnswer), with how long it may be
+    kept; raises L{DNSError} for an answer that cannot be used."""
+    nxdomain = response.rcode() == dns.rcode.NXDOMAIN
     try:
         chain = response.resolve_chaining()
-    except dns.message.ChainTooLong:
-        raise DNSError(name, rdtype, "CNAME chain too long") from None
     except dns.exception.DNSException as e:
+        if nxdomain:  # whatever else it says
+            return Cached(NXDomain(name, rdtype, "the name does not exist"), 0)
+        if isinstance(e, dns.message.ChainTooLong):
+            raise DNSError(name, rdtype, "CNAME chain too long") from None
         raise DNSError(name, rdtype, f"unusable answer ({e})") from None
+    if nxdomain:
+        return Cached(NXDomain(name, rdtype, "the name does not exist"), chain.minimum_ttl)
     if chain.answer is None:
-        raise NoAnswer(name, rdtype, "no records of that type")
-    return response, chain.answer
+        return Cached(NoAnswer(name, rdtype, "no records of that type"), chain.minimum_ttl)
+    return Cached((response, chain.answer), chain.minimum_ttl)
 
 
 # -- one query, over the nameservers in turn ----------------------------------------------

@@ -478,6 +478,105 @@ class ClockTests(unittest.TestCase):
         self.assertEqual(clock.getDelayedCalls(), [])
 
 
+@implementer(IReactorTime, IReactorUDP, IReactorTCP)
+class _ClockReactor:
+    """The global reactor's UDP and TCP, a Clock's time."""
+
+    def __init__(self, clock: task.Clock) -> None:
+        self.clock = clock
+
+    def __getattr__(self, name: str) -> Any:
+        timed = name in ("callLater", "seconds", "getDelayedCalls")
+        return getattr(self.clock if timed else reactor, name)
+
+
+class CacheTests(unittest.TestCase):
+    """A resolver with a cache asks a real server once per TTL and once per question."""
+
+    def setUp(self) -> None:
+        self.server = serve(self, ZONE, servfail={"broken.example.test"})
+        self.clock = task.Clock()
+        self.resolver = Resolver(
+            _ClockReactor(self.clock),  # type: ignore[arg-type]
+            [("127.0.0.1", self.server.port)],
+            timeout=2,
+            attempts=1,
+            cache=True,
+        )
+
+    def asked(self, name: str, rdtype: str) -> int:
+        """How many queries for name/rdtype reached the server."""
+        return sum(1 for q in self.server.queries if (q[1].lower(), q[2]) == (name, rdtype))
+
+    async def test_answers_kept_for_their_ttl(self) -> None:
+        """The zone's TTL (300 s) decides: the same question is asked again only after it."""
+        for _ in range(3):
+            records = await self.resolver.lookup_mx("Example.TEST.")
+        self.assertEqual(sorted(records), [(10, "mx1.example.test"), (20, "mx2.example.test")])
+        self.assertEqual(self.asked("example.test.", "MX"), 1)
+        self.clock.advance(299)
+        await self.resolver.lookup_mx("example.test")
+        self.assertEqual(self.asked("example.test.", "MX"), 1)
+        self.clock.advance(1)
+        await self.resolver.lookup_mx("example.test")
+        self.assertEqual(self.asked("example.test.", "MX"), 2)
+
+    async def test_types_are_kept_apart(self) -> None:
+        """A, AAAA and MX of one name are three questions."""
+        await self.resolver.lookup_a("mx1.example.test")
+        self.assertEqual(await self.resolver.lookup_aaaa("mx1.example.test"), ["2001:db8::1"])
+        self.assertEqual(len(self.server.queries), 2)
+
+    async def test_negative_answers_kept_briefly(self) -> None:
+        """NXDOMAIN and no-data answers are kept, for a minute at most."""
+        for _ in range(2):
+            with self.assertRaises(NXDomain):
+                await self.resolver.lookup_a("nope.example.test")
+            with self.assertRaises(NoAnswer):
+                await self.resolver.lookup_aaaa("big.example.test")
+        self.assertEqual(len(self.server.queries), 2)
+        self.clock.advance(60)
+        with self.assertRaises(NXDomain):
+            await self.resolver.lookup_a("nope.example.test")
+        self.assertEqual(len(self.server.queries), 3)
+
+    async def test_failures_are_asked_again(self) -> None:
+        """A SERVFAIL is not kept: the next lookup asks again."""
+        for _ in range(2):
+            with self.assertRaises(DNSServerError):
+                await self.resolver.lookup_a("broken.example.test")
+        self.assertEqual(self.asked("broken.example.test.", "A"), 2)
+
+    async def test_one_query_for_lookups_at_once(self) -> None:
+        """Lookups of one question made together share one query."""
+        lookups = [self.resolver.lookup_a("mx1.example.test") for _ in range(5)]
+        results = await defer.gatherResults(lookups)
+        self.assertEqual([sorted(r) for r in results], [["192.0.2.1", "192.0.2.2"]] * 5)
+        self.assertEqual(len(self.server.queries), 1)
+
+    async def test_cancelling_every_lookup_closes_the_query(self) -> None:
+        """Cancelling one of two lookups leaves the query; cancelling both closes it."""
+        server = serve(self, ZONE, timeout={"mx1.example.test"})
+        r = Resolver(reactor, [("127.0.0.1", server.port)], timeout=30, attempts=1, cache=True)
+        first, second = (r.lookup_a("mx1.example.test") for _ in range(2))
+        await pause()
+        first.cancel()
+        await pause()
+        self.assertEqual(len(attempts_pending()), 2)  # the timer and the port
+        second.cancel()
+        for lookup in (first, second):
+            with self.assertRaises(CancelledError):
+                await lookup
+        await pause()
+        self.assertEqual(attempts_pending(), [])
+
+    def test_from_config_caches(self) -> None:
+        """The server's resolver (dns.ini) has a cache; a plain Resolver has none."""
+        config = ConfigDirectory([temp_dir(self)])
+        self.assertIsNotNone(Resolver.from_config(config, reactor).cache)
+        self.assertIsNone(Resolver(reactor, [("127.0.0.1", 53)]).cache)
+
+
 class CoreReverseLookupTests(unittest.TestCase):
     def test_core_rdns_uses_the_project_resolver(self) -> Deferred[None]:
         """The session's reverse lookup asks the project's resolver (dns.ini), cached."""
