@@ -53,7 +53,8 @@ class Greeting(SessionCore):
             session=cast("SessionControl", self),  # HarakaESMTP implements it
         )
         conn = self.connection
-        conn.tls.enabled = ISSLTransport.providedBy(self.transport)  # an implicit TLS port
+        if ISSLTransport.providedBy(self.transport):  # an implicit TLS port
+            conn.tls.enabled = True
         # We are the producer of our replies: when the client stops reading and the
         # transport's buffer fills, pauseProducing stops us reading (and so replying).
         self.transport.registerProducer(self, True)

@@ -18,8 +18,8 @@ verbs, NOOP and VRFY unimplemented.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IHandshakeListener, IPushProducer
@@ -52,22 +52,23 @@ class HarakaESMTP(Greeting, Envelope, Receiving):
     plugins may ask of the session through L{Connection} (respond, read_line, start_tls).
     """
 
-    def __init__(self) -> None:
-        super().__init__()
-        self._commands: dict[str, Callable[[Command], Deferred[Any] | None]] = {
-            "HELO": self.do_HELO,
-            "EHLO": self.do_EHLO,
-            "MAIL": self.do_MAIL,
-            "RCPT": self.do_RCPT,
-            "DATA": self.do_DATA,
-            "BDAT": self.do_BDAT,
-            "RSET": self.do_RSET,
-            "NOOP": self.do_NOOP,
-            "VRFY": self.do_VRFY,
-            "HELP": self.do_HELP,
-            "QUIT": self.do_QUIT,
-            "PROXY": self.do_PROXY,
-        }
+    _COMMAND_METHODS: ClassVar[Mapping[str, str]] = {
+        verb: f"do_{verb}"
+        for verb in (
+            "HELO",
+            "EHLO",
+            "MAIL",
+            "RCPT",
+            "DATA",
+            "BDAT",
+            "RSET",
+            "NOOP",
+            "VRFY",
+            "HELP",
+            "QUIT",
+            "PROXY",
+        )
+    }
 
     def respond(self, code: int, text: Any, enhanced: str | None) -> None:
         """A plugin's own reply, written now."""
@@ -186,7 +187,7 @@ class HarakaESMTP(Greeting, Envelope, Receiving):
             # The plugin says: treat this command as the core command it names.
             command = conn.current_command
             name = str(result.message or "").upper()
-            handler = self._commands.get(name)
+            handler = self._command_handler(name)
             if handler is not None and command is not None:
                 alias = Command(
                     name, command.argument, command.raw, command.has_8bit, command.bad_bytes

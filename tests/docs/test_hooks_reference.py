@@ -177,7 +177,7 @@ class RunnerRuleTests(SynchronousTestCase):
         m = re.search(r"The core handles ([A-Z, ]+) and ([A-Z]+)\.", text)
         assert m is not None
         listed = [*m[1].split(", "), m[2]]
-        self.assertEqual(sorted(listed), sorted(protocol.HarakaESMTP()._commands))
+        self.assertEqual(sorted(listed), sorted(protocol.HarakaESMTP._COMMAND_METHODS))
 
     def test_connect_message_example(self) -> None:
         """connect: the example message is the whole banner."""
