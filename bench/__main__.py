@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import matrix, report, tools
-from bench.plan import PHASES, SERVERS, make_plan
+from bench.plan import DEFAULT_SERVERS, PHASES, SERVERS, make_plan
 from bench.servers import REPO_ROOT, make_kind, rdns_note, shipped_backlog
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -63,8 +63,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--servers",
         type=lambda t: _list(t, SERVERS),
-        default=list(SERVERS),
-        help=f"comma list (default: {','.join(SERVERS)})",
+        default=list(DEFAULT_SERVERS),
+        help=f"comma list of {','.join(SERVERS)} (default: {','.join(DEFAULT_SERVERS)})",
     )
     p.add_argument(
         "--scenarios",

@@ -1,5 +1,6 @@
-"""Measurements of one server process: CPU time and memory from /proc/<pid>, a load run
-with smtp-source, and memory per idle greeted connection.
+"""Measurements of one server: CPU time and memory from /proc/<pid> (summed over the
+process and its descendants, for a server with worker processes), a load run with
+smtp-source, and memory per idle greeted connection.
 """
 
 from __future__ import annotations
@@ -31,21 +32,53 @@ __all__ = [
 _TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time of C{pid} (all its threads), in seconds."""
+def process_tree(pid: int) -> list[int]:
+    """C{pid} and every live descendant of it (haraka_tw's workers, with nodes)."""
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        try:
+            with open(f"/proc/{current}/task/{current}/children") as f:
+                todo.extend(int(child) for child in f.read().split())
+        except OSError:
+            pass
+    return found
+
+
+def _cpu_of(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         stat = f.read()
     fields = stat[stat.rindex(")") + 2 :].split()
     return (int(fields[11]) + int(fields[12])) / _TICKS  # utime, stime
 
 
-def rss_kb(pid: int) -> int:
-    """Resident memory of C{pid} in KiB."""
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of C{pid} (all its threads) and its live descendants, in
+    seconds."""
+    total = _cpu_of(pid)
+    for other in process_tree(pid)[1:]:
+        with contextlib.suppress(OSError, ValueError):  # gone meanwhile
+            total += _cpu_of(other)
+    return total
+
+
+def _rss_of(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     raise OSError(f"no VmRSS for {pid}")
+
+
+def rss_kb(pid: int) -> int:
+    """Resident memory of C{pid} and its live descendants in KiB (pages a fork still
+    shares with its parent count in each)."""
+    total = _rss_of(pid)
+    for other in process_tree(pid)[1:]:
+        with contextlib.suppress(OSError):
+            total += _rss_of(other)
+    return total
 
 
 class PeakRSS:

@@ -24,6 +24,7 @@ __all__ = ["LABELS", "markdown", "medians", "ratio"]
 LABELS = {
     "haraka": "haraka_tw, in_host_list + queue/discard",
     "haraka-maildir": "haraka_tw, in_host_list + queue/maildir (fsync)",
+    "haraka-nodes2": "haraka_tw, in_host_list + queue/discard, nodes=2 (master + 2 workers)",
     "twisted": "stock twisted.mail ESMTP, no-op delivery",
     "aiosmtpd": "aiosmtpd 1.4.6, discard",
     "smtp-sink": "Postfix smtp-sink (C, does nothing: the ceiling)",
@@ -235,6 +236,7 @@ def goals(results: dict[str, Any]) -> list[str]:
     vs("d", "haraka", "smtp-sink", 0.5)
     for key in ("b", "d"):
         vs(key, "haraka-maildir", "haraka", 0.5)
+        vs(key, "haraka-nodes2", "haraka", 1.5)
     if idle:
         top = max(idle, key=int)
         runs = [r for r in idle[top]["runs"] if r["server"] == "haraka"]

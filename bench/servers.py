@@ -6,6 +6,8 @@ its CPU time and memory can be read from /proc/<pid>. The kinds:
 - ``haraka``: haraka_tw under ``twistd -n haraka --config DIR`` with a realistic chain,
   rcpt_to.in_host_list (host_list holds the domain smtp-source sends to) and queue/discard.
 - ``haraka-maildir``: the same with queue/maildir, fsync on (maildir.ini fsync=true).
+- ``haraka-nodes2``: ``haraka`` with smtp.ini nodes=2: a master and two worker processes
+  (not in the default list: ``--servers`` names it).
 - ``twisted``: stock twisted.mail ESMTP with a no-op delivery (peers/twisted_noop.py).
 - ``aiosmtpd``: aiosmtpd 1.4.6 with a discard handler (peers/aiosmtpd_discard.py).
 - ``smtp-sink``: Postfix's smtp-sink, the ceiling (C, does nothing).
@@ -115,6 +117,7 @@ def write_haraka_config(
     plugins: list[str],
     extra: Mapping[str, str] = {},
     backlog: int | None = None,
+    nodes: int = 1,
 ) -> None:
     """A haraka_tw config directory overlaying the shipped defaults. The listen backlog is
     the shipped one (L{shipped_backlog}) unless C{backlog} is given."""
@@ -122,6 +125,8 @@ def write_haraka_config(
     smtp_ini = f"[main]\nlisten=127.0.0.1:{port}\nmax_connections=0\n"
     if backlog:
         smtp_ini += f"listen_backlog={backlog}\n"
+    if nodes > 1:
+        smtp_ini += f"nodes={nodes}\n"
     (work / "spool").mkdir(parents=True, exist_ok=True)
     files = {
         "smtp.ini": smtp_ini,
@@ -177,20 +182,24 @@ def twistd_haraka(work: Path, confdir: Path) -> Launch:
 
 
 class Haraka(ServerKind):
-    def __init__(self, queue: str, backlog: int | None = None) -> None:
+    def __init__(self, queue: str, backlog: int | None = None, nodes: int = 1) -> None:
         from importlib.metadata import version
 
         self.queue = queue
         self.backlog = backlog
+        self.nodes = nodes
         self.key = "haraka" if queue == "discard" else f"haraka-{queue}"
+        if nodes > 1:
+            self.key += f"-nodes{nodes}"
         self.version = f"haraka_tw {version('haraka_tw')}"
         fsync = ", fsync" if queue == "maildir" else ""
-        self.label = f"haraka_tw, in_host_list + queue/{queue}{fsync}"
+        workers = f", nodes={nodes}" if nodes > 1 else ""
+        self.label = f"haraka_tw, in_host_list + queue/{queue}{fsync}{workers}"
 
     def launch(self, work: Path, port: int) -> Launch:
         confdir = work / "config"
         plugins = ["rcpt_to.in_host_list", f"queue/{self.queue}"]
-        write_haraka_config(confdir, port, plugins, backlog=self.backlog)
+        write_haraka_config(confdir, port, plugins, backlog=self.backlog, nodes=self.nodes)
         return twistd_haraka(work, confdir)
 
     def after_run(self, work: Path) -> None:
@@ -244,6 +253,7 @@ class SmtpSink(ServerKind):
 KINDS: dict[str, Callable[..., ServerKind]] = {
     "haraka": lambda backlog=None: Haraka("discard", backlog),
     "haraka-maildir": lambda backlog=None: Haraka("maildir", backlog),
+    "haraka-nodes2": lambda backlog=None: Haraka("discard", backlog, nodes=2),
     "twisted": TwistedNoop,
     "aiosmtpd": Aiosmtpd,
     "smtp-sink": SmtpSink,

@@ -19,6 +19,7 @@ from haraka_tw.dns import Resolver
 from haraka_tw.hooks.loader import PluginLoadError, load_plugins
 from haraka_tw.hooks.runner import DEFAULT_TIMEOUT, HookRunner
 from haraka_tw.logging import HarakaLog, Level
+from haraka_tw.outbound.partition import Partition
 from haraka_tw.outbound.service import OutboundService
 from haraka_tw.paths import default_config_dir
 from haraka_tw.smtp.factory import HarakaSMTPFactory
@@ -35,13 +36,18 @@ class StartupError(Exception):
 
 
 class HarakaServer:
-    """Everything the SMTP listeners share."""
+    """Everything the SMTP listeners share.
+
+    @param partition: a worker's part of the outbound queue (smtp.ini nodes); None: all.
+    """
 
     def __init__(
         self,
         config: ConfigDirectory,
         reactor: IReactorTime,
         log: HarakaLog | None = None,
+        *,
+        partition: Partition | None = None,
     ) -> None:
         self.config = config
         self.reactor = reactor
@@ -73,7 +79,13 @@ class HarakaServer:
         try:
             self.resolver = Resolver.from_config(config, reactor)
             self.outbound = OutboundService(
-                config, reactor, self.runner, self.log, self.settings.me, resolver=self.resolver
+                config,
+                reactor,
+                self.runner,
+                self.log,
+                self.settings.me,
+                resolver=self.resolver,
+                partition=partition,
             )
         except (ConfigError, ValueError) as e:
             raise StartupError(f"outbound: {e}") from e

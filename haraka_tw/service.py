@@ -10,6 +10,11 @@ embeds::
 Listeners are bound in C{privilegedStartService}, before twistd drops to C{-u/-g}, so port
 25 works for an unprivileged user. Stopping closes the listeners, lets open sessions finish
 for up to smtp.ini C{force_shutdown_timeout} seconds, then sends the rest 421 and closes them.
+
+With C{nodes} above 1 (smtp.ini nodes under twistd) the service is the I{master}: it binds
+the listeners, then leaves serving to worker processes (L{haraka_tw.workers}). A worker
+runs this service too, given its L{WorkerRole}: it adopts the master's sockets instead of
+binding, runs C{init_child}, and delivers its partition of the outbound queue.
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ from haraka_tw.tls import (
     implicit_tls,
     server_tls,
 )
+from haraka_tw.workers import AdoptedEndpoint, WorkerRole, parse_nodes
+from haraka_tw.workers.master import WorkerMaster
 
 __all__ = ["HarakaService", "parse_listen"]
 
@@ -109,7 +116,12 @@ def parse_listen(text: str, default_port: int = 25, backlog: int | None = None) 
 
 
 class HarakaService(MultiService):
-    """The SMTP server as a Twisted service."""
+    """The SMTP server as a Twisted service.
+
+    @param nodes: processes serving: 1 (this one), above 1 for workers under a master (this
+        service), None for smtp.ini's C{nodes} (C{twistd haraka}).
+    @param worker: set in a worker process: its role (its listeners are adopted).
+    """
 
     name = "haraka"
 
@@ -121,11 +133,21 @@ class HarakaService(MultiService):
         watch_interval: float = 1.0,
         handle_sighup: bool = True,
         owns_process: bool = False,
+        nodes: int | None = 1,
+        worker: WorkerRole | None = None,
     ) -> None:
         super().__init__()
         self.server = server
         self.reactor = server.reactor
         smtp = server.smtp_ini
+        try:
+            if nodes is None:
+                nodes = parse_nodes(smtp.get("nodes"))
+        except ValueError as e:
+            raise StartupError(str(e)) from e
+        self.nodes = 1 if worker is not None else max(1, nodes)
+        self.worker = worker
+        self.master: WorkerMaster | None = None
         if endpoints is None:
             try:
                 endpoints = parse_listen(
@@ -135,6 +157,8 @@ class HarakaService(MultiService):
             except ValueError as e:
                 raise StartupError(str(e)) from e
         self.endpoints = list(endpoints)
+        if self.nodes > 1 and not all(isinstance(e, str) for e in self.endpoints):
+            raise StartupError("smtp.ini nodes: listeners must be endpoint strings")
         # Implicit TLS (tls: entries, and listeners on smtps_port): TLS from the first byte.
         self._implicit_tls: dict[int, ImplicitTLS] = {}
         self._tls: ServerTLS | None = None
@@ -156,6 +180,7 @@ class HarakaService(MultiService):
         self.handle_sighup = handle_sighup
         self.owns_process = owns_process  # twistd: an init_master refusal stops the reactor
         self.ports: list[IListeningPort] = []
+        self.refused = False  # init_master / init_child said no
         self._old_sighup: Any = None
 
     @classmethod
@@ -175,7 +200,8 @@ class HarakaService(MultiService):
         return cls(HarakaServer.from_directory(directory, reactor), endpoints, **kwargs)
 
     def privilegedStartService(self) -> None:
-        """Bind every listener now (as root, before twistd's -u/-g drop)."""
+        """Bind every listener now (as root, before twistd's -u/-g drop); a master also
+        starts its fork server now (L{WorkerMaster.prepare})."""
         factory = self.server.factory
         for index, spec in enumerate(self.endpoints):
             endpoint = self._endpoint(index, spec)
@@ -185,15 +211,34 @@ class HarakaService(MultiService):
             if failures:
                 raise StartupError(f"cannot listen on {spec}: {failures[0].getErrorMessage()}")
             tls = " (implicit TLS)" if index in self._implicit_tls else ""
-            self.server.log.log(Level.NOTICE, f"listening on {spec}{tls}")
+            if self.worker is None:
+                self.server.log.log(Level.NOTICE, f"listening on {spec}{tls}")
+        if self.nodes > 1:
+            self.server.log.log(Level.NOTICE, f"{self.nodes} worker processes serve these")
+            bound = zip(self.endpoints, self.ports, strict=True)
+            listeners = [(str(spec), port) for spec, port in bound]
+            self.master = WorkerMaster(
+                self.server,
+                listeners,
+                self.nodes,
+                force_shutdown_timeout=self.force_shutdown_timeout if self.graceful else 0,
+                on_fatal=self._stop_for_good,
+            )
+            self.master.prepare()
         super().privilegedStartService()
 
     def _endpoint(self, index: int, spec: str | IStreamServerEndpoint) -> IStreamServerEndpoint:
-        """The endpoint to listen on; an implicit TLS one wraps its plain endpoint in TLS."""
+        """The endpoint to listen on (in a worker: the master's socket, adopted); an
+        implicit TLS one wraps its plain endpoint in TLS."""
+        plain: IStreamServerEndpoint | None = None
+        if self.worker is not None:
+            plain = AdoptedEndpoint(self.reactor, self.worker.listeners[index][0])
         tls = self._implicit_tls.get(index)
         if tls is not None and self._tls is not None:
-            plain = serverFromString(self.reactor, tls.endpoint)
+            plain = plain or serverFromString(self.reactor, tls.endpoint)
             return ImplicitTLSEndpoint(plain, self._tls.creator_for_port(tls.port))
+        if plain is not None:
+            return plain
         return serverFromString(self.reactor, spec) if isinstance(spec, str) else spec
 
     def startService(self) -> None:
@@ -201,41 +246,63 @@ class HarakaService(MultiService):
             self.privilegedStartService()
         super().startService()
         config = self.server.config
-        if self.watch_interval > 0:
+        if self.watch_interval > 0 and self.master is None:
             config.start_watching(self.reactor, self.watch_interval)
         if self.handle_sighup and hasattr(signal, "SIGHUP"):
             try:
                 self._old_sighup = signal.signal(signal.SIGHUP, self._sighup)
             except ValueError:  # not the main thread
                 self._old_sighup = None
-        d = self.server.runner.run("init_master", self.server)
-        d.addCallback(self._init_master_answered)
+        hook = "init_child" if self.worker is not None else "init_master"
+        d = self.server.runner.run(hook, self.server).addCallback(self._init_answered, hook)
+        if self.master is not None:
+            master = self.master
+
+            def start_workers(go: bool) -> None:  # once init_master has allowed it
+                if go and self.running:
+                    master.start()
+
+            d.addCallback(start_workers)
+            return
+        if self.worker is not None and self.worker.queue_lock is None:
+            return  # the master does not hold the queue directory: nobody delivers
         # After twistd's -u/-g drop, so the queue directory belongs to the server's user.
         self.server.outbound.start().addErrback(
             lambda f: self.server.log.log(Level.CRIT, f"outbound: {f.getErrorMessage()}")
         )
 
-    def _init_master_answered(self, result: HookResult) -> None:
-        """Anything but OK or CONT from init_master stops the server (and under twistd, the
-        process), as in Haraka."""
+    def _init_answered(self, result: HookResult, hook: str) -> bool:
+        """Anything but OK or CONT from init_master (init_child in a worker) stops the
+        server (and under twistd, the process), as in Haraka. Whether to go on."""
         if result.code in (Code.OK, Code.CONT):
-            return
+            return True
+        self.refused = True
         self.server.log.log(
             Level.EMERG,
-            f"init_master: {result.plugin} answered {result.code.name}"
+            f"{hook}: {result.plugin} answered {result.code.name}"
             f"{': ' + result.text if result.text else ''}; stopping",
         )
-        d = self.stopService()
+        self._stop_for_good()
+        return False
+
+    def _stop_for_good(self) -> None:
+        """Stop the service (and, under twistd, the process)."""
+        d = self.stopService() if self.running else defer.succeed(None)
         if self.owns_process:
             reactor: Any = self.reactor
-            d.addBoth(lambda _: reactor.stop())
+            d.addBoth(lambda _: reactor.stop() if reactor.running else None)
 
     def _sighup(self, signum: int, frame: Any) -> None:
         self.reactor.callFromThread(self.reload)  # type: ignore[attr-defined]
 
     def reload(self) -> list[str]:
-        """Re-read every config file now (what SIGHUP does)."""
+        """Re-read every config file now (what SIGHUP does); a master passes SIGHUP on to
+        its workers, which do the same."""
         changed: list[str] = self.server.config.reload()
+        if self.master is not None:
+            count = self.master.reload()
+            self.server.log.log(Level.NOTICE, f"reload: passed on to {count} workers")
+            return changed
         self.server.outbound.flush()  # as Haraka: SIGHUP retries the deferred queue now
         self.server.log.log(Level.NOTICE, f"reload: {', '.join(changed) or 'nothing changed'}")
         return changed
@@ -256,6 +323,9 @@ class HarakaService(MultiService):
         ports, self.ports = self.ports, []
         stopped = [defer.maybeDeferred(p.stopListening) for p in ports]
         d: Deferred[Any] = defer.gatherResults(stopped, consumeErrors=True)
+        if self.master is not None:  # its copies closed: once the workers close theirs,
+            master = self.master  # connections are refused
+            return d.addCallback(lambda _: master.stop())
         d.addCallback(lambda _: self._drain())
         d.addCallback(lambda _: self.server.outbound.stop())
         return d

@@ -44,7 +44,9 @@ def makeService(options: Any) -> HarakaService:
         endpoints = None
         if options["listen"]:
             endpoints = parse_listen(",".join(options["listen"]), backlog=DEFAULT_BACKLOG)
-        return HarakaService.from_directory(options["config"], endpoints, owns_process=True)
+        return HarakaService.from_directory(
+            options["config"], endpoints, owns_process=True, nodes=None
+        )
     except (StartupError, ValueError) as e:
         sys.stderr.write(f"haraka_tw: {e}\n")
         raise SystemExit(1) from e

@@ -8,12 +8,14 @@ import socket
 import pytest
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.endpoints import serverFromString
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
-from haraka_tw.server import HarakaServer
+from haraka_tw.server import HarakaServer, StartupError
 from haraka_tw.service import HarakaService, parse_listen
+from haraka_tw.workers import available_cpus
 from tests.support import temp_dir, write_config
 
 
@@ -119,3 +121,33 @@ def test_listen_backlog() -> None:
         "tcp6:25:interface=\\:\\:1:backlog=1024",
         "tcp:26",
     ]
+
+
+class NodesOptionTests(TestCase):
+    """smtp.ini nodes, as the service reads it (the processes themselves: tests/e2e)."""
+
+    def server(self, nodes: str) -> HarakaServer:
+        base = temp_dir(self)
+        conf = write_config(base / "c", {"me": "mx.test\n", "smtp.ini": f"[main]\nnodes={nodes}\n"})
+        return HarakaServer.from_directory(conf, reactor)
+
+    def test_twistd_reads_nodes_from_smtp_ini(self) -> None:
+        """nodes=None (what twistd haraka passes) takes smtp.ini's; 0 and 1 are one process."""
+        for text, nodes in (("3", 3), ("0", 1), ("1", 1), ("cpus", available_cpus())):
+            service = HarakaService(self.server(text), ["tcp:0"], nodes=None)
+            self.assertEqual(service.nodes, nodes)
+
+    def test_embedded_services_serve_in_their_process(self) -> None:
+        """By default (embedded) the service is one process, whatever smtp.ini says."""
+        self.assertEqual(HarakaService(self.server("4"), ["tcp:0"]).nodes, 1)
+
+    def test_a_bad_value_is_a_startup_error_naming_smtp_ini(self) -> None:
+        """nodes=-2 stops start-up with a message naming smtp.ini nodes."""
+        with pytest.raises(StartupError, match=r"smtp\.ini nodes: .*-2"):
+            HarakaService(self.server("-2"), ["tcp:0"], nodes=None)
+
+    def test_workers_need_endpoint_strings(self) -> None:
+        """Above 1, listeners given as objects cannot reach the workers: refused."""
+        endpoint = serverFromString(reactor, "tcp:0")
+        with pytest.raises(StartupError, match="endpoint strings"):
+            HarakaService(self.server("2"), [endpoint], nodes=None)

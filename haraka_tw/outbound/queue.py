@@ -32,6 +32,7 @@ from haraka_tw.outbound.entry import (
     QueueEntry,
     QueueEntryMissing,
 )
+from haraka_tw.outbound.partition import Partition
 from haraka_tw.outbound.qfile import (
     QueueName,
     QueueRecipient,
@@ -134,7 +135,8 @@ class IOutboundQueue(Interface):
         """The message bytes, streamed in chunks (read on demand, in the caller's thread)."""
 
     def lock() -> bool:
-        """Take the queue directory for this process; False if another process has it."""
+        """Take the queue directory (a worker: its partition of it) for this process;
+        False if another process has it."""
 
     def unlock() -> None:
         """Release what L{lock} took (a no-op if not held)."""
@@ -166,6 +168,7 @@ class FileQueue:
     @param clock: the time source for names and history (default: the wall clock).
     @param threads: how blocking work is run (default C{deferToThread}); tests may pass a
         function that runs it at once.
+    @param partition: a worker's part of the queue (see L{QueueStore}); None: all of it.
     """
 
     def __init__(
@@ -177,14 +180,21 @@ class FileQueue:
         fsync: bool = True,
         hostname: str | None = None,
         log: Callable[[str], None] | None = None,
+        partition: Partition | None = None,
     ) -> None:
         now = clock.seconds if clock is not None else time.time
-        self.store = QueueStore(queue_dir, now=now, fsync=fsync, hostname=hostname, log=log)
+        self.store = QueueStore(
+            queue_dir, now=now, fsync=fsync, hostname=hostname, log=log, partition=partition
+        )
         self._threads: ThreadRunner = threads or _defer_to_thread
 
     @property
     def queue_dir(self) -> Path:
         return self.store.dir
+
+    @property
+    def partition(self) -> Partition | None:
+        return self.store.partition
 
     def add(
         self, todo: Todo, message_chunks: Iterable[bytes], next_attempt: float | None = None

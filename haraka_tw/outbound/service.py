@@ -8,6 +8,9 @@ starts, stops and reloads the delivery machinery.
 - L{OutboundService.start}: take the queue directory's lock, scan it (every file is
   scheduled; torn ones set aside), start the scheduler and watch for control files left by
   C{haraka-tw queue}. L{OutboundService.flush} (SIGHUP) retries the deferred mail now.
+- With smtp.ini nodes, each worker's service is given its L{Partition} of the queue: it
+  delivers those files only, and the master, which holds the queue directory, hands it
+  the control files' requests (L{OutboundService.control}).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from haraka_tw.outbound.bounce import dsn_template
 from haraka_tw.outbound.courier import Courier, OutboundSettings
 from haraka_tw.outbound.delivery import Timeouts
 from haraka_tw.outbound.mx import MXResolver
+from haraka_tw.outbound.partition import Partition
 from haraka_tw.outbound.pool import ConnectionPool
 from haraka_tw.outbound.qfile import QueueRecipient, Todo
 from haraka_tw.outbound.queue import FileQueue, QueueEntry, queue_dir_of
@@ -81,13 +85,17 @@ class OutboundService:
         *,
         queue_dir: Path | None = None,
         resolver: Resolver | None = None,
+        partition: Partition | None = None,
     ) -> None:
         self.config = config
         self.reactor = reactor
         self.runner = runner
         self.log = log
         self.me = me
-        self.queue = FileQueue(queue_dir or queue_dir_of(config), log=self._log_line)
+        self.partition = partition
+        self.queue = FileQueue(
+            queue_dir or queue_dir_of(config), log=self._log_line, partition=partition
+        )
         self.resolver = resolver or Resolver.from_config(config, reactor)
         self.pool = ConnectionPool(reactor, max_idle=16)  # reuse across parallel deliveries
         self.owner = False
@@ -184,9 +192,11 @@ class OutboundService:
                 return
             for entry in entries:
                 self.scheduler.add(entry)
-            self.log.log(Level.NOTICE, f"outbound queue: {len(entries)} messages waiting")
+            part = f" in {self.partition}" if self.partition is not None else ""
+            self.log.log(Level.NOTICE, f"outbound queue: {len(entries)} messages waiting{part}")
             self.scheduler.start()
-            self._controls.start(1.0, now=False)
+            if self.partition is None:  # a worker gets them from the master
+                self._controls.start(1.0, now=False)
 
         self._started = d.addCallback(scanned)
         return self._started
@@ -335,11 +345,13 @@ class OutboundService:
 
         def act(controls: list[Any]) -> None:
             for control in controls:
-                self._control(control.action, control.args)
+                self.control(control.action, control.args)
 
         return d.addCallback(act)
 
-    def _control(self, action: str, args: dict[str, Any]) -> None:
+    def control(self, action: str, args: dict[str, Any]) -> None:
+        """Carry out a request of C{haraka-tw queue} (flush, delete, bounce) on the files
+        this service delivers."""
         self.log.log(Level.NOTICE, f"queue control: {action} {args}", origin="outbound")
         if action == "flush":
             self.flush(args.get("domain"))

@@ -8,6 +8,8 @@ The queue directory::
     state/<id>.json        per-file delivery history (see below), written atomically
     control/*.json         requests from C{haraka-tw queue} for the running server
     .lock                  flock held by the running server (it holds the pid)
+    .lock.<i>              with smtp.ini nodes: flock held by the worker delivering
+                           partition <i> (L{haraka_tw.outbound.partition})
 
 A queue file appears under its name only complete: it is written in tmp/, fsynced,
 renamed in, and the directory fsynced before the caller hears of it. After that the file
@@ -17,6 +19,10 @@ part of the name that a retry does not change (L{QueueName.id}). The name is the
 authority on when and how many; the sidecar holds ``history`` (time, attempt, error of
 each failure, the last 50) and ``dsn_delayed_sent``. A sidecar without its queue file (a
 crash between the two) is removed by L{QueueStore.scan}.
+
+A store given a L{Partition} (a worker's, with smtp.ini nodes) sees only that partition's
+files: it lists, scans, cleans up after, finds and locks those alone, and names the files it
+writes so that they fall in it. Without one (a single process, the tools) it sees them all.
 
 The C{haraka-tw queue} tools use it directly; the server runs it in a thread pool through
 L{FileQueue<haraka_tw.outbound.queue.FileQueue>}.
@@ -49,6 +55,7 @@ from haraka_tw.outbound.entry import (
     QueueEntry,
     QueueEntryMissing,
 )
+from haraka_tw.outbound.partition import Partition
 from haraka_tw.outbound.qfile import (
     QueueFileError,
     QueueName,
@@ -82,6 +89,7 @@ class QueueStore:
     @param now: the clock for new names and history (epoch seconds).
     @param fsync: sync files and directories (turn off only for throwaway tests).
     @param log: receives one line per noteworthy event (set-aside files, clean-ups).
+    @param partition: the part of the queue this store is for (a worker's); None: all of it.
     """
 
     def __init__(
@@ -92,6 +100,7 @@ class QueueStore:
         fsync: bool = True,
         hostname: str | None = None,
         log: Callable[[str], None] | None = None,
+        partition: Partition | None = None,
     ) -> None:
         self.dir = Path(queue_dir)
         self.tmp = self.dir / "tmp"
@@ -101,6 +110,7 @@ class QueueStore:
         self.fsync = fsync
         self.hostname = hostname
         self.log = log or _log_to_twisted
+        self.partition = partition
         self._lock_fd: int | None = None
         # Marks this store's own temporary files: scan() must never remove a file that is
         # being written right now (a message arriving while the queue is scanned at start).
@@ -112,6 +122,37 @@ class QueueStore:
         """Make the queue directory and its subdirectories (mode 0700) if missing."""
         for d in (self.dir, self.tmp, self.state, self.control):
             d.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    def owns(self, filename: str) -> bool:
+        """Whether a queue file name (or C{error.}, Haraka's C{__tmp__.} name) is this
+        store's to act on: always without a partition; else if its id falls in the
+        partition. A name that is no queue name is partition 0's, so that one worker
+        reports it."""
+        if self.partition is None:
+            return True
+        for prefix in ("error.", _HARAKA_TMP):
+            filename = filename.removeprefix(prefix)
+        entry_id = _id_of(filename)
+        if entry_id is None:
+            return self.partition.index == 0
+        return self.partition.owns(entry_id)
+
+    def _new_name(self, arrival: float, next_attempt: float, attempts: int = 0) -> QueueName:
+        """A fresh name in this store's partition (drawn again until it falls in it)."""
+        while True:
+            name = QueueName.new(arrival, next_attempt, attempts, hostname=self.hostname)
+            if self.partition is None or self.partition.owns(name.id):
+                return name
+
+    def _owns_temporary(self, filename: str) -> bool:
+        """Whether a file left in tmp/ is this store's to remove: always without a
+        partition; else a queue file or sidecar of the partition. (A tmp name is the final
+        name, then the writer's token and four more dotted parts: L{_write_durably}.)"""
+        if self.partition is None:
+            return True
+        final = filename.rsplit(".", 5)[0]
+        entry_id = _id_of(final) or final.removesuffix(".json")
+        return _is_entry_id(entry_id) and self.partition.owns(entry_id)
 
     def _sync_dir(self, path: Path) -> None:
         if self.fsync:
@@ -197,11 +238,7 @@ class QueueStore:
         """See L{IOutboundQueue.add}."""
         if not todo.queue_time:
             todo.queue_time = self.now()
-        name = QueueName.new(
-            arrival=todo.queue_time,
-            next_attempt=self.now() if next_attempt is None else next_attempt,
-            hostname=self.hostname,
-        )
+        name = self._new_name(todo.queue_time, self.now() if next_attempt is None else next_attempt)
         return self._write_queue_file(name, todo, message_chunks)
 
     def listing(self) -> Listing:
@@ -213,10 +250,12 @@ class QueueStore:
             return out
         for filename in names:
             path = self.dir / filename
+            if filename.startswith(".") or not self.owns(filename):
+                continue
             if filename.startswith("error."):
                 out.set_aside.append(path)
                 continue
-            if filename.startswith((".", _HARAKA_TMP)) or not path.is_file():
+            if filename.startswith(_HARAKA_TMP) or not path.is_file():
                 continue
             try:
                 out.entries.append(self._load(path))
@@ -231,16 +270,17 @@ class QueueStore:
         """See L{IOutboundQueue.scan}."""
         self.ensure_dirs()
         for leftover in sorted(self.tmp.iterdir()):
-            if f".{self.token}." in leftover.name:
-                continue  # ours: being written now
+            if f".{self.token}." in leftover.name or not self._owns_temporary(leftover.name):
+                continue  # ours, being written now; or another partition's
             self.log(f"outbound queue: removing unfinished temporary file {leftover.name}")
             leftover.unlink(missing_ok=True)
         for path in sorted(self.dir.glob(_HARAKA_TMP + "*")):
-            self.log(f"outbound queue: removing Haraka's unfinished file {path.name}")
-            path.unlink(missing_ok=True)
+            if self.owns(path.name):
+                self.log(f"outbound queue: removing Haraka's unfinished file {path.name}")
+                path.unlink(missing_ok=True)
         for filename in sorted(os.listdir(self.dir)):
             path = self.dir / filename
-            skip = filename.startswith((".", "error."))
+            skip = filename.startswith((".", "error.")) or not self.owns(filename)
             if not skip and path.is_file() and not _is_queue_name(filename):
                 self.log(f"outbound queue: ignoring {filename}: not a queue file name")
         listing = self.listing()
@@ -256,7 +296,9 @@ class QueueStore:
         kept = [p.name for p, _ in listing.bad] + [p.name[6:] for p in listing.set_aside]
         live = {e.id for e in listing.entries} | {_id_of(n) for n in kept}
         for sidecar in sorted(self.state.glob("*.json")):
-            if sidecar.name[: -len(".json")] not in live:
+            entry_id = sidecar.name[: -len(".json")]
+            mine = self.partition is None or self.partition.owns(entry_id)
+            if mine and entry_id not in live:
                 sidecar.unlink(missing_ok=True)
         return listing.entries
 
@@ -266,7 +308,7 @@ class QueueStore:
         @raise QueueFileError: if that file exists but cannot be read.
         """
         for path in self.dir.glob("*_*"):
-            if path.name.startswith(("error.", ".", _HARAKA_TMP)):
+            if path.name.startswith(("error.", ".", _HARAKA_TMP)) or not self.owns(path.name):
                 continue
             if ident in (path.name, _id_of(path.name)):
                 return self._load(path)
@@ -309,11 +351,10 @@ class QueueStore:
         """See L{IOutboundQueue.split}."""
         if not recipients:
             raise ValueError("split needs at least one recipient")
-        name = QueueName.new(
-            arrival=entry.name.arrival,
-            next_attempt=entry.next_attempt if next_attempt is None else next_attempt,
-            attempts=entry.attempts,
-            hostname=self.hostname,
+        name = self._new_name(
+            entry.name.arrival,
+            entry.next_attempt if next_attempt is None else next_attempt,
+            entry.attempts,
         )
         todo = replace(entry.todo, rcpt_to=list(recipients), message_size=None)
         if entry.history or todo.dsn_delayed_sent:
@@ -339,11 +380,13 @@ class QueueStore:
     # -- the lock --------------------------------------------------------------------
 
     def lock(self) -> bool:
-        """See L{IOutboundQueue.lock}. The lock file records the holder's pid."""
+        """See L{IOutboundQueue.lock}: C{.lock}, or with a partition, the partition's
+        C{.lock.<i>}. The lock file records the holder's pid."""
         if self._lock_fd is not None:
             return True
         self.ensure_dirs()
-        fd = os.open(self.dir / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        name = ".lock" if self.partition is None else self.partition.lock_name
+        fd = os.open(self.dir / name, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -362,6 +405,12 @@ class QueueStore:
         if self._lock_fd is not None:
             fd, self._lock_fd = self._lock_fd, None
             os.close(fd)  # closing the descriptor releases the flock
+
+    @property
+    def lock_fd(self) -> int | None:
+        """The descriptor holding the lock, while held. A copy passed to another process
+        (a worker) shares the lock: it is released when the last copy is closed."""
+        return self._lock_fd
 
     def lock_holder(self) -> int | None:
         """The pid written by the last holder of the lock, if it says one."""
@@ -427,6 +476,16 @@ def _is_queue_name(filename: str) -> bool:
     except QueueFileError:
         return False
     return True
+
+
+def _is_entry_id(text: str) -> bool:
+    """Whether C{text} has the shape of L{QueueName.id}: arrival, pid, rand, counter, host."""
+    parts = text.split("_")
+    if len(parts) != 5:
+        return False
+    arrival, pid, rand, counter, host = parts
+    numbers = (arrival, pid, counter)
+    return all(p.isascii() and p.isdigit() for p in numbers) and bool(rand and host)
 
 
 def _id_of(filename: str) -> str | None:

@@ -1,0 +1,124 @@
+"""A worker process (smtp.ini nodes): the server, accepting on the master's listeners.
+
+The fork server (L{haraka_tw.workers.forkserver}) forks it and hands it its descriptors:
+
+    0        the control channel from the master: C{haraka-tw queue} requests, one per
+             line (L{haraka_tw.workers.channels}); when it closes, the master is gone and
+             the worker stops as on SIGTERM
+    1, 2     the output channel to the master: every log event, as lines
+    3, ...   the listening sockets, then the queue directory's lock (L{WorkerRole})
+
+L{run} installs a reactor, sends the log to the master, builds the server from the
+master's config directories with the worker's partition of the outbound queue, adopts the
+listeners, runs C{init_child}, and serves until SIGTERM.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.error import ReactorNotRunning
+from twisted.internet.protocol import Factory, connectionDone
+from twisted.logger import ILogObserver, LogEvent, LogLevel, eventAsText, globalLogBeginner
+from twisted.protocols.basic import LineOnlyReceiver
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from haraka_tw.config import ConfigDirectory, ConfigError
+from haraka_tw.logging import Level
+from haraka_tw.server import HarakaServer, StartupError
+from haraka_tw.service import HarakaService
+from haraka_tw.workers import WorkerRole
+from haraka_tw.workers.channels import log_lines, read_control_line
+
+__all__ = ["EXIT_REFUSED", "EXIT_STARTUP", "LineObserver", "MasterChannel", "run"]
+
+#: The exit status of a worker that could not start (config, plugins, listeners).
+EXIT_STARTUP = 3
+#: The exit status of a worker whose init_child hook refused to start.
+EXIT_REFUSED = 4
+
+
+@implementer(ILogObserver)
+class LineObserver:
+    """Writes every log event to descriptor C{fd} as output-channel lines. Blocking: a
+    master slow to read slows the worker rather than losing its log."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __call__(self, event: LogEvent) -> None:
+        text = event.get("haraka_text")  # a HarakaLog line comes formatted already
+        if not isinstance(text, str) or "log_failure" in event:
+            text = eventAsText(event, includeTimestamp=False, includeSystem=False)
+        data = memoryview(log_lines(event.get("log_level", LogLevel.info), text))
+        with contextlib.suppress(OSError):  # the master is gone: the channels say so
+            while data:
+                data = data[os.write(self.fd, data) :]
+
+
+class MasterChannel(LineOnlyReceiver):
+    """The worker's end of the control channel: requests to the outbound service; its
+    end means the master is gone."""
+
+    delimiter = b"\n"
+    MAX_LENGTH = 1 << 20
+
+    def __init__(self, server: HarakaServer, gone: Callable[[], None]) -> None:
+        self.server = server
+        self.gone = gone
+
+    def lineReceived(self, line: bytes) -> None:
+        try:
+            action, args = read_control_line(line)
+        except ValueError as e:
+            self.server.log.log(Level.WARN, f"from the master: {e}", origin="workers")
+            return
+        if self.server.outbound.owner:
+            self.server.outbound.control(action, args)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.gone()
+
+
+class _Given(Factory):
+    def __init__(self, protocol: MasterChannel) -> None:
+        self.protocol_instance = protocol
+
+    def buildProtocol(self, addr: Any) -> MasterChannel:
+        return self.protocol_instance
+
+
+def run(role: WorkerRole) -> int:
+    """Serve as worker C{role.index} until stopped; the exit status. (The fork server
+    has installed this process's reactor.)"""
+    from twisted.internet import reactor
+
+    globalLogBeginner.beginLoggingTo([LineObserver(1)], redirectStandardIO=True)
+    try:
+        config = ConfigDirectory(role.config_dirs)
+        server = HarakaServer(config, reactor, partition=role.partition)
+        specs = [spec for _, spec in role.listeners]
+        service = HarakaService(server, specs, owns_process=True, worker=role)
+        service.privilegedStartService()
+    except (StartupError, ConfigError, ValueError) as e:
+        from twisted.logger import Logger
+
+        Logger(namespace="haraka_tw").critical("worker cannot start: {why}", why=str(e))
+        return EXIT_STARTUP
+
+    def master_gone() -> None:
+        with contextlib.suppress(ReactorNotRunning):  # already stopping
+            reactor.stop()
+            server.log.log(Level.NOTICE, "the master is gone: stopping", origin="workers")
+
+    channel = MasterChannel(server, master_gone)
+    reactor.adoptStreamConnection(0, socket.AF_UNIX, _Given(channel))  # type: ignore[attr-defined]
+    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+    service.startService()
+    reactor.run()
+    return EXIT_REFUSED if service.refused else 0

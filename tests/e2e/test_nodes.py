@@ -1,0 +1,274 @@
+"""smtp.ini nodes under the real command: C{twistd -n haraka} as a master with worker
+processes, driven from outside: both workers serve, a killed worker is replaced, SIGHUP
+and SIGTERM reach the workers, the workers go when the master is killed, C{-u/-g} holds
+for every worker, and nodes=1 stays one process.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import smtplib
+import socket
+import ssl
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from twisted.trial import unittest
+
+from tests.e2e.test_twistd import MESSAGE, TwistdTestCase, is_running, poll, rcpt_code
+from tests.support import free_port, write_config
+from tests.tls_certs import pki
+
+STARTED = re.compile(r"worker (\d+) started \(pid (\d+)\)")
+
+
+def children(pid: int) -> list[int]:
+    """The child processes of C{pid}."""
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(p) for p in text.split()]
+
+
+def ids(pid: int) -> tuple[list[str], list[str]]:
+    """The Uid and Gid lines of C{pid}'s status."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    uid = re.search(r"^Uid:\s+(.*)$", status, re.M)
+    gid = re.search(r"^Gid:\s+(.*)$", status, re.M)
+    assert uid is not None and gid is not None
+    return uid.group(1).split(), gid.group(1).split()
+
+
+class NodesTestCase(TwistdTestCase):
+    """A twistd master with workers; what its log says about them."""
+
+    def configure_nodes(self, nodes: str = "2", *, port: int | None = None, **files: str) -> None:
+        smtp = f"[main]\nlisten=127.0.0.1:{port or self.port}\nnodes={nodes}\n"
+        self.configure({"smtp.ini": smtp, **files}, listen=f"127.0.0.1:{port or self.port}")
+
+    def workers(self, count: int = 2, timeout: float = 20) -> dict[int, int]:
+        """Index -> pid of the workers started last, once C{count} of them have started."""
+
+        def found() -> dict[int, int] | None:
+            latest = {int(i): int(p) for i, p in STARTED.findall(self.output())}
+            return latest if len(latest) >= count else None
+
+        latest = poll(found, timeout)
+        self.assertIsNotNone(latest, f"the workers did not start:\n{self.output()}")
+        assert latest is not None
+        return latest
+
+    def ready(self, count: int = 2, timeout: float = 20) -> None:
+        """Wait until C{count} workers, first ones and replacements, have started serving
+        (each says so once its outbound queue partition is scanned, at the end of its
+        start-up)."""
+        line = re.compile(r"outbound queue: \d+ messages waiting in partition \d+ of \d+")
+        done = poll(lambda: len(line.findall(self.output())) >= count, timeout)
+        self.assertTrue(done, f"the workers did not get ready:\n{self.output()}")
+
+    def replaced(self, index: int, old: int, timeout: float = 20) -> int:
+        """The pid of worker C{index} once a process other than C{old} fills it."""
+
+        def new_pid() -> int | None:
+            pids = [int(p) for i, p in STARTED.findall(self.output()) if int(i) == index]
+            return pids[-1] if pids and pids[-1] != old else None
+
+        pid = poll(new_pid, timeout)
+        self.assertIsNotNone(pid, f"worker {index} was not replaced:\n{self.output()}")
+        assert pid is not None
+        return pid
+
+    def send_many(self, count: int, port: int | None = None) -> None:
+        """C{count} messages, each on its own connection, eight at a time."""
+
+        def one(_: int) -> dict[str, Any]:
+            with smtplib.SMTP("127.0.0.1", port or self.port, timeout=20) as smtp:
+                return smtp.sendmail("alice@x.test", ["bob@example.com"], MESSAGE)
+
+        with ThreadPoolExecutor(8) as pool:
+            self.assertEqual(list(pool.map(one, range(count))), [{}] * count)
+
+    def storing_pids(self) -> set[int]:
+        """The pids that wrote the messages in the Maildir (its names say P<pid>)."""
+        new = self.maildir / "new"
+        names = os.listdir(new) if new.is_dir() else []
+        return {int(m.group(1)) for n in names if (m := re.search(r"P(\d+)Q", n))}
+
+
+class WorkerTests(NodesTestCase):
+    def test_two_workers_serve_and_a_killed_one_is_replaced(self) -> None:
+        """nodes=2: two worker processes (not the master) store mail from many connections;
+        kill -9 one and the master starts another that serves; SIGTERM stops them all."""
+        self.configure_nodes("2")
+        master = self.start_foreground()
+        pids = self.workers(2)
+        self.ready(2)
+        self.assertEqual(len(set(pids.values())), 2)
+        self.assertNotIn(master.pid, pids.values())
+        self.send_many(40)
+        self.assertEqual(len(self.stored()), 40)
+        self.assertTrue(all(m.endswith(MESSAGE) for m in self.stored()))
+        self.assertEqual(self.storing_pids(), set(pids.values()))  # both took connections
+        for index in (0, 1):  # each worker's lines reach the master's log, under its name
+            self.assertRegex(
+                self.output(),
+                rf"\[haraka_tw\.worker\.{index}#info\] \[INFO\] \[\S+\] \[queue/maildir\]"
+                rf" delivered to {self.maildir}/new/\S+P{pids[index]}Q",
+            )
+
+        os.kill(pids[1], signal.SIGKILL)
+        replacement = self.replaced(1, pids[1])
+        self.assertRegex(
+            self.output(),
+            rf"worker 1 \(pid {pids[1]}\) was killed by signal SIGKILL; starting it again",
+        )
+        self.assertTrue(is_running(pids[0]))
+        self.ready(3)  # the replacement too
+        self.send_many(16)
+        self.assertEqual(len(self.stored()), 56)
+
+        fork_server = children(master.pid)
+        self.stop(master)
+        for pid in (pids[0], replacement, *fork_server):
+            self.assertFalse(is_running(pid), f"{pid} outlived the master:\n{self.output()}")
+        for index, pid in ((0, pids[0]), (1, replacement)):
+            self.assertRegex(
+                self.output(), rf"worker {index} \(pid {pid}\) stopped: exited with status 0"
+            )
+
+    def test_sighup_reaches_every_worker(self) -> None:
+        """SIGHUP to the master: each worker re-reads its config (new sessions see it)."""
+        self.configure_nodes("2", host_list="example.com\n")
+        master = self.start_foreground()
+        self.ready(2)
+        self.assertEqual(rcpt_code(self.port, "carol@newdomain.test"), 550)
+        write_config(self.config, {"host_list": "example.com\nnewdomain.test\n"})
+        master.send_signal(signal.SIGHUP)
+        reloaded = poll(
+            lambda: (
+                len(
+                    re.findall(
+                        r"worker\.\d#info\] \[NOTICE\] \[-\] \[core\] reload: host_list",
+                        self.output(),
+                    )
+                )
+                == 2
+            ),
+            10,
+        )
+        self.assertTrue(reloaded, f"both workers did not reload:\n{self.output()}")
+        self.assertIn("reload: passed on to 2 workers", self.output())
+        for _ in range(6):
+            self.assertEqual(rcpt_code(self.port, "carol@newdomain.test"), 250)
+        self.stop(master)
+
+    def test_workers_stop_when_the_master_is_killed(self) -> None:
+        """kill -9 of the master: its workers see their channel close and stop; the port
+        is then closed."""
+        self.configure_nodes("2")
+        master = self.start_foreground()
+        pids = self.workers(2)
+        fork_server = children(master.pid)
+        master.kill()
+        master.wait(10)
+        gone = poll(lambda: not any(is_running(p) for p in (*pids.values(), *fork_server)), 15)
+        self.assertTrue(gone, f"workers outlived a killed master:\n{self.output()}")
+        self.assertRaises(OSError, socket.create_connection, ("127.0.0.1", self.port), 1)
+
+    def test_workers_serve_unix_and_implicit_tls_listeners(self) -> None:
+        """A unix socket and an implicit TLS listener work through the workers too; a
+        worker's stop leaves the socket's path to the master, which removes it."""
+        tls_port, path = free_port(), self.base / "smtp.sock"
+        p = pki()
+        listen = f"unix:{path},tls:127.0.0.1:{tls_port}"
+        self.configure(
+            {
+                "smtp.ini": f"[main]\nlisten={listen}\nnodes=2\n",
+                "tls.ini": f"[main]\nkey={p.mx.key}\ncert={p.mx.cert}\n",
+            }
+        )
+        master = self.start_foreground(port=tls_port)
+        pids = self.workers(2)
+        self.ready(2)
+        for _ in range(4):
+            context = ssl.create_default_context(cafile=str(p.ca))
+            with smtplib.SMTP_SSL("127.0.0.1", tls_port, context=context, timeout=10) as smtp:
+                smtp.ehlo("client.test")
+                self.assertEqual(smtp.sendmail("alice@x.test", ["bob@example.com"], MESSAGE), {})
+            with socket.socket(socket.AF_UNIX) as sock:
+                sock.connect(str(path))
+                self.assertTrue(sock.recv(512).startswith(b"220 "))
+        self.assertEqual(len(self.stored()), 4)
+        os.kill(pids[0], signal.SIGKILL)
+        self.replaced(0, pids[0])
+        self.ready(3)
+        self.assertTrue(path.exists())
+        self.stop(master)
+        self.assertFalse(path.exists())
+        self.assertNotIn("Traceback", self.output())
+
+    def test_nodes_one_is_a_single_process(self) -> None:
+        """nodes=1 (and 0): no fork server, no worker; the master serves."""
+        for nodes in ("1", "0"):
+            shutil.rmtree(self.maildir, ignore_errors=True)
+            self.configure_nodes(nodes)
+            proc = self.start_foreground()
+            self.assertEqual(self.send_message(), {})
+            self.assertEqual(children(proc.pid), [])
+            self.assertEqual(self.storing_pids(), {proc.pid})
+            self.assertNotIn("worker", self.output())
+            self.stop(proc)
+
+    def test_a_bad_nodes_value_stops_start_up(self) -> None:
+        """nodes=lots: twistd exits non-zero naming smtp.ini nodes."""
+        self.configure_nodes("lots")
+        proc = self.spawn(["-n", "--pidfile="])
+        try:
+            code = proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.fail(f"twistd kept running:\n{self.output()}")
+        self.assertNotEqual(code, 0)
+        self.assertIn("smtp.ini nodes: 'lots' is not a number of worker processes", self.output())
+
+
+class PrivilegeDropTests(NodesTestCase):
+    def test_workers_run_as_nobody_even_when_replaced(self) -> None:
+        """As root: -u nobody -g nogroup with nodes=2 binds port 25; every worker, and a
+        replacement for a killed one, runs as nobody and writes the Maildir as nobody."""
+        if os.geteuid() != 0:
+            raise unittest.SkipTest("needs root: binds port 25 and drops to nobody")
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(("127.0.0.1", 25))
+            except OSError as e:
+                raise unittest.SkipTest(f"127.0.0.1:25 is not free ({e})") from None
+        os.chmod(self.base, 0o755)
+        spool = self.base / "spool"
+        spool.mkdir()
+        os.chmod(spool, 0o777)
+        self.maildir = spool / "maildir"
+        self.configure_nodes(
+            "2", port=25, **{"outbound.ini": f"[main]\nqueue_dir={spool / 'queue'}\n"}
+        )
+        master = self.start_foreground(["-u", "nobody", "-g", "nogroup"], port=25)
+        pids = self.workers(2)
+        nobody = (["65534"] * 4, ["65534"] * 4)
+        for pid in (master.pid, *pids.values(), *children(master.pid)):
+            self.assertEqual(ids(pid), nobody, pid)
+        os.kill(pids[0], signal.SIGKILL)
+        replacement = self.replaced(0, pids[0])
+        self.assertEqual(ids(replacement), nobody)
+        self.send_many(12, port=25)
+        self.assertEqual(len(self.stored()), 12)
+        for path in (self.maildir / "new").iterdir():
+            self.assertEqual(path.stat().st_uid, 65534)
+        self.assertTrue(self.storing_pids() <= {replacement, pids[1]})
+        self.assertTrue((spool / "queue" / ".lock").exists())
+        self.stop(master)

@@ -1,0 +1,1 @@
+"""Tests for haraka_tw.workers."""

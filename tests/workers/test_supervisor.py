@@ -1,0 +1,190 @@
+"""WorkerSupervisor on a task.Clock with a fake launcher: start, restart with backoff,
+control messages, stop with SIGTERM then SIGKILL."""
+
+from __future__ import annotations
+
+import signal
+from typing import Any
+
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+
+from haraka_tw.workers.supervisor import (
+    IWorkerEvents,
+    IWorkerLauncher,
+    WorkerSupervisor,
+    describe_exit,
+)
+from tests.support import ListLog
+
+
+@implementer(IWorkerLauncher)
+class FakeLauncher:
+    """Records what the supervisor asks; the test plays the workers' side."""
+
+    def __init__(self) -> None:
+        self.launched: list[int] = []
+        self.signals: list[tuple[int, int]] = []
+        self.sent: list[tuple[int, dict[str, Any]]] = []
+        self.reachable = True
+        self.events: IWorkerEvents | None = None
+
+    def launch(self, index: int, events: IWorkerEvents) -> None:
+        self.launched.append(index)
+        self.events = events
+
+    def signal(self, pid: int, signum: int) -> None:
+        self.signals.append((pid, signum))
+
+    def send(self, index: int, message: dict[str, Any]) -> bool:
+        if self.reachable:
+            self.sent.append((index, message))
+        return self.reachable
+
+
+class SupervisorTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.launcher = FakeLauncher()
+        self.log = ListLog()
+        self.supervisor = WorkerSupervisor(
+            self.launcher,
+            self.clock,
+            self.log,
+            2,
+            stop_timeout=30,
+            restart_delay=lambda n: 0.5 * 2**n,
+        )
+
+    def start_both(self) -> None:
+        self.supervisor.start()
+        self.supervisor.started(0, 100)
+        self.supervisor.started(1, 101)
+
+    def test_start_launches_every_worker(self) -> None:
+        """start() asks for each index once; started() records the pids and logs them."""
+        self.start_both()
+        self.assertEqual(self.launcher.launched, [0, 1])
+        self.assertEqual(self.supervisor.pids, {0: 100, 1: 101})
+        self.assertIn("worker 1 started (pid 101)", self.log.messages())
+
+    def test_a_dead_worker_is_started_again_after_a_backoff(self) -> None:
+        """An exit nobody asked for is logged at ERROR with its signal, and the worker is
+        launched again after the delay, not before."""
+        self.start_both()
+        self.clock.advance(60)
+        self.supervisor.exited(1, -signal.SIGKILL)
+        self.assertIn(
+            "worker 1 (pid 101) was killed by signal SIGKILL; starting it again in 0.5s",
+            self.log.messages(),
+        )
+        self.assertEqual(self.supervisor.pids, {0: 100})
+        self.clock.advance(0.4)
+        self.assertEqual(self.launcher.launched, [0, 1])
+        self.clock.advance(0.1)
+        self.assertEqual(self.launcher.launched, [0, 1, 1])
+        self.supervisor.started(1, 102)
+        self.assertEqual(self.supervisor.pids, {0: 100, 1: 102})
+
+    def test_a_crash_loop_backs_off(self) -> None:
+        """Each quick exit in a row doubles the delay; a run past stable_after resets it."""
+        self.start_both()
+        delays = []
+        for pid in range(200, 204):
+            self.supervisor.exited(0, 1)
+            delays.append(self.supervisor.slots[0].restart.getTime() - self.clock.seconds())  # type: ignore[union-attr]
+            self.clock.advance(delays[-1])
+            self.supervisor.started(0, pid)
+        self.assertEqual(delays, [0.5, 1.0, 2.0, 4.0])
+        self.clock.advance(10)
+        self.supervisor.exited(0, 1)
+        self.assertIn(
+            "worker 0 (pid 203) exited with status 1; starting it again in 0.5s",
+            self.log.messages(),
+        )
+
+    def test_a_worker_that_could_not_start_is_tried_again(self) -> None:
+        """exited(code=None) before started(): 'could not be started', tried again."""
+        self.supervisor.start()
+        self.supervisor.exited(0, None)
+        self.assertIn(
+            "worker 0 could not be started; starting it again in 0.5s", self.log.messages()
+        )
+        self.clock.advance(0.5)
+        self.assertEqual(self.launcher.launched, [0, 1, 0])
+
+    def test_control_messages_reach_every_worker(self) -> None:
+        """send_all() hands the message to each running worker; a worker down gets it once
+        it has started again."""
+        self.start_both()
+        self.supervisor.exited(1, -9)
+        message = {"control": "flush", "args": {"domain": None}}
+        self.supervisor.send_all(message)
+        self.assertEqual(self.launcher.sent, [(0, message)])
+        self.clock.advance(1)
+        self.supervisor.started(1, 102)
+        self.assertEqual(self.launcher.sent, [(0, message), (1, message)])
+
+    def test_signal_all_reaches_running_workers(self) -> None:
+        """signal_all() signals every running worker and says how many."""
+        self.start_both()
+        self.assertEqual(self.supervisor.signal_all(signal.SIGHUP), 2)
+        self.assertEqual(self.launcher.signals, [(100, signal.SIGHUP), (101, signal.SIGHUP)])
+
+    def test_stop_terms_waits_and_fires(self) -> None:
+        """stop() sends SIGTERM to each worker and fires once both have exited; no exit is
+        restarted while stopping."""
+        self.start_both()
+        d = self.supervisor.stop()
+        self.assertEqual(self.launcher.signals, [(100, signal.SIGTERM), (101, signal.SIGTERM)])
+        self.supervisor.exited(0, 0)
+        self.assertNoResult(d)
+        self.supervisor.exited(1, -signal.SIGTERM)
+        self.successResultOf(d)
+        self.clock.advance(100)
+        self.assertEqual(self.launcher.launched, [0, 1])
+        self.assertIn(
+            "worker 1 (pid 101) stopped: was killed by signal SIGTERM", self.log.messages()
+        )
+
+    def test_stop_kills_stragglers(self) -> None:
+        """A worker still running stop_timeout after SIGTERM gets SIGKILL; stop() fires when
+        it is reported gone, or kill_wait later at most."""
+        self.start_both()
+        d = self.supervisor.stop()
+        self.supervisor.exited(0, 0)
+        self.clock.advance(30)
+        self.assertEqual(self.launcher.signals[-1], (101, signal.SIGKILL))
+        self.assertIn("worker 1 (pid 101) did not stop within 30s; killing it", self.log.messages())
+        self.assertNoResult(d)
+        self.clock.advance(5)
+        self.successResultOf(d)
+
+    def test_stop_cancels_a_pending_restart(self) -> None:
+        """A restart waiting out its backoff does not happen once stopping."""
+        self.start_both()
+        self.supervisor.exited(0, 1)
+        d = self.supervisor.stop()
+        self.supervisor.exited(1, 0)
+        self.successResultOf(d)
+        self.clock.advance(60)
+        self.assertEqual(self.launcher.launched, [0, 1])
+
+    def test_a_worker_starting_during_stop_is_stopped(self) -> None:
+        """A worker asked for before stop() and reported started after it gets SIGTERM."""
+        self.supervisor.start()
+        self.supervisor.started(0, 100)
+        d = self.supervisor.stop()
+        self.supervisor.started(1, 101)
+        self.assertIn((101, signal.SIGTERM), self.launcher.signals)
+        self.supervisor.exited(0, 0)
+        self.supervisor.exited(1, 0)
+        self.successResultOf(d)
+
+    def test_describe_exit(self) -> None:
+        """Exit statuses in words."""
+        self.assertEqual(describe_exit(None), "could not be started")
+        self.assertEqual(describe_exit(0), "exited with status 0")
+        self.assertEqual(describe_exit(3), "exited with status 3")
+        self.assertEqual(describe_exit(-signal.SIGSEGV), "was killed by signal SIGSEGV")
