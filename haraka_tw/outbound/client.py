@@ -68,7 +68,7 @@ from haraka_tw.outbound.wire import (
 from haraka_tw.smtp.replies import Reply
 
 if TYPE_CHECKING:
-    from haraka_tw.outbound.pool import ConnectionPool
+    from haraka_tw.outbound.pool import ConnectionPool, Lease
 
 __all__ = [
     "ClientSession",
@@ -186,39 +186,49 @@ async def _deliver(
     envelope: Envelope,
     pool: ConnectionPool | None,
 ) -> DeliveryReport:
-    session = await _session(reactor, destination, timeouts, pool)
+    if pool is None:
+        return await _carry(await open_session(reactor, destination, timeouts), envelope)
+    lease = await pool.lease(destination)  # may wait while every session is busy
     try:
-        report = await session.transaction(envelope)
+        session = lease.session
+        if session is not None:
+            session.timeouts = timeouts
+            session.reused = True
+            try:
+                return await _carry(session, envelope, pool, lease, reset=True)
+            except _StaleSession:
+                pass  # closed or refused RSET while idle: a new connection in its place
+        session = await open_session(reactor, destination, timeouts)
+        return await _carry(session, envelope, pool, lease)
+    finally:
+        pool.end(lease)  # a no-op once the session went back to the pool
+
+
+async def _carry(
+    session: ClientSession,
+    envelope: Envelope,
+    pool: ConnectionPool | None = None,
+    lease: Lease | None = None,
+    *,
+    reset: bool = False,
+) -> DeliveryReport:
+    """One transaction on C{session}, then the session back to the pool or closed."""
+    try:
+        report = await session.transaction(envelope, reset=reset)
     except DeliveryError:
-        await _release(session, pool)
+        await _release(session, pool, lease)
         raise
-    except BaseException:
+    except BaseException:  # _StaleSession among them
         await session.abort()
         raise
-    await _release(session, pool)
+    await _release(session, pool, lease)
     return report
 
 
-async def _session(
-    reactor: Any, destination: Destination, timeouts: Timeouts, pool: ConnectionPool | None
-) -> ClientSession:
-    """An idle pooled session that still answers RSET, else a new one."""
-    while pool is not None and (session := pool.take(destination)) is not None:
-        session.timeouts = timeouts
-        try:
-            alive = await session.reset()
-        except BaseException:
-            await session.abort()
-            raise
-        if alive:
-            session.reused = True
-            return session
-        await session.abort()
-    return await open_session(reactor, destination, timeouts)
-
-
-async def _release(session: ClientSession, pool: ConnectionPool | None) -> None:
-    if pool is not None and pool.give(session):
+async def _release(
+    session: ClientSession, pool: ConnectionPool | None, lease: Lease | None
+) -> None:
+    if pool is not None and lease is not None and pool.keep(lease, session):
         return
     await session.quit()
 
@@ -366,24 +376,33 @@ class ClientSession:
             reused=self.reused,
         )
 
-    async def transaction(self, envelope: Envelope) -> DeliveryReport:
-        """MAIL, RCPT, DATA and the message; see the module docstring.
+    async def transaction(self, envelope: Envelope, *, reset: bool = False) -> DeliveryReport:
+        """MAIL, RCPT, DATA and the message; see the module docstring. With C{reset} (a
+        reused session) RSET goes first, in the envelope's write under PIPELINING.
 
         @raise DeliveryError: with C{settled} holding the recipients already decided.
+        @raise _StaleSession: C{reset} and RSET failed: nothing of the message was taken.
         """
         report = self.report()
         settled: list[RcptResult] = []
         try:
-            await self._transaction(envelope, report, settled)
+            await self._transaction(envelope, report, settled, reset)
         except DeliveryError as e:
             e.settled = list(settled)
             raise
         return report
 
     async def _transaction(
-        self, envelope: Envelope, report: DeliveryReport, settled: list[RcptResult]
+        self,
+        envelope: Envelope,
+        report: DeliveryReport,
+        settled: list[RcptResult],
+        reset: bool,
     ) -> None:
         proto, timeouts = self.proto, self.timeouts
+        pipelining = "PIPELINING" in self.capabilities
+        if reset and not pipelining and not await self.reset():
+            raise _StaleSession()
         try:
             mail_line = mail_command(envelope.mail_from, self._mail_params(envelope))
         except ValueError as e:  # a sender or parameter that would break the command line
@@ -396,8 +415,6 @@ class ClientSession:
                 result = RcptResult(recipient, 553, "5.1.3", str(e))
                 settled.append(result)
                 report.add(result)
-        if not lines:
-            return
         accepted: list[Recipient] = []
 
         def take(recipient: Recipient, reply: Reply) -> None:
@@ -408,11 +425,20 @@ class ClientSession:
                 settled.append(result)
                 report.add(result)
 
+        if not lines:
+            if reset and pipelining and not await self.reset():
+                raise _StaleSession()
+            return
         self.transactions += 1
         self._in_step = False
         data: Reply | None = None
-        if "PIPELINING" in self.capabilities:
-            proto.write(mail_line + b"".join(line for _, line in lines) + b"DATA\r\n")
+        if pipelining:
+            envelope_lines = mail_line + b"".join(line for _, line in lines) + b"DATA\r\n"
+            if reset:
+                proto.write(b"RSET\r\n" + envelope_lines)
+                await self._reset_reply()
+            else:
+                proto.write(envelope_lines)
             mail = await proto.reply("mail", timeouts.mail)
             for recipient, _ in lines:
                 reply = await proto.reply("rcpt", timeouts.rcpt)
@@ -529,6 +555,17 @@ class ClientSession:
             return False
         return reply.code == 250
 
+    async def _reset_reply(self) -> None:
+        """The reply to a RSET sent ahead of the envelope: anything but 250 (or no reply)
+        means the session went stale while idle; the connection is then dropped, so the
+        server's answers to the envelope never count."""
+        try:
+            reply = await self.proto.reply("rset", self.timeouts.rset)
+        except DeliveryError:
+            raise _StaleSession() from None
+        if reply.code != 250:
+            raise _StaleSession()
+
     async def quit(self) -> None:
         """QUIT (when in step) and close; returns once the connection is gone."""
         if self.usable:
@@ -539,6 +576,10 @@ class ClientSession:
     def abort(self) -> Deferred[None]:
         """Drop the connection; fires once it is gone."""
         return self.proto.abort()
+
+
+class _StaleSession(Exception):
+    """A reused session failed its RSET: the message goes over a new connection."""
 
 
 def _eight_bit(message: Message) -> bool:

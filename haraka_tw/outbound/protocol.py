@@ -210,6 +210,14 @@ class SMTPClientProtocol(Protocol):
 
     # -- Twisted callbacks ---------------------------------------------------------------
 
+    def connectionMade(self) -> None:
+        # Every write is a whole pipelined batch or a block of the message, so Nagle's
+        # algorithm would only hold back the last small write (the ending dot, a QUIT)
+        # until the server's delayed ACK: 40 ms a message on Linux.
+        no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if no_delay is not None:
+            no_delay(True)
+
     def dataReceived(self, data: bytes) -> None:
         if self._broken is not None or self._plaintext_over:
             return  # broken, or plaintext after the reply to STARTTLS: never read

@@ -37,7 +37,7 @@ from haraka_tw.outbound.courier import Courier, OutboundSettings
 from haraka_tw.outbound.delivery import Timeouts
 from haraka_tw.outbound.mx import MXResolver
 from haraka_tw.outbound.partition import Partition
-from haraka_tw.outbound.pool import ConnectionPool
+from haraka_tw.outbound.pool import ConnectionPool, PoolSettings
 from haraka_tw.outbound.qfile import QueueRecipient, Todo
 from haraka_tw.outbound.queue import FileQueue, QueueEntry, queue_dir_of
 from haraka_tw.outbound.retry import RetryPolicy
@@ -97,7 +97,7 @@ class OutboundService:
             queue_dir or queue_dir_of(config), log=self._log_line, partition=partition
         )
         self.resolver = resolver or Resolver.from_config(config, reactor)
-        self.pool = ConnectionPool(reactor, max_idle=16)  # reuse across parallel deliveries
+        self.pool = ConnectionPool(reactor)
         self.owner = False
         self._stopping = False
         self._started: Deferred[None] = defer.succeed(None)
@@ -128,6 +128,7 @@ class OutboundService:
         self.always_split = bool(main.get("always_split", False))
         self.limits = read_limits(ini)
         self.retry = RetryPolicy.from_ini(main, self._log_line)
+        pooling = PoolSettings.from_ini(main)
         self.mx = MXResolver.from_config(self.config, self.resolver)
         self.settings = OutboundSettings(
             me=self.me,
@@ -137,6 +138,7 @@ class OutboundService:
             ca_file=str(main["ca_file"]) if main.get("ca_file") else None,
             timeouts=replace(Timeouts(), connect=float(main.get("connect_timeout", 30) or 30)),
         )
+        self.pool.configure(pooling)
         self.courier = Courier(
             queue=self.queue,
             runner=self.runner,
@@ -147,7 +149,7 @@ class OutboundService:
             log=self.log,
             reschedule=self._schedule,
             bounce_template=lambda action: dsn_template(self.config, action),
-            pool=self.pool,
+            pool=self.pool if pooling.enabled else None,
         )
 
     def _reload(self) -> None:

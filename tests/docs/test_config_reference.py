@@ -228,6 +228,8 @@ class OutboundIniTests(SynchronousTestCase):
             "local_mx_ok": service.mx.local_mx_ok,
             "enable_tls": service.settings.enable_tls,
             "connect_timeout": int(service.settings.timeouts.connect),
+            "pool_concurrency_max": service.pool.max_connections,
+            "pool_timeout": int(service.pool.idle_timeout),
         }
         self.assertEqual(service.retry.intervals[:2], (64.0, 128.0))
         table = self._table()
