@@ -32,7 +32,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import dns.exception
@@ -251,23 +251,32 @@ class Resolver:
 
         The root exchange of a null MX (RFC 7505) reads ``"."``.
         """
-        return self._records(name, "MX").addCallback(
-            lambda rrset: [
-                (rd.preference, _host(rd.exchange)) for rd in rrset if isinstance(rd, MX)
-            ]
-        )
+        return self._records(name, "MX").addCallback(_mx_records)
 
     def lookup_a(self, name: str) -> Deferred[list[str]]:
         """The IPv4 addresses of ``name``, in DNS order."""
-        return self._records(name, "A").addCallback(
-            lambda rrset: [rd.address for rd in rrset if isinstance(rd, A)]
-        )
+        return self._records(name, "A").addCallback(_a_records)
 
     def lookup_aaaa(self, name: str) -> Deferred[list[str]]:
         """The IPv6 addresses of ``name`` (compressed form), in DNS order."""
-        return self._records(name, "AAAA").addCallback(
-            lambda rrset: [rd.address for rd in rrset if isinstance(rd, AAAA)]
-        )
+        return self._records(name, "AAAA").addCallback(_aaaa_records)
+
+    def known(self, name: str, rdtype: str) -> list[Any] | DNSError | None:
+        """What the cache holds for ``name`` and ``rdtype`` (``"MX"``, ``"A"`` or
+        ``"AAAA"``), at once and without asking anyone: the records as ``lookup_<type>``
+        gives them, a negative answer (:class:`NXDomain`, :class:`NoAnswer`) as a value,
+        or None when nothing is kept (no cache, never asked, expired).
+        """
+        if self.cache is None:
+            return None
+        number, records = _RECORDS[rdtype]
+        held = self.cache.peek((name.lower().rstrip(".") or ".", number))
+        if held is None:
+            return None
+        if isinstance(held, Exception):
+            error = _fresh(held)
+            return error if isinstance(error, DNSError) else None
+        return records(held[1])
 
     def lookup_ptr(self, ip: str) -> Deferred[list[str]]:
         """The names of address ``ip`` (lower-case, no final dot); ValueError if not an IP."""
@@ -312,6 +321,25 @@ class Resolver:
 
 
 _Answer = tuple[dns.message.Message, dns.rrset.RRset]
+
+
+def _mx_records(rrset: dns.rrset.RRset) -> list[tuple[int, str]]:
+    return [(rd.preference, _host(rd.exchange)) for rd in rrset if isinstance(rd, MX)]
+
+
+def _a_records(rrset: dns.rrset.RRset) -> list[str]:
+    return [rd.address for rd in rrset if isinstance(rd, A)]
+
+
+def _aaaa_records(rrset: dns.rrset.RRset) -> list[str]:
+    return [rd.address for rd in rrset if isinstance(rd, AAAA)]
+
+
+_RECORDS: dict[str, tuple[int, Callable[[dns.rrset.RRset], list[Any]]]] = {
+    "MX": (dns.rdatatype.MX, _mx_records),
+    "A": (dns.rdatatype.A, _a_records),
+    "AAAA": (dns.rdatatype.AAAA, _aaaa_records),
+}
 
 
 def _unwrap(result: Cached[_Answer]) -> _Answer:

@@ -106,14 +106,9 @@ class AnswerCache(Generic[K, V]):
         The returned Deferred fires with the answer, or fails with the negative answer's
         exception or the query's failure.
         """
-        held = self._answers.get(key)
+        held = self.peek(key)
         if held is not None:
-            expires, value = held
-            if expires > self.clock.seconds():
-                self._answers.move_to_end(key)
-                self.hits += 1
-                return self._deliver(value)
-            del self._answers[key]
+            return self._deliver(held)
         self.misses += 1
         flight = self._flights.get(key)
         first = flight is None
@@ -124,6 +119,20 @@ class AnswerCache(Generic[K, V]):
         if first:  # after the waiter is in: a query may answer at once
             flight.query.addBoth(self._landed, key, flight)
         return waiter
+
+    def peek(self, key: K) -> V | Exception | None:
+        """The kept answer to C{key} (a negative one as its exception), or None when
+        nothing is kept for it: at once, asking nobody."""
+        held = self._answers.get(key)
+        if held is None:
+            return None
+        expires, value = held
+        if expires <= self.clock.seconds():
+            del self._answers[key]
+            return None
+        self._answers.move_to_end(key)
+        self.hits += 1
+        return value
 
     def clear(self) -> None:
         """Forget every kept answer (queries on their way still land)."""

@@ -570,6 +570,25 @@ class CacheTests(unittest.TestCase):
         await pause()
         self.assertEqual(attempts_pending(), [])
 
+    async def test_known(self) -> None:
+        """known() gives what the cache holds, as the lookups give it, asking nobody."""
+        r = self.resolver
+        self.assertIsNone(r.known("example.test", "MX"))
+        await r.lookup_mx("example.test")
+        with self.assertRaises(NXDomain):
+            await r.lookup_a("nope.example.test")
+        asked = len(self.server.queries)
+        self.assertEqual(
+            sorted(r.known("EXAMPLE.test.", "MX")),  # type: ignore[arg-type]
+            [(10, "mx1.example.test"), (20, "mx2.example.test")],
+        )
+        self.assertIsInstance(r.known("nope.example.test", "A"), NXDomain)
+        self.assertIsNone(r.known("example.test", "A"))
+        self.assertEqual(len(self.server.queries), asked)
+        self.clock.advance(300)
+        self.assertIsNone(r.known("example.test", "MX"))
+        self.assertIsNone(Resolver(reactor, [("127.0.0.1", 53)]).known("example.test", "MX"))
+
     def test_from_config_caches(self) -> None:
         """The server's resolver (dns.ini) has a cache; a plain Resolver has none."""
         config = ConfigDirectory([temp_dir(self)])

@@ -229,7 +229,7 @@ class Courier:
             helo=mx.bind_helo or s.me,
             mail_from=todo.mail_from,
             recipients=[Recipient(r.address, dict(r.params)) for r in todo.rcpt_to],
-            message=lambda: queue.load_message(entry),
+            message=_Message(queue, entry),
             size=entry.message_size,
             lmtp=mx.using_lmtp,
             tls=self._tls_for(mx, todo),
@@ -434,6 +434,30 @@ class Courier:
         d: Deferred[Any] = self.queue.reschedule(entry, time.time() + seconds, attempts, error)
         d.addCallback(self.reschedule)
         return d.addCallback(lambda _: None)
+
+
+#: messages up to this size are read from the queue file once per attempt and kept in memory
+#: for its MX addresses; bigger ones are streamed from the file each time they are sent
+KEEP_IN_MEMORY = 256 * 1024
+
+
+class _Message:
+    """The message of an entry, for the client: read from the queue file once per attempt
+    when small (the client reads it twice: for 8-bit bytes, then to send it)."""
+
+    def __init__(self, queue: Any, entry: QueueEntry) -> None:
+        self._queue = queue
+        self._entry = entry
+        self._bytes: bytes | None = None
+
+    def __call__(self) -> Iterable[bytes]:
+        if self._bytes is not None:
+            return (self._bytes,)
+        chunks = self._queue.load_message(self._entry)
+        if self._entry.message_size > KEEP_IN_MEMORY:
+            return chunks  # type: ignore[no-any-return]
+        self._bytes = b"".join(chunks)
+        return (self._bytes,)
 
 
 def _from_error(hmail: HMail, error: DeliveryError, address: MXAddress) -> _Outcome:

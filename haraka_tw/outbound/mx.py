@@ -32,13 +32,14 @@ The rules, and where they differ from Haraka's:
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred, DeferredList, fail, succeed
 from twisted.logger import Logger
 
 from haraka_tw.config.errors import ConfigError
@@ -162,20 +163,61 @@ class MXResolver:
     # -- MX hosts ---------------------------------------------------------------------
 
     def resolve(self, domain: str) -> Deferred[list[MXHost]]:
-        """The MX hosts of ``domain``, best first; fails with :class:`MXError`."""
-        return Deferred.fromCoroutine(self._resolve(domain.strip().rstrip(".").lower()))
+        """The MX hosts of ``domain``, best first; fails with :class:`MXError`.
+
+        Answered at once (no coroutine, no query) when the resolver's cache holds what
+        it takes: the usual case, for every message to a domain after the first.
+        """
+        domain = domain.strip().rstrip(".").lower()
+        try:
+            known = self._known_hosts(domain)
+        except MXError as e:
+            return fail(e)
+        if known is not None:
+            return succeed(known)
+        return Deferred.fromCoroutine(self._resolve(domain))
+
+    def _known_hosts(self, domain: str) -> list[MXHost] | None:
+        if domain.startswith("["):
+            return [self._literal(domain)]
+        records = self.resolver.known(domain, "MX")
+        if records is None:
+            return None
+        implicit = None
+        if isinstance(records, NoAnswer):
+            found = self._known_lookups([domain])
+            if found is None:
+                return None
+            implicit = found[domain]
+        return self._hosts(domain, records, implicit)
 
     async def _resolve(self, domain: str) -> list[MXHost]:
         if domain.startswith("["):
             return [self._literal(domain)]
+        records: list[tuple[int, str]] | DNSError
         try:
             records = await self.resolver.lookup_mx(domain)
-        except NXDomain:
-            raise MXError(True, "5.1.2", f"domain {domain} does not exist") from None
-        except NoAnswer:
-            return await self._implicit(domain)
         except DNSError as e:
-            raise MXError(False, "4.4.3", f"DNS temporary failure: {e}") from None
+            records = e
+        implicit = None
+        if isinstance(records, NoAnswer):
+            implicit = (await self._lookup([domain]))[domain]
+        return self._hosts(domain, records, implicit)
+
+    def _hosts(
+        self,
+        domain: str,
+        records: list[tuple[int, str]] | DNSError,
+        implicit: tuple[Lookup, Lookup] | None,
+    ) -> list[MXHost]:
+        """The MX answer (and, with none, the domain's own A and AAAA) -> the hosts."""
+        if isinstance(records, NXDomain):
+            raise MXError(True, "5.1.2", f"domain {domain} does not exist")
+        if isinstance(records, NoAnswer):
+            assert implicit is not None
+            return self._implicit(domain, implicit)
+        if isinstance(records, DNSError):
+            raise MXError(False, "4.4.3", f"DNS temporary failure: {records}")
         hosts = [(priority, exchange) for priority, exchange in records if exchange != "."]
         if not hosts:
             raise MXError(True, "5.1.10", f"domain {domain} accepts no mail (null MX)")
@@ -198,9 +240,8 @@ class MXResolver:
             raise MXError(True, "5.1.2", f"{domain} is not a valid address literal") from None
         return MXHost(ip, 0, port=self.port, from_dns=False)
 
-    async def _implicit(self, domain: str) -> list[MXHost]:
+    def _implicit(self, domain: str, found: tuple[Lookup, Lookup]) -> list[MXHost]:
         """No MX records: the domain itself, if it has an address (RFC 5321 5.1)."""
-        found = (await self._lookup([domain]))[domain]
         if any(isinstance(result, list) and result for result in found):
             return [MXHost(domain, 0, port=self.port)]
         temporary = [r for r in found if isinstance(r, DNSError) and not _is_final(r)]
@@ -211,11 +252,22 @@ class MXResolver:
     # -- addresses --------------------------------------------------------------------
 
     def addresses(self, hosts: list[MXHost]) -> Deferred[list[MXAddress]]:
-        """The addresses of ``hosts``, in the order to try; fails with :class:`MXError`."""
-        return Deferred.fromCoroutine(self._addresses(hosts))
+        """The addresses of ``hosts``, in the order to try; fails with :class:`MXError`.
 
-    async def _addresses(self, hosts: list[MXHost]) -> list[MXAddress]:
-        lookups = await self._lookup([h.exchange for h in hosts if _ip(h.exchange) is None])
+        Answered at once when the resolver's cache holds every A and AAAA needed.
+        """
+        names = [h.exchange for h in hosts if _ip(h.exchange) is None]
+        known = self._known_lookups(names)
+        if known is None:
+            return self._lookup(names).addCallback(lambda found: self._choose(hosts, found))
+        try:
+            return succeed(self._choose(hosts, known))
+        except MXError as e:
+            return fail(e)
+
+    def _choose(
+        self, hosts: list[MXHost], lookups: dict[str, tuple[Lookup, Lookup]]
+    ) -> list[MXAddress]:
         found: list[MXAddress] = []
         seen: set[str] = set()
         skipped: list[str] = []
@@ -259,6 +311,17 @@ class MXResolver:
             )
         return MXError(False, "4.4.4", f"no address for MX host(s) {names}")
 
+    def _known_lookups(self, names: list[str]) -> dict[str, tuple[Lookup, Lookup]] | None:
+        """A and AAAA of every name from the resolver's cache; None if any is not kept."""
+        known: dict[str, tuple[Lookup, Lookup]] = {}
+        for name in names:
+            a = self.resolver.known(name, "A")
+            aaaa = self.resolver.known(name, "AAAA") if a is not None else None
+            if a is None or aaaa is None:
+                return None
+            known[name] = (a, aaaa)
+        return known
+
     def _lookup(self, names: list[str]) -> Deferred[dict[str, tuple[Lookup, Lookup]]]:
         """A and AAAA of every name at once: {name: (A result, AAAA result)}.
 
@@ -292,6 +355,7 @@ def _is_final(error: DNSError) -> bool:
     return isinstance(error, NXDomain | NoAnswer)
 
 
+@functools.lru_cache(maxsize=4096)
 def _ip(text: str) -> str | None:
     """``text`` as a canonical IP address, or None when it is a host name."""
     try:

@@ -350,17 +350,18 @@ class _BodyProducer:
             "data", self._block_timeout, "the server took no message data"
         )
         try:
-            piece = self._next()
+            piece, last = self._next()
         except Exception as e:  # the message source failed: a local, temporary problem
             self._proto._break(f"reading the message failed: {e!r}")
             self._proto.abort()
             return
         transport: Any = self._proto.transport
-        if piece is not None:
+        if not last:
             transport.write(self._stuffer.feed(piece))
             return
+        # The end goes with the last piece: one write, not one more turn of the reactor.
         transport.unregisterProducer()
-        transport.write(self._stuffer.close())
+        transport.write(self._stuffer.feed(piece) + self._stuffer.close())
         self.stop_timer()
         self._proto._body_finished(self)
         self.done.callback(self._stuffer.size)
@@ -368,21 +369,19 @@ class _BodyProducer:
     def stopProducing(self) -> None:
         self.stop_timer()  # the connection is going; connectionLost fails C{done}
 
-    def _next(self) -> bytes | None:
-        """Up to L{WRITE_SIZE} bytes of message, or None at its end."""
+    def _next(self) -> tuple[bytes, bool]:
+        """Up to L{WRITE_SIZE} bytes of message, and whether the message ends with them."""
         out: list[bytes] = []
         size = 0
         while size < WRITE_SIZE:
             if not self._pending:
                 chunk = next(self._chunks, None)
                 if chunk is None:
-                    break
+                    return b"".join(out), True
                 self._pending = memoryview(chunk)
                 continue
             take = self._pending[: WRITE_SIZE - size]
             self._pending = self._pending[len(take) :]
             out.append(bytes(take))
             size += len(take)
-        if not out:
-            return None
-        return b"".join(out)
+        return b"".join(out), False

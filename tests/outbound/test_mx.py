@@ -6,7 +6,7 @@ import random
 from typing import Any
 
 from twisted.internet import reactor, task
-from twisted.internet.defer import CancelledError
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.trial import unittest
 
 from haraka_tw.config import ConfigDirectory, ConfigError
@@ -349,6 +349,68 @@ class AddressTests(unittest.TestCase):
         with self.assertRaises(MXError) as caught:
             await self.mx().addresses([])
         self.assertFalse(caught.exception.permanent)
+
+
+class CachedTests(unittest.TestCase):
+    """With the resolver's cache, the second route to a domain is the first one again,
+    given at once and without a query (the path every message after the first takes)."""
+
+    def setUp(self) -> None:
+        self.server = serve(self, ZONE, servfail={"broken.partial.test"})
+        resolver = Resolver(reactor, [("127.0.0.1", self.server.port)], timeout=2, cache=True)
+        self.mx = MXResolver(resolver, port=2525, rng=random.Random(1))
+
+    async def route(self, domain: str) -> Any:
+        """The addresses of ``domain``, or its MXError as (permanent, enhanced, message)."""
+        try:
+            return await self.mx.addresses(await self.mx.resolve(domain))
+        except MXError as e:
+            return (e.permanent, e.enhanced, e.message)
+
+    def route_now(self, domain: str) -> Any:
+        """route() that must answer before the reactor runs."""
+        d = Deferred.fromCoroutine(self.route(domain))
+        self.assertTrue(d.called, domain)
+        return d.result
+
+    async def test_every_outcome_again_from_the_cache(self) -> None:
+        """Hosts, implicit MX, NXDOMAIN, null MX, no address, local addresses: the same
+        outcome the second time, at once, asking nothing."""
+        domains = [
+            "ordered.test",
+            "equal.test",
+            "implicit.test",
+            "implicit6.test",
+            "bare.test",
+            "nowhere.test",
+            "nullmx.test",
+            "mixednull.test",
+            "dual.test",
+            "local.test",
+            "alllocal.test",
+            "dangling.test",
+            "nodata.test",
+            "shared.test",
+            "dup.test",
+            "[203.0.114.99]",
+        ]
+        for domain in domains:
+            self.mx._rng = random.Random(1)
+            first = await self.route(domain)
+            asked = len(self.server.queries)
+            self.mx._rng = random.Random(1)  # the same shuffle of equal priorities
+            again = self.route_now(domain)
+            self.assertEqual(again, first, domain)
+            self.assertEqual(len(self.server.queries), asked, domain)
+
+    async def test_failures_are_asked_again(self) -> None:
+        """An MX whose lookup failed is asked again; the route stays the same."""
+        first = await self.route("partial.test")
+        asked = len(self.server.queries)
+        self.assertEqual(await self.route("partial.test"), first)
+        self.assertEqual(
+            [q[1].lower() for q in self.server.queries[asked:]], ["broken.partial.test."] * 2
+        )
 
 
 class CancelTests(unittest.TestCase):
