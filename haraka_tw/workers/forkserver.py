@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import gc
 import importlib
 import json
 import os
@@ -211,6 +212,9 @@ class ForkServer:
         op = message.get("op")
         if op == "credentials":
             preload(message.get("modules", ()))  # best effort: what the master had loaded
+            # What is loaded now lives as long as every worker: their collections need not
+            # walk it, and leaving it untouched keeps its pages shared with the fork server.
+            gc.freeze()
             drop_privileges(int(message["uid"]), int(message["gid"]), message["groups"])
         elif op == "spawn":
             index = int(message["index"])
