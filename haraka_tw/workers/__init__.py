@@ -33,13 +33,19 @@ from typing import Any
 
 from twisted.internet import tcp, unix
 from twisted.internet.defer import Deferred, execute
-from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
+from twisted.internet.interfaces import (
+    IAddress,
+    IListeningPort,
+    IProtocolFactory,
+    IStreamServerEndpoint,
+)
+from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from haraka_tw.outbound.partition import Partition
 
-__all__ = ["AdoptedEndpoint", "WorkerRole", "available_cpus", "parse_nodes"]
+__all__ = ["AdoptedEndpoint", "GivenFactory", "WorkerRole", "available_cpus", "parse_nodes"]
 
 
 def available_cpus() -> int:
@@ -109,6 +115,17 @@ class WorkerRole:
             listeners=tuple((int(fd), str(spec)) for fd, spec in data["listeners"]),
             queue_lock=None if data.get("queue_lock") is None else int(data["queue_lock"]),
         )
+
+
+class GivenFactory(Factory):
+    """Builds the one protocol it was given: for adopting a connected socket (a channel
+    between the master and a worker) with a protocol made beforehand."""
+
+    def __init__(self, protocol: Protocol) -> None:
+        self.protocol_instance = protocol
+
+    def buildProtocol(self, addr: IAddress | None) -> Protocol:
+        return self.protocol_instance
 
 
 @implementer(IStreamServerEndpoint)

@@ -25,14 +25,14 @@ from typing import Any
 
 from twisted.internet import main
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IAddress, IReadDescriptor
-from twisted.internet.protocol import Factory, ProcessProtocol, Protocol, connectionDone
+from twisted.internet.interfaces import IReadDescriptor
+from twisted.internet.protocol import ProcessProtocol, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from haraka_tw.logging import HarakaLog, Level
-from haraka_tw.workers import WorkerRole
+from haraka_tw.workers import GivenFactory, WorkerRole
 from haraka_tw.workers.channels import control_line, read_log_line
 from haraka_tw.workers.supervisor import IWorkerEvents, IWorkerLauncher
 
@@ -78,16 +78,6 @@ class WorkerOutput(Protocol):
 
 class _ControlChannel(Protocol):
     """The master's end of a worker's control channel: written to, never read."""
-
-
-class _Given(Factory):
-    """Builds the one protocol it was given (for adopting a socket)."""
-
-    def __init__(self, protocol: Protocol) -> None:
-        self.protocol_instance = protocol
-
-    def buildProtocol(self, addr: IAddress | None) -> Protocol:
-        return self.protocol_instance
 
 
 class _ForkServerProcess(ProcessProtocol):
@@ -298,11 +288,11 @@ class ForkServerLauncher:
             output_theirs.close()
         self._events[index] = events
         channel = _ControlChannel()
-        self.reactor.adoptStreamConnection(control.fileno(), socket.AF_UNIX, _Given(channel))
+        self.reactor.adoptStreamConnection(control.fileno(), socket.AF_UNIX, GivenFactory(channel))
         control.close()
         self._controls[index] = channel
         lines = WorkerOutput(f"haraka_tw.worker.{index}", lambda: self._output_closed(index))
-        self.reactor.adoptStreamConnection(output.fileno(), socket.AF_UNIX, _Given(lines))
+        self.reactor.adoptStreamConnection(output.fileno(), socket.AF_UNIX, GivenFactory(lines))
         output.close()
 
     def signal(self, pid: int, signum: int) -> None:

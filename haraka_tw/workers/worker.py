@@ -19,10 +19,9 @@ import contextlib
 import os
 import socket
 from collections.abc import Callable
-from typing import Any
 
 from twisted.internet.error import ReactorNotRunning
-from twisted.internet.protocol import Factory, connectionDone
+from twisted.internet.protocol import connectionDone
 from twisted.logger import ILogObserver, LogEvent, LogLevel, eventAsText, globalLogBeginner
 from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python.failure import Failure
@@ -32,7 +31,7 @@ from haraka_tw.config import ConfigDirectory, ConfigError
 from haraka_tw.logging import Level
 from haraka_tw.server import HarakaServer, StartupError
 from haraka_tw.service import HarakaService
-from haraka_tw.workers import WorkerRole
+from haraka_tw.workers import GivenFactory, WorkerRole
 from haraka_tw.workers.channels import log_lines, read_control_line
 
 __all__ = ["EXIT_REFUSED", "EXIT_STARTUP", "LineObserver", "MasterChannel", "run"]
@@ -85,14 +84,6 @@ class MasterChannel(LineOnlyReceiver):
         self.gone()
 
 
-class _Given(Factory):
-    def __init__(self, protocol: MasterChannel) -> None:
-        self.protocol_instance = protocol
-
-    def buildProtocol(self, addr: Any) -> MasterChannel:
-        return self.protocol_instance
-
-
 def run(role: WorkerRole) -> int:
     """Serve as worker C{role.index} until stopped; the exit status. (The fork server
     has installed this process's reactor.)"""
@@ -117,7 +108,7 @@ def run(role: WorkerRole) -> int:
             server.log.log(Level.NOTICE, "the master is gone: stopping", origin="workers")
 
     channel = MasterChannel(server, master_gone)
-    reactor.adoptStreamConnection(0, socket.AF_UNIX, _Given(channel))  # type: ignore[attr-defined]
+    reactor.adoptStreamConnection(0, socket.AF_UNIX, GivenFactory(channel))  # type: ignore[attr-defined]
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     service.startService()
     reactor.run()
