@@ -197,7 +197,10 @@ def main(argv: list[str] | None = None) -> int:
                 if plan.haraka_backlog
                 else f"127.0.0.1:PORT with the shipped listen_backlog ({shipped_backlog()})"
             )
-            + "; log level info (one line per connection) to a file."
+            + "; log level info (one line per connection) to a file. haraka-nodes2: the "
+            "same with smtp.ini nodes=2 (a master that logs for two worker processes); its "
+            "CPU and RSS are summed over the master, the fork server and the workers (RSS "
+            "counts the pages a fork shares in each)."
         ),
         "peers": (
             "stock twisted.mail: ESMTP + an IMessageDelivery that accepts and discards "

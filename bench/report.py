@@ -315,9 +315,10 @@ def markdown(results: dict[str, Any]) -> str:
             "## Per scenario",
             "",
             "`÷ X`: this row's msg/s divided by X's (median of the per-repetition ratios). "
-            "CPU ms/msg: the server process's user+system time (all threads) from "
-            "/proc/<pid>/stat over the run, per message. Peak RSS: sampled every 20 ms "
-            "during the run (the process is long-lived, so it includes earlier scenarios).",
+            "CPU ms/msg: the server process's user+system time (all threads; with "
+            "worker processes, theirs too) from /proc/<pid>/stat over the run, per "
+            "message. Peak RSS: sampled every 20 ms during the run (the process is "
+            "long-lived, so it includes earlier scenarios).",
             *scenario_tables(results),
         ]
     idle_lines = idle_table(results)
