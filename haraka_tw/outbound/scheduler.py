@@ -120,6 +120,8 @@ class DeliveryScheduler:
         self._ticker.clock = reactor
         self._tick = tick
         self._in_flight: dict[str, Deferred[Any]] = {}
+        self._order: list[_Domain] = []  # the domains in the order they came
+        self._turn = 0  # where the next pass over them starts
 
     # -- life --------------------------------------------------------------------------------
 
@@ -184,22 +186,31 @@ class DeliveryScheduler:
     # -- starting attempts --------------------------------------------------------------------
 
     def run_due(self) -> None:
-        """Start every due entry the limits allow."""
+        """Start every due entry the limits allow, one per domain in turn.
+
+        The turn goes round: each pass starts at the domain after the last one that
+        started an entry, so domains take turns and a freed slot goes to the next domain
+        with mail due, without a walk over every domain from the first.
+        """
         if self.disabled:
             return
         now = self.reactor.seconds()
-        progressed = True
-        while progressed and self._active < self.limits.concurrency_max:
-            progressed = False
-            for dom in list(self._domains.values()):
-                if self._active >= self.limits.concurrency_max:
+        limit = self.limits.concurrency_max
+        order = self._order
+        while self._active < limit:
+            count, start = len(order), self._turn
+            started = False
+            for i in range(count):
+                if self._active >= limit:
                     break
-                if self._start_one(dom, now):
-                    progressed = True
+                dom = order[(start + i) % count]
+                if dom.heap and dom.heap[0][0] <= now and self._start_one(dom, now):
+                    self._turn = (start + i + 1) % count
+                    started = True
+            if not started:
+                return
 
     def _start_one(self, dom: _Domain, now: float) -> bool:
-        if not dom.heap or dom.heap[0][0] > now:
-            return False
         limits = self.limits.for_domain(dom.name)
         if limits.concurrency and dom.active >= limits.concurrency:
             return False
@@ -236,4 +247,5 @@ class DeliveryScheduler:
         dom = self._domains.get(key)
         if dom is None:
             dom = self._domains[key] = _Domain(key)
+            self._order.append(dom)
         return dom

@@ -74,6 +74,18 @@ class SchedulerTests(SynchronousTestCase):
         self.assertEqual(len(self.started), 3)
         self.assertEqual(s.active, 2)
 
+    def test_domains_take_turns(self) -> None:
+        """A freed slot goes to the next domain with mail due, round the domains in turn,
+        not always to the first domain."""
+        s = self.scheduler(Limits(concurrency_max=1))
+        for i in range(2):
+            for domain in ("a", "b", "c"):
+                s.add(Item(f"{domain}{i}", f"{domain}.test"))
+        self.clock.advance(0)
+        while len(self.started) < 6:
+            self.finish(self.started[-1])
+        self.assertEqual(self.started, ["a0", "b0", "c0", "a1", "b1", "c1"])
+
     def test_per_domain_concurrency(self) -> None:
         """A domain's concurrency limit holds its entries while others go on."""
         s = self.scheduler(Limits(domains={"slow.test": DomainLimits(concurrency=1)}))
