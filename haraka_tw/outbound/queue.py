@@ -21,6 +21,7 @@ from typing import Any, Protocol, TypeVar
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.threads import deferToThread
+from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
 from haraka_tw.config import ConfigDirectory
@@ -187,6 +188,8 @@ class FileQueue:
             queue_dir, now=now, fsync=fsync, hostname=hostname, log=log, partition=partition
         )
         self._threads: ThreadRunner = threads or _defer_to_thread
+        self._removals: list[tuple[QueueEntry, Deferred[None]]] = []
+        self._removing = False
 
     @property
     def queue_dir(self) -> Path:
@@ -227,7 +230,30 @@ class FileQueue:
         return self._threads(lambda: self.store.split(entry, recipients, next_attempt))
 
     def remove(self, entry: QueueEntry) -> Deferred[None]:
-        return self._threads(lambda: self.store.remove(entry))
+        """Removals asked for while a batch is on a thread go together in the next one:
+        one thread hop and one directory fsync for many delivered messages."""
+        done: Deferred[None] = Deferred()
+        self._removals.append((entry, done))
+        if not self._removing:
+            self._remove_batch()
+        return done
+
+    def _remove_batch(self) -> None:
+        batch, self._removals = self._removals, []
+        self._removing = True
+
+        def removed(result: object) -> None:
+            self._removing = False
+            for _, done in batch:
+                if isinstance(result, Failure):
+                    done.errback(result)
+                else:
+                    done.callback(None)
+            if self._removals:
+                self._remove_batch()
+
+        entries = [entry for entry, _ in batch]
+        self._threads(lambda: self.store.remove_many(entries)).addBoth(removed)
 
     def load_message(self, entry: QueueEntry) -> Iterator[bytes]:
         return self.store.load_message(entry)

@@ -369,9 +369,15 @@ class QueueStore:
 
     def remove(self, entry: QueueEntry) -> None:
         """See L{IOutboundQueue.remove}."""
-        entry.path.unlink(missing_ok=True)
+        self.remove_many([entry])
+
+    def remove_many(self, entries: Sequence[QueueEntry]) -> None:
+        """L{remove} each entry, with one fsync of the directory for them all."""
+        for entry in entries:
+            entry.path.unlink(missing_ok=True)
         self._sync_dir(self.dir)
-        self._state_path(entry.id).unlink(missing_ok=True)
+        for entry in entries:
+            self._state_path(entry.id).unlink(missing_ok=True)
 
     def load_message(self, entry: QueueEntry) -> Iterator[bytes]:
         """See L{IOutboundQueue.load_message}."""

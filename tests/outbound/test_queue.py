@@ -166,6 +166,35 @@ def test_remove(queue: IOutboundQueue) -> None:
     assert result(queue.scan()) == []
 
 
+def test_removals_go_in_batches(tmp_path: Path) -> None:
+    """Removals asked for while one is on its thread go to the next thread together, with
+    one fsync of the directory for them all; each caller hears when its file is gone."""
+    held: list[tuple[Callable[[], Any], Deferred[Any]]] = []
+
+    def later(f: Callable[[], T]) -> Deferred[T]:
+        d: Deferred[T] = Deferred()
+        held.append((f, d))
+        return d
+
+    def run_held() -> None:
+        f, d = held.pop(0)
+        d.callback(f())
+
+    queue = FileQueue(tmp_path / "queue", clock=clock_at(NOW), threads=later)
+    entries = [queue.store.add(make_todo(), [MESSAGE]) for _ in range(4)]
+    with mock.patch.object(QueueStore, "_sync_dir") as synced:
+        removed = [queue.remove(e) for e in entries]
+        assert len(held) == 1  # the first goes at once, the others wait for it
+        run_held()
+        assert removed[0].called and not removed[1].called
+        assert len(held) == 1  # the three others, together
+        run_held()
+        assert synced.call_count == 2
+    for d in removed:
+        result(d)
+    assert queue.store.scan() == []
+
+
 def test_gone_entry(queue: IOutboundQueue) -> None:
     """reschedule and split of a removed entry fail with QueueEntryMissing."""
     entry = result(queue.add(make_todo(), [MESSAGE]))
