@@ -51,7 +51,7 @@ __all__ = ["HarakaService", "parse_listen"]
 _HOST_PORT = re.compile(
     r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<v4>[0-9.]+|[A-Za-z0-9.\-]+|\*))?(?::(?P<port>\d+))?$"
 )
-_ENDPOINT_KINDS = frozenset({"tcp", "tcp6", "unix", "ssl", "tls", "systemd", "haproxy"})
+_ENDPOINT_KINDS = frozenset({"tcp", "tcp6", "unix", "ssl", "tls", "systemd"})
 
 
 def _escape(text: str) -> str:
@@ -89,6 +89,13 @@ def parse_listen(text: str, default_port: int = 25, backlog: int | None = None) 
         entry = raw.strip()
         if not entry:
             continue
+        if entry.split(":", 1)[0].lower() == "haproxy":
+            # Twisted's haproxy: endpoint believes a PROXY header from anyone who can reach
+            # the port; haraka_tw takes one only from connection.ini [haproxy] hosts.
+            raise ValueError(
+                f"smtp.ini listen: {entry!r}: the haproxy: endpoint takes a PROXY header from "
+                "any client; listen plainly and list the proxy in connection.ini [haproxy] hosts"
+            )
         if _is_tls_host_port(entry):
             out.extend(f"tls:{s}" for s in parse_listen(entry[4:], default_port, backlog))
             continue

@@ -34,6 +34,12 @@ def test_listen_forms() -> None:
     ]
 
 
+def test_listen_refuses_twisted_haproxy_endpoint() -> None:
+    """haproxy: would take a PROXY header from any client, past [haproxy] hosts."""
+    with pytest.raises(ValueError, match=r"haproxy:tcp:2525.*\[haproxy\] hosts"):
+        parse_listen("127.0.0.1:25,haproxy:tcp:2525")
+
+
 def test_listen_errors_name_the_entry() -> None:
     """A bad entry is an error naming it."""
     for bad in ("127.0.0.1:99999", "a b:25", "[zz]:25", ""):
