@@ -67,6 +67,19 @@ def _is_tls_host_port(entry: str) -> bool:
     return m is not None and m.group("port") is not None
 
 
+def _refuse_haproxy_endpoint(entry: str) -> None:
+    """Twisted's C{haproxy:} endpoint believes a PROXY header from anyone who can reach the
+    port; haraka_tw takes one only from connection.ini [haproxy] hosts.
+
+    @raise ValueError: for such an entry, naming it.
+    """
+    if entry.split(":", 1)[0].strip().lower() == "haproxy":
+        raise ValueError(
+            f"smtp.ini listen: {entry!r}: the haproxy: endpoint takes a PROXY header from "
+            "any client; listen plainly and list the proxy in connection.ini [haproxy] hosts"
+        )
+
+
 # Twisted's default is 50: a burst of 100 clients then waits on SYN retransmits (seconds).
 DEFAULT_BACKLOG = 1024
 
@@ -89,13 +102,7 @@ def parse_listen(text: str, default_port: int = 25, backlog: int | None = None) 
         entry = raw.strip()
         if not entry:
             continue
-        if entry.split(":", 1)[0].lower() == "haproxy":
-            # Twisted's haproxy: endpoint believes a PROXY header from anyone who can reach
-            # the port; haraka_tw takes one only from connection.ini [haproxy] hosts.
-            raise ValueError(
-                f"smtp.ini listen: {entry!r}: the haproxy: endpoint takes a PROXY header from "
-                "any client; listen plainly and list the proxy in connection.ini [haproxy] hosts"
-            )
+        _refuse_haproxy_endpoint(entry)
         if _is_tls_host_port(entry):
             out.extend(f"tls:{s}" for s in parse_listen(entry[4:], default_port, backlog))
             continue
@@ -246,7 +253,11 @@ class HarakaService(MultiService):
             return ImplicitTLSEndpoint(plain, self._tls.creator_for_port(tls.port))
         if plain is not None:
             return plain
-        return serverFromString(self.reactor, spec) if isinstance(spec, str) else spec
+        if not isinstance(spec, str):
+            return spec
+        _refuse_haproxy_endpoint(spec)  # endpoint strings given directly (embedding) too
+        endpoint: IStreamServerEndpoint = serverFromString(self.reactor, spec)
+        return endpoint
 
     def startService(self) -> None:
         if not self.ports:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import smtplib
 import socket
+from pathlib import Path
 
 import pytest
 from twisted.internet import reactor
@@ -38,6 +39,22 @@ def test_listen_refuses_twisted_haproxy_endpoint() -> None:
     """haproxy: would take a PROXY header from any client, past [haproxy] hosts."""
     with pytest.raises(ValueError, match=r"haproxy:tcp:2525.*\[haproxy\] hosts"):
         parse_listen("127.0.0.1:25,haproxy:tcp:2525")
+
+
+def test_embedding_refuses_twisted_haproxy_endpoint(tmp_path: Path) -> None:
+    """An endpoint string given straight to HarakaService is checked as listen is."""
+    from twisted.internet import reactor
+
+    conf = write_config(tmp_path / "c", {"me": "mx.test\n"})
+    service = HarakaService(
+        HarakaServer.from_directory(conf, reactor),
+        ["haproxy:tcp:0:interface=127.0.0.1"],
+        watch_interval=0,
+        handle_sighup=False,
+    )
+    with pytest.raises(ValueError, match=r"\[haproxy\] hosts"):
+        service.privilegedStartService()
+    assert service.ports == []
 
 
 def test_listen_errors_name_the_entry() -> None:

@@ -279,7 +279,13 @@ def then(value: _T | Deferred[_T], fn: Callable[[_T], _R]) -> _R | Deferred[Any]
 
     The glue of the synchronous fast path: C{then(runner.call(...), answered)} calls
     C{answered} at once when every plugin answered synchronously, and costs no Deferred.
+    An exception from C{fn} becomes a failed Deferred, as it would in a callback.
     """
     if isinstance(value, Deferred):
         return value.addCallback(fn)
-    return fn(value)
+    try:
+        return fn(value)
+    except Exception:
+        # As a Deferred callback would: the failure travels on to whoever waits (the
+        # session answers 451), instead of escaping into Twisted's dataReceived.
+        return defer.fail()

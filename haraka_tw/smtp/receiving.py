@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Callable
 from email.utils import formatdate
 from typing import Any
@@ -30,9 +29,8 @@ _BDAT_ARGS = re.compile(r"^(\d{1,12})(?: +(LAST))? *$", re.IGNORECASE)
 _date_cache: list[Any] = [None, ""]  # [the second, its date text]
 
 
-def _now_rfc5322() -> str:
+def _rfc5322_date(second: int) -> str:
     """The local date and time for a Received header; formatted once per second."""
-    second = int(time.time())
     if _date_cache[0] != second:
         _date_cache[:] = [second, formatdate(second, localtime=True)]
     return str(_date_cache[1])
@@ -138,7 +136,7 @@ class Receiving(SessionCore):
                 intake.feed_chunk(data[:n])
             self._chunk_left -= n
             if not self._chunk_left:
-                self._wait(self._chunk_progress())
+                self._wait(self._attempt(self._chunk_progress))
             return data[n:]
         assert intake is not None
         rest = intake.feed_data(data)
@@ -149,7 +147,7 @@ class Receiving(SessionCore):
         if intake.discard:
             self._intake = None
         else:
-            self._wait(self._message_received())
+            self._wait(self._attempt(self._message_received))
         return rest
 
     def _chunk_progress(self) -> Deferred[Any] | None:
@@ -176,10 +174,11 @@ class Receiving(SessionCore):
         if conn.tls.enabled and conn.tls.cipher:
             tls = f"\n\ttls {conn.tls.version} {conn.tls.cipher}"
         sender = txn.mail_from.format() if txn.mail_from is not None else "<>"
+        date = _rfc5322_date(int(self.factory.reactor.seconds()))
         return (
             f"from {conn.hello.host} ({self._remote_name()})\n"
             f"\tby {s.me}{version} with {proto} id {txn.uuid}\n"
-            f"\tenvelope-from {sender}{tls};\n\t{_now_rfc5322()}"
+            f"\tenvelope-from {sender}{tls};\n\t{date}"
         )
 
     def _message_received(self) -> Deferred[Any] | None:

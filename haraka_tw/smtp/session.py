@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.protocol import connectionDone
 from twisted.mail import smtp
 from twisted.python.failure import Failure
@@ -293,6 +293,15 @@ class SessionCore(smtp.ESMTP):
             else cast("Callable[[Command], Deferred[Any] | None]", getattr(self, name))
         )
 
+    @staticmethod
+    def _attempt(step: Callable[[], Deferred[Any] | None]) -> Deferred[Any] | None:
+        """Run a step of the session; an exception becomes a failed Deferred, which
+        L{_wait} answers with 451, as it does for a step after an asynchronous hook."""
+        try:
+            return step()
+        except Exception:
+            return fail()
+
     def _set_idle(self) -> None:
         """The pending work is done: run what waited for it, then read on."""
         self._busy = False
@@ -369,7 +378,10 @@ class SessionCore(smtp.ESMTP):
         def drop(_: Any = None) -> None:
             if conn.transaction is txn:
                 conn.transaction = None
-            txn.close()
+            try:
+                txn.close()
+            except Exception as e:  # releasing the spool must not cost the client a reply
+                conn.log(Level.ERROR, f"closing the transaction failed: {e!r}")
 
         told = self.runner.call("reset_transaction", conn)
         if isinstance(told, Deferred):

@@ -169,6 +169,7 @@ class ForkServer:
     def __init__(self, channel: socket.socket) -> None:
         self.channel = channel
         self.children: dict[int, int] = {}  # pid -> worker index
+        self.credentials_applied = False  # no worker is forked before the drop
         self._wake_r, self._wake_w = os.pipe()
 
     def send(self, message: dict[str, Any]) -> None:
@@ -215,9 +216,18 @@ class ForkServer:
             # What is loaded now lives as long as every worker: their collections need not
             # walk it, and leaving it untouched keeps its pages shared with the fork server.
             gc.freeze()
-            drop_privileges(int(message["uid"]), int(message["gid"]), message["groups"])
+            try:
+                drop_privileges(int(message["uid"]), int(message["gid"]), message["groups"])
+            except Exception as e:
+                # Never go on to fork workers with the privileges the master gave up.
+                self.send({"op": "error", "index": None, "message": f"credentials: {e!r}"})
+                raise SystemExit(1) from e
+            self.credentials_applied = True
         elif op == "spawn":
             index = int(message["index"])
+            if not self.credentials_applied:
+                self.send({"op": "error", "index": index, "message": "spawn before credentials"})
+                return
             try:
                 pid = os.fork()
             except OSError as e:

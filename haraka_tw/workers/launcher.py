@@ -165,8 +165,10 @@ class ForkServerLauncher:
         self._send(
             {
                 "op": "credentials",
-                "uid": os.getuid(),
-                "gid": os.getgid(),
+                # Effective ids: under twistd --euid the real uid stays 0, and a worker must
+                # not be more privileged than the master serves as.
+                "uid": os.geteuid(),
+                "gid": os.getegid(),
                 "groups": os.getgroups(),
                 "modules": modules,
             }

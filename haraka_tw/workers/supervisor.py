@@ -25,6 +25,8 @@ from haraka_tw.logging import HarakaLog, Level
 
 __all__ = ["IWorkerEvents", "IWorkerLauncher", "WorkerSupervisor", "describe_exit"]
 
+CRASH_LOOP = 3  # quick exits in a row after which a worker's undelivered queue part is CRIT
+
 
 class IWorkerEvents(Interface):
     """What a launcher reports about the workers it started."""
@@ -165,6 +167,14 @@ class WorkerSupervisor:
         slot.quick_exits = 0 if ran >= self.stable_after else slot.quick_exits + 1
         delay = self.restart_delay(max(0, slot.quick_exits - 1))
         self._say(Level.ERROR, f"{who} {describe_exit(code)}; starting it again in {delay:.1f}s")
+        if slot.quick_exits >= CRASH_LOOP:
+            # Mail is still accepted by the other workers, but this worker's part of the
+            # outbound queue waits: say so loudly, not only "starting it again".
+            self._say(
+                Level.CRIT,
+                f"worker {index} keeps failing ({slot.quick_exits} quick exits in a row): its"
+                f" part {index}/{len(self.slots)} of the outbound queue is not being delivered",
+            )
         slot.restart = self.clock.callLater(delay, self._launch, slot)
 
     # -- reaching the workers --------------------------------------------------------------

@@ -319,6 +319,17 @@ class RunnerTests(SynchronousTestCase):
         self.assertEqual((res.code, res.plugin), (OK, "last"))
         self.assertEqual(self.calls, ["strict", "forgiving", "last"])
 
+    def test_then_turns_an_exception_into_a_failure(self) -> None:
+        """An exception from the step after a synchronous answer becomes a failed Deferred,
+        as it would in a callback, for the session to answer 451."""
+
+        def broken(value: int) -> int:
+            raise ValueError(f"bad {value}")
+
+        failed = then(3, broken)
+        assert isinstance(failed, Deferred)
+        self.assertEqual(str(self.failureResultOf(failed, ValueError).value), "bad 3")
+
     def test_then_calls_at_once_or_later(self) -> None:
         """then() calls on at once for a value and once a Deferred fires."""
         seen: list[int] = []

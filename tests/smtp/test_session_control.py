@@ -249,3 +249,63 @@ class IdleMemoryTests(SynchronousTestCase):
         with more a whole dict of their own (about 1.3 KB more per idle connection)."""
         s = Session()
         self.assertLess(len(vars(s.proto)), 30)
+
+
+class FailingStepTests(SynchronousTestCase):
+    """A step that raises after a synchronous hook chain is answered as after an
+    asynchronous one: 451, and the session goes on; nothing escapes to Twisted."""
+
+    def test_end_of_data_step_raising_answers_451(self) -> None:
+        """queue answers synchronously, then the step after it raises: 451, not a dropped
+        connection, and the next command is still answered."""
+        stored: list[bytes] = []
+        s = Session([storing(stored)])
+
+        def broken(*args: Any) -> Any:
+            raise RuntimeError("bug after the queue hook")
+
+        s.proto._queue_answered = broken
+        s.send(ENVELOPE + b"DATA\r\n")
+        self.assertEqual(reply_codes(s.send(b"Subject: x\r\n\r\nbody\r\n.\r\n")), [451])
+        self.assertEqual(reply_codes(s.send(b"NOOP\r\n")), [250])
+        self.assertFalse(s.closed)
+        self.assertTrue(any("bug after the queue hook" in m for m in s.log.messages()))
+
+    def test_transaction_that_cannot_close_keeps_the_250(self) -> None:
+        """Releasing the transaction fails (a spool file that cannot be removed): the
+        message was queued, so the client gets its 250 and only the log hears of it."""
+        stored: list[bytes] = []
+        s = Session([storing(stored)])
+        s.send(ENVELOPE + b"DATA\r\n")
+        txn = s.connection.transaction
+
+        def close() -> None:
+            raise OSError(28, "No space left on device")
+
+        txn.close = close
+        self.assertEqual(reply_codes(s.send(b"Subject: x\r\n\r\nbody\r\n.\r\n")), [250])
+        self.assertEqual(len(stored), 1)
+        self.assertEqual(reply_codes(s.send(b"QUIT\r\n")), [221])
+        self.assertIn(
+            "closing the transaction failed: OSError(28, 'No space left on device')",
+            s.log.messages(),
+        )
+
+    def test_connection_lost_with_a_failing_close_still_runs_disconnect(self) -> None:
+        """The client goes mid-transaction and the transaction cannot close: the disconnect
+        hooks still run."""
+        seen: list[str] = []
+        s = Session(
+            [
+                storing([]),
+                ("watch", plugin_with({"disconnect": lambda c: seen.append("disconnect")})),
+            ]
+        )
+        s.send(ENVELOPE)
+
+        def close() -> None:
+            raise OSError(5, "I/O error")
+
+        s.connection.transaction.close = close
+        s.lose()
+        self.assertEqual(seen, ["disconnect"])

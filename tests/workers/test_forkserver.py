@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
 
-from haraka_tw.workers.forkserver import drop_privileges
+import pytest
+
+from haraka_tw.logging import HarakaLog
+from haraka_tw.workers import forkserver, launcher
+from haraka_tw.workers.forkserver import ForkServer, drop_privileges
 from tests.support import REPO_ROOT
 
 
@@ -80,3 +85,53 @@ def test_drop_privileges_to_oneself_is_nothing() -> None:
     """Dropping to this process's own user and group changes nothing (and needs no root)."""
     drop_privileges(os.getuid(), os.getgid(), os.getgroups())
     assert os.getuid() == os.geteuid()
+
+
+def _server_and_master() -> tuple[ForkServer, socket.socket]:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    return ForkServer(theirs), ours
+
+
+def test_no_worker_is_forked_before_the_credentials() -> None:
+    """A spawn request before the master's credentials is refused: a worker must never run
+    with privileges the master has given up."""
+    server, master = _server_and_master()
+    with master, server.channel:
+        server.handle({"op": "spawn", "index": 0, "role": "{}"}, [])
+        reply = json.loads(master.recv(4096))
+        assert reply == {"op": "error", "index": 0, "message": "spawn before credentials"}
+        assert server.children == {}
+
+
+def test_credentials_that_cannot_be_taken_end_the_fork_server(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """If the drop to the master's user fails, the fork server says why and exits, rather
+    than fork workers as root later."""
+
+    def refuse(uid: int, gid: int, groups: list[int]) -> None:
+        raise PermissionError("setuid refused")
+
+    monkeypatch.setattr(forkserver, "drop_privileges", refuse)
+    monkeypatch.setattr(forkserver.gc, "freeze", lambda: None)
+    server, master = _server_and_master()
+    with master, server.channel:
+        message = {"op": "credentials", "uid": 65534, "gid": 65534, "groups": [], "modules": []}
+        with pytest.raises(SystemExit):
+            server.handle(message, [])
+        reply = json.loads(master.recv(4096))
+        assert reply["op"] == "error" and "setuid refused" in reply["message"]
+        assert not server.credentials_applied
+
+
+def test_credentials_sent_are_the_effective_ids(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under twistd --euid the real uid stays 0: the fork server is told the effective ids."""
+    monkeypatch.setattr(launcher.os, "geteuid", lambda: 65534)
+    monkeypatch.setattr(launcher.os, "getegid", lambda: 65533)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with ours, theirs:
+        sender = launcher.ForkServerLauncher(None, HarakaLog(), [], [], 1, lambda why: None)
+        sender._channel = ours
+        sender.send_credentials()
+        sent = json.loads(theirs.recv(1 << 20))
+        assert (sent["op"], sent["uid"], sent["gid"]) == ("credentials", 65534, 65533)

@@ -10,6 +10,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
+from haraka_tw.logging import Level
 from haraka_tw.workers.supervisor import (
     IWorkerEvents,
     IWorkerLauncher,
@@ -102,6 +103,24 @@ class SupervisorTests(SynchronousTestCase):
         self.assertIn(
             "worker 0 (pid 203) exited with status 1; starting it again in 0.5s",
             self.log.messages(),
+        )
+
+    def test_a_crash_loop_says_which_queue_part_waits(self) -> None:
+        """After three quick exits in a row a CRIT line says the worker's part of the
+        outbound queue is not being delivered; two are only ERRORs."""
+        self.start_both()
+        for pid in (200, 201):
+            self.supervisor.exited(0, 3)
+            self.clock.advance(5)
+            self.supervisor.started(0, pid)
+        self.assertEqual(self.log.messages(Level.CRIT), [])
+        self.supervisor.exited(0, 3)
+        self.assertEqual(
+            self.log.messages(Level.CRIT),
+            [
+                "worker 0 keeps failing (3 quick exits in a row): its part 0/2 of the outbound"
+                " queue is not being delivered"
+            ],
         )
 
     def test_a_worker_that_could_not_start_is_tried_again(self) -> None:
