@@ -149,12 +149,25 @@ class AdoptedEndpoint:
                 shared.startListening()
                 port: IListeningPort = shared
                 return port
-            adopted: IListeningPort = self.reactor.adoptStreamPort(
-                self.descriptor, family, protocolFactory
+            tcp_port: Any = _SharedTCPPort._fromListeningDescriptor(  # type: ignore[no-untyped-call]
+                self.reactor, self.descriptor, family, protocolFactory
             )
+            tcp_port.startListening()
+            adopted: IListeningPort = tcp_port
             return adopted
 
         return execute(adopt)
+
+
+class _SharedTCPPort(tcp.Port):
+    """A worker's copy of a listening TCP socket that every worker accepts on. Each wake-up
+    accepts one connection: Twisted's port takes up to a hundred at once, so the worker that
+    woke first took most of a burst while its siblings idled (measured: 70/30 between two
+    workers, and less than 1.3 times one process's rate)."""
+
+    def doRead(self) -> None:
+        self.numberAccepts = 1
+        super().doRead()  # type: ignore[no-untyped-call]
 
 
 class _SharedUNIXPort(unix.Port):

@@ -45,14 +45,47 @@ def test_worker_role_round_trips() -> None:
 
 
 def test_adopted_endpoint_adopts_the_socket_with_its_family() -> None:
-    """listen() adopts the descriptor (the family read from the socket); it stays open."""
+    """listen() adopts the descriptor (the family read from the socket) as a port that
+    accepts on it; the descriptor given stays open."""
     reactor = MemoryReactor()
     with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
         sock.bind(("::1", 0))
         sock.listen()
         factory = Factory.forProtocol(Protocol)
         d = AdoptedEndpoint(reactor, sock.fileno()).listen(factory)
-        (adopted,) = reactor.adoptedPorts
-        assert adopted == (sock.fileno(), socket.AF_INET6, factory)
-        assert d.called
+        port = d.result
+        assert port.getHost().port == sock.getsockname()[1]
+        assert port.addressFamily == socket.AF_INET6
+        assert port.factory is factory
         os.fstat(sock.fileno())  # still open
+        port.socket.close()
+
+
+def test_a_worker_accepts_one_connection_per_wake_up() -> None:
+    """Workers share the accept queue: each wake-up takes one connection, not a burst, so a
+    burst is spread over the workers instead of going to whichever woke first."""
+    reactor = MemoryReactor()
+    built: list[Protocol] = []
+
+    class Counting(Factory):
+        def buildProtocol(self, addr: object) -> Protocol:
+            built.append(Protocol())
+            return built[-1]
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(16)
+        port = AdoptedEndpoint(reactor, sock.fileno()).listen(Counting()).result
+        clients = [socket.create_connection(sock.getsockname()) for _ in range(3)]
+        try:
+            port.doRead()
+            assert len(built) == 1
+            port.doRead()
+            port.doRead()
+            assert len(built) == 3
+        finally:
+            for client in clients:
+                client.close()
+            for accepted in built:
+                accepted.transport.socket.close()  # type: ignore[union-attr]
+            port.socket.close()
