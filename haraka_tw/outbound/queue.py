@@ -188,8 +188,8 @@ class FileQueue:
             queue_dir, now=now, fsync=fsync, hostname=hostname, log=log, partition=partition
         )
         self._threads: ThreadRunner = threads or _defer_to_thread
-        self._removals: list[tuple[QueueEntry, Deferred[None]]] = []
-        self._removing = False
+        self._trash: list[tuple[Path | None, QueueEntry]] = []  # discarded, to unlink
+        self._emptying = False  # a batch of them is on a thread
 
     @property
     def queue_dir(self) -> Path:
@@ -230,30 +230,31 @@ class FileQueue:
         return self._threads(lambda: self.store.split(entry, recipients, next_attempt))
 
     def remove(self, entry: QueueEntry) -> Deferred[None]:
-        """Removals asked for while a batch is on a thread go together in the next one:
-        one thread hop and one directory fsync for many delivered messages."""
-        done: Deferred[None] = Deferred()
-        self._removals.append((entry, done))
-        if not self._removing:
-            self._remove_batch()
-        return done
+        """At once, in the reactor's thread: the file is renamed into trash/ (a rename, where
+        an unlink can wait on the disk; L{QueueStore.discard}), then unlinked on a worker
+        thread, with the others discarded meanwhile. A file in trash/ is no longer queued:
+        a restart removes what is left there."""
+        try:
+            discarded = self.store.discard(entry)
+        except OSError as e:
+            return fail(e)
+        self._trash.append((discarded, entry))
+        if not self._emptying:
+            self._empty_trash()
+        return succeed(None)
 
-    def _remove_batch(self) -> None:
-        batch, self._removals = self._removals, []
-        self._removing = True
+    def _empty_trash(self) -> None:
+        batch, self._trash = self._trash, []
+        self._emptying = True
 
-        def removed(result: object) -> None:
-            self._removing = False
-            for _, done in batch:
-                if isinstance(result, Failure):
-                    done.errback(result)
-                else:
-                    done.callback(None)
-            if self._removals:
-                self._remove_batch()
+        def emptied(result: object) -> None:
+            self._emptying = False
+            if isinstance(result, Failure):
+                self.store.log(f"outbound queue: emptying trash/: {result.getErrorMessage()}")
+            if self._trash:
+                self._empty_trash()
 
-        entries = [entry for entry, _ in batch]
-        self._threads(lambda: self.store.remove_many(entries)).addBoth(removed)
+        self._threads(lambda: self.store.empty_trash(batch)).addBoth(emptied)
 
     def load_message(self, entry: QueueEntry) -> Iterator[bytes]:
         return self.store.load_message(entry)

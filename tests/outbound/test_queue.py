@@ -166,9 +166,9 @@ def test_remove(queue: IOutboundQueue) -> None:
     assert result(queue.scan()) == []
 
 
-def test_removals_go_in_batches(tmp_path: Path) -> None:
-    """Removals asked for while one is on its thread go to the next thread together, with
-    one fsync of the directory for them all; each caller hears when its file is gone."""
+def test_remove_takes_the_file_out_at_once(tmp_path: Path) -> None:
+    """FileQueue.remove renames the file into trash/ before it answers (no thread); the
+    files discarded meanwhile are unlinked together on one thread, with their sidecars."""
     held: list[tuple[Callable[[], Any], Deferred[Any]]] = []
 
     def later(f: Callable[[], T]) -> Deferred[T]:
@@ -181,18 +181,37 @@ def test_removals_go_in_batches(tmp_path: Path) -> None:
         d.callback(f())
 
     queue = FileQueue(tmp_path / "queue", clock=clock_at(NOW), threads=later)
-    entries = [queue.store.add(make_todo(), [MESSAGE]) for _ in range(4)]
-    with mock.patch.object(QueueStore, "_sync_dir") as synced:
-        removed = [queue.remove(e) for e in entries]
-        assert len(held) == 1  # the first goes at once, the others wait for it
-        run_held()
-        assert removed[0].called and not removed[1].called
-        assert len(held) == 1  # the three others, together
-        run_held()
-        assert synced.call_count == 2
-    for d in removed:
-        result(d)
-    assert queue.store.scan() == []
+    store = queue.store
+    entries = [store.add(make_todo(), [MESSAGE]) for _ in range(4)]
+    entries[3] = store.reschedule(entries[3], NOW + 60, 1, "451 try later")
+    assert store._state_path(entries[3].id).exists()
+    for entry in entries:
+        result(queue.remove(entry))  # fired already
+        assert not entry.path.exists()
+    assert store.listing().entries == []
+    assert len(held) == 1  # the first file's unlink; the other three wait for it
+    assert len(list(store.trash.iterdir())) == 4
+    run_held()
+    assert len(held) == 1  # the three others, together
+    run_held()
+    assert list(store.trash.iterdir()) == []
+    assert not store._state_path(entries[3].id).exists()
+    result(queue.remove(entries[0]))  # gone already: not an error
+    run_held()
+    assert held == []
+
+
+def test_trash_left_at_a_stop_is_removed_at_start(tmp_path: Path) -> None:
+    """Files discarded but not yet unlinked when the server stopped are removed by scan;
+    trash/ missing (an older queue directory) is made on demand."""
+    store = QueueStore(tmp_path / "queue", now=lambda: NOW)
+    entry = store.add(make_todo(), [MESSAGE])
+    store.trash.rmdir()
+    trashed = store.discard(entry)
+    assert trashed is not None and trashed.exists() and not entry.path.exists()
+    assert store.discard(entry) is None
+    assert store.scan() == []
+    assert list(store.trash.iterdir()) == []
 
 
 def test_gone_entry(queue: IOutboundQueue) -> None:
