@@ -1,8 +1,9 @@
 """The outbound SMTP/LMTP client: hand one message to one server address.
 
-L{deliver} is the entry point. It opens a L{ClientSession} (or takes an idle one from a
-L{ConnectionPool<haraka_tw.outbound.pool.ConnectionPool>}), runs one transaction and
-reports per recipient. The dialogue, in the order RFC 5321 and its extensions ask for (the
+L{deliver} is the entry point. It opens a L{ClientSession} (or, with a
+L{ConnectionPool<haraka_tw.outbound.pool.ConnectionPool>}, takes one of the destination's
+sessions, waiting while all of them are busy, and sends RSET before the envelope), runs one
+transaction and reports per recipient. The dialogue, in the order RFC 5321 and its extensions ask for (the
 steps up to AUTH are L{haraka_tw.outbound.dialogue}'s, composed here with this policy):
 
 1. Connect (from C{bind} if given); with L{TLSPolicy.implicit} TLS starts at once.
