@@ -3,8 +3,9 @@
 L{deliver} is the entry point. It opens a L{ClientSession} (or, with a
 L{ConnectionPool<haraka_tw.outbound.pool.ConnectionPool>}, takes one of the destination's
 sessions, waiting while all of them are busy, and sends RSET before the envelope), runs one
-transaction and reports per recipient. The dialogue, in the order RFC 5321 and its extensions ask for (the
-steps up to AUTH are L{haraka_tw.outbound.dialogue}'s, composed here with this policy):
+transaction and reports per recipient. The dialogue, in the order RFC 5321 and its
+extensions ask for (the steps up to AUTH are L{haraka_tw.outbound.dialogue}'s, composed here
+with this policy):
 
 1. Connect (from C{bind} if given); with L{TLSPolicy.implicit} TLS starts at once.
 2. The banner must be 220 (4xx: temporary, 5xx: permanent failure).

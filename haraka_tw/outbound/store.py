@@ -123,7 +123,7 @@ class QueueStore:
 
     def ensure_dirs(self) -> None:
         """Make the queue directory and its subdirectories (mode 0700) if missing."""
-        for d in (self.dir, self.tmp, self.trash, self.state, self.control):
+        for d in (self.dir, self.tmp, self.state, self.control):
             d.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     def owns(self, filename: str) -> bool:
@@ -277,6 +277,7 @@ class QueueStore:
                 continue  # ours, being written now; or another partition's
             self.log(f"outbound queue: removing unfinished temporary file {leftover.name}")
             leftover.unlink(missing_ok=True)
+        self.trash.mkdir(mode=0o700, exist_ok=True)  # here, not for every file written
         for leftover in sorted(self.trash.iterdir()):
             if self.owns(leftover.name):
                 leftover.unlink(missing_ok=True)  # delivered before a stop or a crash
@@ -392,7 +393,7 @@ class QueueStore:
         except FileNotFoundError:
             if not entry.path.exists():
                 return None
-            self.ensure_dirs()  # trash/ itself was missing
+            self.trash.mkdir(mode=0o700, exist_ok=True)  # trash/ itself was missing
             os.rename(entry.path, target)
         return target
 

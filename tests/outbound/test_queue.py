@@ -206,7 +206,7 @@ def test_trash_left_at_a_stop_is_removed_at_start(tmp_path: Path) -> None:
     trash/ missing (an older queue directory) is made on demand."""
     store = QueueStore(tmp_path / "queue", now=lambda: NOW)
     entry = store.add(make_todo(), [MESSAGE])
-    store.trash.rmdir()
+    assert not store.trash.exists()  # made when first needed
     trashed = store.discard(entry)
     assert trashed is not None and trashed.exists() and not entry.path.exists()
     assert store.discard(entry) is None
