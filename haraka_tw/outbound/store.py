@@ -398,12 +398,22 @@ class QueueStore:
         return target
 
     def empty_trash(self, discarded: Sequence[tuple[Path | None, QueueEntry]]) -> None:
-        """Unlink what L{discard} put in trash/, and those entries' sidecars."""
+        """Unlink what L{discard} put in trash/, and those entries' sidecars; one that
+        cannot be unlinked does not stop the others (a restart empties trash/).
+
+        @raise OSError: naming how many were left and the first reason.
+        """
+        failed: list[str] = []
         for path, entry in discarded:
-            if path is not None:
-                path.unlink(missing_ok=True)
-            if entry.history or entry.todo.dsn_delayed_sent:  # else it has no sidecar
-                self._state_path(entry.id).unlink(missing_ok=True)
+            try:
+                if path is not None:
+                    path.unlink(missing_ok=True)
+                if entry.history or entry.todo.dsn_delayed_sent:  # else it has no sidecar
+                    self._state_path(entry.id).unlink(missing_ok=True)
+            except OSError as e:
+                failed.append(f"{entry.id}: {e}")
+        if failed:
+            raise OSError(f"{len(failed)} left in trash/ until the next start ({failed[0]})")
 
     def load_message(self, entry: QueueEntry) -> Iterator[bytes]:
         """See L{IOutboundQueue.load_message}."""

@@ -201,6 +201,22 @@ def test_remove_takes_the_file_out_at_once(tmp_path: Path) -> None:
     assert held == []
 
 
+def test_one_file_that_cannot_be_unlinked_does_not_keep_the_others(tmp_path: Path) -> None:
+    """empty_trash goes on past a file it cannot unlink and then says how many are left;
+    what is left stays in trash/ (never queued again) for the next start."""
+    store = QueueStore(tmp_path / "queue", now=lambda: NOW)
+    entries = [store.add(make_todo(), [MESSAGE]) for _ in range(3)]
+    discarded = [(store.discard(entry), entry) for entry in entries]
+    stuck = discarded[0][0]
+    assert stuck is not None
+    stuck.unlink()
+    stuck.mkdir()  # unlink() of a directory fails with an OSError other than "missing"
+    with pytest.raises(OSError, match=r"1 left in trash/ until the next start"):
+        store.empty_trash(discarded)
+    assert [p.name for p in store.trash.iterdir()] == [stuck.name]
+    assert store.listing().entries == []
+
+
 def test_trash_left_at_a_stop_is_removed_at_start(tmp_path: Path) -> None:
     """Files discarded but not yet unlinked when the server stopped are removed by scan;
     trash/ missing (an older queue directory) is made on demand."""
