@@ -18,8 +18,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from twisted.trial import unittest
-
 from tests.e2e.test_twistd import MESSAGE, TwistdTestCase, is_running, poll, rcpt_code
 from tests.support import free_port, write_config
 from tests.tls_certs import pki
@@ -241,19 +239,7 @@ class PrivilegeDropTests(NodesTestCase):
     def test_workers_run_as_nobody_even_when_replaced(self) -> None:
         """As root: -u nobody -g nogroup with nodes=2 binds port 25; every worker, and a
         replacement for a killed one, runs as nobody and writes the Maildir as nobody."""
-        if os.geteuid() != 0:
-            raise unittest.SkipTest("needs root: binds port 25 and drops to nobody")
-        with socket.socket() as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                probe.bind(("127.0.0.1", 25))
-            except OSError as e:
-                raise unittest.SkipTest(f"127.0.0.1:25 is not free ({e})") from None
-        os.chmod(self.base, 0o755)
-        spool = self.base / "spool"
-        spool.mkdir()
-        os.chmod(spool, 0o777)
-        self.maildir = spool / "maildir"
+        spool = self.spool_for_nobody_on_port_25()
         self.configure_nodes(
             "2", port=25, **{"outbound.ini": f"[main]\nqueue_dir={spool / 'queue'}\n"}
         )

@@ -103,6 +103,26 @@ class TwistdTestCase(unittest.SynchronousTestCase):
         all_files.update(files or {})
         write_config(self.config, all_files)
 
+    def spool_for_nobody_on_port_25(self) -> Path:
+        """For a -u nobody -g nogroup test on 127.0.0.1:25: skip unless root and the port
+        is free; make the base readable and a spool nobody can write (self.maildir in it)."""
+        if os.geteuid() != 0:
+            raise unittest.SkipTest("needs root: binds port 25 and drops to nobody")
+        with socket.socket() as probe:
+            # As Twisted binds: connections of an earlier run in TIME_WAIT do not count.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(("127.0.0.1", 25))
+            except OSError as e:
+                raise unittest.SkipTest(f"127.0.0.1:25 is not free ({e})") from None
+        # nobody must reach the config (for reloads) and write the maildir.
+        os.chmod(self.base, 0o755)
+        spool = self.base / "spool"
+        spool.mkdir()
+        os.chmod(spool, 0o777)
+        self.maildir = spool / "maildir"
+        return spool
+
     def spawn(self, twistd_args: Sequence[str]) -> subprocess.Popen[bytes]:
         """Start C{twistd <twistd_args> haraka --config DIR}."""
         env = dict(os.environ)
@@ -342,21 +362,7 @@ class GracefulShutdownTests(TwistdTestCase):
 class PrivilegeDropTests(TwistdTestCase):
     def test_binds_port_25_then_runs_as_nobody(self) -> None:
         """As root: -u nobody -g nogroup binds 127.0.0.1:25, then serves as nobody."""
-        if os.geteuid() != 0:
-            raise unittest.SkipTest("needs root: binds port 25 and drops to nobody")
-        with socket.socket() as probe:
-            # As Twisted binds: connections of an earlier run in TIME_WAIT do not count.
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                probe.bind(("127.0.0.1", 25))
-            except OSError as e:
-                raise unittest.SkipTest(f"127.0.0.1:25 is not free ({e})") from None
-        # nobody must reach the config (for reloads) and write the maildir.
-        os.chmod(self.base, 0o755)
-        spool = self.base / "spool"
-        spool.mkdir()
-        os.chmod(spool, 0o777)
-        self.maildir = spool / "maildir"
+        spool = self.spool_for_nobody_on_port_25()
         self.configure(
             {"outbound.ini": f"[main]\nqueue_dir={spool / 'queue'}\n"}, listen="127.0.0.1:25"
         )
