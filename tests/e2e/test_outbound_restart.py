@@ -51,6 +51,11 @@ def message(mid: str) -> bytes:
     ).encode()
 
 
+# Enough that the kill always comes mid-stream: with 60, a fast outbound side could let the
+# client finish first on a busy machine (seen once in CI).
+KILL_CLIENT_MESSAGES = 300
+
+
 class TwistdOutboundCase(TestCase):
     def setUp(self) -> None:
         if not TWISTD.exists():
@@ -144,7 +149,7 @@ class KillTests(TwistdOutboundCase):
         stop = threading.Event()
 
         def client() -> None:
-            for i in range(60):
+            for i in range(KILL_CLIENT_MESSAGES):
                 mid = f"<kill{i}@t>"
                 if stop.is_set():
                     return
@@ -169,7 +174,7 @@ class KillTests(TwistdOutboundCase):
         yield sending
         before_kill = set(peer.ids())
         queued_at_kill = self.queued_ids()
-        self.assertLess(len(accepted), 60, "the client finished before the kill")
+        self.assertLess(len(accepted), KILL_CLIENT_MESSAGES, "the client finished before the kill")
         self.assertTrue(before_kill - queued_at_kill, "nothing was delivered and settled")
         yield server.start(self.smtp_port)
         yield wait_until(self.queue_empty, 20, "the queue to drain after the restart")
