@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterable, Mapping
@@ -229,6 +231,28 @@ def _drain(sock: socket.socket, settle: float) -> bytes:
 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+TWISTD = Path(sys.executable).parent / "twistd"
+
+
+def spawn_twistd(
+    twistd_args: Iterable[str],
+    config: Path,
+    cwd: Path,
+    log_path: Path,
+    python_path: Iterable[Path] = (),
+) -> subprocess.Popen[bytes]:
+    """Start C{twistd <twistd_args> haraka --config CONFIG} in C{cwd}, its output appended
+    to C{log_path}, with the repository (and C{python_path}) importable."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(REPO_ROOT), *map(str, python_path), *filter(None, [env.get("PYTHONPATH")])]
+    )
+    env["PYTHONUNBUFFERED"] = "1"
+    argv = [str(TWISTD), *twistd_args, "haraka", "--config", str(config)]
+    with open(log_path, "ab") as out:  # the child keeps its own descriptor
+        return subprocess.Popen(
+            argv, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
 
 
 def free_port() -> int:
@@ -382,6 +406,7 @@ __all__ = [
     "CLIENT_IP",
     "CONT",
     "REPO_ROOT",
+    "TWISTD",
     "ListLog",
     "Session",
     "WireClient",
@@ -391,6 +416,7 @@ __all__ = [
     "raw_exchange",
     "reply_code",
     "reply_codes",
+    "spawn_twistd",
     "start_server",
     "wait_for_port",
     "wait_for_refusal",

@@ -77,11 +77,7 @@ class Greeting(SessionCore):
 
     def _start_greeting(self) -> None:
         """Greet, then read commands; at once when every connect hook answered in time."""
-        try:
-            pending = self._greet()
-        except Exception:
-            self._greeted(Failure())
-            return
+        pending = self._attempt(self._greet)
         if pending is None:
             self._greeted(None)
         else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from email.utils import formatdate
+from functools import lru_cache
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -26,14 +27,12 @@ from haraka_tw.smtp.session import SessionCore
 __all__ = ["Receiving"]
 
 _BDAT_ARGS = re.compile(r"^(\d{1,12})(?: +(LAST))? *$", re.IGNORECASE)
-_date_cache: list[Any] = [None, ""]  # [the second, its date text]
 
 
+@lru_cache(maxsize=2)
 def _rfc5322_date(second: int) -> str:
     """The local date and time for a Received header; formatted once per second."""
-    if _date_cache[0] != second:
-        _date_cache[:] = [second, formatdate(second, localtime=True)]
-    return str(_date_cache[1])
+    return formatdate(second, localtime=True)
 
 
 class Receiving(SessionCore):

@@ -256,14 +256,12 @@ class SessionCore(smtp.ESMTP):
         if self._inbuf:
             conn.pipelining = True  # the client sent more before reading this reply
         handler = self._command_handler(cmd.verb)
-        try:
-            if handler is None:
-                answer = self.runner.call("unrecognized_command", conn, cmd.verb, cmd.argument)
-                self._wait(then(answer, self._unrecognized_answered))
-            else:
-                self._wait(handler(cmd))
-        except Exception:
-            self._internal_error(Failure())
+        self._wait(self._attempt(handler or self._unrecognized, cmd))
+
+    def _unrecognized(self, cmd: Command) -> Deferred[Any] | None:
+        """A verb the core does not know: the unrecognized_command hook decides."""
+        answer = self.runner.call("unrecognized_command", self._conn, cmd.verb, cmd.argument)
+        return then(answer, self._unrecognized_answered)
 
     def _wait(self, d: Deferred[Any] | None) -> None:
         """Hold further commands until C{d} fires (at once, for synchronous hooks)."""
@@ -294,11 +292,11 @@ class SessionCore(smtp.ESMTP):
         )
 
     @staticmethod
-    def _attempt(step: Callable[[], Deferred[Any] | None]) -> Deferred[Any] | None:
+    def _attempt(step: Callable[..., Deferred[Any] | None], *args: Any) -> Deferred[Any] | None:
         """Run a step of the session; an exception becomes a failed Deferred, which
         L{_wait} answers with 451, as it does for a step after an asynchronous hook."""
         try:
-            return step()
+            return step(*args)
         except Exception:
             return fail()
 

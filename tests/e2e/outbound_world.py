@@ -37,9 +37,8 @@ from haraka_tw.codes import CONT, OK
 from haraka_tw.interfaces import IConnectHook, IGetMxHook
 from haraka_tw.outbound.queue import QueueStore
 from tests.smtp_peers import Peer, PeerConnection, PeerScript, _ServerTLS
-from tests.support import REPO_ROOT, write_config
+from tests.support import REPO_ROOT, spawn_twistd, write_config
 
-TWISTD = Path(sys.executable).parent / "twistd"
 HARAKA_TW = Path(sys.executable).parent / "haraka-tw"
 RUN_MARK = "\n=== (the test stopped twistd) ===\n"
 
@@ -220,16 +219,7 @@ class Twistd:
     @inlineCallbacks
     def start(self, port: int) -> Deferred[None]:
         """Start it and wait until it listens on C{port} and owns its queue directory."""
-        argv = [str(TWISTD), "-n", "--pidfile=", "haraka", "--config", str(self.config)]
-        with open(self.log_path, "ab") as out:
-            proc = subprocess.Popen(
-                argv,
-                cwd=self.base,
-                env=self.env(),
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
+        proc = spawn_twistd(["-n", "--pidfile="], self.config, self.base, self.log_path)
         self.proc = proc
         self.case.addCleanup(self._reap, proc)
 

@@ -21,7 +21,6 @@ from twisted.trial.unittest import SkipTest, TestCase
 from haraka_tw.outbound.queue import QueueStore
 from tests.dnsserver import serve
 from tests.e2e.outbound_world import (
-    TWISTD,
     Twistd,
     WorldPeer,
     message_id,
@@ -29,7 +28,7 @@ from tests.e2e.outbound_world import (
     wait_until,
 )
 from tests.smtp_peers import PeerScript
-from tests.support import free_port, temp_dir
+from tests.support import TWISTD, free_port, temp_dir
 
 # twistd stopped by SIGTERM re-raises it after a clean shutdown (see test_twistd).
 CLEAN_STOP = frozenset({0, -15})

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import mailbox
-import os
 import re
 import signal
 import smtplib
@@ -28,7 +27,6 @@ import sys
 import time
 from collections.abc import Callable
 from email.parser import BytesHeaderParser
-from pathlib import Path
 from typing import Any
 
 from twisted.internet import reactor
@@ -41,11 +39,18 @@ from haraka_tw.codes import CONT
 from haraka_tw.interfaces import IConnectHook, IDataPostHook
 from tests.dnsserver import DNSServer
 from tests.haproxy import HAProxy, SourcedClient, haproxy_path, listening, v1_header, v2_header
-from tests.support import REPO_ROOT, free_port, reply_code, temp_dir, write_config
+from tests.support import (
+    REPO_ROOT,
+    TWISTD,
+    free_port,
+    reply_code,
+    spawn_twistd,
+    temp_dir,
+    write_config,
+)
 
 HAPROXY_CONFIG = REPO_ROOT / "docs" / "examples" / "haproxy-scaling.cfg"
 EXAMPLES = REPO_ROOT / "docs" / "examples"
-TWISTD = Path(sys.executable).parent / "twistd"
 NO_HAPROXY = "haproxy is not installed (scripts/system-packages.sh installs it)"
 
 # HAProxy's own log lines (option tcplog) go to its output, which the harness keeps.
@@ -119,21 +124,9 @@ class Instance:
         return f"127.0.0.1:{self.port}"
 
     def spawn(self) -> None:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(
-            [str(REPO_ROOT), str(EXAMPLES), *filter(None, [env.get("PYTHONPATH")])]
+        self.proc = spawn_twistd(
+            ["-n", "--pidfile="], self.base / "config", self.base, self.log_path, [EXAMPLES]
         )
-        env["PYTHONUNBUFFERED"] = "1"
-        argv = [str(TWISTD), "-n", "--pidfile=", "haraka", "--config", str(self.base / "config")]
-        with open(self.log_path, "ab") as out:
-            self.proc = subprocess.Popen(
-                argv,
-                cwd=self.base,
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
 
     def wait_listening(self, timeout: float = 20) -> None:
         # From /proc/net/tcp: a probe connection from 127.0.0.1 would be a trusted proxy

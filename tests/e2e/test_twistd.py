@@ -24,17 +24,17 @@ from typing import Any
 from twisted.trial import unittest
 
 from tests.support import (
-    REPO_ROOT,
+    TWISTD,
     WireClient,
     free_port,
     reply_code,
+    spawn_twistd,
     temp_dir,
     wait_for_port,
     wait_for_refusal,
     write_config,
 )
 
-TWISTD = Path(sys.executable).parent / "twistd"
 MESSAGE = b"From: <alice@x.test>\r\nTo: <bob@example.com>\r\nSubject: hello\r\n\r\nHi there.\r\n"
 
 
@@ -125,21 +125,7 @@ class TwistdTestCase(unittest.SynchronousTestCase):
 
     def spawn(self, twistd_args: Sequence[str]) -> subprocess.Popen[bytes]:
         """Start C{twistd <twistd_args> haraka --config DIR}."""
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(
-            [str(REPO_ROOT), *filter(None, [env.get("PYTHONPATH")])]
-        )
-        env["PYTHONUNBUFFERED"] = "1"
-        argv = [str(TWISTD), *twistd_args, "haraka", "--config", str(self.config)]
-        with open(self.log_path, "ab") as out:  # the child keeps its own descriptor
-            proc = subprocess.Popen(
-                argv,
-                cwd=self.base,
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
+        proc = spawn_twistd(twistd_args, self.config, self.base, self.log_path)
         self.addCleanup(self.reap, proc)
         return proc
 
