@@ -9,7 +9,6 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
-from functools import lru_cache
 
 _PLACEHOLDER = re.compile(r"\{([a-z_]+)\}")
 
@@ -53,21 +52,12 @@ class Reply:
         if not any("{" in line for line in self.lines):
             return self
         get = fields if callable(fields) else fields.get
-        filled = []
-        for line in self.lines:
-            pieces = _template(line)
-            if len(pieces) == 1:
-                filled.append(line)
-                continue
-            out = []
-            for i, piece in enumerate(pieces):
-                if i % 2 == 0:
-                    out.append(piece)
-                else:
-                    value = get(piece)
-                    out.append(f"{{{piece}}}" if value is None else value)
-            filled.append("".join(out))
-        return Reply(self.code, self.enhanced, tuple(filled))
+
+        def value(m: re.Match[str]) -> str:
+            found = get(m.group(1))
+            return m.group(0) if found is None else found
+
+        return replace(self, lines=tuple(_PLACEHOLDER.sub(value, line) for line in self.lines))
 
     @property
     def text(self) -> str:
@@ -80,12 +70,6 @@ class Reply:
 
     def __str__(self) -> str:
         return self.to_bytes().decode("utf-8", "replace").rstrip("\r\n")
-
-
-@lru_cache(maxsize=1024)
-def _template(line: str) -> tuple[str, ...]:
-    """A reply line cut at its placeholders: text, name, text, name, ..., text."""
-    return tuple(_PLACEHOLDER.split(line))
 
 
 def render_lines(code: int, enhanced: str | None, lines: tuple[str, ...]) -> bytes:
