@@ -48,6 +48,9 @@ __all__ = ["ForkServer", "install_reactor", "main", "place", "preload"]
 #: What every worker runs: imported once, here, before the privileges are dropped.
 WORKER_MODULES = (
     "haraka_tw.workers.worker",
+    # install_reactor's: a worker may not be able to read the installation after the drop
+    # (a checkout in a 0700 directory, as mktemp -d makes; Python under /root).
+    "twisted.internet.default",
     "twisted.internet.epollreactor",
     "twisted.internet.pollreactor",
     "twisted.internet.selectreactor",
