@@ -86,12 +86,13 @@ class HookResult:
     @property
     def text(self) -> str | None:
         """The message as reply text, or None when it carries no text."""
-        if isinstance(self.message, str):
-            return self.message
-        if isinstance(self.message, (list, tuple)) and all(
-            isinstance(m, str) for m in self.message
-        ):
-            return "\n".join(self.message)
+        message = self.message
+        if message is None:
+            return None
+        if isinstance(message, str):
+            return message
+        if isinstance(message, (list, tuple)) and all(isinstance(m, str) for m in message):
+            return "\n".join(message)
         return None
 
 

@@ -7,7 +7,8 @@ passes the level and may suppress the default output.
 
 Lines reach twisted.logger's observers (twistd's log file, or stdout under C{twistd -n}) as
 events whose text is the formatted line; the structured record is in the event as
-C{haraka_record}.
+C{haraka_record}. Under C{twistd haraka} that observer is L{TwistdLogObserver}: the lines
+twistd writes, made cheaply.
 """
 
 from __future__ import annotations
@@ -18,11 +19,27 @@ import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import IO, Any
 
-from twisted.logger import Logger, LogLevel
+from twisted.logger import (
+    ILogObserver,
+    Logger,
+    LogLevel,
+    formatEventAsClassicLogText,
+    formatTime,
+    timeFormatRFC3339,
+)
+from twisted.python.compat import ioType
+from zope.interface import implementer
 
-__all__ = ["HarakaLog", "Level", "LogRecord", "PluginLogger", "format_record"]
+__all__ = [
+    "HarakaLog",
+    "Level",
+    "LogRecord",
+    "PluginLogger",
+    "TwistdLogObserver",
+    "format_record",
+]
 
 
 class Level(enum.IntEnum):
@@ -87,10 +104,13 @@ class LogRecord:
 
 
 _NEEDS_QUOTES = re.compile(r'[ ="\\]')
+_PLAIN_ASCII = re.compile(r"[!#-<>-\[\]-~]+")  # printable ASCII but space, =, " and \
 
 
 def _logfmt_value(value: object) -> str:
     text = value if isinstance(value, str) else str(value)
+    if _PLAIN_ASCII.fullmatch(text) is not None:  # the usual value: one check, not three
+        return text
     if text == "" or _NEEDS_QUOTES.search(text) is not None or not text.isprintable():
         return json.dumps(text)
     return text
@@ -249,3 +269,64 @@ class PluginLogger:
 
     def emerg(self, message: str, connection: Any = None, **fields: Any) -> None:
         self._emit(Level.EMERG, message, connection, fields)
+
+
+@implementer(ILogObserver)
+class TwistdLogObserver:
+    """Writes events to a file as twistd's log file observer does, line for line
+    (C{2026-11-21T04:38:48+0000 [haraka_tw#info] [NOTICE] [uuid] [core] disconnect ...}),
+    with two savings that matter at a line per connection:
+
+      - the time prefix is formatted once a second, not per line (Twisted works out the
+        local time zone and calls strftime for every event);
+      - a L{HarakaLog} line, formatted already, is written as it is, where Twisted runs the
+        event's format string through C{string.Formatter}.
+
+    Together they took the disconnect line from about 0.1 ms to 0.04 ms of the server's CPU
+    per connection (bench/, 20 sessions of a message each). Any other event is formatted
+    by Twisted's own L{formatEventAsClassicLogText}. Each line is written and flushed at
+    once, as twistd does.
+    """
+
+    def __init__(self, out: IO[Any], time_format: str | None = timeFormatRFC3339) -> None:
+        self._out = out
+        self._encoding = None if ioType(out) is str else "utf-8"
+        self._time_format = time_format
+        self._second: int | None = None
+        self._stamp = "-"
+
+    def close(self) -> None:
+        """Close the file (twistd itself leaves that to the process's exit)."""
+        self._out.close()
+
+    def _time(self, when: float | None) -> str:
+        if when is None or self._time_format is None:
+            return "-"
+        second = int(when)  # the format shows whole seconds; the zone changes on one
+        if second != self._second:
+            self._stamp = formatTime(second, self._time_format)
+            self._second = second
+        return self._stamp
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        text = event.get("haraka_text")
+        if (
+            text is None
+            or event.get("log_format") != "{haraka_text}"
+            or "log_system" in event
+            or "log_failure" in event
+        ):
+            line = formatEventAsClassicLogText(event, formatTime=self._time)
+            if not line:
+                return
+        else:
+            level = event.get("log_level")
+            system = f"{event.get('log_namespace', '-')}#{level.name if level else '-'}"
+            if "\n" in text:
+                text = text.replace("\n", "\n\t")
+            line = f"{self._time(event.get('log_time'))} [{system}] {text}\n"
+        if self._encoding is None:
+            self._out.write(line)
+        else:
+            self._out.write(line.encode(self._encoding))
+        self._out.flush()

@@ -45,6 +45,7 @@ from haraka_tw.tls import (
 )
 from haraka_tw.workers import AdoptedEndpoint, WorkerRole, parse_nodes
 from haraka_tw.workers.master import WorkerMaster
+from haraka_tw.writethrough import write_through_reactor
 
 __all__ = ["HarakaService", "parse_listen"]
 
@@ -249,14 +250,16 @@ class HarakaService(MultiService):
             plain = AdoptedEndpoint(self.reactor, self.worker.listeners[index][0])
         tls = self._implicit_tls.get(index)
         if tls is not None and self._tls is not None:
-            plain = plain or serverFromString(self.reactor, tls.endpoint)
+            plain = plain or serverFromString(write_through_reactor(self.reactor), tls.endpoint)
             return ImplicitTLSEndpoint(plain, self._tls.creator_for_port(tls.port))
         if plain is not None:
             return plain
         if not isinstance(spec, str):
             return spec
         _refuse_haproxy_endpoint(spec)  # endpoint strings given directly (embedding) too
-        endpoint: IStreamServerEndpoint = serverFromString(self.reactor, spec)
+        endpoint: IStreamServerEndpoint = serverFromString(
+            write_through_reactor(self.reactor), spec
+        )
         return endpoint
 
     def startService(self) -> None:

@@ -5,15 +5,20 @@ The ServiceMaker itself lives in twisted/plugins/haraka_tw_plugin.py.
 
 from __future__ import annotations
 
+import signal
 import sys
 from typing import Any
 
+from twisted.application.app import ServerOptions
+from twisted.logger import ILogObserver
 from twisted.python import usage
+from twisted.python.logfile import LogFile
 
+from haraka_tw.logging import TwistdLogObserver
 from haraka_tw.server import StartupError
 from haraka_tw.service import DEFAULT_BACKLOG, HarakaService, parse_listen
 
-__all__ = ["Options", "makeService"]
+__all__ = ["Options", "makeService", "twistd_log_observer"]
 
 
 class Options(usage.Options):
@@ -36,6 +41,45 @@ class Options(usage.Options):
         self["listen"].append(endpoint)
 
     opt_l = opt_listen
+
+    def postOptions(self) -> None:
+        # twistd's own log observer, unless the operator chose one (--logger, --syslog).
+        # Its only hook for that is --logger, a name it imports and calls with nothing,
+        # so the choice of file is kept here for the call.
+        parent = getattr(self, "parent", None)
+        if not isinstance(parent, ServerOptions):  # (twist, or no parent at all)
+            return
+        if parent.get("logger") is not None or parent.get("syslog"):
+            return
+        _TWISTD_LOG["logfile"] = parent.get("logfile")
+        _TWISTD_LOG["nodaemon"] = bool(parent.get("nodaemon"))
+        parent["logger"] = f"{__name__}.twistd_log_observer"
+
+
+_TWISTD_LOG: dict[str, Any] = {}
+
+
+def twistd_log_observer() -> ILogObserver:
+    """twistd's log, chosen as twistd chooses it (stdout under C{-n} with no
+    C{--logfile} or with C{--logfile -}; otherwise the file, C{twistd.log} by default,
+    rotated by size and on SIGUSR1), written by L{TwistdLogObserver}. It is meant to be
+    named by L{Options.postOptions}, which keeps twistd's choices for it."""
+    name = _TWISTD_LOG.get("logfile")
+    nodaemon = _TWISTD_LOG.get("nodaemon", False)
+    if name == "-" or (nodaemon and not name):
+        if not nodaemon:
+            sys.exit("Daemons cannot log to stdout, exiting!")
+        return TwistdLogObserver(sys.stdout)
+    log_file = LogFile.fromFullPath(name or "twistd.log")
+    if not signal.getsignal(signal.SIGUSR1):  # None or SIG_DFL: nobody else wants it
+
+        def rotate(signum: int, frame: Any) -> None:
+            from twisted.internet import reactor
+
+            reactor.callFromThread(log_file.rotate)  # type: ignore[attr-defined]
+
+        signal.signal(signal.SIGUSR1, rotate)
+    return TwistdLogObserver(log_file)
 
 
 def makeService(options: Any) -> HarakaService:

@@ -35,6 +35,7 @@ from haraka_tw.server import HarakaServer
 from haraka_tw.smtp.factory import HarakaSMTPFactory
 from haraka_tw.smtp.rdns import ReverseLookup
 from haraka_tw.smtp.settings import SessionSettings
+from haraka_tw.writethrough import write_through_reactor
 
 CLIENT_IP = "192.0.2.10"
 
@@ -178,7 +179,8 @@ def start_server(case: Any, files: Mapping[str, str]) -> tuple[HarakaServer, int
     if os.environ.get("HARAKA_TW_TEST_LOG"):  # see every server line while debugging a test
         server.log.hook = lambda c, r: print(f"{r.level.name} [{r.origin}] {r.message}") or True
     server.log.hook = server.log.hook or (lambda c, r: r.level > Level.WARN)
-    port = reactor.listenTCP(0, server.factory, interface="127.0.0.1")
+    # As HarakaService listens: with write-through connections (haraka_tw.writethrough).
+    port = write_through_reactor(reactor).listenTCP(0, server.factory, interface="127.0.0.1")
 
     def stop() -> Any:
         for session in list(server.factory.sessions):

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import json
 from typing import Any
 
 import pytest
-from twisted.logger import Logger, LogLevel
+from twisted.logger import Logger, LogLevel, formatTime, textFileLogObserver, timeFormatRFC3339
+from twisted.python.failure import Failure
 
-from haraka_tw.logging import HarakaLog, Level, LogRecord, format_record
+from haraka_tw.logging import HarakaLog, Level, LogRecord, TwistdLogObserver, format_record
 
 
 def capture() -> tuple[HarakaLog, list[dict[str, Any]]]:
@@ -87,3 +89,54 @@ def test_plugin_logger_tags_uuid() -> None:
 
     log.for_origin("my/plugin").info("hello", Conn())
     assert events[0]["haraka_text"] == "[INFO] [C.2] [my/plugin] hello"
+
+
+def _event(**fields: Any) -> dict[str, Any]:
+    event: dict[str, Any] = {
+        "log_time": 1_763_700_000.25,
+        "log_namespace": "haraka_tw",
+        "log_level": LogLevel.info,
+    }
+    event.update(fields)
+    return event
+
+
+def test_log_file_observer_writes_twisteds_lines() -> None:
+    """TwistdLogObserver writes, byte for byte, what twistd's file observer writes: for a
+    HarakaLog line (its fast path), a multi-line one, a Twisted event with fields, one with
+    a log_system, and one with a failure."""
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        failure = Failure()
+    events = [
+        _event(log_format="{haraka_text}", haraka_text="[NOTICE] [U] [core] disconnect ip=1"),
+        _event(log_format="{haraka_text}", haraka_text="[CRIT] [-] [core] a\nb"),
+        _event(log_format="Starting factory {f!r}", f=object, log_namespace="x.y"),
+        _event(log_format="(TCP Port {p} Closed)", p=25, log_system="-"),
+        _event(log_format="{haraka_text}", haraka_text="[INFO] x", log_system="sys"),
+        _event(log_format="{haraka_text}!", haraka_text="[INFO] y"),
+        _event(log_format="{haraka_text}", haraka_text="[ERROR] x", log_failure=failure),
+        _event(log_format="", log_level=None),
+        {"log_format": "{haraka_text}", "haraka_text": "[INFO] [-] [core] no time"},
+    ]
+    ours, theirs = io.StringIO(), io.StringIO()
+    observer, reference = TwistdLogObserver(ours), textFileLogObserver(theirs)
+    for event in events:
+        observer(event)
+        reference(event)
+    assert ours.getvalue() == theirs.getvalue()
+    assert "[haraka_tw#info] [NOTICE] [U] [core] disconnect ip=1\n" in ours.getvalue()
+    assert "a\n\tb\n" in ours.getvalue()
+
+
+def test_log_file_observer_time_prefix_follows_the_clock() -> None:
+    """The time prefix is cached for its second only, and a bytes file gets UTF-8."""
+    out = io.BytesIO()
+    observer = TwistdLogObserver(out)
+    for when in (100.1, 100.9, 101.0):
+        observer(_event(log_time=when, log_format="{haraka_text}", haraka_text="é"))
+    lines = out.getvalue().decode("utf-8").splitlines()
+    expected = [formatTime(when, timeFormatRFC3339) for when in (100, 100, 101)]
+    assert [line.split(" ")[0] for line in lines] == expected
+    assert all(line.endswith("] é") for line in lines)

@@ -281,10 +281,10 @@ def then(value: _T | Deferred[_T], fn: Callable[[_T], _R]) -> _R | Deferred[Any]
     C{answered} at once when every plugin answered synchronously, and costs no Deferred.
     An exception from C{fn} becomes a failed Deferred, as it would in a callback.
     """
-    if isinstance(value, Deferred):
-        return value.addCallback(fn)
+    if type(value) not in _PLAIN_ANSWERS and isinstance(value, Deferred):
+        return value.addCallback(fn)  # (Deferred is an ABC: isinstance on it costs a call)
     try:
-        return fn(value)
+        return fn(value)  # type: ignore[arg-type]
     except Exception:
         # As a Deferred callback would: the failure travels on to whoever waits (the
         # session answers 451), instead of escaping into Twisted's dataReceived.

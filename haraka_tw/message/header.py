@@ -7,9 +7,13 @@ Adding or removing fields changes only the fields concerned.
 
 from __future__ import annotations
 
+import re
 from email.header import decode_header, make_header
 
 __all__ = ["Header", "HeaderCollector"]
+
+_FIELD_NAME = re.compile(rb"[!-9;-~]+:")  # RFC 5322 ftext (printable ASCII but ":"), then ":"
+_BAD_NAME = re.compile(r"[:\r\n ]")
 
 
 class Header:
@@ -107,7 +111,7 @@ def _value_of(raw: bytes) -> str:
 
 
 def _field_bytes(name: str, value: str, raw: bytes | None = None) -> bytes:
-    if any(c in name for c in ":\r\n ") or not name:
+    if not name or _BAD_NAME.search(name) is not None:
         raise ValueError(f"bad header field name {name!r}")
     if raw is not None:  # keep the original folding of the value
         _, _, tail = raw.partition(b":")
@@ -173,5 +177,4 @@ class HeaderCollector:
 def _is_field_line(line: bytes, first: bool) -> bool:
     if line[:1] in (b" ", b"\t"):
         return not first
-    name, sep, _ = line.partition(b":")
-    return bool(sep) and bool(name) and all(33 <= c <= 126 for c in name)
+    return _FIELD_NAME.match(line) is not None

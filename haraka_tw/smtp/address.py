@@ -39,6 +39,10 @@ _LOOSE_DOT_STRING = re.compile(rf"[{_ATEXT}.]+")
 _LOOSE_DOT_STRING_UTF8 = re.compile(rf"[{_ATEXT}.{_UTF8}]+")
 _NEEDS_QUOTING = re.compile(rf"[^{_ATEXT}.{_UTF8}]")
 _LDH_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?")
+# The usual domain in one check: LDH labels of at most 63 characters (ASCII: octets).
+_LDH_DOMAIN = re.compile(
+    r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
+)
 _GENERAL_LITERAL = re.compile(r"[A-Za-z0-9-]*[A-Za-z0-9]:[\x21-\x5a\x5e-\x7e]+")
 _ESMTP_KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
 # esmtp-value: %d33-60 / %d62-126, widened by RFC 6531 to any UTF-8 non-ASCII character.
@@ -105,7 +109,7 @@ class Address:
 
 
 def _octets(text: str) -> int:
-    return len(text.encode("utf-8"))
+    return len(text) if text.isascii() else len(text.encode("utf-8"))
 
 
 def _check_characters(text: str, allow_utf8: bool) -> None:
@@ -124,6 +128,8 @@ def _check_domain(domain: str, allow_utf8: bool) -> None:
         raise AddressError("Domain too long")
     if domain.startswith("["):
         _check_address_literal(domain)
+        return
+    if _LDH_DOMAIN.fullmatch(domain):  # (what the loop below would accept, in one match)
         return
     for label in domain.split("."):
         if _octets(label) > _MAX_LABEL_OCTETS:
@@ -298,6 +304,10 @@ def _path_end(text: str) -> int:
     first space outside a quoted string.
     """
     closer = ">" if text.startswith("<") else " "
+    if '"' not in text:  # no quoted string: the first closer ends it
+        found = text.find(closer)
+        if found >= 0:
+            return found + 1 if closer == ">" else found
     in_quotes = False
     pos = 0
     while pos < len(text):

@@ -11,13 +11,13 @@ import enum
 import ipaddress
 import re
 import time
-import uuid as uuidlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, overload
 
 from twisted.internet.defer import Deferred
 
+from haraka_tw.ids import new_uuid
 from haraka_tw.logging import HarakaLog, Level
 from haraka_tw.message.body import AttachmentHook, Banner, Body, BodyFilter
 from haraka_tw.message.header import Header
@@ -295,7 +295,7 @@ class Connection:
         log: HarakaLog | None = None,
         session: SessionControl | None = None,
     ) -> None:
-        self.uuid = str(uuidlib.uuid4()).upper()
+        self.uuid = new_uuid()
         self.remote = remote
         self.local = local
         self.server_notes = server_notes if server_notes is not None else {}

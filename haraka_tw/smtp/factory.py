@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 from twisted.internet import protocol
@@ -44,10 +43,6 @@ class HarakaSMTPFactory(protocol.ServerFactory):
 
             reactor = global_reactor
         assert reactor is not None
-        # TimeoutMixin.callLater already uses the global reactor: a session needs a
-        # callLater of its own (a bound method, 64 bytes each) only for another reactor.
-        installed: object = sys.modules.get("twisted.internet.reactor")
-        self._own_call_later = reactor is not installed
         self.runner = runner
         self.settings = settings
         self.log = log
@@ -61,6 +56,4 @@ class HarakaSMTPFactory(protocol.ServerFactory):
         """A session whose timeouts run on this factory's reactor (a task.Clock in tests)."""
         proto = HarakaESMTP()
         proto.factory = self
-        if self._own_call_later:
-            proto.callLater = self.reactor.callLater  # type: ignore[method-assign,assignment]
         return proto

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ipaddress
-import uuid as uuidlib
 from typing import Any, cast
 
 from twisted.internet.defer import Deferred, succeed
@@ -14,6 +13,7 @@ from haraka_tw import __version__
 from haraka_tw.codes import Code, HookResult
 from haraka_tw.hooks.runner import then
 from haraka_tw.hooks.table import Outcome, Then, outcome
+from haraka_tw.ids import new_uuid
 from haraka_tw.logging import Level
 from haraka_tw.smtp import catalogue as S
 from haraka_tw.smtp.command import Command
@@ -224,7 +224,7 @@ class Greeting(SessionCore):
         d = self._reset_transaction() or succeed(None)
 
         def again(_: Any) -> Deferred[Any] | None:
-            conn.uuid = str(uuidlib.uuid4()).upper()
+            conn.uuid = new_uuid()
             forget_auth(conn)
             conn.relaying = False
             conn.hello = Hello()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 _PLACEHOLDER = re.compile(r"\{([a-z_]+)\}")
 
@@ -37,7 +37,7 @@ class Reply:
         """The same code and enhanced code with other text (None keeps this text)."""
         if text is None:
             return self
-        return replace(self, lines=_split(text))
+        return Reply(self.code, self.enhanced, _split(text))
 
     def fill(self, fields: Mapping[str, str] | Callable[[str], str | None]) -> Reply:
         """Replace each C{{name}} whose name is in C{fields}; any other brace stays as it is.
@@ -57,7 +57,9 @@ class Reply:
             found = get(m.group(1))
             return m.group(0) if found is None else found
 
-        return replace(self, lines=tuple(_PLACEHOLDER.sub(value, line) for line in self.lines))
+        return Reply(
+            self.code, self.enhanced, tuple([_PLACEHOLDER.sub(value, line) for line in self.lines])
+        )
 
     @property
     def text(self) -> str:

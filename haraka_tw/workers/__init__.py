@@ -44,6 +44,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from haraka_tw.outbound.partition import Partition
+from haraka_tw.writethrough import WriteThroughPort
 
 __all__ = ["AdoptedEndpoint", "GivenFactory", "WorkerRole", "available_cpus", "parse_nodes"]
 
@@ -159,7 +160,7 @@ class AdoptedEndpoint:
         return execute(adopt)
 
 
-class _SharedTCPPort(tcp.Port):
+class _SharedTCPPort(WriteThroughPort):
     """A worker's copy of a listening TCP socket that every worker accepts on. Each wake-up
     accepts one connection: Twisted's port takes up to a hundred at once, so the worker that
     woke first took most of a burst while its siblings idled (measured: 70/30 between two

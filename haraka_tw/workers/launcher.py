@@ -73,7 +73,8 @@ class WorkerOutput(Protocol):
 
     def _emit(self, line: bytes) -> None:
         level, text = read_log_line(line)
-        self.logger.emit(level, "{text}", text=text)
+        # As a HarakaLog line: TwistdLogObserver writes it without formatting it again.
+        self.logger.emit(level, "{haraka_text}", haraka_text=text)
 
 
 class _ControlChannel(Protocol):

@@ -225,6 +225,21 @@ class ForegroundTests(TwistdTestCase):
         log = logfile.read_text()
         self.assertIn(f"listening on tcp:{self.port}:interface=127.0.0.1", log)
         self.assertIn("delivered to", log)
+        # twistd's line format (haraka_tw.logging.TwistdLogObserver writes it)
+        disconnect = re.compile(
+            r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} \[haraka_tw#info\] \[NOTICE\] "
+            r"\[[0-9A-F-]{36}\] \[core\] disconnect ip=127\.0\.0\.1 .* msgs=1/0/0 ",
+            re.M,
+        )
+        self.assertTrue(poll(lambda: disconnect.search(logfile.read_text()), 10), log)
+        self.assertRegex(log, r"(?m)^\S+ \[twisted\.scripts\._twistd_unix\.UnixAppLogger#info\] ")
+        # SIGUSR1 rotates the log, as twistd's own log file does
+        os.kill(pid, signal.SIGUSR1)
+        rotated = self.base / "haraka.log.1"
+        self.assertTrue(poll(rotated.exists, 10), "SIGUSR1 did not rotate the log")
+        self.assertEqual(self.send_message(), {})
+        self.assertTrue(poll(lambda: disconnect.search(logfile.read_text()), 10))
+        self.assertIn("delivered to", rotated.read_text())
         os.kill(pid, signal.SIGTERM)
         self.assertTrue(poll(lambda: not is_running(pid), 15), "the daemon did not stop")
         self.assertFalse(pidfile.exists(), "the pid file was left behind")

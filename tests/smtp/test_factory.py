@@ -28,12 +28,14 @@ def test_sessions_time_out_on_the_factory_reactor() -> None:
     assert clock.getDelayedCalls() == [call]
 
 
-def test_sessions_of_the_global_reactor_keep_no_callLater_of_their_own() -> None:
-    """On the global reactor a session uses TimeoutMixin's callLater (the global reactor):
-    no bound method is stored per session."""
-    built = factory(None)
-    assert built.reactor is reactor
-    proto = built.buildProtocol(None)
-    assert "callLater" not in vars(proto)
-    assert type(proto).callLater is TimeoutMixin.callLater
-    assert proto.factory is built
+def test_sessions_keep_no_callLater_of_their_own() -> None:
+    """A session's timers go to its factory's reactor through a method of the class (no
+    bound method stored per session, no import per call as TimeoutMixin's does)."""
+    for clock in (None, Clock()):
+        built = factory(clock)
+        proto = built.buildProtocol(None)
+        assert "callLater" not in vars(proto)
+        call = proto.callLater(5, lambda: None)  # type: ignore[no-untyped-call]
+        assert call in built.reactor.getDelayedCalls()  # type: ignore[attr-defined]
+        call.cancel()
+    assert type(proto).callLater is not TimeoutMixin.callLater
