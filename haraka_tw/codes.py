@@ -20,6 +20,7 @@ from typing import Any
 
 __all__ = [
     "CONT",
+    "CONT_RESULT",
     "DELAY",
     "DENY",
     "DENYDISCONNECT",
@@ -96,7 +97,7 @@ class HookResult:
         return None
 
 
-_CONT_RESULT = HookResult(Code.CONT)
+CONT_RESULT = HookResult(Code.CONT)  # a plain "carry on", shared (it is frozen)
 
 
 def normalise(value: object) -> HookResult:
@@ -105,7 +106,7 @@ def normalise(value: object) -> HookResult:
     @raise TypeError: for a value that is none of the accepted shapes.
     """
     if value is None:
-        return _CONT_RESULT
+        return CONT_RESULT
     if isinstance(value, HookResult):
         return value
     if isinstance(value, int) and not isinstance(value, bool):

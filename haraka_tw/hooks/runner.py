@@ -28,7 +28,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
-from haraka_tw.codes import Code, HookResult, normalise
+from haraka_tw.codes import CONT_RESULT, Code, HookResult, normalise
 from haraka_tw.interfaces import HOOKS
 from haraka_tw.logging import HarakaLog, Level
 
@@ -40,7 +40,7 @@ RUN_ALL_HOOKS = frozenset({"connect_init", "capabilities", "disconnect", "reset_
 AFTER_DISCONNECT_HOOKS = frozenset({"reset_transaction", "disconnect", "log"})
 DEFAULT_TIMEOUT = 30.0
 
-_CONT = HookResult(Code.CONT)
+_CONT = CONT_RESULT
 # What synchronous plugins return: known at once not to be awaitable (an isawaitable() check
 # is an ABC instance check, costly on the hot path).
 _PLAIN_ANSWERS = frozenset({type(None), Code, HookResult, tuple, int})

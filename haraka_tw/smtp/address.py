@@ -213,7 +213,10 @@ def _unquote_local(inner: str, allow_utf8: bool) -> tuple[str, str]:
     raise AddressError("Unterminated quoted local part")
 
 
-def _parse_mailbox(inner: str, strict: bool, allow_utf8: bool, allow_postmaster: bool) -> Address:
+def _parse_mailbox(
+    inner: str, strict: bool, allow_utf8: bool, allow_postmaster: bool
+) -> tuple[str, str]:
+    """The local part and domain of a mailbox (the path's caller makes the Address)."""
     if inner.startswith("@"):
         inner = _skip_source_route(inner, allow_utf8)
     if inner.startswith('"'):
@@ -226,7 +229,7 @@ def _parse_mailbox(inner: str, strict: bool, allow_utf8: bool, allow_postmaster:
         local_text, at, domain = inner.partition("@")
         if not at:
             if allow_postmaster and inner.lower() == "postmaster":
-                return Address(inner, "")
+                return inner, ""
             if " " in inner:
                 raise AddressError("Space in address")
             raise AddressError("Missing domain")
@@ -242,7 +245,7 @@ def _parse_mailbox(inner: str, strict: bool, allow_utf8: bool, allow_postmaster:
     if " " in domain:
         raise AddressError("Space in address")
     _check_domain(domain, allow_utf8)
-    return Address(local, domain)
+    return local, domain
 
 
 def parse_path(
@@ -275,10 +278,10 @@ def parse_path(
         if strict and not text:
             raise AddressError("Path must be enclosed in <>")
         return Address("", "", text)
-    parsed = _parse_mailbox(inner, strict, allow_utf8, allow_postmaster)
+    local, domain = _parse_mailbox(inner, strict, allow_utf8, allow_postmaster)
     if path_octets > MAX_PATH_OCTETS:
         raise AddressError("Path too long")
-    return Address(parsed.local, parsed.domain, text)
+    return Address(local, domain, text)
 
 
 def parse_esmtp_params(words: Sequence[str]) -> dict[str, str | None]:

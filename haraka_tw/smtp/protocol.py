@@ -26,7 +26,7 @@ from twisted.internet.interfaces import IHandshakeListener, IPushProducer
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from haraka_tw.codes import Code, HookResult
+from haraka_tw.codes import CONT_RESULT, Code, HookResult
 from haraka_tw.hooks.runner import then
 from haraka_tw.hooks.table import outcome
 from haraka_tw.logging import Level
@@ -171,7 +171,7 @@ class HarakaESMTP(Greeting, Envelope, Receiving):
             self._send(S.S501_SYNTAX)
             return None
         row = outcome("quit", Code.CONT)
-        reply = self._reply_for(row, HookResult(Code.CONT))
+        reply = self._reply_for(row, CONT_RESULT)
         if self.settings.close_message:
             reply = reply.with_text(self.settings.close_message)
 
