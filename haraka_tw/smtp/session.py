@@ -173,7 +173,8 @@ class SessionCore(smtp.ESMTP):
             self._held = True
         elif not self._busy and len(self._inbuf) < _HOLD_LIMIT // 4:
             self._held = False
-        self._reading_paused(self._held or self._output_full)
+        if (self._held or self._output_full) != self._paused:
+            self._reading_paused(not self._paused)
         self._flush()
 
     def pauseProducing(self) -> None:
@@ -206,12 +207,13 @@ class SessionCore(smtp.ESMTP):
     def _next_line(self, limit: int) -> bytes | None:
         """Cut one line from the buffer; None to wait for more. Too long: 521 and close."""
         buf = self._inbuf
-        if buf[:1] == b"\x16" and bytes(buf[1:2]) in (b"", b"\x03"):
+        first = buf[0] if buf else -1  # (an int: slices are made only for two first bytes)
+        if first == 0x16 and bytes(buf[1:2]) in (b"", b"\x03"):
             # A TLS ClientHello on a plaintext port: say so in the clear, then close.
             self._send(S.S554_TLS_ON_PLAINTEXT)
             self._close()
             return None
-        if buf[:4] == b"\r\n\r\n" and _V2_SIGNATURE.startswith(bytes(buf[:12])):
+        if first == 0x0D and buf[:4] == b"\r\n\r\n" and _V2_SIGNATURE.startswith(bytes(buf[:12])):
             if len(buf) < len(_V2_SIGNATURE):
                 return None  # maybe a PROXY v2 header: wait for its signature to finish
             self.do_PROXY(parse_command(b"PROXY"))
@@ -241,7 +243,7 @@ class SessionCore(smtp.ESMTP):
         conn = self._conn
         cmd = parse_command(line)
         conn.current_command = cmd
-        if self.factory.log.enabled(Level.PROTOCOL):
+        if self.factory.log.level >= Level.PROTOCOL:
             shown = cmd.raw.decode("utf-8", "replace")
             words = shown.split()
             if cmd.verb == "AUTH" and len(words) > 2:  # the initial response holds the password
@@ -334,10 +336,9 @@ class SessionCore(smtp.ESMTP):
                 return given
             given = list(given.lines)
             result = HookResult(result.code, given, result.plugin)
-        reply = base.with_text(result.text) if result.text else base
-        if not any("{" in line for line in reply.lines):
-            return reply
-        return reply.fill(lambda name: self._field(name, recipient))
+        text = result.text
+        reply = base.with_text(text) if text else base
+        return reply.fill(lambda name: self._field(name, recipient))  # (as is, if no field)
 
     def _field(self, name: str, recipient: str) -> str | None:
         """The value of a reply placeholder, computed only when a reply holds it."""
@@ -411,7 +412,7 @@ class SessionCore(smtp.ESMTP):
             conn.errors += 1  # as Haraka: syntax and sequence errors count against the client
         data = reply.to_bytes(enhanced=conn.esmtp)
         conn.last_reply = data
-        if self.factory.log.enabled(Level.PROTOCOL):
+        if self.factory.log.level >= Level.PROTOCOL:
             self._log(Level.PROTOCOL, f"S: {conn.last_response}")
         self._out.append(data)
 
