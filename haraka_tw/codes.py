@@ -97,7 +97,10 @@ class HookResult:
         return None
 
 
-CONT_RESULT = HookResult(Code.CONT)  # a plain "carry on", shared (it is frozen)
+# A result of each code with no message, shared (they are frozen): a hook answering a bare
+# code needs no new object, nor Code(value), which runs the enum machinery in Python.
+_PLAIN_RESULTS = {code: HookResult(code) for code in Code}
+CONT_RESULT = _PLAIN_RESULTS[Code.CONT]  # a plain "carry on"
 
 
 def normalise(value: object) -> HookResult:
@@ -107,6 +110,8 @@ def normalise(value: object) -> HookResult:
     """
     if value is None:
         return CONT_RESULT
+    if type(value) is Code:
+        return _PLAIN_RESULTS[value]
     if isinstance(value, HookResult):
         return value
     if isinstance(value, int) and not isinstance(value, bool):

@@ -93,6 +93,7 @@ class HookRunner:
         self._reactor = reactor
         self._log = log
         self._chains: dict[str, tuple[_Link, ...]] = {}
+        self._named: dict[tuple[Code, str], HookResult] = {}
         for hook, iface in HOOKS.items():
             ranked = [
                 (p.priorities.get(hook, 0), i, p)
@@ -255,7 +256,14 @@ class HookRunner:
             )
             return _CONT
         if result.plugin is None:
-            result = HookResult(result.code, result.message, loaded.name)
+            if result.message is not None:
+                return HookResult(result.code, result.message, loaded.name)
+            # A bare code (the usual answer): one shared result per plugin and code.
+            key = (result.code, loaded.name)
+            named = self._named.get(key)
+            if named is None:
+                named = self._named[key] = HookResult(result.code, None, loaded.name)
+            return named
         return result
 
     def _crash(self, hook: str, loaded: LoadedPlugin, failure: Failure, connection: Any) -> None:

@@ -45,6 +45,11 @@ class Header:
         key = name.lower()
         return [_value_of(raw) for n, raw in self._fields if n == key]
 
+    def count(self, name: str) -> int:
+        """How many fields are named C{name} (their values are not decoded)."""
+        key = name.lower()
+        return sum(1 for n, _ in self._fields if n == key)
+
     def get(self, name: str) -> str:
         """The values of C{name} joined by newlines; "" when absent (as Haraka's get)."""
         return "\n".join(self.get_all(name))
@@ -75,6 +80,8 @@ class Header:
     def rename(self, name: str, new_name: str) -> None:
         """Rename every field C{name} to C{new_name}, keeping its value and place."""
         key = name.lower()
+        if not any(n == key for n, _ in self._fields):
+            return
         self._fields = [
             (new_name.lower(), _field_bytes(new_name, _value_of(raw), raw=raw))
             if n == key

@@ -127,7 +127,9 @@ class Envelope(SessionCore):
         known: frozenset[str],
         check: Callable[[dict[str, str | None]], None],
     ) -> Reply | None:
-        if params and not self._conn.esmtp:
+        if not params:  # (the usual command: nothing below could object)
+            return None
+        if not self._conn.esmtp:
             return S.S555_PARAMS
         unknown = sorted(set(params) - known)
         if unknown:

@@ -201,7 +201,7 @@ class Receiving(SessionCore):
         if bare and self.settings.bare_newline is BareNewline.REJECT:
             conn.log(Level.INFO, f"bare newlines in message: lf={end.bare_lf} cr={end.bare_cr}")
             return self._message_refused(S.S550_BARE_NEWLINE)
-        if len(txn.header.get_all("Received")) > self.settings.header_max_received:
+        if txn.header.count("Received") > self.settings.header_max_received:
             return self._message_refused(S.S550_LOOP)
         if end.exceeded:
             return then(

@@ -49,17 +49,22 @@ class Reply:
         One pass: a value that itself contains C{{sender}} is not filled again, so client
         input (an address may hold braces) can never break or reshape a reply.
         """
-        if not any("{" in line for line in self.lines):
-            return self
         get = fields if callable(fields) else fields.get
-
-        def value(m: re.Match[str]) -> str:
-            found = get(m.group(1))
-            return m.group(0) if found is None else found
-
-        return Reply(
-            self.code, self.enhanced, tuple([_PLACEHOLDER.sub(value, line) for line in self.lines])
-        )
+        lines: list[str] = []
+        filled = False
+        for line in self.lines:
+            parts = _template(line)
+            if len(parts) == 1:
+                lines.append(line)
+                continue
+            filled = True
+            out = [parts[0]]
+            for i in range(1, len(parts), 2):
+                value = get(parts[i])
+                out.append("{" + parts[i] + "}" if value is None else value)
+                out.append(parts[i + 1])
+            lines.append("".join(out))
+        return Reply(self.code, self.enhanced, tuple(lines)) if filled else self
 
     @property
     def text(self) -> str:
@@ -88,6 +93,22 @@ def render_lines(code: int, enhanced: str | None, lines: tuple[str, ...]) -> byt
         safe = line.replace("\r", " ").replace("\n", " ")  # a reply line never ends early
         out.append(f"{code}{' ' if i == last else '-'}{status}{safe}\r\n")
     return "".join(out).encode("utf-8", "replace")
+
+
+_TEMPLATES: dict[str, tuple[str, ...]] = {}
+_TEMPLATES_KEPT = 4096  # lines remembered; a plugin's texts may be many and varied
+
+
+def _template(line: str) -> tuple[str, ...]:
+    """A line cut at its placeholders: text, name, text, ..., text (just the line when it
+    has none). Cut once per distinct line, where a regex substitution with a Python
+    callback per placeholder ran for every reply."""
+    parts = _TEMPLATES.get(line)
+    if parts is None:
+        parts = tuple(_PLACEHOLDER.split(line)) if "{" in line else (line,)
+        if len(_TEMPLATES) < _TEMPLATES_KEPT:
+            _TEMPLATES[line] = parts
+    return parts
 
 
 def _split(text: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:

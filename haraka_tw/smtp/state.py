@@ -61,7 +61,10 @@ class Results:
         self._by_plugin: dict[str, dict[str, Any]] = {}
 
     def _entry(self, plugin: str) -> dict[str, Any]:
-        return self._by_plugin.setdefault(plugin, {k: [] for k in self.LISTS})
+        entry = self._by_plugin.get(plugin)  # (setdefault would build the lists every time)
+        if entry is None:
+            entry = self._by_plugin[plugin] = {k: [] for k in self.LISTS}
+        return entry
 
     def add(self, plugin: str, **fields: Any) -> None:
         """Record results: list keys (pass, fail, ...) append, other keys are set."""

@@ -27,6 +27,7 @@ def test_get_unfolds_and_joins() -> None:
     assert h.get("Received") == "from a\tby b\nfrom c"
     assert h.get("Missing") == ""
     assert "subject" in h and "Cc" not in h
+    assert (h.count("RECEIVED"), h.count("Subject"), h.count("Cc")) == (2, 1, 0)
 
 
 def test_get_decoded() -> None:

@@ -45,7 +45,9 @@ class HostList:
         if not isinstance(domain, str) or not domain:
             return False
         d = domain.lower().rstrip(".")
-        return d in self.domains or any(p.fullmatch(d) for p in self.patterns)
+        if d in self.domains:
+            return True
+        return any(p.fullmatch(d) for p in self.patterns) if self.patterns else False
 
 
 @implementer(IRegistration)
