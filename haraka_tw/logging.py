@@ -116,6 +116,20 @@ def _logfmt_value(value: object) -> str:
     return text
 
 
+def _logfmt_fields(fields: Mapping[str, Any]) -> str:
+    """C{key=value ...}; the usual values (plain ASCII words, numbers) without a call each:
+    the disconnect line has fifteen fields, once per connection."""
+    plain = _PLAIN_ASCII.fullmatch
+    return " ".join(
+        [
+            f"{k}={v}"
+            if (type(v) is str and plain(v) is not None) or type(v) is int
+            else f"{k}={_logfmt_value(v)}"
+            for k, v in fields.items()
+        ]
+    )
+
+
 def format_record(record: LogRecord, fmt: str = "default", timestamps: bool = False) -> str:
     """Render a record as log.ini's format asks: default, logfmt or json."""
     stamp = (
@@ -141,11 +155,12 @@ def format_record(record: LogRecord, fmt: str = "default", timestamps: bool = Fa
             parts.append(f"uuid={record.uuid}")
         parts.append(f"source={_logfmt_value(record.origin)}")
         parts.append(f"message={_logfmt_value(record.message)}")
-        parts.extend(f"{k}={_logfmt_value(v)}" for k, v in record.fields.items())
+        if record.fields:
+            parts.append(_logfmt_fields(record.fields))
         return " ".join(parts)
     text = f"[{record.level.name}] [{record.uuid or '-'}] [{record.origin}] {record.message}"
     if record.fields:
-        text += " " + " ".join(f"{k}={_logfmt_value(v)}" for k, v in record.fields.items())
+        text += " " + _logfmt_fields(record.fields)
     return f"{stamp} {text}" if stamp else text
 
 
@@ -210,8 +225,20 @@ class HarakaLog:
             finally:
                 self._in_hook = False
         text = format_record(record, self.format, self.timestamps)
-        self._logger.emit(
-            _TWISTED_LEVEL[level], "{haraka_text}", haraka_text=text, haraka_record=record
+        # The event Logger.emit would make, made here: emit checks the level against every
+        # LogLevel constant and reads the clock again, once per line.
+        logger = self._logger
+        logger.observer(
+            {
+                "haraka_text": text,
+                "haraka_record": record,
+                "log_logger": logger,
+                "log_level": _TWISTED_LEVEL[level],
+                "log_namespace": logger.namespace,
+                "log_source": logger.source,
+                "log_format": "{haraka_text}",
+                "log_time": record.time,
+            }
         )
 
     def for_origin(self, origin: str) -> PluginLogger:
