@@ -11,8 +11,14 @@ maildir.ini::
 The message (with its Received header) is written to C{tmp/}, fsynced, renamed into
 C{new/}, and the directory fsynced; only then is the answer OK, so the client's 250 means
 the message is on disk. Names follow the Maildir convention (time.MusecPpidQn.host), so
-Python's C{mailbox.Maildir} and mail clients read the result. The write runs in a thread:
-the reactor keeps serving other sessions while the disk syncs.
+Python's C{mailbox.Maildir} and mail clients read the result.
+
+The writes run in one thread of the plugin's own, not the reactor's pool: messages that
+arrive while it writes wait, and are written next as a batch, with one fsync of C{new/}
+for the batch and one call back into the reactor. With a pool thread per message, each
+thread's every system call waited for the GIL behind the busy reactor (a 0.3 ms delivery
+took 2.6 ms in the server), and the reactor paid a Deferred, a context and a wake-up per
+message: queue/maildir ran at 0.47 of queue/discard's rate in bench/ (b).
 
 Only inbound mail (the queue hook) goes to the Maildir: relayed mail (queue_outbound) is
 left to the outbound queue, which delivers it to its destination.
@@ -29,16 +35,17 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.threads import deferToThread
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from haraka_tw.codes import DENYSOFT, OK, Code
 from haraka_tw.fsync import fsync_dir
-from haraka_tw.interfaces import IPluginContext, IQueueHook, IRegistration
+from haraka_tw.interfaces import IPluginContext, IQueueHook, IRegistration, IShutdown
 
 __all__ = ["Maildir", "Plugin"]
 
@@ -63,12 +70,41 @@ class Maildir:
         usec = int((now % 1) * 1_000_000)
         return f"{int(now)}.M{usec}P{os.getpid()}Q{next(self._counter)}.{self.host}"
 
-    def deliver(self, chunks: Any) -> Path:
-        """Write the message; return its path in new/. Blocking: run it in a thread.
+    def deliver(self, chunks: Iterable[bytes]) -> Path:
+        """Write one message; return its path in new/. Blocking: run it in a thread.
 
-        The directories are made on first use, so that under C{twistd -u/-g} they belong
-        to the user the server runs as, not to root.
+        @raise OSError: (or what C{chunks} raised) when it could not be stored.
         """
+        (result,) = self.deliver_batch([chunks])
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def deliver_batch(self, messages: Sequence[Iterable[bytes]]) -> list[Path | Exception]:
+        """Write several messages, with one fsync of new/ for them all; for each, its path
+        in new/ or the exception that kept it out. Blocking: run it in a thread.
+
+        Each message is written to tmp/, fsynced and renamed into new/; a message whose
+        write fails leaves nothing behind. If the fsync of new/ fails, every message
+        renamed gets that error (its file stays in new/, unacknowledged: the client retries,
+        so it may be delivered twice, never lost). The directories are made on first use,
+        so that under C{twistd -u/-g} they belong to the user the server runs as.
+        """
+        results: list[Path | Exception] = []
+        for chunks in messages:
+            try:
+                results.append(self._write(chunks))
+            except Exception as e:
+                results.append(e)
+        if self.fsync and any(isinstance(r, Path) for r in results):
+            try:
+                fsync_dir(self.path / "new")
+            except OSError as e:
+                results = [e if isinstance(r, Path) else r for r in results]
+        return results
+
+    def _write(self, chunks: Iterable[bytes]) -> Path:
+        """tmp/, fsync, rename into new/ (the caller syncs new/ itself)."""
         name = self.unique_name()
         tmp = self.path / "tmp" / name
         new = self.path / "new" / name
@@ -86,15 +122,78 @@ class Maildir:
                 if self.fsync:
                     os.fsync(f.fileno())
             os.rename(tmp, new)
-            if self.fsync:
-                fsync_dir(self.path / "new")
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
         return new
 
 
-@implementer(IRegistration, IQueueHook)
+_Waiting = tuple[Iterable[bytes], threading.Event, Deferred[Path]]
+
+
+class BatchWriter:
+    """The thread that delivers into a L{Maildir}: what arrives while it writes is written
+    next, as one batch (L{Maildir.deliver_batch}), and answered with one call into the
+    reactor. The thread starts with the first message and ends when stopped and idle; a
+    message after that starts it again."""
+
+    def __init__(self, maildir: Maildir, reactor: Any) -> None:
+        self.maildir = maildir
+        self._reactor = reactor
+        self._waiting: list[_Waiting] = []
+        self._wake = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    def submit(self, chunks: Iterable[bytes], abandoned: threading.Event) -> Deferred[Path]:
+        """Deliver a message; fires with its path in new/, or fails. If C{abandoned} is set
+        by the time the write is done (the hook timed out), the file is removed again."""
+        done: Deferred[Path] = Deferred()
+        with self._wake:
+            self._waiting.append((chunks, abandoned, done))
+            self._stopping = False
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="queue/maildir")
+                self._thread.daemon = True  # an unanswered write dies with the process
+                self._thread.start()
+            self._wake.notify()
+        return done
+
+    def stop(self) -> None:
+        """Let the thread end once what waits is written."""
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._waiting and not self._stopping:
+                    self._wake.wait()
+                if not self._waiting:
+                    self._thread = None
+                    return
+                batch, self._waiting = self._waiting, []
+            results = self.maildir.deliver_batch([chunks for chunks, _, _ in batch])
+            answers: list[tuple[Deferred[Path], Path | Exception]] = []
+            for (_, abandoned, done), result in zip(batch, results, strict=True):
+                if isinstance(result, Path) and abandoned.is_set():
+                    # timed out: the client was told 450 and will retry
+                    result.unlink(missing_ok=True)
+                    result = TimeoutError("delivery finished after the hook timed out; removed")
+                answers.append((done, result))
+            self._reactor.callFromThread(_answer, answers)
+
+
+def _answer(answers: list[tuple[Deferred[Path], Path | Exception]]) -> None:
+    for done, result in answers:
+        if isinstance(result, Exception):
+            done.errback(Failure(result))
+        else:
+            done.callback(result)
+
+
+@implementer(IRegistration, IQueueHook, IShutdown)
 class Plugin:
     name = "queue/maildir"
 
@@ -106,11 +205,19 @@ class Plugin:
         self.maildir = Maildir(
             str(main.get("path") or "var/maildir"), bool(main.get("fsync", True))
         )
+        reactor = context.reactor
+        if reactor is None:
+            from twisted.internet import reactor as global_reactor
+
+            reactor = global_reactor
+        self.writer = BatchWriter(self.maildir, reactor)
         self.log.info(f"delivering to the Maildir {self.maildir.path.absolute()}")
+
+    def shutdown(self) -> None:
+        self.writer.stop()
 
     def hook_queue(self, connection: Any) -> Any:
         txn = connection.transaction
-        stream = txn.message_stream
 
         def delivered(path: Path) -> Code:
             connection.loginfo(f"delivered to {path}", self.name)
@@ -122,20 +229,13 @@ class Plugin:
             return DENYSOFT, "Temporary storage failure, try again later"
 
         abandoned = threading.Event()
-
-        def write() -> Path:
-            # The session waits for this answer, so nothing else touches the stream meanwhile.
-            path = self.maildir.deliver(stream.chunks())
-            if abandoned.is_set():  # timed out: the client was told 450 and will retry
-                path.unlink(missing_ok=True)
-                raise TimeoutError("delivery finished after the hook timed out; removed")
-            return path
-
         answer: Deferred[Any] = Deferred(canceller=lambda _: abandoned.set())
 
         def settle(result: Any) -> None:
             if not answer.called:  # else the runner gave up on us (timeout) already
                 answer.callback(result)
 
-        deferToThread(write).addCallbacks(delivered, failed).addCallback(settle)
+        # The session waits for this answer, so nothing else touches the stream meanwhile.
+        written = self.writer.submit(txn.message_stream.chunks(), abandoned)
+        written.addCallbacks(delivered, failed).addCallback(settle)
         return answer

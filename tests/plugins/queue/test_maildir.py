@@ -12,13 +12,13 @@ from unittest import mock
 
 import pytest
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
-from haraka_tw.plugins.queue.maildir import Maildir
-from tests.support import start_server
+from haraka_tw.plugins.queue.maildir import BatchWriter, Maildir
+from tests.support import start_server, temp_dir
 
 
 def test_deliver_tmp_fsync_rename(tmp_path: Path) -> None:
@@ -65,6 +65,85 @@ def test_unique_names(tmp_path: Path) -> None:
     """Two deliveries in the same microsecond still get distinct names."""
     md = Maildir(tmp_path)
     assert len({md.unique_name() for _ in range(1000)}) == 1000
+
+
+def test_a_batch_shares_one_fsync_of_new(tmp_path: Path) -> None:
+    """deliver_batch fsyncs each file and new/ once; a failed message leaves nothing and
+    does not stop the others."""
+    md = Maildir(tmp_path / "md")
+    md.create()
+
+    def broken() -> Any:
+        yield b"partial"
+        raise OSError("disk full")
+
+    synced: list[int] = []
+    real_fsync = os.fsync
+    with mock.patch("os.fsync", side_effect=lambda fd: (synced.append(fd), real_fsync(fd))[1]):
+        results = md.deliver_batch([[b"one\r\n"], broken(), [b"three\r\n"]])
+    assert isinstance(results[1], OSError)
+    assert [r.read_bytes() for r in (results[0], results[2])] == [b"one\r\n", b"three\r\n"]
+    assert len(synced) == 3  # two files, and new/ once
+    assert len(list((tmp_path / "md" / "new").iterdir())) == 2
+    assert list((tmp_path / "md" / "tmp").iterdir()) == []
+
+
+def test_a_failed_fsync_of_new_fails_the_whole_batch(tmp_path: Path) -> None:
+    """If new/ cannot be synced, no message of the batch is acknowledged."""
+    md = Maildir(tmp_path / "md")
+    with mock.patch("haraka_tw.plugins.queue.maildir.fsync_dir", side_effect=OSError("EIO")):
+        results = md.deliver_batch([[b"a\r\n"], [b"b\r\n"]])
+    assert [str(r) for r in results] == ["EIO", "EIO"]
+
+
+class BatchWriterTests(TestCase):
+    @inlineCallbacks
+    def test_messages_arriving_during_a_write_go_in_one_batch(self) -> Deferred[None]:
+        """While the thread writes one message, those that arrive wait and are written
+        together next; each gets its own answer."""
+        md = Maildir(temp_dir(self) / "md")
+        writer = BatchWriter(md, reactor)
+        self.addCleanup(writer.stop)
+        batches: list[int] = []
+        gate = threading.Event()
+        real = md.deliver_batch
+
+        def counted(messages: Any) -> list[Path | Exception]:
+            batches.append(len(messages))
+            gate.wait(10)
+            return real(messages)
+
+        md.deliver_batch = counted  # type: ignore[method-assign]
+        first = writer.submit([b"0\r\n"], threading.Event())
+        yield deferLater(reactor, 0.2, lambda: None)  # the thread holds the first
+        rest = [writer.submit([f"{i}\r\n".encode()], threading.Event()) for i in range(1, 6)]
+        gate.set()
+        paths = yield gatherResults([first, *rest])
+        self.assertEqual(batches, [1, 5])
+        self.assertEqual([p.read_bytes() for p in paths], [f"{i}\r\n".encode() for i in range(6)])
+
+    @inlineCallbacks
+    def test_an_abandoned_write_is_removed_and_fails(self) -> Deferred[None]:
+        """A message whose hook timed out while it was written is removed, not kept."""
+        md = Maildir(temp_dir(self) / "md")
+        writer = BatchWriter(md, reactor)
+        self.addCleanup(writer.stop)
+        abandoned = threading.Event()
+        abandoned.set()
+        failure = yield self.assertFailure(writer.submit([b"x\r\n"], abandoned), TimeoutError)
+        self.assertIn("removed", str(failure))
+        self.assertEqual(list((md.path / "new").iterdir()), [])
+
+    @inlineCallbacks
+    def test_stopped_thread_starts_again_for_a_new_message(self) -> Deferred[None]:
+        """After stop (the service stopping) a late message is still delivered."""
+        md = Maildir(temp_dir(self) / "md")
+        writer = BatchWriter(md, reactor)
+        yield writer.submit([b"a\r\n"], threading.Event())
+        writer.stop()
+        path = yield writer.submit([b"b\r\n"], threading.Event())
+        writer.stop()
+        self.assertEqual(path.read_bytes(), b"b\r\n")
 
 
 class MaildirServerTests(TestCase):
@@ -115,14 +194,14 @@ class MaildirTimeoutTests(TestCase):
         )
         newdir = server.base / "maildir" / "new"  # type: ignore[attr-defined]
         release = threading.Event()
-        real_deliver = module.Maildir.deliver
+        real_deliver = module.Maildir.deliver_batch
 
-        def slow_deliver(md: Maildir, chunks: Any) -> Path:
-            path = real_deliver(md, chunks)
+        def slow_deliver(md: Maildir, messages: Any) -> list[Path | Exception]:
+            paths = real_deliver(md, messages)
             release.wait(10)
-            return path
+            return paths
 
-        self.patch(module.Maildir, "deliver", slow_deliver)
+        self.patch(module.Maildir, "deliver_batch", slow_deliver)
 
         def send() -> Any:
             with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
