@@ -103,9 +103,11 @@ def _template(line: str) -> tuple[str, ...]:
     """A line cut at its placeholders: text, name, text, ..., text (just the line when it
     has none). Cut once per distinct line, where a regex substitution with a Python
     callback per placeholder ran for every reply."""
+    if "{" not in line:  # (not kept: a plugin's plain texts would crowd out the templates)
+        return (line,)
     parts = _TEMPLATES.get(line)
     if parts is None:
-        parts = tuple(_PLACEHOLDER.split(line)) if "{" in line else (line,)
+        parts = tuple(_PLACEHOLDER.split(line))
         if len(_TEMPLATES) < _TEMPLATES_KEPT:
             _TEMPLATES[line] = parts
     return parts

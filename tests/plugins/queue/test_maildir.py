@@ -105,17 +105,18 @@ class BatchWriterTests(TestCase):
         writer = BatchWriter(md, reactor)
         self.addCleanup(writer.stop)
         batches: list[int] = []
-        gate = threading.Event()
+        taken, gate = threading.Event(), threading.Event()
         real = md.deliver_batch
 
         def counted(messages: Any) -> list[Path | Exception]:
             batches.append(len(messages))
+            taken.set()
             gate.wait(10)
             return real(messages)
 
         md.deliver_batch = counted  # type: ignore[method-assign]
         first = writer.submit([b"0\r\n"], threading.Event())
-        yield deferLater(reactor, 0.2, lambda: None)  # the thread holds the first
+        yield deferToThread(taken.wait, 10)  # the thread holds the first
         rest = [writer.submit([f"{i}\r\n".encode()], threading.Event()) for i in range(1, 6)]
         gate.set()
         paths = yield gatherResults([first, *rest])
@@ -124,15 +125,44 @@ class BatchWriterTests(TestCase):
 
     @inlineCallbacks
     def test_an_abandoned_write_is_removed_and_fails(self) -> Deferred[None]:
-        """A message whose hook timed out while it was written is removed, not kept."""
+        """A message whose hook timed out while it was written is removed, not kept; one
+        given up on before its turn is not written at all."""
         md = Maildir(temp_dir(self) / "md")
         writer = BatchWriter(md, reactor)
         self.addCleanup(writer.stop)
-        abandoned = threading.Event()
-        abandoned.set()
-        failure = yield self.assertFailure(writer.submit([b"x\r\n"], abandoned), TimeoutError)
+        during, before = threading.Event(), threading.Event()
+        real = md.deliver_batch
+
+        def give_up_meanwhile(messages: Any) -> list[Path | Exception]:
+            paths = real(messages)
+            during.set()
+            return paths
+
+        md.deliver_batch = give_up_meanwhile  # type: ignore[method-assign]
+        failure = yield self.assertFailure(writer.submit([b"x\r\n"], during), TimeoutError)
         self.assertIn("removed", str(failure))
+        before.set()
+        written: list[int] = []
+        md.deliver_batch = lambda messages: written.append(len(messages)) or []  # type: ignore[method-assign]
+        yield self.assertFailure(writer.submit([b"y\r\n"], before), TimeoutError)
         self.assertEqual(list((md.path / "new").iterdir()), [])
+        self.assertEqual(written, [])  # nothing to write: not even called
+
+    @inlineCallbacks
+    def test_a_failing_writer_answers_its_batch_and_goes_on(self) -> Deferred[None]:
+        """A bug in the writer fails the messages of its batch (the sessions answer 4xx)
+        instead of leaving them waiting, and the next message is written."""
+        md = Maildir(temp_dir(self) / "md")
+        writer = BatchWriter(md, reactor)
+        self.addCleanup(writer.stop)
+        real = md.deliver_batch
+        md.deliver_batch = lambda messages: []  # type: ignore[method-assign] # (one short)
+        self.patch(threading, "excepthook", lambda args: None)  # the bug's traceback
+        failure = yield self.assertFailure(writer.submit([b"x\r\n"], threading.Event()), Exception)
+        self.assertIn("maildir writer failed", str(failure))
+        md.deliver_batch = real  # type: ignore[method-assign]
+        path = yield writer.submit([b"next\r\n"], threading.Event())
+        self.assertEqual(path.read_bytes(), b"next\r\n")
 
     @inlineCallbacks
     def test_stopped_thread_starts_again_for_a_new_message(self) -> Deferred[None]:
@@ -140,7 +170,12 @@ class BatchWriterTests(TestCase):
         md = Maildir(temp_dir(self) / "md")
         writer = BatchWriter(md, reactor)
         yield writer.submit([b"a\r\n"], threading.Event())
+        thread = writer._thread
+        assert thread is not None
         writer.stop()
+        yield deferToThread(thread.join, 10)
+        self.assertFalse(thread.is_alive())
+        self.assertIsNone(writer._thread)
         path = yield writer.submit([b"b\r\n"], threading.Event())
         writer.stop()
         self.assertEqual(path.read_bytes(), b"b\r\n")
