@@ -41,9 +41,10 @@ AFTER_DISCONNECT_HOOKS = frozenset({"reset_transaction", "disconnect", "log"})
 DEFAULT_TIMEOUT = 30.0
 
 _CONT = CONT_RESULT
-# What synchronous plugins return: known at once not to be awaitable (an isawaitable() check
-# is an ABC instance check, costly on the hot path).
-_PLAIN_ANSWERS = frozenset({type(None), Code, HookResult, tuple, int})
+# What synchronous plugins (and the session's own steps, such as a cached host name) return:
+# known at once not to be awaitable (an isawaitable() or isinstance(Deferred) check is an
+# ABC instance check, costly on the hot path).
+_PLAIN_ANSWERS = frozenset({type(None), Code, HookResult, tuple, int, str})
 _T = TypeVar("_T")
 _R = TypeVar("_R")
 
