@@ -30,6 +30,7 @@ message twice.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import socket
@@ -37,7 +38,7 @@ import threading
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorFromThreads
@@ -95,12 +96,13 @@ class Maildir:
         lost). The directories are made on first use, so that under C{twistd -u/-g} they
         belong to the user the server runs as.
         """
-        written: list[tuple[int, Path] | Exception] = []
+        written: list[tuple[int, str] | Exception] = []
         for chunks in messages:
             try:
                 written.append(self._write(chunks))
             except Exception as e:
                 written.append(e)
+        new_dir = os.path.join(self.path, "new")
         results: list[Path | Exception] = []
         for entry in written:
             if isinstance(entry, Exception):
@@ -113,23 +115,25 @@ class Maildir:
                         os.fsync(fd)
                 finally:
                     os.close(fd)
-                new = self.path / "new" / tmp.name
+                new = os.path.join(new_dir, os.path.basename(tmp))
                 os.rename(tmp, new)
             except Exception as e:
-                tmp.unlink(missing_ok=True)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
                 results.append(e)
                 continue
-            results.append(new)
+            results.append(Path(new))
         if self.fsync and any(isinstance(r, Path) for r in results):
             try:
-                fsync_dir(self.path / "new")
+                fsync_dir(new_dir)
             except OSError as e:
                 results = [e if isinstance(r, Path) else r for r in results]
         return results
 
-    def _write(self, chunks: Iterable[bytes]) -> tuple[int, Path]:
-        """The message into tmp/; its still open descriptor, and its path."""
-        tmp = self.path / "tmp" / self.unique_name()
+    def _write(self, chunks: Iterable[bytes]) -> tuple[int, str]:
+        """The message into tmp/; its still open descriptor, and its path. (Strings, not
+        pathlib: this runs once per message in the writer thread, holding the GIL.)"""
+        tmp = os.path.join(self.path, "tmp", self.unique_name())
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
         try:
             fd = os.open(tmp, flags, 0o600)
@@ -143,12 +147,35 @@ class Maildir:
                     view = view[os.write(fd, view) :]
         except BaseException:
             os.close(fd)
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
             raise
         return fd, tmp
 
 
-_Waiting = tuple[Iterable[bytes], threading.Event, Deferred[Path]]
+class Abandoned(Protocol):
+    """Told that a message's hook gave up waiting (a threading.Event will do)."""
+
+    def is_set(self) -> bool: ...
+
+
+class _GivenUp:
+    """A flag set from the reactor thread and read by the writer; a threading.Event made a
+    Condition and a lock for every message."""
+
+    __slots__ = ("given_up",)
+
+    def __init__(self) -> None:
+        self.given_up = False
+
+    def set(self) -> None:
+        self.given_up = True
+
+    def is_set(self) -> bool:
+        return self.given_up
+
+
+_Waiting = tuple[Iterable[bytes], Abandoned, Deferred[Path]]
 
 
 class BatchWriter:
@@ -165,7 +192,7 @@ class BatchWriter:
         self._thread: threading.Thread | None = None
         self._stopping = False
 
-    def submit(self, chunks: Iterable[bytes], abandoned: threading.Event) -> Deferred[Path]:
+    def submit(self, chunks: Iterable[bytes], abandoned: Abandoned) -> Deferred[Path]:
         """Deliver a message; fires with its path in new/, or fails. If C{abandoned} is set
         by the time the write is done (the hook timed out), the file is removed again;
         set before the write begins, the message is not written at all."""
@@ -280,7 +307,7 @@ class Plugin:
             self.log.error(f"maildir delivery failed: {failure.getErrorMessage()}", connection)
             return DENYSOFT, "Temporary storage failure, try again later"
 
-        abandoned = threading.Event()
+        abandoned = _GivenUp()
         answer: Deferred[Any] = Deferred(canceller=lambda _: abandoned.set())
 
         def settle(result: Any) -> None:
