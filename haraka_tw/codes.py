@@ -115,7 +115,7 @@ def normalise(value: object) -> HookResult:
     if isinstance(value, HookResult):
         return value
     if isinstance(value, int) and not isinstance(value, bool):
-        return HookResult(Code(value))
+        return _PLAIN_RESULTS[Code(value)]
     if isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], int):
         return HookResult(Code(value[0]), value[1])
     raise TypeError(
