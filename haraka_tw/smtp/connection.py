@@ -11,7 +11,7 @@ import enum
 import ipaddress
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, overload
 
@@ -385,17 +385,19 @@ class Connection:
 
     def log(self, level: Level, message: str, origin: Any = None, **fields: Any) -> None:
         """Log a line tagged with the transaction's uuid (or the connection's)."""
-        if self._log is None or not self._log.enabled(level):
+        self.log_fields(level, message, fields, origin)
+
+    def log_fields(
+        self, level: Level, message: str, fields: Mapping[str, Any], origin: Any = None
+    ) -> None:
+        """L{log} with the fields as a mapping (see L{HarakaLog.log_fields})."""
+        log = self._log
+        if log is None or level > log.level:
             return
         name = origin if isinstance(origin, str) else getattr(origin, "name", None)
         txn = self.transaction
-        self._log.log(
-            level,
-            message,
-            uuid=txn.uuid if txn is not None else self.uuid,
-            origin=name or "core",
-            connection=self,
-            **fields,
+        log.log_fields(
+            level, message, fields, txn.uuid if txn is not None else self.uuid, name or "core", self
         )
 
     def logdebug(self, message: str, origin: Any = None, **fields: Any) -> None:

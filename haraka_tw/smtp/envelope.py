@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.defer import Deferred
 
@@ -57,7 +57,11 @@ class Envelope(SessionCore):
                 return None
             if not result.text and self.settings.helo_message:
                 result = HookResult(result.code, self.settings.helo_message, result.plugin)
-            greeting = self._reply_for(outcome("helo", Code.CONT), result)
+            row = outcome("helo", Code.CONT)
+            if verb == "HELO" and result.message is None:
+                self._send_row(cast("Reply", row.reply))
+                return None
+            greeting = self._reply_for(row, result)
             if verb == "HELO":
                 self._send(greeting)
                 return None

@@ -29,10 +29,24 @@ from haraka_tw.smtp.connection import (
 from haraka_tw.smtp.proxy import ProxyError, ProxyHeader, parse_proxy_header
 from haraka_tw.smtp.replies import Reply
 from haraka_tw.smtp.session import SessionCore
+from haraka_tw.smtp.settings import SessionSettings
 
 __all__ = ["Greeting"]
 
 _PROXY_LIMIT = 16 + 65535  # the largest PROXY v2 header
+
+
+_BANNERS: dict[tuple[Any, ...], Reply] = {}
+
+
+def _make_banner(s: SessionSettings, tag: str) -> Reply:
+    if s.greeting:
+        lines = list(s.greeting)
+    else:
+        version = f"/{__version__}" if s.show_version else ""
+        lines = [f"{s.me} ESMTP {S.PRODUCT}{version} ready"]
+    lines[0] += tag
+    return Reply(220, None, tuple(lines))
 
 
 class Greeting(SessionCore):
@@ -139,14 +153,15 @@ class Greeting(SessionCore):
 
     def _banner(self) -> Reply:
         s = self.settings
-        if s.greeting:
-            lines = list(s.greeting)
-        else:
-            version = f"/{__version__}" if s.show_version else ""
-            lines = [f"{s.me} ESMTP {S.PRODUCT}{version} ready"]
-        if s.banner_chars:
-            lines[0] += f" ({self._conn.uuid[: s.banner_chars]})"
-        return Reply(220, None, tuple(lines))
+        if not s.banner_chars:  # the same banner for every client: made once, wire and all
+            key = (s.me, s.greeting, s.show_version)
+            banner = _BANNERS.get(key)
+            if banner is None:
+                banner = _BANNERS[key] = _make_banner(s, "")
+                if len(_BANNERS) > 64:  # (a reload changes the key; keep only the newest)
+                    del _BANNERS[next(iter(_BANNERS))]
+            return banner
+        return _make_banner(s, f" ({self._conn.uuid[: s.banner_chars]})")
 
     def _proxy_allowed(self, ip: str) -> bool:
         hosts = self.settings.proxy_hosts

@@ -19,14 +19,14 @@ verbs, NOOP and VRFY unimplemented.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IHandshakeListener, IPushProducer
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from haraka_tw.codes import CONT_RESULT, Code, HookResult
+from haraka_tw.codes import Code, HookResult
 from haraka_tw.hooks.runner import then
 from haraka_tw.hooks.table import outcome
 from haraka_tw.logging import Level
@@ -171,12 +171,14 @@ class HarakaESMTP(Greeting, Envelope, Receiving):
             self._send(S.S501_SYNTAX)
             return None
         row = outcome("quit", Code.CONT)
-        reply = self._reply_for(row, CONT_RESULT)
-        if self.settings.close_message:
-            reply = reply.with_text(self.settings.close_message)
+        reply = cast("Reply", row.reply)
+        close_message = self.settings.close_message
 
         def answered(_: HookResult) -> None:
-            self._send(reply)
+            if close_message:  # the operator's text, sent as written
+                self._send(reply.with_text(close_message))
+            else:
+                self._send_row(reply)
             self._close()
 
         return then(self.runner.call("quit", self._conn), answered)

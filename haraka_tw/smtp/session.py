@@ -120,7 +120,7 @@ class SessionCore(smtp.ESMTP):
         conn = self._conn
         done = self.runner.call("disconnect", conn)
         if self.factory.log.enabled(Level.NOTICE):  # the summary is only built to be logged
-            then(done, lambda _: conn.log(Level.NOTICE, "disconnect", **conn.summary()))
+            then(done, lambda _: conn.log_fields(Level.NOTICE, "disconnect", conn.summary()))
 
     def timeoutConnection(self) -> None:
         """No input for the phase's timeout: 421 and close."""
@@ -360,12 +360,15 @@ class SessionCore(smtp.ESMTP):
         """Reply as the row says and move to its next state."""
         if row.reply is None:
             return
-        reply = self._reply_for(row, result, recipient)
-        self._send(reply)
+        if result.message is None and row.then is not Then.LOOP:
+            self._send_row(row.reply, recipient)  # (the usual answer: no Reply made)
+        else:
+            reply = self._reply_for(row, result, recipient)
+            self._send(reply)
+            if row.then is Then.LOOP:
+                self._loop(reply)
         if row.then is Then.CLOSE:
             self._close()
-        elif row.then is Then.LOOP:
-            self._loop(reply)
 
     def _loop(self, reply: Reply) -> None:
         self._conn.state = State.LOOP
@@ -405,12 +408,20 @@ class SessionCore(smtp.ESMTP):
             counts.reject += 1
 
     def _send(self, reply: Reply) -> None:
+        """Send a reply as it stands (filled already, or with no placeholders)."""
         conn = self._conn
+        self._send_wire(conn, reply.code, reply.to_bytes(conn.esmtp))
+
+    def _send_row(self, reply: Reply, recipient: str = "") -> None:
+        """Send a reply of the hook table with its placeholders filled (L{_field})."""
+        conn = self._conn
+        self._send_wire(conn, reply.code, reply.render(conn.esmtp, self._field, recipient))
+
+    def _send_wire(self, conn: Connection, code: int, data: bytes) -> None:
         if conn.remote.closed or self._closing:
             return
-        if reply.code in _CLIENT_ERRORS:
+        if code in _CLIENT_ERRORS:
             conn.errors += 1  # as Haraka: syntax and sequence errors count against the client
-        data = reply.to_bytes(enhanced=conn.esmtp)
         conn.last_reply = data
         if self.factory.log.level >= Level.PROTOCOL:
             self._log(Level.PROTOCOL, f"S: {conn.last_response}")
