@@ -17,7 +17,9 @@ __all__ = ["Command", "parse_command"]
 _BAD_BYTES = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 
-@dataclass(frozen=True, slots=True)
+# (not frozen: a frozen dataclass sets each field through object.__setattr__, and a
+# session makes one of these per command line; nothing shares or hashes them)
+@dataclass(slots=True)
 class Command:
     """One parsed command line.
 

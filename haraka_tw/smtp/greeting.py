@@ -36,17 +36,14 @@ __all__ = ["Greeting"]
 _PROXY_LIMIT = 16 + 65535  # the largest PROXY v2 header
 
 
-_BANNERS: dict[tuple[Any, ...], Reply] = {}
+_BANNERS: dict[tuple[Any, ...], tuple[bytes, bytes]] = {}
 
 
-def _make_banner(s: SessionSettings, tag: str) -> Reply:
+def _make_banner(s: SessionSettings) -> Reply:
     if s.greeting:
-        lines = list(s.greeting)
-    else:
-        version = f"/{__version__}" if s.show_version else ""
-        lines = [f"{s.me} ESMTP {S.PRODUCT}{version} ready"]
-    lines[0] += tag
-    return Reply(220, None, tuple(lines))
+        return Reply(220, None, s.greeting)
+    version = f"/{__version__}" if s.show_version else ""
+    return Reply(220, None, (f"{s.me} ESMTP {S.PRODUCT}{version} ready",))
 
 
 class Greeting(SessionCore):
@@ -59,7 +56,7 @@ class Greeting(SessionCore):
         self.settings = self.factory.settings
         self.runner = self.factory.runner
         peer, host = self.transport.getPeer(), self.transport.getHost()
-        self.connection = Connection(
+        self.connection = self._conn = Connection(
             Remote(getattr(peer, "host", "") or "", getattr(peer, "port", 0) or 0),
             Local(getattr(host, "host", "") or "", getattr(host, "port", 0) or 0, self.settings.me),
             server_notes=self.factory.server_notes,
@@ -147,21 +144,26 @@ class Greeting(SessionCore):
         self._conn.state = State.CMD
         if isinstance(result.message, Reply):
             self._send(result.message)
+        elif result.text:  # a connect plugin's text replaces the banner's
+            self._send(Reply.of(220, None, result.text))
         else:
-            banner = self._banner()
-            self._send(banner.with_text(result.text) if result.text else banner)
+            self._send_banner()
 
-    def _banner(self) -> Reply:
+    def _send_banner(self) -> None:
+        """The banner, with C{[uuid] banner_chars} of the connection's uuid on its first
+        line. Its wire form is made once per settings and cut where the uuid goes."""
         s = self.settings
-        if not s.banner_chars:  # the same banner for every client: made once, wire and all
-            key = (s.me, s.greeting, s.show_version)
-            banner = _BANNERS.get(key)
-            if banner is None:
-                banner = _BANNERS[key] = _make_banner(s, "")
-                if len(_BANNERS) > 64:  # (a reload changes the key; keep only the newest)
-                    del _BANNERS[next(iter(_BANNERS))]
-            return banner
-        return _make_banner(s, f" ({self._conn.uuid[: s.banner_chars]})")
+        key = (s.me, s.greeting, s.show_version)
+        cut = _BANNERS.get(key)
+        if cut is None:
+            wire = _make_banner(s).to_bytes()
+            end = wire.index(b"\r\n")
+            cut = _BANNERS[key] = (wire[:end], wire[end:])
+            if len(_BANNERS) > 64:  # (a reload changes the key; keep only the newest)
+                del _BANNERS[next(iter(_BANNERS))]
+        conn = self._conn
+        tag = f" ({conn.uuid[: s.banner_chars]})".encode() if s.banner_chars else b""
+        self._send_wire(conn, 220, cut[0] + tag + cut[1])
 
     def _proxy_allowed(self, ip: str) -> bool:
         hosts = self.settings.proxy_hosts

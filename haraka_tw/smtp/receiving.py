@@ -239,7 +239,7 @@ class Receiving(SessionCore):
                     lambda f: self._outbound_failed(hook, f),
                 )
         row = outcome(hook, result.code)
-        if row.then is not Then.PROCEED or row.reply is None:
+        if row.then is not Then.PROCEED or row.reply is None or not self.runner.has("queue_ok"):
             return self._finish_message(hook, result)
         reply = self._reply_for(row, result)
         return then(
@@ -256,9 +256,18 @@ class Receiving(SessionCore):
     ) -> Deferred[Any] | None:
         """Reply to the end of the message, count it, and end the transaction."""
         row = outcome(hook, result.code)
-        reply = reply or self._reply_for(row, result)
+        if (
+            reply is None
+            and result.message is None
+            and row.reply is not None
+            and row.then is not Then.LOOP  # (a LOOP reply is kept, so it is kept filled)
+        ):
+            reply = row.reply
+            self._send_row(reply)  # (the usual answer: filled as it is sent)
+        else:
+            reply = reply or self._reply_for(row, result)
+            self._send(reply)
         self._count(self._conn.msg_count, reply.code)
-        self._send(reply)
         d = self._reset_transaction()
         if row.then is Then.CLOSE:
             self._close()

@@ -53,6 +53,9 @@ class SessionCore(smtp.ESMTP):
     # verb -> the name of its method: one table per class, looked up per command (a
     # per-session dict of bound methods cost 1.2 KB per connection)
     _COMMAND_METHODS: ClassVar[Mapping[str, str]] = {}
+    # The connection, from connectionMade on: C{connection} without the None it starts as
+    # (a property checking for None was some fifty calls per message).
+    _conn: Connection
 
     def __init__(self) -> None:
         # Not smtp.ESMTP.__init__: the ten attributes it sets (mode, _from, _helo, _to,
@@ -458,12 +461,6 @@ class SessionCore(smtp.ESMTP):
         )
         self._send(S.S451_INTERNAL)
         self._flush()
-
-    @property
-    def _conn(self) -> Connection:
-        conn = self.connection
-        assert conn is not None
-        return conn
 
     def _remote_name(self) -> str:
         remote = self._conn.remote

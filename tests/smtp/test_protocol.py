@@ -10,6 +10,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
 
+from haraka_tw import __version__
 from haraka_tw.codes import (
     CONT,
     DENY,
@@ -623,6 +624,26 @@ class ContractFixTests(SynchronousTestCase):
         """connect OK with a message: that message is the 220 banner."""
         s = Session([("c", plugin_with({"connect": lambda c: (OK, "welcome, friend")}))])
         self.assertEqual(s.banner, "220 welcome, friend\r\n")
+
+    def test_banner_carries_each_connection_uuid(self) -> None:
+        """The banner names the server and ends its first line with banner_chars of this
+        connection's uuid (made once per settings, the tag differs per connection); a
+        configured multi-line greeting keeps its lines; banner_chars=0 shows no uuid."""
+        first, second = Session([]), Session([])
+        for s in (first, second):
+            self.assertEqual(
+                s.banner,
+                f"220 mx.test ESMTP Haraka_tw/{__version__} ready ({s.connection.uuid[:6]})\r\n",
+            )
+        self.assertNotEqual(first.banner, second.banner)
+        lines = SessionSettings(greeting=("mx.test at your service", "second line"))
+        s = Session([], settings=lines, greet=False)  # (the harness expects one line)
+        self.assertEqual(
+            s.banner,
+            f"220-mx.test at your service ({s.connection.uuid[:6]})\r\n220 second line\r\n",
+        )
+        bare = Session([], settings=SessionSettings(me="mx.test", banner_chars=0))
+        self.assertEqual(bare.banner, f"220 mx.test ESMTP Haraka_tw/{__version__} ready\r\n")
 
     def test_helo_denysoft_clears_greeting(self) -> None:
         """After a refused HELO (even DENYSOFT) MAIL needs a new greeting."""
