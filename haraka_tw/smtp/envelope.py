@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 
 from twisted.internet.defer import Deferred
 
@@ -58,13 +58,10 @@ class Envelope(SessionCore):
             if not result.text and self.settings.helo_message:
                 result = HookResult(result.code, self.settings.helo_message, result.plugin)
             row = outcome("helo", Code.CONT)
-            if verb == "HELO" and result.message is None:
-                self._send_row(cast("Reply", row.reply))
+            if verb == "HELO":
+                self._answer(row, result)
                 return None
             greeting = self._reply_for(row, result)
-            if verb == "HELO":
-                self._send(greeting)
-                return None
             conn.capabilities = self._capabilities()
             return then(
                 self.runner.call("capabilities", conn),

@@ -39,11 +39,12 @@ _PROXY_LIMIT = 16 + 65535  # the largest PROXY v2 header
 _BANNERS: dict[tuple[Any, ...], tuple[bytes, bytes]] = {}
 
 
-def _make_banner(s: SessionSettings) -> Reply:
-    if s.greeting:
-        return Reply(220, None, s.greeting)
-    version = f"/{__version__}" if s.show_version else ""
-    return Reply(220, None, (f"{s.me} ESMTP {S.PRODUCT}{version} ready",))
+def _make_banner(settings: SessionSettings) -> Reply:
+    """The 220 banner, without the uuid tag: the configured greeting, or the server's name."""
+    if settings.greeting:
+        return Reply(220, None, tuple(settings.greeting))
+    version = f"/{__version__}" if settings.show_version else ""
+    return Reply(220, None, (f"{settings.me} ESMTP {S.PRODUCT}{version} ready",))
 
 
 class Greeting(SessionCore):
@@ -153,13 +154,13 @@ class Greeting(SessionCore):
         """The banner, with C{[uuid] banner_chars} of the connection's uuid on its first
         line. Its wire form is made once per settings and cut where the uuid goes."""
         s = self.settings
-        key = (s.me, s.greeting, s.show_version)
+        key = (s.me, tuple(s.greeting), s.show_version)
         cut = _BANNERS.get(key)
         if cut is None:
             wire = _make_banner(s).to_bytes()
             end = wire.index(b"\r\n")
             cut = _BANNERS[key] = (wire[:end], wire[end:])
-            if len(_BANNERS) > 64:  # (a reload changes the key; keep only the newest)
+            if len(_BANNERS) > 64:  # (a reload makes a new key: the oldest goes)
                 del _BANNERS[next(iter(_BANNERS))]
         conn = self._conn
         tag = f" ({conn.uuid[: s.banner_chars]})".encode() if s.banner_chars else b""

@@ -256,16 +256,9 @@ class Receiving(SessionCore):
     ) -> Deferred[Any] | None:
         """Reply to the end of the message, count it, and end the transaction."""
         row = outcome(hook, result.code)
-        if (
-            reply is None
-            and result.message is None
-            and row.reply is not None
-            and row.then is not Then.LOOP  # (a LOOP reply is kept, so it is kept filled)
-        ):
-            reply = row.reply
-            self._send_row(reply)  # (the usual answer: filled as it is sent)
+        if reply is None:
+            reply = self._answer(row, result)
         else:
-            reply = reply or self._reply_for(row, result)
             self._send(reply)
         self._count(self._conn.msg_count, reply.code)
         d = self._reset_transaction()

@@ -9,9 +9,10 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 _PLACEHOLDER = re.compile(r"\{([a-z_]+)\}")
+# A reply's wire form: its bytes, or its text cut at placeholders (text, name, ..., text).
+_Form = bytes | tuple[str, ...]
 
 __all__ = ["Reply", "render_lines"]
 
@@ -32,8 +33,8 @@ class Reply:
     # the rendered text cut at them (text, name, text, ..., text). One without the enhanced
     # code (a HELO client), one with it. The catalogue's and the hook table's replies are
     # made once and sent millions of times.
-    _plain: Any = field(default=None, init=False, repr=False, compare=False)
-    _enhanced: Any = field(default=None, init=False, repr=False, compare=False)
+    _plain: _Form | None = field(default=None, init=False, repr=False, compare=False)
+    _enhanced: _Form | None = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
     def of(cls, code: int, enhanced: str | None, text: str | list[str] | tuple[str, ...]) -> Reply:
@@ -82,20 +83,23 @@ class Reply:
         """The wire form: C{250-first} continuation lines, then C{250 last}, CRLF each.
         Braces are text here: a reply already filled is sent as it stands."""
         form = self._form(enhanced)
-        if type(form) is bytes:
+        if isinstance(form, bytes):
             return form
         return render_lines(self.code, self.enhanced if enhanced else None, self.lines)
 
-    def render(self, enhanced: bool, get: Callable[[str, str], str | None], arg: str = "") -> bytes:
-        """C{self.fill(lambda name: get(name, arg)).to_bytes(enhanced)}, in one pass over a
-        template cut once: the session's way to send a row of the hook table."""
+    def render(
+        self, enhanced: bool, get: Callable[[str, str], str | None], context: str = ""
+    ) -> bytes:
+        """C{self.fill(lambda name: get(name, context)).to_bytes(enhanced)}, in one pass over
+        a template cut once: the session's way to send a row of the hook table. C{context}
+        is passed on to C{get} (the session's recipient), so no closure is made per reply."""
         form = self._form(enhanced)
-        if type(form) is bytes:
+        if isinstance(form, bytes):
             return form
         out = [form[0]]
         for i in range(1, len(form), 2):
             name = form[i]
-            value = get(name, arg)
+            value = get(name, context)
             if value is None:
                 value = "{" + name + "}"
             elif "\r" in value or "\n" in value:  # a reply line never ends early
@@ -104,7 +108,8 @@ class Reply:
             out.append(form[i + 1])
         return "".join(out).encode("utf-8", "replace")
 
-    def _form(self, enhanced: bool) -> Any:
+    def _form(self, enhanced: bool) -> _Form:
+        """The wire form, made and kept on first use (see the fields above)."""
         form = self._enhanced if enhanced else self._plain
         if form is None:
             text = render_text(self.code, self.enhanced if enhanced else None, self.lines)

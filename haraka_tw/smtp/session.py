@@ -363,15 +363,23 @@ class SessionCore(smtp.ESMTP):
         """Reply as the row says and move to its next state."""
         if row.reply is None:
             return
-        if result.message is None and row.then is not Then.LOOP:
-            self._send_row(row.reply, recipient)  # (the usual answer: no Reply made)
-        else:
-            reply = self._reply_for(row, result, recipient)
-            self._send(reply)
-            if row.then is Then.LOOP:
-                self._loop(reply)
+        reply = self._answer(row, result, recipient)
         if row.then is Then.CLOSE:
             self._close()
+        elif row.then is Then.LOOP:
+            self._loop(reply)
+
+    def _answer(self, row: Outcome, result: HookResult, recipient: str = "") -> Reply:
+        """Send the row's reply (see L{_reply_for}); return it, filled for a LOOP row (which
+        keeps it), else with the code sent. A plugin that gave no text, the usual answer,
+        costs no new Reply: the row's is filled as it is encoded."""
+        if result.message is None and row.then is not Then.LOOP:
+            base = row.reply if row.reply is not None else S.S451_INTERNAL
+            self._send_row(base, recipient)
+            return base
+        reply = self._reply_for(row, result, recipient)
+        self._send(reply)
+        return reply
 
     def _loop(self, reply: Reply) -> None:
         self._conn.state = State.LOOP
@@ -421,6 +429,7 @@ class SessionCore(smtp.ESMTP):
         self._send_wire(conn, reply.code, reply.render(conn.esmtp, self._field, recipient))
 
     def _send_wire(self, conn: Connection, code: int, data: bytes) -> None:
+        """Queue a reply's bytes for the next flush, unless the session is ending."""
         if conn.remote.closed or self._closing:
             return
         if code in _CLIENT_ERRORS:

@@ -291,6 +291,13 @@ class HookReplyTests(SynchronousTestCase):
         self.assertEqual(out, f"250 2.0.0 Message Queued ({uuid})\r\n")
         self.assertEqual(seen, [f"Message Queued ({uuid})"])
 
+    def test_queue_reply_without_queue_ok_plugin(self) -> None:
+        """Without a queue_ok plugin the 250 still names the transaction uuid."""
+        s = Session([("r", plugin_with({"rcpt": lambda c, r, p: OK, "queue": lambda c: OK}))])
+        s.send(ENVELOPE + b"DATA\r\n")
+        uuid = s.connection.transaction.uuid
+        self.assertEqual(s.send("hello\r\n.\r\n"), f"250 2.0.0 Message Queued ({uuid})\r\n")
+
     def test_data_post_deny(self) -> None:
         """data_post DENY: 550 and the queue hook does not run."""
         queued: list[int] = []
@@ -626,9 +633,7 @@ class ContractFixTests(SynchronousTestCase):
         self.assertEqual(s.banner, "220 welcome, friend\r\n")
 
     def test_banner_carries_each_connection_uuid(self) -> None:
-        """The banner names the server and ends its first line with banner_chars of this
-        connection's uuid (made once per settings, the tag differs per connection); a
-        configured multi-line greeting keeps its lines; banner_chars=0 shows no uuid."""
+        """The banner ends with banner_chars of this connection's uuid, new per connection."""
         first, second = Session([]), Session([])
         for s in (first, second):
             self.assertEqual(
@@ -636,12 +641,21 @@ class ContractFixTests(SynchronousTestCase):
                 f"220 mx.test ESMTP Haraka_tw/{__version__} ready ({s.connection.uuid[:6]})\r\n",
             )
         self.assertNotEqual(first.banner, second.banner)
-        lines = SessionSettings(greeting=("mx.test at your service", "second line"))
+
+    def test_banner_follows_its_settings(self) -> None:
+        """Settings with the same name but another greeting or version flag change the banner."""
+        lines = SessionSettings(me="mx.test", greeting=("at your service", "second line"))
         s = Session([], settings=lines, greet=False)  # (the harness expects one line)
         self.assertEqual(
-            s.banner,
-            f"220-mx.test at your service ({s.connection.uuid[:6]})\r\n220 second line\r\n",
+            s.banner, f"220-at your service ({s.connection.uuid[:6]})\r\n220 second line\r\n"
         )
+        quiet = Session([], settings=SessionSettings(me="mx.test", show_version=False))
+        self.assertEqual(
+            quiet.banner, f"220 mx.test ESMTP Haraka_tw ready ({quiet.connection.uuid[:6]})\r\n"
+        )
+
+    def test_banner_without_uuid(self) -> None:
+        """banner_chars=0 shows no uuid."""
         bare = Session([], settings=SessionSettings(me="mx.test", banner_chars=0))
         self.assertEqual(bare.banner, f"220 mx.test ESMTP Haraka_tw/{__version__} ready\r\n")
 

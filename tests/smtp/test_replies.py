@@ -41,8 +41,7 @@ def test_fill_is_the_regex_rule(lines: list[str]) -> None:
 
 
 def test_render_fills_and_renders_in_one_go() -> None:
-    """render() is fill() then to_bytes(): known names filled once, values with CR or LF
-    flattened so a reply line never ends early, and the enhanced code only when asked."""
+    """render() fills known names once, flattens CR/LF in values, shows enhanced on ask."""
     reply = Reply(250, "2.1.0", ("Sender {sender} OK", "id {uuid} {nope}"))
     values = {"sender": "<a\r\n250 b@x>", "uuid": "{me}"}
 
@@ -69,8 +68,7 @@ def test_render_fills_and_renders_in_one_go() -> None:
     st.booleans(),
 )
 def test_render_is_fill_then_to_bytes(lines: list[str], enhanced: bool) -> None:
-    """Whatever the text, render gives the bytes of the filled reply, twice over (the
-    second time from the template it kept)."""
+    """render gives fill().to_bytes(), also the second time (from the kept template)."""
     reply = Reply(451, "4.3.0", tuple(lines))
     expected = Reply(451, "4.3.0", tuple(lines)).fill(FIELDS).to_bytes(enhanced)
     for _ in range(2):
