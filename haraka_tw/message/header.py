@@ -14,6 +14,8 @@ __all__ = ["Header", "HeaderCollector"]
 
 _FIELD_NAME = re.compile(rb"[!-9;-~]+:")  # RFC 5322 ftext (printable ASCII but ":"), then ":"
 _BAD_NAME = re.compile(r"[:\r\n ]")
+# Complete header lines: a field (a name as _FIELD_NAME, then anything) or a continuation.
+_FIELD_LINES = re.compile(rb"(?:[!-9;-~]+:[^\n]*\n|[ \t][^\n]*\n)*")
 
 
 class Header:
@@ -152,6 +154,24 @@ class HeaderCollector:
         """Add bytes; once the header ends return (header bytes, first body bytes)."""
         self._buf += data
         pos = self._scanned
+        buf = self._buf
+        if pos == 0 and buf[:1] in (b" ", b"\t"):
+            return self._scan_lines(pos)  # (the first line may not be a continuation)
+        # Every complete field and continuation line at once; what stops the match is the
+        # blank line, a line that is no field (both end the header) or an unfinished one.
+        match = _FIELD_LINES.match(buf, pos)
+        end = match.end() if match is not None else pos
+        lines = self._lines + buf.count(b"\n", pos, end)
+        if lines >= self.max_lines or end > self.max_bytes:
+            return self._scan_lines(pos)  # a limit falls inside: find its line
+        self._lines = lines
+        if buf.find(b"\n", end) >= 0 or len(buf) > self.max_bytes:
+            return self._finish(end)
+        self._scanned = end
+        return None
+
+    def _scan_lines(self, pos: int) -> tuple[bytes, bytes] | None:
+        """L{feed}'s work line by line, from C{pos}: the rule the fast path follows."""
         buf = self._buf
         while True:
             nl = buf.find(b"\n", pos)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from haraka_tw.message.header import Header, HeaderCollector
@@ -97,3 +97,44 @@ def test_collector_chunking_independent(data: bytes, step: int) -> None:
     got = got or c.finish()
     assert got == expect
     assert got[0] + got[1] == data
+
+
+class _LineByLine(HeaderCollector):
+    """The collector with its fast path off: each feed scanned line by line."""
+
+    def feed(self, data: bytes) -> tuple[bytes, bytes] | None:
+        self._buf += data
+        return self._scan_lines(self._scanned)
+
+
+_HEADERISH = st.lists(
+    st.sampled_from([b"A: 1\r\n", b"Bb:\n", b" cont\r\n", b"\tx\r\n", b"\r\n", b"\n", b"no\r\n"])
+    | st.binary(max_size=12),
+    max_size=12,
+).map(b"".join)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    _HEADERISH,
+    st.integers(min_value=1, max_value=40),
+    st.integers(min_value=1, max_value=6),
+    st.integers(min_value=4, max_value=80),
+)
+def test_collector_fast_path_is_the_line_rule(
+    data: bytes, step: int, max_lines: int, max_bytes: int
+) -> None:
+    """The whole-block scan splits as the line-by-line rule does, limits and chunks alike."""
+    splits = []
+    for collector in (
+        HeaderCollector(max_lines, max_bytes),
+        _LineByLine(max_lines, max_bytes),
+    ):
+        got = None
+        for i in range(0, len(data), step):
+            got = collector.feed(data[i : i + step])
+            if got:
+                got = (got[0], got[1] + data[i + step :])
+                break
+        splits.append(got or collector.finish())
+    assert splits[0] == splits[1]
