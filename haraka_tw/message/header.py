@@ -155,7 +155,7 @@ class HeaderCollector:
         self._buf += data
         pos = self._scanned
         buf = self._buf
-        if pos == 0 and buf[:1] in (b" ", b"\t"):
+        if pos == 0 and buf and buf[0] in (0x20, 0x09):  # (SP, HTAB)
             return self._scan_lines(pos)  # (the first line may not be a continuation)
         # Every complete field and continuation line at once; what stops the match is the
         # blank line, a line that is no field (both end the header) or an unfinished one.
