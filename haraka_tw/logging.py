@@ -116,18 +116,31 @@ def _logfmt_value(value: object) -> str:
     return text
 
 
+# "key=value" of the string fields seen lately: the disconnect line's fifteen fields, once
+# per connection, are mostly the same pairs (esmtp=Y, the client's address, its last reply).
+_PAIRS: dict[tuple[str, str], str] = {}
+_PAIRS_KEPT = 1024  # emptied when full, so the pairs in use come back
+_PAIR_VALUE_KEPT = 100  # longer values are formatted each time
+
+
 def _logfmt_fields(fields: Mapping[str, Any]) -> str:
-    """C{key=value ...}; the usual values (plain ASCII words, numbers) without a call each:
-    the disconnect line has fifteen fields, once per connection."""
-    plain = _PLAIN_ASCII.fullmatch
-    return " ".join(
-        [
-            f"{k}={v}"
-            if (type(v) is str and plain(v) is not None) or type(v) is int
-            else f"{k}={_logfmt_value(v)}"
-            for k, v in fields.items()
-        ]
-    )
+    """C{key=value ...}, with the value quoted where logfmt needs it."""
+    out = []
+    for key, value in fields.items():
+        if type(value) is str:
+            text = _PAIRS.get((key, value))
+            if text is None:
+                text = f"{key}={_logfmt_value(value)}"
+                if len(value) < _PAIR_VALUE_KEPT:
+                    if len(_PAIRS) >= _PAIRS_KEPT:
+                        _PAIRS.clear()
+                    _PAIRS[key, value] = text
+            out.append(text)
+        elif type(value) is int:
+            out.append(f"{key}={value}")
+        else:  # (a list, a float, None: formatted each time)
+            out.append(f"{key}={_logfmt_value(value)}")
+    return " ".join(out)
 
 
 def format_record(record: LogRecord, fmt: str = "default", timestamps: bool = False) -> str:

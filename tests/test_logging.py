@@ -10,6 +10,7 @@ import pytest
 from twisted.logger import Logger, LogLevel, formatTime, textFileLogObserver, timeFormatRFC3339
 from twisted.python.failure import Failure
 
+from haraka_tw import logging as haraka_logging
 from haraka_tw.logging import HarakaLog, Level, LogRecord, TwistdLogObserver, format_record
 
 
@@ -38,6 +39,21 @@ def test_logfmt_and_json() -> None:
         "message": 'say "hi"',
         "n": 1,
     }
+
+
+def test_fields_quoted_alike_from_the_pair_cache() -> None:
+    """Fields format the same the second time (from the kept pairs); the cache stays bounded."""
+    fields = {"a": [1, 2], "b": "x y", "c": "", "d": True, "e": 3, "f": "ok", "g": None}
+    record = LogRecord(Level.INFO, "m", None, "core", fields)
+    expected = 'a="[1, 2]" b="x y" c="" d=True e=3 f=ok g=None'
+    assert format_record(record).endswith(expected)
+    assert format_record(record).endswith(expected)
+    for i in range(haraka_logging._PAIRS_KEPT + 10):
+        format_record(LogRecord(Level.INFO, "m", None, "core", {"n": f"v{i}"}))
+    assert len(haraka_logging._PAIRS) <= haraka_logging._PAIRS_KEPT
+    long = "y" * 500
+    format_record(LogRecord(Level.INFO, "m", None, "core", {"long": long}))
+    assert ("long", long) not in haraka_logging._PAIRS
 
 
 def test_level_filter_and_twisted_levels() -> None:
