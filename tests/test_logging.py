@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
 from twisted.logger import Logger, LogLevel, formatTime, textFileLogObserver, timeFormatRFC3339
 from twisted.python.failure import Failure
+from twisted.python.logfile import LogFile
 
 from haraka_tw import logging as haraka_logging
 from haraka_tw.logging import HarakaLog, Level, LogRecord, TwistdLogObserver, format_record
@@ -144,6 +146,17 @@ def test_log_file_observer_writes_twisteds_lines() -> None:
     assert ours.getvalue() == theirs.getvalue()
     assert "[haraka_tw#info] [NOTICE] [U] [core] disconnect ip=1\n" in ours.getvalue()
     assert "a\n\tb\n" in ours.getvalue()
+
+
+def test_log_file_observer_line_is_on_disk_at_once(tmp_path: Path) -> None:
+    """A line written to twistd's LogFile is in the file before the observer returns."""
+    out = LogFile.fromFullPath(str(tmp_path / "twistd.log"))
+    observer = TwistdLogObserver(out)
+    log = HarakaLog(Level.INFO, logger=Logger(namespace="haraka_tw", observer=observer))
+    log.log(Level.NOTICE, "disconnect", uuid="U1", ip="192.0.2.1")
+    text = (tmp_path / "twistd.log").read_text()
+    assert text.endswith("[NOTICE] [U1] [core] disconnect ip=192.0.2.1\n")
+    out.close()
 
 
 def test_log_file_observer_time_prefix_follows_the_clock() -> None:
