@@ -43,6 +43,8 @@ _LDH_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?")
 _LDH_DOMAIN = re.compile(
     r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
 )
+# The usual path, <dot-atom@LDH-domain>, parsed in one match (see _parse_argument).
+_SIMPLE_PATH = re.compile(rf"<([{_ATEXT}]+(?:\.[{_ATEXT}]+)*)@({_LDH_DOMAIN.pattern})>")
 _GENERAL_LITERAL = re.compile(r"[A-Za-z0-9-]*[A-Za-z0-9]:[\x21-\x5a\x5e-\x7e]+")
 _ESMTP_KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
 # esmtp-value: %d33-60 / %d62-126, widened by RFC 6531 to any UTF-8 non-ASCII character.
@@ -344,6 +346,18 @@ def _parse_argument(
     if not (head.isascii() and head.upper() == prefix):
         raise AddressError(f"Syntax: {prefix}<address>")
     rest = arg[len(prefix) :].lstrip(" ")
+    simple = _SIMPLE_PATH.match(rest)
+    if simple is not None:
+        # What parse_path would find, without its checks one by one: ASCII, a dot-atom
+        # (strict and lenient alike) and an LDH domain; only the lengths are left to check.
+        path, tail = simple[0], rest[simple.end() :]
+        if (
+            len(simple[1]) <= MAX_LOCAL_OCTETS
+            and len(path) <= MAX_PATH_OCTETS
+            and (not tail or tail[0] == " ")
+        ):
+            params = parse_esmtp_params([word for word in tail.split(" ") if word]) if tail else {}
+            return Address(simple[1], simple[2], path), params
     end = _path_end(rest)
     path, tail = rest[:end], rest[end:]
     if tail and not tail.startswith(" "):

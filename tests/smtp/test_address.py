@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import re
+from unittest import mock
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from haraka_tw.smtp import address
 from haraka_tw.smtp.address import (
     Address,
     AddressError,
@@ -506,3 +509,39 @@ def test_parse_esmtp_params_only_raises_address_error(words: list[str]) -> None:
     """parse_esmtp_params raises only AddressError on any words."""
     with contextlib.suppress(AddressError):
         parse_esmtp_params(words)
+
+
+_PATHISH = st.text(alphabet='ab.-_+@<>" :[]1é\t=', max_size=30)
+
+
+@settings(max_examples=500, deadline=None)
+@given(_PATHISH, st.sampled_from(["", " ", " SIZE=10", " BODY=8BITMIME x", "x"]), st.booleans())
+def test_simple_path_fast_path_is_the_general_parser(path: str, tail: str, strict: bool) -> None:
+    """The one-match path for <dot-atom@domain> gives what the general parser gives."""
+
+    def outcome(arg: str) -> object:
+        try:
+            return parse_rcpt_argument(arg, strict=strict)
+        except AddressError as e:
+            return ("error", str(e))
+
+    for arg in (f"TO:{path}{tail}", f"TO:<{path}>{tail}", f"TO:<a{path}@b.c>{tail}"):
+        fast = outcome(arg)
+        with mock.patch.object(address, "_SIMPLE_PATH", re.compile("(?!)")):
+            general = outcome(arg)
+        assert fast == general, arg
+
+
+def test_simple_path_lengths_left_to_the_general_parser() -> None:
+    """A long local part or path still gets the general parser's reasons."""
+    with pytest.raises(AddressError, match="Local part too long"):
+        parse_mail_argument(f"FROM:<{'a' * 65}@b.c>")
+    with pytest.raises(AddressError, match="Path too long"):
+        parse_mail_argument(f"FROM:<{'a' * 60}@{'b' * 48}.{'c' * 48}.{'d' * 48}.{'e' * 48}>")
+    address_, params = parse_mail_argument("FROM:<a.b@c-d.e> SIZE=10")
+    assert (address_.local, address_.domain, address_.original, params) == (
+        "a.b",
+        "c-d.e",
+        "<a.b@c-d.e>",
+        {"SIZE": "10"},
+    )
