@@ -14,23 +14,52 @@ __all__ = ["Header", "HeaderCollector"]
 
 _FIELD_NAME = re.compile(rb"[!-9;-~]+:")  # RFC 5322 ftext (printable ASCII but ":"), then ":"
 _BAD_NAME = re.compile(r"[:\r\n ]")
+_UNFOLDED_LINE = re.compile(r"\n(?![ \t])")  # a newline whose next line would start a field
 # Complete header lines: a field (a name as _FIELD_NAME, then anything) or a continuation.
 _FIELD_LINES = re.compile(rb"(?:[!-9;-~]+:[^\n]*\n|[ \t][^\n]*\n)*")
 
 
 class Header:
-    """An ordered list of header fields."""
+    """An ordered list of header fields.
+
+    A header from L{parse} is split into fields only when something asks for them: the
+    core itself only adds the Received field on top, counts Received fields and renames any
+    Authentication-Results, which (for an ASCII header without those names) can be
+    answered from the raw bytes. A plugin that reads a field pays for the split once.
+    """
 
     def __init__(self) -> None:
-        self._fields: list[tuple[str, bytes]] = []  # (lower-case name, raw field bytes)
+        self._split: list[tuple[str, bytes]] | None = []  # (lower-case name, raw field bytes)
+        self._raw = b""  # fields received but not split yet (when _split is None)
+        self._top: list[tuple[str, bytes]] = []  # fields added above them meanwhile
 
     @classmethod
     def parse(cls, raw: bytes) -> Header:
         """Split header bytes (without the blank line) into fields."""
         header = cls()
-        for block in _field_blocks(raw):
-            header._fields.append((_name_of(block), block))
+        header._split = None
+        header._raw = raw
         return header
+
+    @property
+    def _fields(self) -> list[tuple[str, bytes]]:
+        fields = self._split
+        if fields is None:
+            fields = self._split = self._top
+            fields.extend((_name_of(block), block) for block in _field_blocks(self._raw))
+            self._raw, self._top = b"", []
+        return fields
+
+    @_fields.setter
+    def _fields(self, fields: list[tuple[str, bytes]]) -> None:
+        self._split, self._raw, self._top = fields, b"", []
+
+    def _surely_absent(self, key: str) -> bool:
+        """Whether no field received but not split yet is named C{key} (lower case), known
+        without splitting: the name's bytes appear nowhere in an ASCII header."""
+        if self._split is not None or not (key.isascii() and self._raw.isascii()):
+            return False
+        return key.encode("ascii") not in self._raw.lower()
 
     def __len__(self) -> int:
         return len(self._fields)
@@ -50,7 +79,8 @@ class Header:
     def count(self, name: str) -> int:
         """How many fields are named C{name} (their values are not decoded)."""
         key = name.lower()
-        return sum(1 for n, _ in self._fields if n == key)
+        fields = self._top if self._surely_absent(key) else self._fields
+        return sum(1 for n, _ in fields if n == key)
 
     def get(self, name: str) -> str:
         """The values of C{name} joined by newlines; "" when absent (as Haraka's get)."""
@@ -68,7 +98,8 @@ class Header:
 
     def add(self, name: str, value: str) -> None:
         """Add a field at the top (as Haraka's add)."""
-        self._fields.insert(0, (name.lower(), _field_bytes(name, value)))
+        fields = self._split if self._split is not None else self._top
+        fields.insert(0, (name.lower(), _field_bytes(name, value)))
 
     def add_end(self, name: str, value: str) -> None:
         """Add a field at the bottom."""
@@ -82,7 +113,8 @@ class Header:
     def rename(self, name: str, new_name: str) -> None:
         """Rename every field C{name} to C{new_name}, keeping its value and place."""
         key = name.lower()
-        if not any(n == key for n, _ in self._fields):
+        fields = self._top if self._surely_absent(key) else self._fields
+        if not any(n == key for n, _ in fields):
             return
         self._fields = [
             (new_name.lower(), _field_bytes(new_name, _value_of(raw), raw=raw))
@@ -93,7 +125,9 @@ class Header:
 
     def to_bytes(self) -> bytes:
         """The fields as they go on the wire, each ending in CRLF."""
-        return b"".join(raw for _, raw in self._fields)
+        if self._split is None:  # (the received fields as they came, under any added)
+            return b"".join([*(raw for _, raw in self._top), self._raw])
+        return b"".join(raw for _, raw in self._split)
 
 
 def _field_blocks(raw: bytes) -> list[bytes]:
@@ -126,11 +160,10 @@ def _field_bytes(name: str, value: str, raw: bytes | None = None) -> bytes:
         _, _, tail = raw.partition(b":")
         return name.encode("ascii") + b":" + tail
     safe = value.replace("\r\n", "\n").replace("\r", "\n")
-    # A newline in a value must continue the field, never start a new one (header injection).
-    safe = "\r\n".join(
-        line if i == 0 or line[:1] in (" ", "\t") else " " + line
-        for i, line in enumerate(safe.split("\n"))
-    )
+    if "\n" in safe:
+        # A newline in a value must continue the field, never start a new one (header
+        # injection): a line that does not start with SP or HTAB gets a space first.
+        safe = _UNFOLDED_LINE.sub("\n ", safe).replace("\n", "\r\n")
     return f"{name}: {safe}\r\n".encode("utf-8", "surrogateescape")
 
 

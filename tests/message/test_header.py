@@ -138,3 +138,46 @@ def test_collector_fast_path_is_the_line_rule(
                 break
         splits.append(got or collector.finish())
     assert splits[0] == splits[1]
+
+
+_RAW_HEADERS = st.lists(
+    st.sampled_from(
+        [
+            b"Received: a\r\n",
+            b"received :b\r\n",
+            b"RECEIVED\r\n :c\r\n",
+            b"Authentication-Results: x\r\n",
+            b"Subject: hi\r\n",
+            b" folded\r\n",
+            b"\tfolded\r\n",
+            b"X-\xe2\x84\xaa: kelvin sign\r\n",
+            b"bare\rcr: y\r\n",
+            b"Received\r\n",
+        ]
+    )
+    | st.binary(max_size=10),
+    max_size=8,
+).map(b"".join)
+
+
+@settings(max_examples=400, deadline=None)
+@given(_RAW_HEADERS, st.sampled_from(["Received", "authentication-results", "X-K", "Subject"]))
+def test_header_split_late_answers_as_split_at_once(raw: bytes, name: str) -> None:
+    """A header split only when asked gives what one split at parse time gives."""
+    late, early = Header.parse(raw), Header.parse(raw)
+    assert early.names() is not None  # (split now)
+    for h in (late, early):
+        h.rename("Authentication-Results", "Original-Authentication-Results")
+        h.add("Received", "from a\nby b")
+    assert late.count(name) == early.count(name)
+    assert late.to_bytes() == early.to_bytes()
+    assert late.get_all(name) == early.get_all(name)
+    assert late.names() == early.names()
+    assert late.to_bytes() == early.to_bytes()
+
+
+def test_added_field_value_folds_every_line() -> None:
+    """Each line of an added value continues the field: CR, LF or CRLF cannot start one."""
+    h = Header()
+    h.add("X-A", "one\ntwo\r\n\tthree\rfour\n")
+    assert h.to_bytes() == b"X-A: one\r\n two\r\n\tthree\r\n four\r\n \r\n"
