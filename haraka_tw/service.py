@@ -45,7 +45,7 @@ from haraka_tw.tls import (
 )
 from haraka_tw.workers import AdoptedEndpoint, WorkerRole, parse_nodes
 from haraka_tw.workers.master import WorkerMaster
-from haraka_tw.writethrough import write_through_reactor
+from haraka_tw.writethrough import dispatch_without_log_context, write_through_reactor
 
 __all__ = ["HarakaService", "parse_listen"]
 
@@ -218,6 +218,8 @@ class HarakaService(MultiService):
         """Bind every listener now (as root, before twistd's -u/-g drop); a master also
         starts its fork server now (L{WorkerMaster.prepare})."""
         factory = self.server.factory
+        if self.owns_process:  # (an application that embeds us keeps its reactor as it is)
+            dispatch_without_log_context(self.reactor)
         for index, spec in enumerate(self.endpoints):
             endpoint = self._endpoint(index, spec)
             d = endpoint.listen(factory)

@@ -35,7 +35,7 @@ from haraka_tw.server import HarakaServer
 from haraka_tw.smtp.factory import HarakaSMTPFactory
 from haraka_tw.smtp.rdns import ReverseLookup
 from haraka_tw.smtp.settings import SessionSettings
-from haraka_tw.writethrough import write_through_reactor
+from haraka_tw.writethrough import dispatch_without_log_context, write_through_reactor
 
 CLIENT_IP = "192.0.2.10"
 
@@ -179,7 +179,10 @@ def start_server(case: Any, files: Mapping[str, str]) -> tuple[HarakaServer, int
     if os.environ.get("HARAKA_TW_TEST_LOG"):  # see every server line while debugging a test
         server.log.hook = lambda c, r: print(f"{r.level.name} [{r.origin}] {r.message}") or True
     server.log.hook = server.log.hook or (lambda c, r: r.level > Level.WARN)
-    # As HarakaService listens: with write-through connections (haraka_tw.writethrough).
+    # As HarakaService under twistd listens: with write-through connections whose events
+    # skip the legacy log context (haraka_tw.writethrough); the other tests' connections on
+    # this reactor are dispatched as Twisted does.
+    dispatch_without_log_context(reactor)
     port = write_through_reactor(reactor).listenTCP(0, server.factory, interface="127.0.0.1")
 
     def stop() -> Any:

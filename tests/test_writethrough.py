@@ -2,21 +2,29 @@
 
 from __future__ import annotations
 
+import select
 import socket
 from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.error import ConnectionClosed
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactor
 from twisted.internet.threads import deferToThread
+from twisted.python import context, log
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from haraka_tw.service import HarakaService
-from haraka_tw.writethrough import WriteThroughPort, WriteThroughServer, write_through_reactor
+from haraka_tw.writethrough import (
+    WriteThroughPort,
+    WriteThroughServer,
+    dispatch_without_log_context,
+    write_through_reactor,
+)
 from tests.support import temp_dir, write_config
 
 
@@ -170,3 +178,56 @@ def test_other_reactors_are_left_alone() -> None:
     assert write_through_reactor(memory) is memory
     serverFromString(write_through_reactor(memory), "tcp:25").listen(Factory())
     assert len(memory.tcpServers) == 1
+
+
+class _Other:
+    """A selectable that is not ours, with the log prefix Twisted dispatches it under."""
+
+    def logPrefix(self) -> str:
+        return "other-prefix"
+
+
+def test_events_of_our_connections_skip_the_log_context() -> None:
+    """On an epoll reactor, events of our connections and ports are dispatched without
+    callWithLogger; any other selectable's still run inside its log prefix."""
+    epoll: Any = EPollReactor.__new__(EPollReactor)  # (no epoll fd: a poller stands in)
+    seen: list[tuple[str, str]] = []
+
+    def dispatch(selectable: Any, fd: int, event: int) -> None:
+        seen.append((type(selectable).__name__, context.get(log.ILogContext)["system"]))
+
+    ready = [(fd, select.EPOLLIN) for fd in (101, 102, 103, 104)]  # (104: already gone)
+    epoll._doReadOrWrite = dispatch
+    epoll._poller = type("Poller", (), {"poll": staticmethod(lambda *_: ready)})()
+    epoll._selectables = {
+        101: WriteThroughServer.__new__(WriteThroughServer),
+        102: _Other(),
+        103: WriteThroughPort.__new__(WriteThroughPort),
+    }
+    assert dispatch_without_log_context(epoll)
+    epoll.doIteration(0)
+    assert seen == [
+        ("WriteThroughServer", "-"),
+        ("_Other", "other-prefix"),
+        ("WriteThroughPort", "-"),
+    ]
+
+
+def test_dispatch_left_alone_on_other_reactors() -> None:
+    """A reactor that is not exactly the epoll reactor keeps its own dispatch."""
+    memory = MemoryReactor()
+    assert not dispatch_without_log_context(memory)
+    assert not hasattr(memory, "doPoll")
+
+
+def test_the_epoll_attributes_it_reads_are_there() -> None:
+    """The lean dispatch reads EPollReactor's poller, selectables and dispatcher: a Twisted
+    that renamed one must fail here."""
+    epoll: Any = EPollReactor()
+    try:
+        for name in ("_poller", "_selectables", "_doReadOrWrite", "doPoll", "doIteration"):
+            assert hasattr(epoll, name), name
+        assert EPollReactor.doIteration is EPollReactor.doPoll
+    finally:
+        epoll.waker.connectionLost(None)
+        epoll._poller.close()
