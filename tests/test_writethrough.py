@@ -38,6 +38,7 @@ class Writer(Protocol):
         for chunk in factory.chunks:
             self.transport.write(chunk)
             factory.watched.append(self.transport in reactor.getWriters())
+            factory.unsent.append(self.transport.holds_unsent())  # type: ignore[attr-defined]
         if factory.close:
             self.transport.loseConnection()
 
@@ -52,6 +53,7 @@ def writer_factory(chunks: list[bytes], close: bool = True) -> Factory:
     factory.chunks = chunks  # type: ignore[attr-defined]
     factory.close = close  # type: ignore[attr-defined]
     factory.watched = []  # type: ignore[attr-defined]
+    factory.unsent = []  # type: ignore[attr-defined]
     factory.lost = Deferred()  # type: ignore[attr-defined]
     return factory
 
@@ -79,6 +81,7 @@ class WriteThroughTests(TestCase):
         received = yield deferToThread(read_all, self.listen(factory))
         self.assertEqual(received, b"220 hello\r\n250 ok\r\n")
         self.assertEqual(factory.watched, [False, False])  # type: ignore[attr-defined]
+        self.assertEqual(factory.unsent, [False, False])  # type: ignore[attr-defined]
         self.assertIsInstance(factory.transport, WriteThroughServer)  # type: ignore[attr-defined]
 
     @inlineCallbacks
@@ -94,6 +97,7 @@ class WriteThroughTests(TestCase):
         watched = factory.watched  # type: ignore[attr-defined]
         self.assertEqual(watched[0], False)
         self.assertEqual(watched[1:], [True, True, True])
+        self.assertEqual(factory.unsent, [False, True, True, True])  # type: ignore[attr-defined]
 
     @inlineCallbacks
     def test_a_write_to_a_reset_peer_ends_the_connection_quietly(self) -> Any:
