@@ -463,7 +463,9 @@ class SessionCore(smtp.ESMTP):
         self.setTimeout(None)
         unsent = getattr(self.transport, "holds_unsent", None)
         if unsent is None or unsent():
-            self._abort_call = self.callLater(_CLOSE_GRACE, lambda: self.transport.abortConnection())
+            self._abort_call = self.callLater(
+                _CLOSE_GRACE, lambda: self.transport.abortConnection()
+            )
 
     def _internal_error(self, failure: Failure) -> None:
         """A bug in the core or an unexpected failure: log it, answer 451, carry on."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from twisted.logger import InvalidLogLevelError, LogLevel
+from twisted.logger import LogLevel
 
 __all__ = ["control_line", "log_lines", "read_control_line", "read_log_line"]
 
@@ -27,12 +27,11 @@ def read_log_line(line: bytes) -> tuple[LogLevel, str]:
     """An output-channel line (without its newline): its level and text."""
     text = line.decode("utf-8", "replace").rstrip("\r")
     name, tab, rest = text.partition("\t")
-    if tab:
-        try:
-            return LogLevel.levelWithName(name), rest
-        except InvalidLogLevelError:
-            pass
-    return LogLevel.warn, text
+    level = _LEVELS.get(name) if tab else None  # (levelWithName searches the constants)
+    return (LogLevel.warn, text) if level is None else (level, rest)
+
+
+_LEVELS = {level.name: level for level in LogLevel.iterconstants()}
 
 
 def control_line(action: str, args: dict[str, Any]) -> bytes:
