@@ -70,12 +70,6 @@ class WriteThroughServer(tcp.Server):
             data = data[sent:]
         super().write(data)  # type: ignore[no-untyped-call]
 
-    def holds_unsent(self) -> bool:
-        """Whether bytes written are still waiting in Twisted's buffer or a TLS layer (once
-        nothing is, C{loseConnection} closes on the reactor's next turn, whatever the
-        client does)."""
-        return bool(self.TLS or self._tempDataLen or self.offset < len(self.dataBuffer))
-
     def writeSequence(self, iovec: Any) -> None:
         data = b"".join(iovec)
         if data:

@@ -188,6 +188,8 @@ class HeaderCollector:
         self._buf += data
         pos = self._scanned
         buf = self._buf
+        if b"\n" not in data:  # no new line ends here: nothing to scan again
+            return self._finish(pos) if len(buf) > self.max_bytes else None
         if pos == 0 and buf and buf[0] in (0x20, 0x09):  # (SP, HTAB)
             return self._scan_lines(pos)  # (the first line may not be a continuation)
         # Every complete field and continuation line at once; what stops the match is the

@@ -458,14 +458,10 @@ class SessionCore(smtp.ESMTP):
         self.transport.loseConnection()
         # A client that never reads would keep the socket (and our output) for ever. A timer
         # of its own: moving the inactivity timer sooner would make Twisted search its heap.
-        # Not needed when the transport says it holds nothing unsent (a write-through
-        # connection whose replies all went out): it closes on the reactor's next turn.
+        # (Even with nothing left in Twisted's buffer: the kernel's may be full, and Twisted
+        # closes only once epoll says the socket is writable.)
         self.setTimeout(None)
-        unsent = getattr(self.transport, "holds_unsent", None)
-        if unsent is None or unsent():
-            self._abort_call = self.callLater(
-                _CLOSE_GRACE, lambda: self.transport.abortConnection()
-            )
+        self._abort_call = self.callLater(_CLOSE_GRACE, lambda: self.transport.abortConnection())
 
     def _internal_error(self, failure: Failure) -> None:
         """A bug in the core or an unexpected failure: log it, answer 451, carry on."""

@@ -174,6 +174,18 @@ def test_header_split_late_answers_as_split_at_once(raw: bytes, name: str) -> No
     assert late.get_all(name) == early.get_all(name)
     assert late.names() == early.names()
     assert late.to_bytes() == early.to_bytes()
+    # Added on top while unsplit, then changed in ways that need the split.
+    for ops in (("add_end",), ("remove",), ("len",)):
+        late, early = Header.parse(raw), Header.parse(raw)
+        early.names()
+        for h in (late, early):
+            h.add("X-Top", "1")
+            if ops[0] == "add_end":
+                h.add_end("X-End", "2")
+            elif ops[0] == "remove":
+                h.remove(name)
+        assert len(late) == len(early), ops
+        assert late.to_bytes() == early.to_bytes(), ops
 
 
 def test_added_field_value_folds_every_line() -> None:

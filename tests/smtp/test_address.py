@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+from typing import Any
 from unittest import mock
 
 import pytest
@@ -515,17 +516,26 @@ _PATHISH = st.text(alphabet='ab.-_+@<>" :[]1é\t=', max_size=30)
 
 
 @settings(max_examples=500, deadline=None)
-@given(_PATHISH, st.sampled_from(["", " ", " SIZE=10", " BODY=8BITMIME x", "x"]), st.booleans())
-def test_simple_path_fast_path_is_the_general_parser(path: str, tail: str, strict: bool) -> None:
+@given(
+    _PATHISH,
+    st.sampled_from(["", " ", " SIZE=10", " BODY=8BITMIME x", "x"]),
+    st.booleans(),
+    st.booleans(),
+    st.sampled_from([parse_mail_argument, parse_rcpt_argument]),
+)
+def test_simple_path_fast_path_is_the_general_parser(
+    path: str, tail: str, strict: bool, utf8: bool, parse: Any
+) -> None:
     """The one-match path for <dot-atom@domain> gives what the general parser gives."""
+    prefix = "FROM:" if parse is parse_mail_argument else "TO:"
 
     def outcome(arg: str) -> object:
         try:
-            return parse_rcpt_argument(arg, strict=strict)
+            return parse(arg, strict=strict, allow_utf8=utf8)
         except AddressError as e:
             return ("error", str(e))
 
-    for arg in (f"TO:{path}{tail}", f"TO:<{path}>{tail}", f"TO:<a{path}@b.c>{tail}"):
+    for arg in (f"{prefix}{path}{tail}", f"{prefix}<{path}>{tail}", f"{prefix}<a{path}@b.c>{tail}"):
         fast = outcome(arg)
         with mock.patch.object(address, "_SIMPLE_PATH", re.compile("(?!)")):
             general = outcome(arg)

@@ -131,14 +131,6 @@ class HostileInputTests(SynchronousTestCase):
         s.clock.advance(10.1)
         self.assertEqual(aborted, [True])
 
-    def test_closing_with_nothing_unsent_needs_no_abort_timer(self) -> None:
-        """A transport that holds nothing unsent closes on its own: no abort is scheduled."""
-        for unsent, timers in ((False, 0), (True, 1)):
-            s = Session()
-            s.transport.holds_unsent = lambda u=unsent: u  # type: ignore[attr-defined]
-            s.send(b"QUIT\r\n")
-            self.assertEqual(len(s.clock.getDelayedCalls()), timers, unsent)
-
     def test_no_reply_after_close(self) -> None:
         """Nothing is written after the session decided to close."""
         s = Session()
