@@ -107,13 +107,20 @@ def write_through_reactor(reactor: Any) -> Any:
     return _WriteThroughReactor(reactor)
 
 
+# What Twisted's EPollReactor.doPoll reads, as the copy below does.
+_MODEL = frozenset({"_poller", "poll", "_selectables", "_doReadOrWrite", "callWithLogger"})
+
+
 def dispatch_without_log_context(reactor: Any) -> bool:
     """Let C{reactor} (if it is the epoll reactor) hand the events of L{WriteThroughServer}
     connections and L{WriteThroughPort}s to them directly, without C{log.callWithLogger};
-    True if it now does. Twisted's C{EPollReactor.doPoll} is the model, line for line, and
-    tests/test_writethrough.py pins the attributes it reads."""
-    if type(reactor) is not EPollReactor:
-        return False
+    True if it now does. Twisted's C{EPollReactor.doPoll} is the model, line for line; a
+    Twisted whose doPoll no longer reads what the model reads keeps its own."""
+    if (
+        type(reactor) is not EPollReactor
+        or not set(EPollReactor.doPoll.__code__.co_names) >= _MODEL
+    ):
+        return False  # (another reactor, or a Twisted whose doPoll is no longer the model)
     epoll: Any = reactor  # (its private attributes, as doPoll reads them)
     ours = (WriteThroughServer, WriteThroughPort)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import select
 import socket
 from typing import Any
+from unittest import mock
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
@@ -210,6 +211,14 @@ def test_events_of_our_connections_skip_the_log_context() -> None:
         ("_Other", "other-prefix"),
         ("WriteThroughPort", "-"),
     ]
+
+
+def test_dispatch_left_alone_when_twisted_changes_do_poll() -> None:
+    """A Twisted whose doPoll no longer reads what the copy reads keeps its own dispatch."""
+    epoll: Any = EPollReactor.__new__(EPollReactor)
+    with mock.patch.object(EPollReactor, "doPoll", lambda self, timeout: None):
+        assert not dispatch_without_log_context(epoll)
+    assert "doPoll" not in vars(epoll)
 
 
 def test_dispatch_left_alone_on_other_reactors() -> None:

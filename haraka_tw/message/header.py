@@ -32,6 +32,7 @@ class Header:
         self._split: list[tuple[str, bytes]] | None = []  # (lower-case name, raw field bytes)
         self._raw = b""  # fields received but not split yet (when _split is None)
         self._top: list[tuple[str, bytes]] = []  # fields added above them meanwhile
+        self._raw_lower: bytes | None = None  # _raw lower-cased, once asked for
 
     @classmethod
     def parse(cls, raw: bytes) -> Header:
@@ -47,19 +48,21 @@ class Header:
         if fields is None:
             fields = self._split = self._top
             fields.extend((_name_of(block), block) for block in _field_blocks(self._raw))
-            self._raw, self._top = b"", []
+            self._raw, self._top, self._raw_lower = b"", [], None
         return fields
 
     @_fields.setter
     def _fields(self, fields: list[tuple[str, bytes]]) -> None:
-        self._split, self._raw, self._top = fields, b"", []
+        self._split, self._raw, self._top, self._raw_lower = fields, b"", [], None
 
     def _surely_absent(self, key: str) -> bool:
         """Whether no field received but not split yet is named C{key} (lower case), known
         without splitting: the name's bytes appear nowhere in an ASCII header."""
         if self._split is not None or not (key.isascii() and self._raw.isascii()):
             return False
-        return key.encode("ascii") not in self._raw.lower()
+        if self._raw_lower is None:  # (made once: the core asks twice per message)
+            self._raw_lower = self._raw.lower()
+        return key.encode() not in self._raw_lower
 
     def __len__(self) -> int:
         return len(self._fields)
