@@ -18,13 +18,16 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import threading
 from collections.abc import Callable
+from typing import Any
 
 from twisted.internet.error import ReactorNotRunning
 from twisted.internet.protocol import connectionDone
 from twisted.logger import ILogObserver, LogEvent, LogLevel, eventAsText, globalLogBeginner
 from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python.failure import Failure
+from twisted.python.threadable import isInIOThread
 from zope.interface import implementer
 
 from haraka_tw.config import ConfigDirectory, ConfigError
@@ -45,19 +48,51 @@ EXIT_REFUSED = 4
 @implementer(ILogObserver)
 class LineObserver:
     """Writes every log event to descriptor C{fd} as output-channel lines. Blocking: a
-    master slow to read slows the worker rather than losing its log."""
+    master slow to read slows the worker rather than losing its log.
 
-    def __init__(self, fd: int) -> None:
+    Lines logged in the reactor thread while it runs are gathered for up to C{delay}
+    seconds and written together: the master wakes once for many lines, where a wake-up
+    per line (the disconnect line, once per connection) cost it 0.085 ms of CPU per
+    message under load. Lines from other threads, or once the reactor has stopped, are
+    written at once, after what was gathered; L{run} writes what is left when the reactor
+    stops. A worker killed with SIGKILL loses at most C{delay} seconds of lines.
+    """
+
+    def __init__(self, fd: int, reactor: Any = None, delay: float = 0.02) -> None:
         self.fd = fd
+        self._reactor = reactor
+        self._delay = delay
+        self._gathered: list[bytes] = []
+        self._call: Any = None
+        self._lock = threading.Lock()
 
     def __call__(self, event: LogEvent) -> None:
         text = event.get("haraka_text")  # a HarakaLog line comes formatted already
         if not isinstance(text, str) or "log_failure" in event:
             text = eventAsText(event, includeTimestamp=False, includeSystem=False)
-        data = memoryview(log_lines(event.get("log_level", LogLevel.info), text))
-        with contextlib.suppress(OSError):  # the master is gone: the channels say so
-            while data:
-                data = data[os.write(self.fd, data) :]
+        data = log_lines(event.get("log_level", LogLevel.info), text)
+        reactor = self._reactor
+        if reactor is None or not reactor.running or not isInIOThread():
+            self.flush(data)
+            return
+        with self._lock:
+            self._gathered.append(data)
+            if self._call is None:
+                self._call = reactor.callLater(self._delay, self.flush)
+
+    def flush(self, then: bytes = b"") -> None:
+        """Write the lines gathered so far, then C{then}."""
+        with self._lock:
+            if self._call is not None and isInIOThread():  # (a timer is the reactor's own)
+                if self._call.active():
+                    self._call.cancel()
+                self._call = None
+            self._gathered.append(then)
+            data = memoryview(b"".join(self._gathered))
+            self._gathered.clear()
+            with contextlib.suppress(OSError):  # the master is gone: the channels say so
+                while data:
+                    data = data[os.write(self.fd, data) :]
 
 
 class MasterChannel(LineOnlyReceiver):
@@ -89,7 +124,8 @@ def run(role: WorkerRole) -> int:
     has installed this process's reactor.)"""
     from twisted.internet import reactor
 
-    globalLogBeginner.beginLoggingTo([LineObserver(1)], redirectStandardIO=True)
+    output = LineObserver(1, reactor)
+    globalLogBeginner.beginLoggingTo([output], redirectStandardIO=True)
     try:
         config = ConfigDirectory(role.config_dirs)
         server = HarakaServer(config, reactor, partition=role.partition)
@@ -100,6 +136,7 @@ def run(role: WorkerRole) -> int:
         from twisted.logger import Logger
 
         Logger(namespace="haraka_tw").critical("worker cannot start: {why}", why=str(e))
+        output.flush()
         return EXIT_STARTUP
 
     def master_gone() -> None:
@@ -112,4 +149,5 @@ def run(role: WorkerRole) -> int:
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     service.startService()
     reactor.run()
+    output.flush()
     return EXIT_REFUSED if service.refused else 0
