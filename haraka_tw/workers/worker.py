@@ -50,12 +50,14 @@ class LineObserver:
     """Writes every log event to descriptor C{fd} as output-channel lines. Blocking: a
     master slow to read slows the worker rather than losing its log.
 
-    Lines logged in the reactor thread while it runs are gathered for up to C{delay}
-    seconds and written together: the master wakes once for many lines, where a wake-up
-    per line (the disconnect line, once per connection) cost it 0.085 ms of CPU per
-    message under load. Lines from other threads, or once the reactor has stopped, are
-    written at once, after what was gathered; L{run} writes what is left when the reactor
-    stops. A worker killed with SIGKILL loses at most C{delay} seconds of lines.
+    Lines logged in the reactor thread while it runs are gathered and written together
+    about C{delay} seconds later (later if the reactor is busy): the master wakes once for
+    many lines, where a wake-up per line (the disconnect line, once per connection) cost it
+    0.085 ms of CPU per message under load. Lines from other threads, or once the reactor
+    has stopped, are written at once, after what was gathered; L{run} writes what is left
+    when the reactor stops. A line logged while a write is under way (a signal handler's,
+    in the same thread) joins that write. A worker killed with SIGKILL loses the lines it
+    had gathered.
     """
 
     def __init__(self, fd: int, reactor: Any = None, delay: float = 0.02) -> None:
@@ -64,7 +66,9 @@ class LineObserver:
         self._delay = delay
         self._gathered: list[bytes] = []
         self._call: Any = None
-        self._lock = threading.Lock()
+        self._writing = False
+        # Re-entrant: a signal handler that logs runs in the thread that may hold it.
+        self._lock = threading.RLock()
 
     def __call__(self, event: LogEvent) -> None:
         text = event.get("haraka_text")  # a HarakaLog line comes formatted already
@@ -77,7 +81,7 @@ class LineObserver:
             return
         with self._lock:
             self._gathered.append(data)
-            if self._call is None:
+            if self._call is None and not self._writing:
                 self._call = reactor.callLater(self._delay, self.flush)
 
     def flush(self, then: bytes = b"") -> None:
@@ -88,11 +92,19 @@ class LineObserver:
                     self._call.cancel()
                 self._call = None
             self._gathered.append(then)
-            data = memoryview(b"".join(self._gathered))
-            self._gathered.clear()
-            with contextlib.suppress(OSError):  # the master is gone: the channels say so
-                while data:
-                    data = data[os.write(self.fd, data) :]
+            if self._writing:
+                return  # (a line logged during a write: that write's loop takes it)
+            self._writing = True
+            try:
+                while any(self._gathered):
+                    data = memoryview(b"".join(self._gathered))
+                    self._gathered.clear()
+                    with contextlib.suppress(OSError):  # the master is gone: the channels say so
+                        while data:
+                            data = data[os.write(self.fd, data) :]
+                self._gathered.clear()
+            finally:
+                self._writing = False
 
 
 class MasterChannel(LineOnlyReceiver):

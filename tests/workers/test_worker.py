@@ -81,3 +81,27 @@ def test_stopped_reactor_or_no_reactor_writes_at_once(pipe: Any) -> None:
         LineObserver(write)(event("no reactor"))
     assert drain(read) == b"info\tlate\ninfo\tno reactor\n"
     assert clock.getDelayedCalls() == []
+
+
+def test_a_line_logged_during_a_write_joins_it(pipe: Any) -> None:
+    """A line logged while a write is under way (a signal handler's) follows it, no hang."""
+    read, write = pipe
+    observer = LineObserver(write)
+    real_write = os.write
+    calls: list[int] = []
+
+    def interrupted_write(fd: int, data: Any) -> int:
+        calls.append(fd)
+        if len(calls) == 1:
+            observer(event("from the signal handler"))  # (as SIGTERM's "shutting down")
+        return real_write(fd, data)
+
+    def log_once() -> None:
+        with mock.patch.object(worker.os, "write", interrupted_write):
+            observer(event("first"))
+
+    thread = threading.Thread(target=log_once, daemon=True)
+    thread.start()
+    thread.join(5)
+    assert not thread.is_alive(), "the observer deadlocked"
+    assert drain(read) == b"info\tfirst\ninfo\tfrom the signal handler\n"
