@@ -39,6 +39,7 @@ __all__ = [
     "LogRecord",
     "PluginLogger",
     "TwistdLogObserver",
+    "emit_text",
     "format_record",
 ]
 
@@ -181,6 +182,24 @@ def format_record(record: LogRecord, fmt: str = "default", timestamps: bool = Fa
 LogHook = Callable[[Any, LogRecord], bool]
 
 
+def emit_text(logger: Logger, level: LogLevel, text: str, when: float, **extra: Any) -> None:
+    """Hand C{logger}'s observer a line formatted already, as the event C{Logger.emit}
+    would make (which L{TwistdLogObserver} writes as it is). Made here because emit checks
+    the level against every LogLevel constant and reads the clock again, once per line."""
+    logger.observer(
+        {
+            "haraka_text": text,
+            "log_logger": logger,
+            "log_level": level,
+            "log_namespace": logger.namespace,
+            "log_source": logger.source,
+            "log_format": "{haraka_text}",
+            "log_time": when,
+            **extra,
+        }
+    )
+
+
 class HarakaLog:
     """The server's log: level filter, formatting, the log hook, then twisted.logger."""
 
@@ -228,8 +247,7 @@ class HarakaLog:
         **fields: Any,
     ) -> None:
         """Write one line if C{level} passes, giving the log hook the first say."""
-        if level <= self.level:
-            self.log_fields(level, message, fields, uuid, origin, connection)
+        self.log_fields(level, message, fields, uuid, origin, connection)
 
     def log_fields(
         self,
@@ -253,21 +271,7 @@ class HarakaLog:
             finally:
                 self._in_hook = False
         text = format_record(record, self.format, self.timestamps)
-        # The event Logger.emit would make, made here: emit checks the level against every
-        # LogLevel constant and reads the clock again, once per line.
-        logger = self._logger
-        logger.observer(
-            {
-                "haraka_text": text,
-                "haraka_record": record,
-                "log_logger": logger,
-                "log_level": _TWISTED_LEVEL[level],
-                "log_namespace": logger.namespace,
-                "log_source": logger.source,
-                "log_format": "{haraka_text}",
-                "log_time": record.time,
-            }
-        )
+        emit_text(self._logger, _TWISTED_LEVEL[level], text, record.time, haraka_record=record)
 
     def for_origin(self, origin: str) -> PluginLogger:
         """A logger whose lines carry C{origin}."""

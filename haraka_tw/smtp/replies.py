@@ -100,11 +100,7 @@ class Reply:
         for i in range(1, len(form), 2):
             name = form[i]
             value = get(name, context)
-            if value is None:
-                value = "{" + name + "}"
-            elif "\r" in value or "\n" in value:  # a reply line never ends early
-                value = value.replace("\r", " ").replace("\n", " ")
-            out.append(value)
+            out.append("{" + name + "}" if value is None else _one_line(value))
             out.append(form[i + 1])
         return "".join(out).encode("utf-8", "replace")
 
@@ -133,10 +129,15 @@ def render_text(code: int, enhanced: str | None, lines: tuple[str, ...]) -> str:
     last = len(lines) - 1
     out = []
     for i, line in enumerate(lines):
-        if "\r" in line or "\n" in line:  # a reply line never ends early
-            line = line.replace("\r", " ").replace("\n", " ")
-        out.append(f"{code}{' ' if i == last else '-'}{status}{line}\r\n")
+        out.append(f"{code}{' ' if i == last else '-'}{status}{_one_line(line)}\r\n")
     return "".join(out)
+
+
+def _one_line(text: str) -> str:
+    """C{text} with any CR or LF as a space: a reply line never ends early."""
+    if "\r" in text or "\n" in text:
+        return text.replace("\r", " ").replace("\n", " ")
+    return text
 
 
 _TEMPLATES: dict[str, tuple[str, ...]] = {}

@@ -148,8 +148,7 @@ def run(role: WorkerRole) -> int:
         from twisted.logger import Logger
 
         Logger(namespace="haraka_tw").critical("worker cannot start: {why}", why=str(e))
-        output.flush()
-        return EXIT_STARTUP
+        return EXIT_STARTUP  # (the reactor has not run: every line went out at once)
 
     def master_gone() -> None:
         with contextlib.suppress(ReactorNotRunning):  # already stopping
