@@ -13,12 +13,18 @@ C{new/}, and the directory fsynced; only then is the answer OK, so the client's 
 the message is on disk. Names follow the Maildir convention (time.MusecPpidQn.host), so
 Python's C{mailbox.Maildir} and mail clients read the result.
 
-The writes run in one thread of the plugin's own, not the reactor's pool: messages that
-arrive while it writes wait, and are written next as a batch, with one fsync of C{new/}
-for the batch and one call back into the reactor. With a pool thread per message, each
-thread's every system call waited for the GIL behind the busy reactor (a 0.3 ms delivery
-took 2.6 ms in the server), and the reactor paid a Deferred, a context and a wake-up per
-message: queue/maildir ran at 0.47-0.54 of queue/discard's rate in bench/ (b).
+With fsync on, the syncing runs in one thread of the plugin's own, not the reactor's pool.
+A message up to C{INLINE_LIMIT} bytes is written into tmp/ by the reactor thread itself
+(page-cache writes, tens of microseconds); the thread then fsyncs each file, renames it
+into new/ and fsyncs new/ once for all that arrived while it worked (a batch), with one call
+back into the reactor. Larger messages, which may be read back from a spool file, are
+written by the thread too. Every system call the thread makes costs two GIL hand-offs with
+the busy reactor (a context switch each way), so the thread does as few as it can: with the
+whole write in the thread, the server switched context 16 times per message and
+queue/maildir ran at 0.46-0.59 of queue/discard's rate in bench/ (b).
+
+With fsync off, nothing waits for the disk: the reactor writes and renames the message
+itself and answers at once.
 
 Only inbound mail (the queue hook) goes to the Maildir: relayed mail (queue_outbound) is
 left to the outbound queue, which delivers it to its destination.
@@ -40,7 +46,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -49,13 +55,17 @@ from haraka_tw.codes import DENYSOFT, OK, Code
 from haraka_tw.fsync import fsync_dir
 from haraka_tw.interfaces import IPluginContext, IQueueHook, IRegistration, IShutdown
 
-__all__ = ["BatchWriter", "Maildir", "Plugin"]
+__all__ = ["INLINE_LIMIT", "BatchWriter", "Maildir", "Plugin"]
 
-_BATCH_LIMIT = 64  # messages written together at most (each holds a descriptor meanwhile)
+INLINE_LIMIT = 256 * 1024  # body bytes of an in-memory message the reactor writes itself
+_BATCH_LIMIT = 64  # messages synced together at most (each holds a descriptor meanwhile)
+
+Written = tuple[int, str]  # a message in tmp/: its still open descriptor, and its path
 
 
 class Maildir:
-    """A Maildir directory that messages are delivered into."""
+    """A Maildir directory that messages are delivered into. Its methods block: the
+    plugin decides which thread runs them."""
 
     _counter = itertools.count(1)
 
@@ -63,6 +73,8 @@ class Maildir:
         self.path = Path(path)
         self.fsync = fsync
         self.host = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
+        self._tmp = os.path.join(self.path, "tmp")
+        self._new = os.path.join(self.path, "new")
 
     def create(self) -> None:
         """Make tmp/, new/ and cur/ (mode 0700) if missing."""
@@ -74,66 +86,26 @@ class Maildir:
         usec = int((now % 1) * 1_000_000)
         return f"{int(now)}.M{usec}P{os.getpid()}Q{next(self._counter)}.{self.host}"
 
-    def deliver(self, chunks: Iterable[bytes]) -> Path:
-        """Write one message; return its path in new/. Blocking: run it in a thread.
+    def deliver(self, chunks: Iterable[bytes]) -> str:
+        """Write one message (synced if fsync is on); return its path in new/.
 
         @raise OSError: (or what C{chunks} raised) when it could not be stored.
         """
-        (result,) = self.deliver_batch([chunks])
+        written = self.write_tmp(chunks)
+        try:
+            (result,) = self.sync_batch([written])
+        finally:
+            os.close(written[0])
         if isinstance(result, Exception):
             raise result
         return result
 
-    def deliver_batch(self, messages: Sequence[Iterable[bytes]]) -> list[Path | Exception]:
-        """Write several messages, with one fsync of new/ for them all; for each, its path
-        in new/ or the exception that kept it out. Blocking: run it in a thread.
-
-        Every message is written to tmp/ first, then each file is fsynced (after the
-        first, the journal has mostly been committed for the others), renamed into new/,
-        and new/ fsynced once. A message whose write or fsync fails leaves nothing behind.
-        If the fsync of new/ fails, every message renamed gets that error (its file stays
-        in new/, unacknowledged: the client retries, so it may be delivered twice, never
-        lost). The directories are made on first use, so that under C{twistd -u/-g} they
-        belong to the user the server runs as.
-        """
-        written: list[tuple[int, str] | Exception] = []
-        for chunks in messages:
-            try:
-                written.append(self._write(chunks))
-            except Exception as e:
-                written.append(e)
-        new_dir = os.path.join(self.path, "new")
-        results: list[Path | Exception] = []
-        for entry in written:
-            if isinstance(entry, Exception):
-                results.append(entry)
-                continue
-            fd, tmp = entry
-            try:
-                try:
-                    if self.fsync:
-                        os.fsync(fd)
-                finally:
-                    os.close(fd)
-                new = os.path.join(new_dir, os.path.basename(tmp))
-                os.rename(tmp, new)
-            except Exception as e:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp)
-                results.append(e)
-                continue
-            results.append(Path(new))
-        if self.fsync and any(isinstance(r, Path) for r in results):
-            try:
-                fsync_dir(new_dir)
-            except OSError as e:
-                results = [e if isinstance(r, Path) else r for r in results]
-        return results
-
-    def _write(self, chunks: Iterable[bytes]) -> tuple[int, str]:
-        """The message into tmp/; its still open descriptor, and its path. (Strings, not
-        pathlib: this runs once per message in the writer thread, holding the GIL.)"""
-        tmp = os.path.join(self.path, "tmp", self.unique_name())
+    def write_tmp(self, chunks: Iterable[bytes]) -> Written:
+        """Write the message into tmp/ and leave its descriptor open for L{sync_batch}. A
+        write that fails leaves nothing behind. The directories are made on first use, so
+        that under C{twistd -u/-g} they belong to the user the server runs as. (Strings,
+        not pathlib: this runs once per message.)"""
+        tmp = os.path.join(self._tmp, self.unique_name())
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
         try:
             fd = os.open(tmp, flags, 0o600)
@@ -151,6 +123,36 @@ class Maildir:
                 os.unlink(tmp)
             raise
         return fd, tmp
+
+    def sync_batch(self, written: Sequence[Written]) -> list[str | Exception]:
+        """Move messages written by L{write_tmp} into new/: each file fsynced (when fsync
+        is on) and renamed, then new/ fsynced once for them all. For each, its path in
+        new/ or the exception that kept it out; the descriptors stay open (the caller
+        closes them).
+
+        A message whose fsync or rename fails is removed. If the fsync of new/ fails,
+        every message renamed gets that error (its file stays in new/, unacknowledged:
+        the client retries, so it may be delivered twice, never lost).
+        """
+        results: list[str | Exception] = []
+        for fd, tmp in written:
+            new = os.path.join(self._new, os.path.basename(tmp))
+            try:
+                if self.fsync:
+                    os.fsync(fd)
+                os.rename(tmp, new)
+            except Exception as e:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+                results.append(e)
+            else:
+                results.append(new)
+        if self.fsync and any(isinstance(r, str) for r in results):
+            try:
+                fsync_dir(self._new)
+            except OSError as e:
+                results = [e if isinstance(r, str) else r for r in results]
+        return results
 
 
 class Abandoned(Protocol):
@@ -175,30 +177,59 @@ class _GivenUp:
         return self.given_up
 
 
-_Waiting = tuple[Iterable[bytes], Abandoned, Deferred[Path]]
+class _Entry:
+    """One message waiting for the writer thread."""
+
+    __slots__ = ("abandoned", "chunks", "done", "result", "written")
+
+    def __init__(
+        self,
+        chunks: Iterable[bytes] | None,
+        written: Written | None,
+        abandoned: Abandoned,
+        done: Deferred[str],
+    ) -> None:
+        self.chunks = chunks  # still to be written, by the thread
+        self.written = written  # already in tmp/ (open until answered)
+        self.abandoned = abandoned
+        self.done = done
+        self.result: str | Exception = _LATE
+
+
+_LATE = TimeoutError("delivery finished after the hook timed out; removed")
 
 
 class BatchWriter:
-    """The thread that delivers into a L{Maildir}: what arrives while it writes is written
-    next, as one batch (L{Maildir.deliver_batch}), and answered with one call into the
-    reactor. The thread starts with the first message and ends when stopped and idle; a
-    message after that starts it again."""
+    """The thread that makes messages durable in a L{Maildir}: what arrives while it works
+    is taken next, as one batch (L{Maildir.sync_batch}), and answered with one call into
+    the reactor. The thread starts with the first message and ends when stopped and idle;
+    a message after that starts it again."""
 
     def __init__(self, maildir: Maildir, reactor: Any) -> None:
         self.maildir = maildir
         self._reactor = reactor
-        self._waiting: list[_Waiting] = []
+        self._waiting: list[_Entry] = []
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
 
-    def submit(self, chunks: Iterable[bytes], abandoned: Abandoned) -> Deferred[Path]:
-        """Deliver a message; fires with its path in new/, or fails. If C{abandoned} is set
-        by the time the write is done (the hook timed out), the file is removed again;
-        set before the write begins, the message is not written at all."""
-        done: Deferred[Path] = Deferred()
+    def submit(
+        self, chunks: Iterable[bytes], abandoned: Abandoned, inline: bool = False
+    ) -> Deferred[str]:
+        """Deliver a message; fires with its path in new/, or fails. With C{inline} the
+        message is written into tmp/ here and now (by the caller's thread), else by the
+        writer thread. If C{abandoned} is set by the time the answer comes (the hook timed
+        out), the file is removed again; set before the thread's turn, the message is not
+        delivered at all."""
+        done: Deferred[str] = Deferred()
+        written = None
+        if inline:
+            try:
+                written = self.maildir.write_tmp(chunks)
+            except Exception:
+                return fail()
         with self._wake:
-            self._waiting.append((chunks, abandoned, done))
+            self._waiting.append(_Entry(None if inline else chunks, written, abandoned, done))
             if self._thread is None:
                 self._start()
             self._wake.notify()
@@ -221,14 +252,13 @@ class BatchWriter:
                     batch = self._waiting[:_BATCH_LIMIT]
                     del self._waiting[:_BATCH_LIMIT]
                 try:
-                    answers = self._write_batch(batch)
+                    self._sync(batch)
                 except BaseException as e:  # a bug here must not leave the sessions waiting
-                    answers = [
-                        (done, Exception(f"maildir writer failed: {e!r}")) for *_, done in batch
-                    ]
-                    self._reactor.callFromThread(_answer, answers)
+                    for entry in batch:
+                        entry.result = Exception(f"maildir writer failed: {e!r}")
+                    self._reactor.callFromThread(_answer, batch)
                     raise
-                self._reactor.callFromThread(_answer, answers)
+                self._reactor.callFromThread(_answer, batch)
         finally:
             with self._wake:
                 self._thread = None
@@ -241,35 +271,48 @@ class BatchWriter:
         self._thread.daemon = True  # an unanswered write dies with the process
         self._thread.start()
 
-    def _write_batch(self, batch: list[_Waiting]) -> list[tuple[Deferred[Path], Path | Exception]]:
-        late = TimeoutError("delivery finished after the hook timed out; removed")
-        todo = [entry for entry in batch if not entry[1].is_set()]  # not yet given up on
-        results: dict[int, Path | Exception] = {}
-        if todo:
-            delivered = self.maildir.deliver_batch([chunks for chunks, _, _ in todo])
-            results = dict(zip((id(entry) for entry in todo), delivered, strict=True))
-        answers: list[tuple[Deferred[Path], Path | Exception]] = []
+    def _sync(self, batch: list[_Entry]) -> None:
+        """Write what is not yet written and sync the batch; every system call here costs a
+        GIL hand-off with the reactor, so nothing else is done in this thread."""
+        todo: list[_Entry] = []
         for entry in batch:
-            _, abandoned, done = entry
-            result = results.get(id(entry), late)
-            if isinstance(result, Path) and abandoned.is_set():
-                # timed out while written: the client was told 450 and will retry
+            if entry.abandoned.is_set():  # given up on before its turn: left as _LATE
+                continue
+            if entry.written is None:
                 try:
-                    result.unlink()
-                except OSError as e:
-                    result = e
-                else:
-                    result = late
-            answers.append((done, result))
-        return answers
+                    entry.written = self.maildir.write_tmp(entry.chunks or ())
+                except Exception as e:
+                    entry.result = e
+                    continue
+            todo.append(entry)
+        results = self.maildir.sync_batch([entry.written for entry in todo])  # type: ignore[misc]
+        for entry, result in zip(todo, results, strict=True):
+            entry.result = result
 
 
-def _answer(answers: list[tuple[Deferred[Path], Path | Exception]]) -> None:
-    for done, result in answers:
+def _answer(batch: list[_Entry]) -> None:
+    """In the reactor thread: close the files, and answer each message. One whose hook
+    timed out meanwhile (the client was told 450 and will retry) is removed."""
+    for entry in batch:
+        result = entry.result
+        if entry.written is not None:
+            fd, tmp = entry.written
+            with contextlib.suppress(OSError):
+                os.close(fd)
+            if isinstance(result, Exception):  # (if still in tmp/: not synced, or a bug)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+        if isinstance(result, str) and entry.abandoned.is_set():
+            try:
+                os.unlink(result)
+            except OSError as e:
+                result = e
+            else:
+                result = _LATE
         if isinstance(result, Exception):
-            done.errback(Failure(result))
+            entry.done.errback(Failure(result))
         else:
-            done.callback(result)
+            entry.done.callback(result)
 
 
 @implementer(IRegistration, IQueueHook, IShutdown)
@@ -297,15 +340,23 @@ class Plugin:
 
     def hook_queue(self, connection: Any) -> Any:
         txn = connection.transaction
+        stream = txn.message_stream
 
-        def delivered(path: Path) -> Code:
+        def delivered(path: str) -> Code:
             connection.loginfo(f"delivered to {path}", self.name)
-            txn.notes["maildir_path"] = str(path)
+            txn.notes["maildir_path"] = path
             return OK
 
         def failed(failure: Any) -> tuple[Code, str]:
             self.log.error(f"maildir delivery failed: {failure.getErrorMessage()}", connection)
             return DENYSOFT, "Temporary storage failure, try again later"
+
+        inline = not stream.spooled and stream.body_size <= INLINE_LIMIT
+        if inline and not self.maildir.fsync:  # nothing to wait for
+            try:
+                return delivered(self.maildir.deliver(stream.chunks()))
+            except Exception:
+                return failed(Failure())
 
         abandoned = _GivenUp()
         answer: Deferred[Any] = Deferred(canceller=lambda _: abandoned.set())
@@ -315,6 +366,6 @@ class Plugin:
                 answer.callback(result)
 
         # The session waits for this answer, so nothing else touches the stream meanwhile.
-        written = self.writer.submit(txn.message_stream.chunks(), abandoned)
+        written = self.writer.submit(stream.chunks(), abandoned, inline)
         written.addCallbacks(delivered, failed).addCallback(settle)
         return answer

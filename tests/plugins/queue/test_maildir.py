@@ -18,7 +18,7 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from haraka_tw.plugins.queue.maildir import BatchWriter, Maildir
-from tests.support import start_server, temp_dir
+from tests.support import maildir_messages, start_server, temp_dir
 
 
 def test_deliver_tmp_fsync_rename(tmp_path: Path) -> None:
@@ -28,7 +28,7 @@ def test_deliver_tmp_fsync_rename(tmp_path: Path) -> None:
     synced: list[int] = []
     real_fsync = os.fsync
     with mock.patch("os.fsync", side_effect=lambda fd: (synced.append(fd), real_fsync(fd))[1]):
-        path = md.deliver([b"Subject: x\r\n", b"\r\nbody\r\n"])
+        path = Path(md.deliver([b"Subject: x\r\n", b"\r\nbody\r\n"]))
     assert path.parent == tmp_path / "md" / "new"
     assert path.read_bytes() == b"Subject: x\r\n\r\nbody\r\n"
     assert len(synced) == 2  # the file and the new/ directory
@@ -56,7 +56,7 @@ def test_failed_write_leaves_nothing(tmp_path: Path) -> None:
 def test_created_on_first_delivery(tmp_path: Path) -> None:
     """A missing Maildir is created (0700) by the first delivery, as the server's user."""
     md = Maildir(tmp_path / "later" / "md")
-    path = md.deliver([b"x\r\n"])
+    path = Path(md.deliver([b"x\r\n"]))
     assert path.read_bytes() == b"x\r\n"
     assert ((tmp_path / "later" / "md" / "cur").stat().st_mode & 0o777) == 0o700
 
@@ -68,101 +68,151 @@ def test_unique_names(tmp_path: Path) -> None:
 
 
 def test_a_batch_shares_one_fsync_of_new(tmp_path: Path) -> None:
-    """deliver_batch fsyncs each file and new/ once; a failed message leaves nothing and
-    does not stop the others."""
+    """sync_batch fsyncs each file and new/ once; a message whose sync fails is removed
+    and does not stop the others; the descriptors are left to the caller."""
     md = Maildir(tmp_path / "md")
-    md.create()
+    written = [md.write_tmp([f"{i}\r\n".encode()]) for i in range(3)]
+    os.close(written[1][0])  # its fsync fails: EBADF
+    synced: list[int] = []
+    real_fsync = os.fsync
+    with mock.patch("os.fsync", side_effect=lambda fd: (synced.append(fd), real_fsync(fd))[1]):
+        results = md.sync_batch(written)
+    for i in (0, 2):
+        os.close(written[i][0])
+    assert isinstance(results[1], OSError)
+    assert [Path(r).read_bytes() for r in (results[0], results[2])] == [b"0\r\n", b"2\r\n"]
+    assert len(synced) == 4  # three files (one failing), and new/ once
+    assert len(list((tmp_path / "md" / "new").iterdir())) == 2
+    assert list((tmp_path / "md" / "tmp").iterdir()) == []
+
+
+def test_a_failed_write_leaves_nothing_in_tmp(tmp_path: Path) -> None:
+    """write_tmp that fails (the stream raised) removes its file."""
+    md = Maildir(tmp_path / "md")
 
     def broken() -> Any:
         yield b"partial"
         raise OSError("disk full")
 
-    synced: list[int] = []
-    real_fsync = os.fsync
-    with mock.patch("os.fsync", side_effect=lambda fd: (synced.append(fd), real_fsync(fd))[1]):
-        results = md.deliver_batch([[b"one\r\n"], broken(), [b"three\r\n"]])
-    assert isinstance(results[1], OSError)
-    assert [r.read_bytes() for r in (results[0], results[2])] == [b"one\r\n", b"three\r\n"]
-    assert len(synced) == 3  # two files, and new/ once
-    assert len(list((tmp_path / "md" / "new").iterdir())) == 2
+    with pytest.raises(OSError, match="disk full"):
+        md.write_tmp(broken())
     assert list((tmp_path / "md" / "tmp").iterdir()) == []
 
 
 def test_a_failed_fsync_of_new_fails_the_whole_batch(tmp_path: Path) -> None:
     """If new/ cannot be synced, no message of the batch is acknowledged."""
     md = Maildir(tmp_path / "md")
+    written = [md.write_tmp([b"a\r\n"]), md.write_tmp([b"b\r\n"])]
     with mock.patch("haraka_tw.plugins.queue.maildir.fsync_dir", side_effect=OSError("EIO")):
-        results = md.deliver_batch([[b"a\r\n"], [b"b\r\n"]])
+        results = md.sync_batch(written)
+    for fd, _ in written:
+        os.close(fd)
     assert [str(r) for r in results] == ["EIO", "EIO"]
 
 
+def test_without_fsync_nothing_is_synced(tmp_path: Path) -> None:
+    """fsync=false: the file is renamed into new/, and neither it nor new/ is synced."""
+    md = Maildir(tmp_path / "md", fsync=False)
+    with mock.patch("os.fsync") as fsync:
+        path = md.deliver([b"x\r\n"])
+    assert fsync.call_count == 0
+    assert Path(path).read_bytes() == b"x\r\n"
+
+
 class BatchWriterTests(TestCase):
-    @inlineCallbacks
-    def test_messages_arriving_during_a_write_go_in_one_batch(self) -> Deferred[None]:
-        """While the thread writes one message, those that arrive wait and are written
-        together next; each gets its own answer."""
+    def writer(self) -> tuple[Maildir, BatchWriter]:
         md = Maildir(temp_dir(self) / "md")
         writer = BatchWriter(md, reactor)
         self.addCleanup(writer.stop)
+        return md, writer
+
+    @inlineCallbacks
+    def test_messages_arriving_during_a_sync_go_in_one_batch(self) -> Deferred[None]:
+        """While the thread syncs one message, those that arrive wait and are synced
+        together next, whether the thread or the caller wrote them; each gets its own
+        answer."""
+        md, writer = self.writer()
         batches: list[int] = []
         taken, gate = threading.Event(), threading.Event()
-        real = md.deliver_batch
+        real = md.sync_batch
 
-        def counted(messages: Any) -> list[Path | Exception]:
-            batches.append(len(messages))
+        def counted(written: Any) -> list[str | Exception]:
+            batches.append(len(written))
             taken.set()
             gate.wait(10)
-            return real(messages)
+            return real(written)
 
-        md.deliver_batch = counted  # type: ignore[method-assign]
+        md.sync_batch = counted  # type: ignore[method-assign]
         first = writer.submit([b"0\r\n"], threading.Event())
         yield deferToThread(taken.wait, 10)  # the thread holds the first
-        rest = [writer.submit([f"{i}\r\n".encode()], threading.Event()) for i in range(1, 6)]
+        rest = [
+            writer.submit([f"{i}\r\n".encode()], threading.Event(), inline=i % 2 == 0)
+            for i in range(1, 6)
+        ]
+        self.assertEqual(len(os.listdir(md.path / "tmp")), 3)  # the first, and 2 and 4 inline
         gate.set()
         paths = yield gatherResults([first, *rest])
         self.assertEqual(batches, [1, 5])
-        self.assertEqual([p.read_bytes() for p in paths], [f"{i}\r\n".encode() for i in range(6)])
+        self.assertEqual(
+            [Path(p).read_bytes() for p in paths], [f"{i}\r\n".encode() for i in range(6)]
+        )
+        self.assertEqual(os.listdir(md.path / "tmp"), [])
 
     @inlineCallbacks
-    def test_an_abandoned_write_is_removed_and_fails(self) -> Deferred[None]:
-        """A message whose hook timed out while it was written is removed, not kept; one
-        given up on before its turn is not written at all."""
-        md = Maildir(temp_dir(self) / "md")
-        writer = BatchWriter(md, reactor)
-        self.addCleanup(writer.stop)
-        during, before = threading.Event(), threading.Event()
-        real = md.deliver_batch
+    def test_an_inline_write_that_fails_fails_at_once(self) -> Deferred[None]:
+        """A message the caller writes fails before it is queued when the write fails."""
+        md, writer = self.writer()
 
-        def give_up_meanwhile(messages: Any) -> list[Path | Exception]:
-            paths = real(messages)
+        def broken() -> Any:
+            yield b"partial"
+            raise OSError("disk full")
+
+        d = writer.submit(broken(), threading.Event(), inline=True)
+        self.assertTrue(d.called)
+        yield self.assertFailure(d, OSError)
+        self.assertEqual(os.listdir(md.path / "tmp"), [])
+        self.assertIsNone(writer._thread)  # nothing was queued
+
+    @inlineCallbacks
+    def test_an_abandoned_message_is_removed_and_fails(self) -> Deferred[None]:
+        """A message whose hook timed out while it was synced is removed, not kept; one
+        given up on before its turn is not synced at all, and its tmp file goes too."""
+        md, writer = self.writer()
+        during, before = threading.Event(), threading.Event()
+        real = md.sync_batch
+
+        def give_up_meanwhile(written: Any) -> list[str | Exception]:
+            paths = real(written)
             during.set()
             return paths
 
-        md.deliver_batch = give_up_meanwhile  # type: ignore[method-assign]
+        md.sync_batch = give_up_meanwhile  # type: ignore[method-assign]
         failure = yield self.assertFailure(writer.submit([b"x\r\n"], during), TimeoutError)
         self.assertIn("removed", str(failure))
         before.set()
-        written: list[int] = []
-        md.deliver_batch = lambda messages: written.append(len(messages)) or []  # type: ignore[method-assign]
-        yield self.assertFailure(writer.submit([b"y\r\n"], before), TimeoutError)
-        self.assertEqual(list((md.path / "new").iterdir()), [])
-        self.assertEqual(written, [])  # nothing to write: not even called
+        synced: list[int] = []
+        md.sync_batch = lambda written: synced.append(len(written)) or []  # type: ignore[method-assign]
+        for inline in (False, True):
+            yield self.assertFailure(writer.submit([b"y\r\n"], before, inline), TimeoutError)
+        self.assertEqual(synced, [0, 0])  # nothing to sync
+        self.assertEqual(os.listdir(md.path / "new"), [])
+        self.assertEqual(os.listdir(md.path / "tmp"), [])
 
     @inlineCallbacks
     def test_a_failing_writer_answers_its_batch_and_goes_on(self) -> Deferred[None]:
         """A bug in the writer fails the messages of its batch (the sessions answer 4xx)
         instead of leaving them waiting, and the next message is written."""
-        md = Maildir(temp_dir(self) / "md")
-        writer = BatchWriter(md, reactor)
-        self.addCleanup(writer.stop)
-        real = md.deliver_batch
-        md.deliver_batch = lambda messages: []  # type: ignore[method-assign] # (one short)
+        md, writer = self.writer()
+        real = md.sync_batch
+        md.sync_batch = lambda written: []  # type: ignore[method-assign] # (one short)
         self.patch(threading, "excepthook", lambda args: None)  # the bug's traceback
-        failure = yield self.assertFailure(writer.submit([b"x\r\n"], threading.Event()), Exception)
+        d = writer.submit([b"x\r\n"], threading.Event(), inline=True)
+        failure = yield self.assertFailure(d, Exception)
         self.assertIn("maildir writer failed", str(failure))
-        md.deliver_batch = real  # type: ignore[method-assign]
+        self.assertEqual(os.listdir(md.path / "tmp"), [])  # the inline write is removed
+        md.sync_batch = real  # type: ignore[method-assign]
         path = yield writer.submit([b"next\r\n"], threading.Event())
-        self.assertEqual(path.read_bytes(), b"next\r\n")
+        self.assertEqual(Path(path).read_bytes(), b"next\r\n")
 
     @inlineCallbacks
     def test_stopped_thread_starts_again_for_a_new_message(self) -> Deferred[None]:
@@ -178,7 +228,7 @@ class BatchWriterTests(TestCase):
         self.assertIsNone(writer._thread)
         path = yield writer.submit([b"b\r\n"], threading.Event())
         writer.stop()
-        self.assertEqual(path.read_bytes(), b"b\r\n")
+        self.assertEqual(Path(path).read_bytes(), b"b\r\n")
 
 
 class MaildirServerTests(TestCase):
@@ -198,6 +248,76 @@ class MaildirServerTests(TestCase):
         data = (newdir / names[0]).read_bytes()
         self.assertTrue(data.startswith(b"Received: from "))
         self.assertTrue(data.endswith(b"\r\nSubject: one\r\n\r\nbody\r\n"))
+
+    @inlineCallbacks
+    def test_large_and_spooled_messages_are_written_by_the_thread(self) -> Deferred[None]:
+        """A message past INLINE_LIMIT, and one spooled to disk, are stored whole (the
+        writer thread writes them, not the reactor) before their 250."""
+        from haraka_tw.plugins.queue import maildir as module
+
+        server, port = start_server(
+            self,
+            {
+                "plugins": "rcpt_to.in_host_list\nqueue/maildir\n",
+                "connection.ini": "[main]\nspool_after=100000\n",
+            },
+        )
+        newdir = server.base / "maildir" / "new"  # type: ignore[attr-defined]
+        writers: list[str] = []
+        real_write = module.Maildir.write_tmp
+
+        def write_tmp(md: Maildir, chunks: Any) -> Any:
+            writers.append(threading.current_thread().name)
+            return real_write(md, chunks)
+
+        self.patch(module.Maildir, "write_tmp", write_tmp)
+        line = b"y" * 98 + b"\r\n"
+        bodies = [line * 500, line * (module.INLINE_LIMIT // 100 - 300), line * 4000]
+
+        def send() -> list[int]:
+            counts = []
+            with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
+                for body in bodies:
+                    s.sendmail("a@client.test", ["b@example.com"], b"Subject: s\r\n\r\n" + body)
+                    counts.append(len(os.listdir(newdir)))
+            return counts
+
+        counts = yield deferToThread(send)
+        self.assertEqual(counts, [1, 2, 3])
+        # 50 KB: inline; INLINE_LIMIT - 30 KB but spooled: thread; 400 KB: thread
+        self.assertEqual(writers[0], "MainThread")
+        self.assertEqual(writers[1:], ["queue/maildir", "queue/maildir"])
+        stored = sorted(maildir_messages(newdir.parent), key=len)
+        for body, data in zip(sorted(bodies, key=len), stored, strict=True):
+            self.assertTrue(data.endswith(b"\r\nSubject: s\r\n\r\n" + body))
+
+    @inlineCallbacks
+    def test_without_fsync_the_reactor_delivers_at_once(self) -> Deferred[None]:
+        """fsync=false: a message is in new/ when its 250 comes, written by the reactor
+        thread itself, and nothing is fsynced."""
+        from haraka_tw.plugins.queue import maildir as module
+
+        server, port = start_server(
+            self,
+            {
+                "plugins": "rcpt_to.in_host_list\nqueue/maildir\n",
+                "maildir.ini": "[main]\npath={base}/maildir\nfsync=false\n",
+            },
+        )
+        newdir = server.base / "maildir" / "new"  # type: ignore[attr-defined]
+        self.patch(module.BatchWriter, "submit", lambda *a, **k: self.fail("queued"))
+        synced: list[int] = []
+        self.patch(os, "fsync", synced.append)
+
+        def send() -> list[str]:
+            with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
+                s.sendmail("a@client.test", ["b@example.com"], b"Subject: one\r\n\r\nbody\r\n")
+                return os.listdir(newdir)
+
+        names = yield deferToThread(send)
+        self.assertEqual(len(names), 1)
+        self.assertEqual(synced, [])
+        self.assertTrue((newdir / names[0]).read_bytes().endswith(b"Subject: one\r\n\r\nbody\r\n"))
 
     @inlineCallbacks
     def test_unwritable_maildir_is_451_not_lost(self) -> Deferred[None]:
@@ -229,14 +349,14 @@ class MaildirTimeoutTests(TestCase):
         )
         newdir = server.base / "maildir" / "new"  # type: ignore[attr-defined]
         release = threading.Event()
-        real_deliver = module.Maildir.deliver_batch
+        real_sync = module.Maildir.sync_batch
 
-        def slow_deliver(md: Maildir, messages: Any) -> list[Path | Exception]:
-            paths = real_deliver(md, messages)
+        def slow_sync(md: Maildir, written: Any) -> list[str | Exception]:
+            paths = real_sync(md, written)
             release.wait(10)
             return paths
 
-        self.patch(module.Maildir, "deliver_batch", slow_deliver)
+        self.patch(module.Maildir, "sync_batch", slow_sync)
 
         def send() -> Any:
             with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
