@@ -13,25 +13,24 @@ C{new/}, and the directory fsynced; only then is the answer OK, so the client's 
 the message is on disk. Names follow the Maildir convention (time.MusecPpidQn.host), so
 Python's C{mailbox.Maildir} and mail clients read the result.
 
-With fsync on, the syncing runs in one thread of the plugin's own, not the reactor's pool.
-A message up to C{INLINE_LIMIT} bytes is written into tmp/ by the reactor thread itself
-(page-cache writes, tens of microseconds); the thread then fsyncs each file, renames it
-into new/ and fsyncs new/ once for all that arrived while it worked (a batch), with one call
-back into the reactor. Larger messages, which may be read back from a spool file, are
-written by the thread too. Every system call the thread makes costs two GIL hand-offs with
-the busy reactor (a context switch each way), so the thread does as few as it can: with the
-whole write in the thread, the server switched context 16 times per message and
-queue/maildir ran at 0.46-0.59 of queue/discard's rate in bench/ (b).
+The writes run in one thread of the plugin's own, not the reactor's pool: messages that
+arrive while it works wait, and are taken next as a batch, with one fsync of C{new/} for
+the batch and one call back into the reactor, where the descriptors are closed. With a
+pool thread per message, each thread's every system call waited for the GIL behind the
+busy reactor (a 0.3 ms delivery took 2.6 ms in the server), and the reactor paid a
+Deferred, a context and a wake-up per message.
 
-With fsync off, nothing waits for the disk: the reactor writes and renames the message
-itself and answers at once.
+With fsync off, nothing waits for the disk: a message of up to C{INLINE_LIMIT} body bytes
+held in memory is written and renamed by the reactor thread itself (page-cache writes,
+tens of microseconds unless the kernel throttles dirty pages) and answered at once;
+larger or spooled ones still go to the thread.
 
 Only inbound mail (the queue hook) goes to the Maildir: relayed mail (queue_outbound) is
 left to the outbound queue, which delivers it to its destination.
 
 If the hook times out (the client is told 450 and will retry) while the write is still
 running, the write's file is removed when it completes, so the retry does not deliver the
-message twice.
+message twice (the removal is not fsynced: after a crash the file may come back).
 """
 
 from __future__ import annotations
@@ -46,7 +45,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -57,8 +56,8 @@ from haraka_tw.interfaces import IPluginContext, IQueueHook, IRegistration, IShu
 
 __all__ = ["INLINE_LIMIT", "BatchWriter", "Maildir", "Plugin"]
 
-INLINE_LIMIT = 256 * 1024  # body bytes of an in-memory message the reactor writes itself
-_BATCH_LIMIT = 64  # messages synced together at most (each holds a descriptor meanwhile)
+INLINE_LIMIT = 256 * 1024  # body bytes of an in-memory message the reactor writes (fsync off)
+_BATCH_LIMIT = 64  # messages written together at most (each holds a descriptor meanwhile)
 
 Written = tuple[int, str]  # a message in tmp/: its still open descriptor, and its path
 
@@ -142,7 +141,7 @@ class Maildir:
                     os.fsync(fd)
                 os.rename(tmp, new)
             except Exception as e:
-                with contextlib.suppress(FileNotFoundError):
+                with contextlib.suppress(OSError):  # (the error that matters is e)
                     os.unlink(tmp)
                 results.append(e)
             else:
@@ -178,32 +177,23 @@ class _GivenUp:
 
 
 class _Entry:
-    """One message waiting for the writer thread."""
+    """One message for the writer thread, and what became of it."""
 
     __slots__ = ("abandoned", "chunks", "done", "result", "written")
 
-    def __init__(
-        self,
-        chunks: Iterable[bytes] | None,
-        written: Written | None,
-        abandoned: Abandoned,
-        done: Deferred[str],
-    ) -> None:
-        self.chunks = chunks  # still to be written, by the thread
-        self.written = written  # already in tmp/ (open until answered)
+    def __init__(self, chunks: Iterable[bytes], abandoned: Abandoned, done: Deferred[str]) -> None:
+        self.chunks = chunks
         self.abandoned = abandoned
         self.done = done
-        self.result: str | Exception = _LATE
-
-
-_LATE = TimeoutError("delivery finished after the hook timed out; removed")
+        self.written: Written | None = None  # in tmp/, open until answered
+        self.result: str | Exception | None = None  # None: given up on before its turn
 
 
 class BatchWriter:
-    """The thread that makes messages durable in a L{Maildir}: what arrives while it works
-    is taken next, as one batch (L{Maildir.sync_batch}), and answered with one call into
-    the reactor. The thread starts with the first message and ends when stopped and idle;
-    a message after that starts it again."""
+    """The thread that delivers into a L{Maildir}: what arrives while it works is taken
+    next, as one batch (L{Maildir.write_tmp} each, then L{Maildir.sync_batch}), and
+    answered with one call into the reactor. The thread starts with the first message and
+    ends when stopped and idle; a message after that starts it again."""
 
     def __init__(self, maildir: Maildir, reactor: Any) -> None:
         self.maildir = maildir
@@ -213,23 +203,13 @@ class BatchWriter:
         self._thread: threading.Thread | None = None
         self._stopping = False
 
-    def submit(
-        self, chunks: Iterable[bytes], abandoned: Abandoned, inline: bool = False
-    ) -> Deferred[str]:
-        """Deliver a message; fires with its path in new/, or fails. With C{inline} the
-        message is written into tmp/ here and now (by the caller's thread), else by the
-        writer thread. If C{abandoned} is set by the time the answer comes (the hook timed
-        out), the file is removed again; set before the thread's turn, the message is not
-        delivered at all."""
+    def submit(self, chunks: Iterable[bytes], abandoned: Abandoned) -> Deferred[str]:
+        """Deliver a message; fires with its path in new/, or fails. If C{abandoned} is set
+        by the time the write is done (the hook timed out), the file is removed again;
+        set before the write begins, the message is not written at all."""
         done: Deferred[str] = Deferred()
-        written = None
-        if inline:
-            try:
-                written = self.maildir.write_tmp(chunks)
-            except Exception:
-                return fail()
         with self._wake:
-            self._waiting.append(_Entry(None if inline else chunks, written, abandoned, done))
+            self._waiting.append(_Entry(chunks, abandoned, done))
             if self._thread is None:
                 self._start()
             self._wake.notify()
@@ -252,8 +232,10 @@ class BatchWriter:
                     batch = self._waiting[:_BATCH_LIMIT]
                     del self._waiting[:_BATCH_LIMIT]
                 try:
-                    self._sync(batch)
+                    self._write(batch)
                 except BaseException as e:  # a bug here must not leave the sessions waiting
+                    # (a message already renamed stays in new/ unacknowledged: the client
+                    # retries, so it may be delivered twice, never lost)
                     for entry in batch:
                         entry.result = Exception(f"maildir writer failed: {e!r}")
                     self._reactor.callFromThread(_answer, batch)
@@ -271,44 +253,44 @@ class BatchWriter:
         self._thread.daemon = True  # an unanswered write dies with the process
         self._thread.start()
 
-    def _sync(self, batch: list[_Entry]) -> None:
-        """Write what is not yet written and sync the batch; every system call here costs a
-        GIL hand-off with the reactor, so nothing else is done in this thread."""
+    def _write(self, batch: list[_Entry]) -> None:
         todo: list[_Entry] = []
         for entry in batch:
-            if entry.abandoned.is_set():  # given up on before its turn: left as _LATE
+            if entry.abandoned.is_set():  # given up on before its turn: not written
                 continue
-            if entry.written is None:
-                try:
-                    entry.written = self.maildir.write_tmp(entry.chunks or ())
-                except Exception as e:
-                    entry.result = e
-                    continue
-            todo.append(entry)
-        results = self.maildir.sync_batch([entry.written for entry in todo])  # type: ignore[misc]
+            try:
+                entry.written = self.maildir.write_tmp(entry.chunks)
+            except Exception as e:
+                entry.result = e
+            else:
+                todo.append(entry)
+        results = self.maildir.sync_batch([entry.written for entry in todo if entry.written])
         for entry, result in zip(todo, results, strict=True):
             entry.result = result
 
 
 def _answer(batch: list[_Entry]) -> None:
-    """In the reactor thread: close the files, and answer each message. One whose hook
-    timed out meanwhile (the client was told 450 and will retry) is removed."""
+    """In the reactor thread: close the files and answer each message. One whose hook
+    timed out meanwhile (the client was told 450 and will retry) is removed. Each message
+    is answered whatever befell the others."""
     for entry in batch:
         result = entry.result
         if entry.written is not None:
             fd, tmp = entry.written
             with contextlib.suppress(OSError):
                 os.close(fd)
-            if isinstance(result, Exception):  # (if still in tmp/: not synced, or a bug)
-                with contextlib.suppress(FileNotFoundError):
+            if isinstance(result, Exception):  # (still in tmp/ if a bug stopped the thread)
+                with contextlib.suppress(OSError):
                     os.unlink(tmp)
-        if isinstance(result, str) and entry.abandoned.is_set():
+        if result is None:
+            result = TimeoutError("the hook timed out before the message was written")
+        elif isinstance(result, str) and entry.abandoned.is_set():
             try:
                 os.unlink(result)
             except OSError as e:
                 result = e
             else:
-                result = _LATE
+                result = TimeoutError("delivery finished after the hook timed out; removed")
         if isinstance(result, Exception):
             entry.done.errback(Failure(result))
         else:
@@ -351,12 +333,12 @@ class Plugin:
             self.log.error(f"maildir delivery failed: {failure.getErrorMessage()}", connection)
             return DENYSOFT, "Temporary storage failure, try again later"
 
-        inline = not stream.spooled and stream.body_size <= INLINE_LIMIT
-        if inline and not self.maildir.fsync:  # nothing to wait for
-            try:
-                return delivered(self.maildir.deliver(stream.chunks()))
+        if not self.maildir.fsync and not stream.spooled and stream.body_size <= INLINE_LIMIT:
+            try:  # nothing to wait for: the reactor writes it now
+                path = self.maildir.deliver(stream.chunks())
             except Exception:
                 return failed(Failure())
+            return delivered(path)
 
         abandoned = _GivenUp()
         answer: Deferred[Any] = Deferred(canceller=lambda _: abandoned.set())
@@ -366,6 +348,6 @@ class Plugin:
                 answer.callback(result)
 
         # The session waits for this answer, so nothing else touches the stream meanwhile.
-        written = self.writer.submit(stream.chunks(), abandoned, inline)
+        written = self.writer.submit(stream.chunks(), abandoned)
         written.addCallbacks(delivered, failed).addCallback(settle)
         return answer

@@ -68,8 +68,7 @@ def test_unique_names(tmp_path: Path) -> None:
 
 
 def test_a_batch_shares_one_fsync_of_new(tmp_path: Path) -> None:
-    """sync_batch fsyncs each file and new/ once; a message whose sync fails is removed
-    and does not stop the others; the descriptors are left to the caller."""
+    """sync_batch fsyncs each file and new/ once, and a failed message stops no other."""
     md = Maildir(tmp_path / "md")
     written = [md.write_tmp([f"{i}\r\n".encode()]) for i in range(3)]
     os.close(written[1][0])  # its fsync fails: EBADF
@@ -108,6 +107,8 @@ def test_a_failed_fsync_of_new_fails_the_whole_batch(tmp_path: Path) -> None:
     for fd, _ in written:
         os.close(fd)
     assert [str(r) for r in results] == ["EIO", "EIO"]
+    assert len(list((tmp_path / "md" / "new").iterdir())) == 2  # unacknowledged, kept
+    assert list((tmp_path / "md" / "tmp").iterdir()) == []
 
 
 def test_without_fsync_nothing_is_synced(tmp_path: Path) -> None:
@@ -119,6 +120,10 @@ def test_without_fsync_nothing_is_synced(tmp_path: Path) -> None:
     assert Path(path).read_bytes() == b"x\r\n"
 
 
+def open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
 class BatchWriterTests(TestCase):
     def writer(self) -> tuple[Maildir, BatchWriter]:
         md = Maildir(temp_dir(self) / "md")
@@ -127,10 +132,8 @@ class BatchWriterTests(TestCase):
         return md, writer
 
     @inlineCallbacks
-    def test_messages_arriving_during_a_sync_go_in_one_batch(self) -> Deferred[None]:
-        """While the thread syncs one message, those that arrive wait and are synced
-        together next, whether the thread or the caller wrote them; each gets its own
-        answer."""
+    def test_messages_arriving_during_a_write_go_in_one_batch(self) -> Deferred[None]:
+        """Messages arriving while the thread works are written next, together."""
         md, writer = self.writer()
         batches: list[int] = []
         taken, gate = threading.Event(), threading.Event()
@@ -145,38 +148,39 @@ class BatchWriterTests(TestCase):
         md.sync_batch = counted  # type: ignore[method-assign]
         first = writer.submit([b"0\r\n"], threading.Event())
         yield deferToThread(taken.wait, 10)  # the thread holds the first
-        rest = [
-            writer.submit([f"{i}\r\n".encode()], threading.Event(), inline=i % 2 == 0)
-            for i in range(1, 6)
-        ]
-        self.assertEqual(len(os.listdir(md.path / "tmp")), 3)  # the first, and 2 and 4 inline
+        rest = [writer.submit([f"{i}\r\n".encode()], threading.Event()) for i in range(1, 6)]
         gate.set()
         paths = yield gatherResults([first, *rest])
         self.assertEqual(batches, [1, 5])
         self.assertEqual(
             [Path(p).read_bytes() for p in paths], [f"{i}\r\n".encode() for i in range(6)]
         )
-        self.assertEqual(os.listdir(md.path / "tmp"), [])
 
     @inlineCallbacks
-    def test_an_inline_write_that_fails_fails_at_once(self) -> Deferred[None]:
-        """A message the caller writes fails before it is queued when the write fails."""
+    def test_a_failed_write_fails_only_its_message_and_leaks_nothing(self) -> Deferred[None]:
+        """A write that fails in the thread fails its message alone; every file is closed."""
         md, writer = self.writer()
+        yield writer.submit([b"warm\r\n"], threading.Event())  # (the thread exists)
+        before = open_descriptors()
 
         def broken() -> Any:
             yield b"partial"
             raise OSError("disk full")
 
-        d = writer.submit(broken(), threading.Event(), inline=True)
-        self.assertTrue(d.called)
-        yield self.assertFailure(d, OSError)
+        answers = [
+            writer.submit([b"a\r\n"], threading.Event()),
+            writer.submit(broken(), threading.Event()),
+            writer.submit([b"c\r\n"], threading.Event()),
+        ]
+        yield self.assertFailure(answers[1], OSError)
+        paths = yield gatherResults([answers[0], answers[2]])
+        self.assertEqual([Path(p).read_bytes() for p in paths], [b"a\r\n", b"c\r\n"])
         self.assertEqual(os.listdir(md.path / "tmp"), [])
-        self.assertIsNone(writer._thread)  # nothing was queued
+        self.assertEqual(open_descriptors(), before)
 
     @inlineCallbacks
-    def test_an_abandoned_message_is_removed_and_fails(self) -> Deferred[None]:
-        """A message whose hook timed out while it was synced is removed, not kept; one
-        given up on before its turn is not synced at all, and its tmp file goes too."""
+    def test_an_abandoned_write_is_removed_and_fails(self) -> Deferred[None]:
+        """A message given up on during its write is removed; before it, never written."""
         md, writer = self.writer()
         during, before = threading.Event(), threading.Event()
         real = md.sync_batch
@@ -190,26 +194,25 @@ class BatchWriterTests(TestCase):
         failure = yield self.assertFailure(writer.submit([b"x\r\n"], during), TimeoutError)
         self.assertIn("removed", str(failure))
         before.set()
-        synced: list[int] = []
-        md.sync_batch = lambda written: synced.append(len(written)) or []  # type: ignore[method-assign]
-        for inline in (False, True):
-            yield self.assertFailure(writer.submit([b"y\r\n"], before, inline), TimeoutError)
-        self.assertEqual(synced, [0, 0])  # nothing to sync
+        written: list[int] = []
+        real_write = md.write_tmp
+        md.write_tmp = lambda chunks: written.append(1) or real_write(chunks)  # type: ignore[method-assign]
+        failure = yield self.assertFailure(writer.submit([b"y\r\n"], before), TimeoutError)
+        self.assertIn("before the message was written", str(failure))
+        self.assertEqual(written, [])
         self.assertEqual(os.listdir(md.path / "new"), [])
         self.assertEqual(os.listdir(md.path / "tmp"), [])
 
     @inlineCallbacks
     def test_a_failing_writer_answers_its_batch_and_goes_on(self) -> Deferred[None]:
-        """A bug in the writer fails the messages of its batch (the sessions answer 4xx)
-        instead of leaving them waiting, and the next message is written."""
+        """A bug in the writer fails its batch (no session left waiting); the next works."""
         md, writer = self.writer()
         real = md.sync_batch
         md.sync_batch = lambda written: []  # type: ignore[method-assign] # (one short)
         self.patch(threading, "excepthook", lambda args: None)  # the bug's traceback
-        d = writer.submit([b"x\r\n"], threading.Event(), inline=True)
-        failure = yield self.assertFailure(d, Exception)
+        failure = yield self.assertFailure(writer.submit([b"x\r\n"], threading.Event()), Exception)
         self.assertIn("maildir writer failed", str(failure))
-        self.assertEqual(os.listdir(md.path / "tmp"), [])  # the inline write is removed
+        self.assertEqual(os.listdir(md.path / "tmp"), [])  # its write is removed
         md.sync_batch = real  # type: ignore[method-assign]
         path = yield writer.submit([b"next\r\n"], threading.Event())
         self.assertEqual(Path(path).read_bytes(), b"next\r\n")
@@ -250,19 +253,20 @@ class MaildirServerTests(TestCase):
         self.assertTrue(data.endswith(b"\r\nSubject: one\r\n\r\nbody\r\n"))
 
     @inlineCallbacks
-    def test_large_and_spooled_messages_are_written_by_the_thread(self) -> Deferred[None]:
-        """A message past INLINE_LIMIT, and one spooled to disk, are stored whole (the
-        writer thread writes them, not the reactor) before their 250."""
+    def test_without_fsync_only_small_messages_are_written_by_the_reactor(self) -> Deferred[None]:
+        """fsync=false: a small message is written in the reactor; large or spooled, not."""
         from haraka_tw.plugins.queue import maildir as module
 
         server, port = start_server(
             self,
             {
                 "plugins": "rcpt_to.in_host_list\nqueue/maildir\n",
+                "maildir.ini": "[main]\npath={base}/maildir\nfsync=false\n",
                 "connection.ini": "[main]\nspool_after=100000\n",
             },
         )
         newdir = server.base / "maildir" / "new"  # type: ignore[attr-defined]
+        self.patch(module, "INLINE_LIMIT", 20000)
         writers: list[str] = []
         real_write = module.Maildir.write_tmp
 
@@ -271,8 +275,10 @@ class MaildirServerTests(TestCase):
             return real_write(md, chunks)
 
         self.patch(module.Maildir, "write_tmp", write_tmp)
+        synced: list[int] = []
+        self.patch(os, "fsync", synced.append)
         line = b"y" * 98 + b"\r\n"
-        bodies = [line * 500, line * (module.INLINE_LIMIT // 100 - 300), line * 4000]
+        bodies = [line * 100, line * 500, line * 2000]  # 10 KB, 50 KB, 200 KB (spooled)
 
         def send() -> list[int]:
             counts = []
@@ -283,46 +289,52 @@ class MaildirServerTests(TestCase):
             return counts
 
         counts = yield deferToThread(send)
-        self.assertEqual(counts, [1, 2, 3])
-        # 50 KB: inline; INLINE_LIMIT - 30 KB but spooled: thread; 400 KB: thread
-        self.assertEqual(writers[0], "MainThread")
-        self.assertEqual(writers[1:], ["queue/maildir", "queue/maildir"])
+        self.assertEqual(counts, [1, 2, 3])  # each in new/ by its 250
+        self.assertEqual(writers, ["MainThread", "queue/maildir", "queue/maildir"])
+        self.assertEqual(synced, [])
         stored = sorted(maildir_messages(newdir.parent), key=len)
-        for body, data in zip(sorted(bodies, key=len), stored, strict=True):
+        for body, data in zip(bodies, stored, strict=True):
             self.assertTrue(data.endswith(b"\r\nSubject: s\r\n\r\n" + body))
 
     @inlineCallbacks
-    def test_without_fsync_the_reactor_delivers_at_once(self) -> Deferred[None]:
-        """fsync=false: a message is in new/ when its 250 comes, written by the reactor
-        thread itself, and nothing is fsynced."""
+    def test_with_fsync_every_message_is_written_by_the_thread(self) -> Deferred[None]:
+        """fsync=true: the reactor never writes; the thread writes and syncs."""
         from haraka_tw.plugins.queue import maildir as module
 
+        _server, port = start_server(self, {"plugins": "rcpt_to.in_host_list\nqueue/maildir\n"})
+        writers: list[str] = []
+        real_write = module.Maildir.write_tmp
+
+        def write_tmp(md: Maildir, chunks: Any) -> Any:
+            writers.append(threading.current_thread().name)
+            return real_write(md, chunks)
+
+        self.patch(module.Maildir, "write_tmp", write_tmp)
+
+        def send() -> None:
+            with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
+                s.sendmail("a@client.test", ["b@example.com"], b"Subject: one\r\n\r\nbody\r\n")
+
+        yield deferToThread(send)
+        self.assertEqual(writers, ["queue/maildir"])
+
+    def test_unwritable_maildir_is_451_not_lost(self) -> Deferred[None]:
+        """If the Maildir cannot be written the client gets a 4xx (try again), never a 250."""
+        return self.unwritable("true")
+
+    def test_unwritable_maildir_is_451_without_fsync_too(self) -> Deferred[None]:
+        """With fsync=false (written in the reactor) a failed write is a 4xx as well."""
+        return self.unwritable("false")
+
+    @inlineCallbacks
+    def unwritable(self, fsync: str) -> Deferred[None]:
         server, port = start_server(
             self,
             {
                 "plugins": "rcpt_to.in_host_list\nqueue/maildir\n",
-                "maildir.ini": "[main]\npath={base}/maildir\nfsync=false\n",
+                "maildir.ini": f"[main]\npath={{base}}/maildir\nfsync={fsync}\n",
             },
         )
-        newdir = server.base / "maildir" / "new"  # type: ignore[attr-defined]
-        self.patch(module.BatchWriter, "submit", lambda *a, **k: self.fail("queued"))
-        synced: list[int] = []
-        self.patch(os, "fsync", synced.append)
-
-        def send() -> list[str]:
-            with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
-                s.sendmail("a@client.test", ["b@example.com"], b"Subject: one\r\n\r\nbody\r\n")
-                return os.listdir(newdir)
-
-        names = yield deferToThread(send)
-        self.assertEqual(len(names), 1)
-        self.assertEqual(synced, [])
-        self.assertTrue((newdir / names[0]).read_bytes().endswith(b"Subject: one\r\n\r\nbody\r\n"))
-
-    @inlineCallbacks
-    def test_unwritable_maildir_is_451_not_lost(self) -> Deferred[None]:
-        """If the Maildir cannot be written the client gets a 4xx (try again), never a 250."""
-        server, port = start_server(self, {"plugins": "rcpt_to.in_host_list\nqueue/maildir\n"})
         maildir = server.base / "maildir"  # type: ignore[attr-defined]
         maildir.write_text("a file where the Maildir should be")
 
