@@ -254,7 +254,7 @@ class BatchWriter:
         self._thread.start()
 
     def _write(self, batch: list[_Entry]) -> None:
-        todo: list[_Entry] = []
+        todo: list[tuple[_Entry, Written]] = []
         for entry in batch:
             if entry.abandoned.is_set():  # given up on before its turn: not written
                 continue
@@ -263,9 +263,9 @@ class BatchWriter:
             except Exception as e:
                 entry.result = e
             else:
-                todo.append(entry)
-        results = self.maildir.sync_batch([entry.written for entry in todo if entry.written])
-        for entry, result in zip(todo, results, strict=True):
+                todo.append((entry, entry.written))
+        results = self.maildir.sync_batch([written for _, written in todo])
+        for (entry, _), result in zip(todo, results, strict=True):
             entry.result = result
 
 

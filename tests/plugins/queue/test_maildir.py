@@ -17,6 +17,7 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
+from haraka_tw.plugins.queue import maildir as module
 from haraka_tw.plugins.queue.maildir import BatchWriter, Maildir
 from tests.support import maildir_messages, start_server, temp_dir
 
@@ -235,6 +236,18 @@ class BatchWriterTests(TestCase):
 
 
 class MaildirServerTests(TestCase):
+    def writing_threads(self) -> list[str]:
+        """The names of the threads that call Maildir.write_tmp from now on, in order."""
+        writers: list[str] = []
+        real_write = module.Maildir.write_tmp
+
+        def write_tmp(md: Maildir, chunks: Any) -> Any:
+            writers.append(threading.current_thread().name)
+            return real_write(md, chunks)
+
+        self.patch(module.Maildir, "write_tmp", write_tmp)
+        return writers
+
     @inlineCallbacks
     def test_250_only_after_file_is_in_new(self) -> Deferred[None]:
         """Over a real socket: when the 250 arrives the message is already in new/."""
@@ -255,8 +268,6 @@ class MaildirServerTests(TestCase):
     @inlineCallbacks
     def test_without_fsync_only_small_messages_are_written_by_the_reactor(self) -> Deferred[None]:
         """fsync=false: a small message is written in the reactor; large or spooled, not."""
-        from haraka_tw.plugins.queue import maildir as module
-
         server, port = start_server(
             self,
             {
@@ -267,14 +278,7 @@ class MaildirServerTests(TestCase):
         )
         newdir = server.base / "maildir" / "new"  # type: ignore[attr-defined]
         self.patch(module, "INLINE_LIMIT", 20000)
-        writers: list[str] = []
-        real_write = module.Maildir.write_tmp
-
-        def write_tmp(md: Maildir, chunks: Any) -> Any:
-            writers.append(threading.current_thread().name)
-            return real_write(md, chunks)
-
-        self.patch(module.Maildir, "write_tmp", write_tmp)
+        writers = self.writing_threads()
         synced: list[int] = []
         self.patch(os, "fsync", synced.append)
         line = b"y" * 98 + b"\r\n"
@@ -299,17 +303,8 @@ class MaildirServerTests(TestCase):
     @inlineCallbacks
     def test_with_fsync_every_message_is_written_by_the_thread(self) -> Deferred[None]:
         """fsync=true: the reactor never writes; the thread writes and syncs."""
-        from haraka_tw.plugins.queue import maildir as module
-
         _server, port = start_server(self, {"plugins": "rcpt_to.in_host_list\nqueue/maildir\n"})
-        writers: list[str] = []
-        real_write = module.Maildir.write_tmp
-
-        def write_tmp(md: Maildir, chunks: Any) -> Any:
-            writers.append(threading.current_thread().name)
-            return real_write(md, chunks)
-
-        self.patch(module.Maildir, "write_tmp", write_tmp)
+        writers = self.writing_threads()
 
         def send() -> None:
             with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
@@ -354,8 +349,6 @@ class MaildirTimeoutTests(TestCase):
     @inlineCallbacks
     def test_timed_out_write_is_removed(self) -> Deferred[None]:
         """A write that finishes after the hook timed out is removed: no duplicate on retry."""
-        from haraka_tw.plugins.queue import maildir as module
-
         server, port = start_server(
             self, {"plugins": "rcpt_to.in_host_list\nqueue/maildir\n", "plugin_timeout": "1\n"}
         )
