@@ -30,7 +30,6 @@ keeps answers for their TTL and asks a question already on its way only once
 from __future__ import annotations
 
 import ipaddress
-import math
 import struct
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -64,6 +63,7 @@ from twisted.internet.protocol import DatagramProtocol, Protocol
 from twisted.python.failure import Failure
 
 from haraka_tw.config.errors import ConfigError
+from haraka_tw.config.formats import ini_number
 from haraka_tw.dnscache import AnswerCache, Cached
 
 if TYPE_CHECKING:
@@ -165,19 +165,6 @@ def system_nameservers(path: str = "/etc/resolv.conf") -> list[Nameserver]:
     return found or [FALLBACK_NAMESERVER]
 
 
-def _number(main: dict[str, Any], key: str, default: float, where: str) -> float:
-    value = main.get(key, default)
-    if value == "":
-        return default
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        number = 0.0
-    if not 0 < number < math.inf or isinstance(value, bool):
-        raise ConfigError(where, None, f"[main] {key}: {value!r} is not a positive number")
-    return number
-
-
 # -- the resolver -------------------------------------------------------------------------
 
 
@@ -228,8 +215,11 @@ class Resolver:
             nameservers = [parse_nameserver(entry) for entry in entries]
         except ValueError as e:
             raise ConfigError(where, None, f"[main] nameservers: {e}") from None
-        timeout = _number(main, "timeout", 5.0, where)
-        attempts = _number(main, "attempts", 2, where)
+        try:
+            timeout = ini_number(main, "timeout", 5.0, zero_ok=False)
+            attempts = ini_number(main, "attempts", 2, zero_ok=False)
+        except ValueError as e:
+            raise ConfigError(where, None, str(e)) from None
         if attempts != int(attempts):
             raise ConfigError(where, None, f"[main] attempts: {attempts!r} is not a whole number")
         return cls(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import socket
 import time
 from typing import Any
@@ -11,6 +12,8 @@ import dns.rcode
 from twisted.internet import defer, reactor, task
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTCP, IReactorTime, IReactorUDP
+from twisted.logger import globalLogPublisher, textFileLogObserver
+from twisted.python import log as legacy_log
 from twisted.trial import unittest
 from zope.interface import implementer
 
@@ -25,6 +28,7 @@ from haraka_tw.dns import (
     parse_nameserver,
     system_nameservers,
 )
+from haraka_tw.logging import TwistdLogObserver
 from tests.dnsserver import DNSServer, serve
 from tests.support import temp_dir
 
@@ -95,6 +99,24 @@ class LookupTests(unittest.TestCase):
         self.assertEqual(
             sorted(await self.resolver.lookup_a("mx1.example.test")), ["192.0.2.1", "192.0.2.2"]
         )
+
+    async def test_query_port_close_is_not_logged_under_twistd(self) -> None:
+        """Twisted logs "(UDP Port N Closed)" for the port each query opens; twistd's log
+        (TwistdLogObserver) leaves it out and writes every other line."""
+        ours, theirs = io.StringIO(), io.StringIO()
+        observers = [TwistdLogObserver(ours), textFileLogObserver(theirs)]
+        for observer in observers:
+            globalLogPublisher.addObserver(observer)
+        try:
+            await self.resolver.lookup_a("mx1.example.test")
+            await pause()  # Twisted closes the port on the next turn
+            legacy_log.msg("after the lookup")
+        finally:
+            for observer in observers:
+                globalLogPublisher.removeObserver(observer)
+        self.assertRegex(theirs.getvalue(), r"\(UDP Port \d+ Closed\)")
+        self.assertNotIn("UDP Port", ours.getvalue())
+        self.assertIn("after the lookup", ours.getvalue())
 
     async def test_aaaa(self) -> None:
         """lookup_aaaa gives IPv6 addresses in compressed form."""

@@ -13,6 +13,7 @@ import importlib
 import json
 import math
 import re
+from collections.abc import Mapping
 from types import ModuleType
 from typing import Any
 
@@ -20,6 +21,7 @@ from haraka_tw.config.errors import ConfigError
 
 __all__ = [
     "decode",
+    "ini_number",
     "is_comment_or_blank",
     "parse_data",
     "parse_json",
@@ -73,6 +75,26 @@ def to_number(text: str) -> str | int | float:
         return number
     decimal = float(text)
     return decimal if math.isfinite(decimal) else text
+
+
+def ini_number(section: Mapping[str, Any], key: str, default: float, zero_ok: bool) -> float:
+    """An ini value that must be a finite number above 0 (or at least 0, with C{zero_ok});
+    an empty or missing value is C{default}.
+
+    @raise ValueError: naming C{[main] key} and the value, for anything else (a word, a
+        negative number, a bare key, which an ini file reads as True).
+    """
+    value = section.get(key, default)
+    if value == "":
+        return default
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if isinstance(value, bool) or not (0 <= number < math.inf) or (number == 0 and not zero_ok):
+        wanted = "a number of 0 or more" if zero_ok else "a positive number"
+        raise ValueError(f"[main] {key}: {value!r} is not {wanted}")
+    return number
 
 
 def parse_list(text: str) -> list[str]:

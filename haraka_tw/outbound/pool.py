@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING, Any
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
+from haraka_tw.config.formats import ini_number
+
 if TYPE_CHECKING:
     from haraka_tw.outbound.client import ClientSession, Destination
 
@@ -51,23 +53,10 @@ class PoolSettings:
     def from_ini(cls, main: Mapping[str, Any]) -> PoolSettings:
         """From outbound.ini [main]; ValueError names a key whose value is not usable."""
         default = cls()
-        count = _number(main, "pool_concurrency_max", default.max_connections)
+        count = ini_number(main, "pool_concurrency_max", default.max_connections, zero_ok=True)
         if count != int(count):
             raise ValueError(f"[main] pool_concurrency_max: {count!r} is not a whole number")
-        return cls(int(count), _number(main, "pool_timeout", default.idle_timeout))
-
-
-def _number(main: Mapping[str, Any], key: str, default: float) -> float:
-    value = main.get(key, default)
-    if value == "":
-        return default
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        number = -1.0
-    if number < 0 or isinstance(value, bool) or number != number:
-        raise ValueError(f"[main] {key}: {value!r} is not a number of 0 or more")
-    return number
+        return cls(int(count), ini_number(main, "pool_timeout", default.idle_timeout, zero_ok=True))
 
 
 class Lease:

@@ -9,6 +9,7 @@ import pytest
 from haraka_tw.config import ConfigError
 from haraka_tw.config.formats import (
     decode,
+    ini_number,
     parse_data,
     parse_json,
     parse_list,
@@ -87,6 +88,35 @@ def test_to_number_decimals() -> None:
     assert to_number(".5") == ".5"
     huge = "9" * 400 + ".5"
     assert to_number(huge) == huge
+
+
+def test_ini_number_reads_numbers_and_defaults() -> None:
+    """Numbers (as the ini reader gives them, or as text) are floats; empty or missing is
+    the default."""
+    assert ini_number({"t": 2}, "t", 5.0, zero_ok=False) == 2.0
+    assert ini_number({"t": "2.5"}, "t", 5.0, zero_ok=False) == 2.5
+    assert ini_number({"t": ""}, "t", 5.0, zero_ok=False) == 5.0
+    assert ini_number({}, "t", 5.0, zero_ok=False) == 5.0
+    assert ini_number({"t": 0}, "t", 5.0, zero_ok=True) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("value", "zero_ok", "wanted"),
+    [
+        (0, False, "a positive number"),
+        (-1, True, "a number of 0 or more"),
+        ("soon", True, "a number of 0 or more"),
+        (True, False, "a positive number"),  # a bare key
+        ("inf", True, "a number of 0 or more"),
+        ("nan", False, "a positive number"),
+    ],
+)
+def test_ini_number_refuses_what_is_not_a_usable_number(
+    value: object, zero_ok: bool, wanted: str
+) -> None:
+    """Anything else is a ValueError naming the key, the value and what was wanted."""
+    with pytest.raises(ValueError, match=rf"^\[main\] t: .* is not {wanted}$"):
+        ini_number({"t": value}, "t", 5.0, zero_ok=zero_ok)
 
 
 def test_json_parses() -> None:
