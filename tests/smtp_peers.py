@@ -268,6 +268,11 @@ class Peer:
             self._port = reactor.listenTCP(0, factory, interface=interface)  # type: ignore[attr-defined]
         return int(self._port.getHost().port)
 
+    def start_unix(self, path: str) -> None:
+        """Listen on the Unix socket at ``path`` instead (as Dovecot's LMTP does)."""
+        factory = Factory.forProtocol(lambda: PeerConnection(self))
+        self._port = reactor.listenUNIX(path, factory)  # type: ignore[attr-defined]
+
     def stop(self) -> Deferred[None]:
         """Stop listening and drop every connection; fires when all are gone."""
         waits: list[Deferred[Any]] = []

@@ -43,6 +43,7 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import (
     TCP4ClientEndpoint,
     TCP6ClientEndpoint,
+    UNIXClientEndpoint,
     connectProtocol,
     wrapClientTLS,
 )
@@ -106,10 +107,16 @@ class Destination:
     auth: tuple[str, str] | None = None
     allow_cleartext_auth: bool = False
     bind: str | None = None
+    path: str | None = None  # a Unix socket to connect to instead of ip and port
 
     @property
     def name(self) -> str:
         return self.host or self.ip
+
+    @property
+    def address(self) -> str:
+        """What is connected to: the socket's path, or C{ip:port}."""
+        return self.path or f"{self.ip}:{self.port}"
 
     @property
     def servername(self) -> str:
@@ -146,8 +153,10 @@ def deliver(
     mail_params: Mapping[str, str | None] | None = None,
     pool: ConnectionPool | None = None,
     host: str = "",
+    path: str | None = None,
 ) -> Deferred[DeliveryReport]:
-    """Deliver one message to the server at ``ip``:``port``.
+    """Deliver one message to the server at ``ip``:``port`` (or on the Unix socket at
+    ``path``, when given: ``ip`` and ``port`` are then ignored).
 
     @param reactor: provides IReactorTCP and IReactorTime.
     @param helo: the name sent in EHLO/LHLO/HELO.
@@ -176,6 +185,7 @@ def deliver(
         auth=auth,
         allow_cleartext_auth=allow_cleartext_auth,
         bind=bind,
+        path=path,
     )
     envelope = Envelope(mail_from, list(recipients), message, size, dict(mail_params or {}))
     return Deferred.fromCoroutine(_deliver(reactor, destination, timeouts, envelope, pool))
@@ -273,11 +283,15 @@ async def _connect(
     proto: SMTPClientProtocol,
     implicit: ClientTLS | None,
 ) -> None:
-    bind = (destination.bind, 0) if destination.bind else None
-    kind = TCP6ClientEndpoint if isIPv6Address(destination.ip) else TCP4ClientEndpoint
-    endpoint: IStreamClientEndpoint = kind(
-        reactor, destination.ip, destination.port, timeout=timeouts.connect, bindAddress=bind
-    )
+    endpoint: IStreamClientEndpoint
+    if destination.path is not None:
+        endpoint = UNIXClientEndpoint(reactor, destination.path, timeout=timeouts.connect)
+    else:
+        bind = (destination.bind, 0) if destination.bind else None
+        kind = TCP6ClientEndpoint if isIPv6Address(destination.ip) else TCP4ClientEndpoint
+        endpoint = kind(
+            reactor, destination.ip, destination.port, timeout=timeouts.connect, bindAddress=bind
+        )
     if implicit is not None:
         endpoint = wrapClientTLS(implicit, endpoint)
     try:
@@ -285,8 +299,7 @@ async def _connect(
     except CancelledError:
         raise
     except Exception as e:
-        where = f"{destination.ip}:{destination.port}"
-        raise DeliveryError("connect", f"cannot connect to {where}: {e}") from e
+        raise DeliveryError("connect", f"cannot connect to {destination.address}: {e}") from e
 
 
 def _tls(destination: Destination, phase: Phase) -> ClientTLS:
@@ -366,7 +379,7 @@ class ClientSession:
         mode: Literal["SMTP", "LMTP"] = "LMTP" if destination.lmtp else "SMTP"
         return DeliveryReport(
             host=destination.name,
-            ip=destination.ip,
+            ip=destination.path or destination.ip,
             port=destination.port,
             mode=mode,
             secured=proto.secured,

@@ -201,7 +201,7 @@ class Courier:
             self._log(
                 Level.INFO,
                 hmail,
-                f"delivery to {address.mx.exchange} [{address.ip}]"
+                f"delivery to {address.mx.exchange} [{address.ip or address.mx.path}]"
                 f" failed in {error.phase}: {error}",
             )
             if error.phase in _TRY_NEXT and not error.settled:
@@ -225,6 +225,7 @@ class Courier:
             self.reactor,
             ip=address.ip,
             port=mx.port,
+            path=mx.path,
             host=mx.exchange,
             helo=mx.bind_helo or s.me,
             mail_from=todo.mail_from,

@@ -149,7 +149,8 @@ class DeliveryReport:
 
     C{accepted} holds the recipients the server took the message for; C{deferred} those
     refused with 4xx (or an unexpected 3xx), C{bounced} those refused with 5xx. C{response}
-    is the text of the final reply to the message (empty if it was never sent).
+    is the text of the final reply to the message (empty if it was never sent). C{ip} is
+    the address connected to: for a Unix socket, its path.
     """
 
     host: str

@@ -18,12 +18,16 @@ _SEPARATORS = re.compile(r"[\s,;]+")
 
 @dataclass(frozen=True)
 class Endpoint:
-    """A remote SMTP server."""
+    """A remote SMTP server: at C{host}:C{port}, or on the Unix socket at C{path} (then
+    C{host} is only its name)."""
 
     host: str
     port: int = 25
+    path: str | None = None
 
     def __str__(self) -> str:
+        if self.path is not None:
+            return f"unix:{self.path}"
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{host}:{self.port}"
 

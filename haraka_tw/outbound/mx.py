@@ -65,8 +65,10 @@ class MXHost:
     """One host to deliver to: from DNS, an address literal, or a get_mx plugin.
 
     ``exchange`` is a host name or an IP address. The fields after ``port`` are for
-    get_mx plugins (Haraka's HarakaMx): source address, HELO name, AUTH, LMTP, and
-    ``implicit_tls`` for a host that speaks TLS from the first byte (SMTPS, port 465).
+    get_mx plugins (Haraka's HarakaMx): source address, HELO name, AUTH, LMTP,
+    ``implicit_tls`` for a host that speaks TLS from the first byte (SMTPS, port 465), and
+    ``path``, a Unix socket to connect to instead (an LMTP server's, as Dovecot's), for
+    which ``exchange`` is only the server's name and nothing is looked up.
     """
 
     exchange: str
@@ -80,11 +82,12 @@ class MXHost:
     from_dns: bool = True
     implicit_tls: bool = False
     from_plugin: bool = False  # named by a get_mx plugin: the operator's choice, never skipped
+    path: str | None = None
 
 
 @dataclass(frozen=True)
 class MXAddress:
-    """One address to connect to, and the MX it belongs to."""
+    """One address to connect to, and the MX it belongs to ("" for a Unix socket's)."""
 
     mx: MXHost
     ip: str
@@ -256,7 +259,7 @@ class MXResolver:
 
         Answered at once when the resolver's cache holds every A and AAAA needed.
         """
-        names = [h.exchange for h in hosts if _ip(h.exchange) is None]
+        names = [h.exchange for h in hosts if h.path is None and _ip(h.exchange) is None]
         known = self._known_lookups(names)
         if known is None:
             return self._lookup(names).addCallback(lambda found: self._choose(hosts, found))
@@ -273,6 +276,11 @@ class MXResolver:
         skipped: list[str] = []
         failures: list[DNSError] = []
         for host in hosts:
+            if host.path is not None:
+                if host.path not in seen:
+                    seen.add(host.path)
+                    found.append(MXAddress(host, ""))
+                continue
             literal = _ip(host.exchange)
             if literal is not None:
                 candidates = [literal]

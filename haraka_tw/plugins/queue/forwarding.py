@@ -99,8 +99,11 @@ class Route:
 
     @property
     def next_hop(self) -> str:
-        """Haraka's C{queue.next_hop} note: C{smtp://host:port} (C{lmtp://} for LMTP)."""
-        return f"{'lmtp' if self.lmtp else 'smtp'}://{self.hosts[0]}"
+        """Haraka's C{queue.next_hop} note: C{smtp://host:port} (C{lmtp://} for LMTP;
+        C{lmtp://host/path} for a Unix socket)."""
+        first = self.hosts[0]
+        where = f"{first.host}{first.path}" if first.path is not None else str(first)
+        return f"{'lmtp' if self.lmtp else 'smtp'}://{where}"
 
     def mx_hosts(self) -> list[MXHost]:
         """The route as a get_mx answer for the outbound queue."""
@@ -114,6 +117,7 @@ class Route:
                 auth_pass=password,
                 using_lmtp=self.lmtp,
                 from_dns=False,
+                path=e.path,
             )
             for i, e in enumerate(self.hosts)
         ]
@@ -131,7 +135,8 @@ def read_route(
 ) -> Route:
     """One route: the keys of C{section}, else those of C{main}, else the defaults.
 
-    @param lmtp: force LMTP on or off; None reads C{queue=lmtp}.
+    @param lmtp: force LMTP on or off; None reads C{queue=lmtp}. When forced on, C{path}
+        (Haraka's lmtp.ini key) names a Unix socket to use instead of the hosts.
     @raise ValueError: for a host, port or timeout that does not parse.
     """
 
@@ -142,8 +147,13 @@ def read_route(
     if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
         raise ValueError(f"{where} [{name}] port: {port!r} is not a port number")
     pool = get("forwarding_host_pool")
+    path = get("path") if lmtp else None
+    if isinstance(path, bool):  # (a bare "path" line)
+        raise ValueError(f"{where} [{name}] path: no socket named")
     try:
-        if pool:
+        if path:
+            hosts = [Endpoint("localhost", port, path=str(path))]
+        elif pool:
             hosts = parse_endpoints(pool, port)
         else:
             hosts = [parse_endpoint(str(get("host") or default_host), port)]
@@ -335,10 +345,12 @@ class Forwarder:
         self._mx = mx
 
     async def addresses(self, endpoint: Endpoint) -> list[str]:
-        """The addresses to connect to for C{endpoint}.
+        """The addresses to connect to for C{endpoint} (for a Unix socket, its path).
 
         @raise MXError: when the name has none.
         """
+        if endpoint.path is not None:
+            return [endpoint.path]
         try:
             return [str(ipaddress.ip_address(endpoint.host))]
         except ValueError:
@@ -376,6 +388,7 @@ class Forwarder:
                         self.reactor,
                         ip=ip,
                         port=endpoint.port,
+                        path=endpoint.path,
                         host=endpoint.host,
                         helo=self.helo,
                         mail_from=txn.mail_from.address if txn.mail_from else "",
@@ -390,7 +403,7 @@ class Forwarder:
                         mail_params=_mail_params(txn.mail_params),
                     )
                 except DeliveryError as e:
-                    log(f"next hop {endpoint} [{ip}]: {e}")
+                    log(f"next hop {endpoint}{'' if endpoint.path else f' [{ip}]'}: {e}")
                     if e.phase in _TRY_NEXT and not e.settled:
                         last = e
                         continue
@@ -642,9 +655,11 @@ class ForwardingPlugin:
 
 
 def mx_from_url(url: str) -> MXHost:
-    """Haraka's C{queue.next_hop}: C{smtp://[user:pass@]host[:port]} or C{lmtp://...}."""
+    """Haraka's C{queue.next_hop}: C{smtp://[user:pass@]host[:port]} or C{lmtp://...}; an
+    LMTP one with a path (C{lmtp://localhost/run/dovecot/lmtp}) names a Unix socket."""
     parts = urlsplit(url)
     lmtp = parts.scheme == "lmtp"
+    path = parts.path if lmtp and parts.path not in ("", "/") else None
     return MXHost(
         exchange=parts.hostname or "localhost",
         priority=0,
@@ -653,4 +668,5 @@ def mx_from_url(url: str) -> MXHost:
         auth_pass=parts.password or None,
         using_lmtp=lmtp,
         from_dns=False,
+        path=path,
     )

@@ -11,10 +11,13 @@ lmtp.ini (Haraka's file)::
     host=10.1.1.1
     port=2400
 
-A section takes the keys it does not set from [main]. The route keys of
-smtp_forward.ini (C{forwarding_host_pool}, C{enable_tls}, C{tls_verify}, C{tls_ca_file},
-C{auth_user}, C{auth_pass}, C{auth_cleartext}, C{connect_timeout}) work here too.
-Haraka's C{path} (a Unix socket) is not supported: the plugin refuses to load with it.
+    [example.org]        ; or to an LMTP server's Unix socket (Dovecot's, say)
+    path=/run/dovecot/lmtp
+
+A section takes the keys it does not set from [main]; C{path}, when set, is used instead
+of the host and port. The route keys of smtp_forward.ini (C{forwarding_host_pool},
+C{enable_tls}, C{tls_verify}, C{tls_ca_file}, C{auth_user}, C{auth_pass},
+C{auth_cleartext}, C{connect_timeout}) work here too.
 
 LMTP answers once per recipient after the message. Recipients are grouped by route, one
 LMTP transaction each, and the answers combined as queue/smtp_forward does: all
@@ -64,9 +67,6 @@ class Plugin(ForwardingPlugin):
 
     def load(self) -> None:
         ini = self.config.get_ini(LMTP_INI, booleans=ROUTE_BOOLEANS)
-        for name, section in ini.items():
-            if section.get("path"):
-                raise ValueError(f"{LMTP_INI} [{name}] path: Unix sockets are not supported")
         self.routes = read_routes(ini, default_port=24, lmtp=True, where=LMTP_INI)
 
     def groups(self, connection: Any) -> list[tuple[Route, list[int]]]:

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
 from twisted.trial.unittest import SynchronousTestCase
 
 from haraka_tw.config import ConfigDirectory
 from haraka_tw.hooks.loader import PluginLoadError, load_plugins
 from haraka_tw.paths import default_config_dir
+from haraka_tw.plugins.queue.forwarding import mx_from_url
 from haraka_tw.plugins.queue.smtp_forward import read_routes
 from haraka_tw.smtp.state import Notes
 from tests.plugins.queue.test_smtp_forward import ForwardCase, check_arrived
+from tests.smtp_peers import Peer, PeerScript
 from tests.support import ListLog, temp_dir, write_config
 
 PLUGINS = "rcpt_to.in_host_list\nqueue/lmtp\n"
@@ -64,6 +68,64 @@ class LMTPTests(ForwardCase):
         _, _, data = await self.send(["bob@example.com"])
         self.assertEqual(data, (451, b"4.3.0 Later"))
 
+    def unix_peer(self, **script: Any) -> tuple[Peer, str]:
+        """An LMTP peer on a Unix socket in a fresh directory."""
+        peer = Peer(PeerScript(lmtp=True, **script))
+        path = str(temp_dir(self) / "lmtp.sock")
+        peer.start_unix(path)
+        self.addCleanup(peer.stop)
+        return peer, path
+
+    async def test_delivers_over_a_unix_socket(self) -> None:
+        """path= (Haraka's key; Dovecot's LMTP socket) is used instead of host and port:
+        the message arrives byte-exact over the socket, and the client gets its 250."""
+        peer, path = self.unix_peer()
+        self.lmtp_server(f"[main]\nhost=127.0.0.1\nport=1\npath={path}\n")
+        _, _, data = await self.send(["bob@example.com", "carol@example.com"])
+        assert data is not None
+        self.assertEqual(data[0], 250)
+        [message] = peer.messages
+        self.assertEqual(message.rcpt_to, ["bob@example.com", "carol@example.com"])
+        check_arrived(self, message.data)
+        self.assertIn("C: LHLO mx.test", peer.transcript)
+
+    async def test_unix_socket_missing_is_4xx_naming_it(self) -> None:
+        """No server on the socket: the client is told 4xx, and the log names the path."""
+        path = str(temp_dir(self) / "nobody-listens.sock")
+        server = self.lmtp_server(f"[main]\npath={path}\n")
+        log: list[str] = []
+        server.log.hook = lambda _, record: log.append(record.message) or True
+        _, _, data = await self.send(["bob@example.com"])
+        assert data is not None
+        self.assertEqual(data[0] // 100, 4)
+        self.assertTrue(any(path in line for line in log), log)
+
+    async def test_deferred_recipient_goes_back_to_the_unix_socket(self) -> None:
+        """A recipient deferred over the socket is queued; the outbound queue delivers it
+        to the same socket later (its get_mx route carries the path)."""
+        peer, path = self.unix_peer(lmtp_replies={"carol@example.com": "452 4.2.2 Full"})
+        server = self.server(
+            "",
+            plugins=PLUGINS,
+            **{
+                "lmtp.ini": f"[main]\npath={path}\n",
+                "outbound.ini": "[main]\nqueue_dir={base}/queue\n",  # (this one delivers)
+            },
+        )
+        _, _, data = await self.send(["bob@example.com", "carol@example.com"])
+        assert data is not None
+        self.assertEqual(data[0], 250)
+        del peer.script.lmtp_replies["carol@example.com"]  # the mailbox has room again
+        server.outbound.flush()
+        for _ in range(200):
+            if not await self.queued(server):
+                break
+            await deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(await self.queued(server), [])
+        delivered = [m.rcpt_to for m in peer.messages]
+        self.assertEqual(delivered[0], ["bob@example.com", "carol@example.com"])
+        self.assertEqual(delivered[-1], ["carol@example.com"])
+
     async def test_domain_section_routes_elsewhere(self) -> None:
         """A [domain] section sends that domain's recipients to its own LMTP server."""
         main, main_port = self.peer(lmtp=True)
@@ -82,12 +144,34 @@ class ConfigTests(SynchronousTestCase):
         routes = read_routes({"main": {}}, default_port=24, lmtp=True)
         self.assertEqual((str(routes.main.hosts[0]), routes.main.lmtp), ("localhost:24", True))
 
-    def test_unix_socket_path_refused(self) -> None:
-        """Haraka's path= (a Unix socket) is refused at load, not silently ignored."""
-        directory = write_config(temp_dir(self) / "c", {"lmtp.ini": "[main]\npath=/tmp/s\n"})
+    def test_unix_socket_path_replaces_the_host(self) -> None:
+        """path= in a section makes its route a Unix socket, also as a get_mx answer and in
+        Haraka's next_hop note (lmtp://host/path), which reads back to the same socket."""
+        routes = read_routes(
+            {"main": {"host": "10.0.0.1"}, "x.test": {"path": "/run/dovecot/lmtp"}},
+            default_port=24,
+            lmtp=True,
+        )
+        route = routes.for_domain("x.test")
+        self.assertEqual(str(route.hosts[0]), "unix:/run/dovecot/lmtp")
+        self.assertEqual(route.next_hop, "lmtp://localhost/run/dovecot/lmtp")
+        [mx] = route.mx_hosts()
+        self.assertEqual((mx.path, mx.using_lmtp), ("/run/dovecot/lmtp", True))
+        back = mx_from_url(route.next_hop)
+        self.assertEqual((back.path, back.using_lmtp), ("/run/dovecot/lmtp", True))
+        self.assertEqual(str(routes.main.hosts[0]), "10.0.0.1:24")
+
+    def test_bare_path_key_refused(self) -> None:
+        """A path line without a value is a load error naming the file and section."""
+        directory = write_config(temp_dir(self) / "c", {"lmtp.ini": "[main]\npath\n"})
         config = ConfigDirectory([default_config_dir(), directory])
-        with self.assertRaises(PluginLoadError):
+        with self.assertRaisesRegex(PluginLoadError, r"lmtp.ini \[main\] path"):
             load_plugins(["queue/lmtp"], config=config, log=ListLog(), server_notes={})
+
+    def test_smtp_forward_ignores_path(self) -> None:
+        """path= means nothing to smtp_forward.ini (as in Haraka): its route stays TCP."""
+        routes = read_routes({"main": {"host": "10.0.0.1", "path": "/tmp/s"}})
+        self.assertEqual(str(routes.main.hosts[0]), "10.0.0.1:25")
 
     def test_get_mx_for_using_lmtp(self) -> None:
         """get_mx answers for queued mail noted using_lmtp (Haraka's note) by domain."""
