@@ -29,12 +29,18 @@ from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort, IReactorTime, IStreamServerEndpoint
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IProtocolFactory,
+    IReactorTime,
+    IStreamServerEndpoint,
+)
 
 from haraka_tw.codes import Code, HookResult
 from haraka_tw.interfaces import IShutdown
 from haraka_tw.logging import Level
 from haraka_tw.server import HarakaServer, StartupError
+from haraka_tw.smtp.proxy_first import ProxyFirstFactory
 from haraka_tw.tls import (
     ImplicitTLS,
     ImplicitTLSEndpoint,
@@ -253,7 +259,9 @@ class HarakaService(MultiService):
         tls = self._implicit_tls.get(index)
         if tls is not None and self._tls is not None:
             plain = plain or serverFromString(write_through_reactor(self.reactor), tls.endpoint)
-            return ImplicitTLSEndpoint(plain, self._tls.creator_for_port(tls.port))
+            return ImplicitTLSEndpoint(
+                plain, self._tls.creator_for_port(tls.port), below=self._proxy_first
+            )
         if plain is not None:
             return plain
         if not isinstance(spec, str):
@@ -263,6 +271,16 @@ class HarakaService(MultiService):
             write_through_reactor(self.reactor), spec
         )
         return endpoint
+
+    def _proxy_first(self, tls: IProtocolFactory) -> IProtocolFactory:
+        """Under an implicit TLS listener: a trusted proxy's PROXY header comes before TLS."""
+        server = self.server
+        return ProxyFirstFactory(
+            tls,
+            self.reactor,
+            lambda: server.factory.settings,  # (the current ones: a reload replaces them)
+            lambda line: server.log.log(Level.WARN, line),
+        )
 
     def startService(self) -> None:
         if not self.ports:

@@ -675,11 +675,24 @@ class _ImplicitTLSFactory(TLSMemoryBIOFactory):
 
 @implementer(IStreamServerEndpoint)
 class ImplicitTLSEndpoint:
-    """Listens on C{endpoint} with TLS from the first byte (SMTPS, RFC 8314)."""
+    """Listens on C{endpoint} with TLS from the first byte (SMTPS, RFC 8314).
 
-    def __init__(self, endpoint: IStreamServerEndpoint, creator: TLSConnectionCreator) -> None:
+    C{below}, if given, wraps the TLS layer's factory: what it wraps it in sees the
+    connection's bytes before TLS does (a PROXY header: L{haraka_tw.smtp.proxy_first}).
+    """
+
+    def __init__(
+        self,
+        endpoint: IStreamServerEndpoint,
+        creator: TLSConnectionCreator,
+        below: Callable[[IProtocolFactory], IProtocolFactory] | None = None,
+    ) -> None:
         self.endpoint = endpoint
         self.creator = creator
+        self.below = below
 
     def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
-        return self.endpoint.listen(_ImplicitTLSFactory(self.creator, False, protocolFactory))
+        factory: IProtocolFactory = _ImplicitTLSFactory(self.creator, False, protocolFactory)
+        if self.below is not None:
+            factory = self.below(factory)
+        return self.endpoint.listen(factory)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 from typing import Any, cast
 
 from twisted.internet.defer import Deferred, succeed
@@ -26,15 +25,13 @@ from haraka_tw.smtp.connection import (
     State,
     forget_auth,
 )
-from haraka_tw.smtp.proxy import ProxyError, ProxyHeader, parse_proxy_header
+from haraka_tw.smtp.proxy import MAX_LENGTH, ProxyError, ProxyHeader, parse_proxy_header
+from haraka_tw.smtp.proxy_first import proxy_header_below
 from haraka_tw.smtp.replies import Reply
 from haraka_tw.smtp.session import SessionCore
 from haraka_tw.smtp.settings import SessionSettings
 
 __all__ = ["Greeting"]
-
-_PROXY_LIMIT = 16 + 65535  # the largest PROXY v2 header
-
 
 _BANNERS: dict[tuple[Any, ...], tuple[bytes, bytes]] = {}
 
@@ -80,7 +77,11 @@ class Greeting(SessionCore):
             self._send(S.S421_TOO_MANY_CONNECTIONS)
             self._close()
             return
-        if self._proxy_allowed(conn.remote.ip):
+        below = proxy_header_below(self.transport) if conn.tls.enabled else None
+        if below is not None:  # read before TLS began (an implicit TLS port)
+            conn.proxy.allowed = True
+            self._apply_proxy(below)
+        elif self.settings.trusts_proxy(conn.remote.ip) and not conn.tls.enabled:
             conn.state = State.PROXY
             conn.proxy.allowed = True
             self._proxy_timer = self.callLater(self.settings.proxy_timeout, self._proxy_timeout)
@@ -166,16 +167,6 @@ class Greeting(SessionCore):
         tag = f" ({conn.uuid[: s.banner_chars]})".encode() if s.banner_chars else b""
         self._send_wire(conn, 220, cut[0] + tag + cut[1])
 
-    def _proxy_allowed(self, ip: str) -> bool:
-        hosts = self.settings.proxy_hosts
-        if not hosts:
-            return False
-        try:
-            addr = ipaddress.ip_address(ip)
-        except ValueError:
-            return False
-        return any(addr in net for net in hosts)
-
     def _proxy_header(self) -> None:
         """Bytes from a trusted proxy before the banner: a PROXY v1/v2 header, or 421."""
         try:
@@ -185,7 +176,7 @@ class Greeting(SessionCore):
             self._refuse_proxy(S.S421_PROXY_REFUSED)
             return
         if header is None:
-            if len(self._inbuf) > _PROXY_LIMIT:
+            if len(self._inbuf) > MAX_LENGTH:
                 self._refuse_proxy(S.S421_PROXY_REFUSED)
             return
         del self._inbuf[: header.length]

@@ -23,6 +23,7 @@ import struct
 from dataclasses import dataclass, field
 
 __all__ = [
+    "MAX_LENGTH",
     "V1_MAX_LENGTH",
     "V2_SIGNATURE",
     "ProxyError",
@@ -37,6 +38,9 @@ V1_PREFIX = b"PROXY "
 #: The 12 bytes every version 2 header starts with.
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 V2_FIXED_LENGTH = 16  # signature, version/command, family/transport, length
+#: The longest header of either version (a version 2 one with 65,535 bytes of addresses
+#: and TLVs).
+MAX_LENGTH = V2_FIXED_LENGTH + 0xFFFF
 
 # Version 2 field values.
 _V2_VERSION = 0x2

@@ -82,6 +82,17 @@ class SessionSettings:
     close_message: str | None = None
     banner_chars: int = 6
 
+    def trusts_proxy(self, ip: str) -> bool:
+        """Whether C{ip} is in connection.ini C{[haproxy] hosts}: its PROXY header is
+        believed."""
+        if not self.proxy_hosts:
+            return False
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        return any(addr in net for net in self.proxy_hosts)
+
     @classmethod
     def from_config(cls, config: Any) -> SessionSettings:
         """Read connection.ini, smtp.ini and me.
