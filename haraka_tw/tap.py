@@ -64,22 +64,24 @@ def twistd_log_observer() -> ILogObserver:
     C{--logfile} or with C{--logfile -}; otherwise the file, C{twistd.log} by default,
     rotated by size and on SIGUSR1), written by L{TwistdLogObserver}. It is meant to be
     named by L{Options.postOptions}, which keeps twistd's choices for it."""
+    # The reactor twistd runs (installed by now: --reactor, or the default on first use);
+    # with it the observer writes its lines in batches.
+    from twisted.internet import reactor
+
     name = _TWISTD_LOG.get("logfile")
     nodaemon = _TWISTD_LOG.get("nodaemon", False)
     if name == "-" or (nodaemon and not name):
         if not nodaemon:
             sys.exit("Daemons cannot log to stdout, exiting!")
-        return TwistdLogObserver(sys.stdout)
+        return TwistdLogObserver(sys.stdout, reactor=reactor)
     log_file = LogFile.fromFullPath(name or "twistd.log")
     if not signal.getsignal(signal.SIGUSR1):  # None or SIG_DFL: nobody else wants it
 
         def rotate(signum: int, frame: Any) -> None:
-            from twisted.internet import reactor
-
             reactor.callFromThread(log_file.rotate)  # type: ignore[attr-defined]
 
         signal.signal(signal.SIGUSR1, rotate)
-    return TwistdLogObserver(log_file)
+    return TwistdLogObserver(log_file, reactor=reactor)
 
 
 def makeService(options: Any) -> HarakaService:

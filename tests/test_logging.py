@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import io
 import json
+import threading
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
+from twisted.internet.task import Clock
 from twisted.logger import Logger, LogLevel, formatTime, textFileLogObserver, timeFormatRFC3339
 from twisted.python.failure import Failure
 from twisted.python.logfile import LogFile
@@ -169,3 +172,63 @@ def test_log_file_observer_time_prefix_follows_the_clock() -> None:
     expected = [formatTime(when, timeFormatRFC3339) for when in (100, 100, 101)]
     assert [line.split(" ")[0] for line in lines] == expected
     assert all(line.endswith("] é") for line in lines)
+
+
+class RunningClock(Clock):
+    """A task.Clock that runs (as a reactor does) and keeps system event triggers."""
+
+    running = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.triggers: list[tuple[str, str, Any]] = []
+
+    def addSystemEventTrigger(self, phase: str, event: str, f: Any) -> None:
+        self.triggers.append((phase, event, f))
+
+
+def test_log_file_observer_with_a_reactor_writes_lines_in_batches(tmp_path: Path) -> None:
+    """Given the reactor, lines logged in its thread reach twistd's LogFile together after
+    the delay, in one write; the rest is written after shutdown and on close."""
+    out = LogFile.fromFullPath(str(tmp_path / "twistd.log"))
+    clock = RunningClock()
+    writes: list[Any] = []
+    real_write = out.write
+    out.write = lambda data: (writes.append(data), real_write(data))  # type: ignore[method-assign]
+    observer = TwistdLogObserver(out, reactor=clock, delay=0.02)
+    log = HarakaLog(Level.INFO, logger=Logger(namespace="haraka_tw", observer=observer))
+    path = tmp_path / "twistd.log"
+    with mock.patch.object(haraka_logging, "isInIOThread", lambda: True):
+        log.log(Level.NOTICE, "one", uuid="U1")
+        log.log(Level.NOTICE, "two", uuid="U2")
+        assert path.read_text() == ""
+        assert len(clock.getDelayedCalls()) == 1  # one timer for the batch
+        clock.advance(0.02)
+        assert len(writes) == 1
+        lines = path.read_text().splitlines()
+        assert [line.split("] ", 2)[-1] for line in lines] == ["[U1] [core] one", "[U2] [core] two"]
+        log.log(Level.NOTICE, "three", uuid="U3")
+        [(phase, event, flush)] = clock.triggers
+        assert (phase, event) == ("after", "shutdown")
+        flush()  # the reactor stopped: what was gathered is written
+        assert path.read_text().splitlines()[-1].endswith("[U3] [core] three")
+        log.log(Level.NOTICE, "four", uuid="U4")
+    observer.close()  # (the LogFile is closed after the write)
+    assert path.read_text().splitlines()[-1].endswith("[U4] [core] four")
+
+
+def test_log_file_observer_writes_at_once_outside_the_reactor_thread() -> None:
+    """A line from another thread (or with the reactor stopped) is written at once."""
+    out = io.StringIO()
+    clock = RunningClock()
+    observer = TwistdLogObserver(out, reactor=clock)
+    line = _event(log_format="{haraka_text}", haraka_text="[INFO] from a thread")
+    thread = threading.Thread(target=observer, args=(line,))
+    thread.start()
+    thread.join()
+    assert out.getvalue().endswith("[INFO] from a thread\n")
+    clock.running = False  # type: ignore[misc]
+    with mock.patch.object(haraka_logging, "isInIOThread", lambda: True):
+        observer(_event(log_format="{haraka_text}", haraka_text="[INFO] stopped"))
+    assert out.getvalue().endswith("[INFO] stopped\n")
+    assert clock.getDelayedCalls() == []

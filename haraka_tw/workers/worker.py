@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -27,11 +26,10 @@ from twisted.internet.protocol import connectionDone
 from twisted.logger import ILogObserver, LogEvent, LogLevel, eventAsText, globalLogBeginner
 from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python.failure import Failure
-from twisted.python.threadable import isInIOThread
 from zope.interface import implementer
 
 from haraka_tw.config import ConfigDirectory, ConfigError
-from haraka_tw.logging import Level
+from haraka_tw.logging import GatheredWrites, Level
 from haraka_tw.server import HarakaServer, StartupError
 from haraka_tw.service import HarakaService
 from haraka_tw.workers import GivenFactory, WorkerRole
@@ -51,60 +49,31 @@ class LineObserver:
     master slow to read slows the worker rather than losing its log.
 
     Lines logged in the reactor thread while it runs are gathered and written together
-    about C{delay} seconds later (later if the reactor is busy): the master wakes once for
-    many lines, where a wake-up per line (the disconnect line, once per connection) cost it
-    0.085 ms of CPU per message under load. Lines from other threads, or once the reactor
-    has stopped, are written at once, after what was gathered; L{run} writes what is left
-    when the reactor stops. A line logged while a write is under way (a signal handler's,
-    in the same thread) joins that write. A worker killed with SIGKILL loses the lines it
-    had gathered.
+    about C{delay} seconds later (L{GatheredWrites}): the master wakes once for many
+    lines, where a wake-up per line (the disconnect line, once per connection) cost it
+    0.085 ms of CPU per message under load. L{run} writes what is left when the reactor
+    stops.
     """
 
     def __init__(self, fd: int, reactor: Any = None, delay: float = 0.02) -> None:
         self.fd = fd
-        self._reactor = reactor
-        self._delay = delay
-        self._gathered: list[bytes] = []
-        self._call: Any = None
-        self._writing = False
-        # Re-entrant: a signal handler that logs runs in the thread that may hold it.
-        self._lock = threading.RLock()
+        self._lines = GatheredWrites(self._write, reactor, delay)
 
     def __call__(self, event: LogEvent) -> None:
         text = event.get("haraka_text")  # a HarakaLog line comes formatted already
         if not isinstance(text, str) or "log_failure" in event:
             text = eventAsText(event, includeTimestamp=False, includeSystem=False)
-        data = log_lines(event.get("log_level", LogLevel.info), text)
-        reactor = self._reactor
-        if reactor is None or not reactor.running or not isInIOThread():
-            self.flush(data)
-            return
-        with self._lock:
-            self._gathered.append(data)
-            if self._call is None and not self._writing:
-                self._call = reactor.callLater(self._delay, self.flush)
+        self._lines.add(log_lines(event.get("log_level", LogLevel.info), text))
 
-    def flush(self, then: bytes = b"") -> None:
-        """Write the lines gathered so far, then C{then}."""
-        with self._lock:
-            if self._call is not None and isInIOThread():  # (a timer is the reactor's own)
-                if self._call.active():
-                    self._call.cancel()
-                self._call = None
-            self._gathered.append(then)
-            if self._writing:
-                return  # (a line logged during a write: that write's loop takes it)
-            self._writing = True
-            try:
-                while any(self._gathered):
-                    data = memoryview(b"".join(self._gathered))
-                    self._gathered.clear()
-                    with contextlib.suppress(OSError):  # the master is gone: the channels say so
-                        while data:
-                            data = data[os.write(self.fd, data) :]
-                self._gathered.clear()
-            finally:
-                self._writing = False
+    def flush(self) -> None:
+        """Write the lines gathered so far."""
+        self._lines.flush()
+
+    def _write(self, data: bytes) -> None:
+        view = memoryview(data)
+        with contextlib.suppress(OSError):  # the master is gone: the channels say so
+            while view:
+                view = view[os.write(self.fd, view) :]
 
 
 class MasterChannel(LineOnlyReceiver):

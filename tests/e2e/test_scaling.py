@@ -310,7 +310,9 @@ class ScaleOutTests(unittest.TestCase):
 
     def assert_log_names_clients(self, instance: Instance, sessions: int) -> None:
         """One 'PROXY v2 ... client' line and one disconnect line per client session, each
-        naming the client; no line for a health check (quiet_checks)."""
+        naming the client; no line for a health check (quiet_checks). (The log is written
+        in batches: the last session's lines may come a moment after its reply.)"""
+        poll(lambda: len(re.findall(r"\[core\] disconnect ", instance.output())) >= sessions, 5)
         log = instance.output()
         proxied = re.findall(rf"PROXY v2 from {re.escape(PROXY_IP)}: client (\S+)", log)
         disconnects = re.findall(r"\[core\] disconnect ip=(\S+)", log)

@@ -222,9 +222,15 @@ class ForegroundTests(TwistdTestCase):
         self.wait_listening(None, self.port)
         self.assertEqual(self.send_message(), {})
         self.assertEqual(len(self.stored()), 1)
-        log = logfile.read_text()
+
+        # The lines of a session reach the file in a batch, a moment later.
+        def delivered() -> str:
+            text = logfile.read_text()
+            return text if "delivered to" in text else ""
+
+        log = poll(delivered, 5)
+        self.assertTrue(log, logfile.read_text())
         self.assertIn(f"listening on tcp:{self.port}:interface=127.0.0.1", log)
-        self.assertIn("delivered to", log)
         # twistd's line format (haraka_tw.logging.TwistdLogObserver writes it)
         disconnect = re.compile(
             r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} \[haraka_tw#info\] \[NOTICE\] "

@@ -11,6 +11,7 @@ import pytest
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel
 
+from haraka_tw import logging as haraka_logging
 from haraka_tw.workers import worker
 from haraka_tw.workers.worker import LineObserver
 
@@ -46,7 +47,7 @@ def test_reactor_thread_lines_wait_for_the_delay_then_go_together(pipe: Any) -> 
     read, write = pipe
     clock = RunningClock()
     observer = LineObserver(write, clock, delay=0.02)
-    with mock.patch.object(worker, "isInIOThread", lambda: True):
+    with mock.patch.object(haraka_logging, "isInIOThread", lambda: True):
         observer(event("one"))
         observer(event("two", LogLevel.warn))
         assert drain(read) == b""
@@ -60,13 +61,13 @@ def test_other_threads_write_at_once_after_what_was_gathered(pipe: Any) -> None:
     read, write = pipe
     clock = RunningClock()
     observer = LineObserver(write, clock)
-    with mock.patch.object(worker, "isInIOThread", lambda: True):
+    with mock.patch.object(haraka_logging, "isInIOThread", lambda: True):
         observer(event("gathered"))
     thread = threading.Thread(target=observer, args=(event("from a thread"),))
     thread.start()
     thread.join()
     assert drain(read) == b"info\tgathered\ninfo\tfrom a thread\n"
-    with mock.patch.object(worker, "isInIOThread", lambda: True):
+    with mock.patch.object(haraka_logging, "isInIOThread", lambda: True):
         clock.advance(1)  # the reactor's timer finds nothing left to write
     assert drain(read) == b""
 
@@ -76,7 +77,7 @@ def test_stopped_reactor_or_no_reactor_writes_at_once(pipe: Any) -> None:
     read, write = pipe
     clock = RunningClock()
     clock.running = False  # type: ignore[misc]
-    with mock.patch.object(worker, "isInIOThread", lambda: True):
+    with mock.patch.object(haraka_logging, "isInIOThread", lambda: True):
         LineObserver(write, clock)(event("late"))
         LineObserver(write)(event("no reactor"))
     assert drain(read) == b"info\tlate\ninfo\tno reactor\n"
