@@ -13,9 +13,11 @@ twistd writes, made cheaply.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import json
 import re
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -44,6 +46,7 @@ __all__ = [
     "TwistdLogObserver",
     "emit_text",
     "format_record",
+    "is_udp_port_closed",
 ]
 
 
@@ -336,8 +339,10 @@ class PluginLogger:
 _UDP_PORT_CLOSED = re.compile(r"\(UDP Port \d+ Closed\)")
 
 
-def _is_udp_port_closed(event: Mapping[str, Any]) -> bool:
-    """Whether C{event} is Twisted's legacy line for a UDP port's close."""
+def is_udp_port_closed(event: Mapping[str, Any]) -> bool:
+    """Whether C{event} is Twisted's legacy C{(UDP Port N Closed)} line, which it logs
+    whatever the protocol's C{noisy} says: the resolver opens a port per query, and those
+    lines would bury the log of a server doing its own DNS. The log observers drop it."""
     text = event.get("log_text")
     return (
         event.get("log_namespace") == "log_legacy"
@@ -357,6 +362,11 @@ class GatheredWrites:
     A line added while a write is under way (a signal handler's, in the same thread) joins
     that write. The process's owner flushes what is left when the reactor stops; a
     process killed with SIGKILL loses at most the last C{delay} seconds of lines.
+
+    A write that fails (a full disk, a closed stdout) loses its batch and is reported
+    once on the process's stderr until a write works again. It never raises: from the
+    timer, the reactor would log the error, and that line would come back here, fail
+    again, and so on every C{delay} seconds.
     """
 
     def __init__(self, write: Callable[[Any], None], reactor: Any = None, delay: float = 0.02):
@@ -366,6 +376,7 @@ class GatheredWrites:
         self._gathered: list[Any] = []
         self._call: Any = None
         self._writing = False
+        self._failing = False
         # Re-entrant: a signal handler that logs runs in the thread that may hold it.
         self._lock = threading.RLock()
 
@@ -396,9 +407,25 @@ class GatheredWrites:
                 while self._gathered:
                     pieces = self._gathered[:]
                     self._gathered.clear()
-                    self._write(pieces[0][:0].join(pieces))
+                    self._write_batch(pieces[0][:0].join(pieces))
             finally:
                 self._writing = False
+
+    def _write_batch(self, data: Any) -> None:
+        try:
+            self._write(data)
+        except Exception as e:
+            if not self._failing:
+                self._failing = True
+                with contextlib.suppress(Exception):  # (stderr may be gone too)
+                    print(
+                        f"haraka_tw: cannot write the log ({e!r}); lines are lost until a "
+                        "write works again",
+                        file=sys.__stderr__,
+                        flush=True,
+                    )
+        else:
+            self._failing = False
 
 
 @implementer(ILogObserver)
@@ -481,7 +508,7 @@ class TwistdLogObserver:
             or "log_system" in event
             or "log_failure" in event
         ):
-            if _is_udp_port_closed(event):
+            if is_udp_port_closed(event):
                 return
             line = formatEventAsClassicLogText(event, formatTime=self._time)
             if not line:

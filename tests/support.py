@@ -40,6 +40,20 @@ from haraka_tw.writethrough import dispatch_without_log_context, write_through_r
 CLIENT_IP = "192.0.2.10"
 
 
+class RunningClock(Clock):
+    """A task.Clock that says it is running, as a reactor does, and keeps the system
+    event triggers it is given (for the log observers that write in batches)."""
+
+    running = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.triggers: list[tuple[str, str, Any]] = []
+
+    def addSystemEventTrigger(self, phase: str, event: str, f: Any) -> None:
+        self.triggers.append((phase, event, f))
+
+
 class ListLog(HarakaLog):
     """A HarakaLog that keeps its records for assertions."""
 

@@ -10,13 +10,13 @@ from typing import Any
 from unittest import mock
 
 import pytest
-from twisted.internet.task import Clock
 from twisted.logger import Logger, LogLevel, formatTime, textFileLogObserver, timeFormatRFC3339
 from twisted.python.failure import Failure
 from twisted.python.logfile import LogFile
 
 from haraka_tw import logging as haraka_logging
 from haraka_tw.logging import HarakaLog, Level, LogRecord, TwistdLogObserver, format_record
+from tests.support import RunningClock
 
 
 def capture() -> tuple[HarakaLog, list[dict[str, Any]]]:
@@ -174,19 +174,6 @@ def test_log_file_observer_time_prefix_follows_the_clock() -> None:
     assert all(line.endswith("] é") for line in lines)
 
 
-class RunningClock(Clock):
-    """A task.Clock that runs (as a reactor does) and keeps system event triggers."""
-
-    running = True
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.triggers: list[tuple[str, str, Any]] = []
-
-    def addSystemEventTrigger(self, phase: str, event: str, f: Any) -> None:
-        self.triggers.append((phase, event, f))
-
-
 def test_log_file_observer_with_a_reactor_writes_lines_in_batches(tmp_path: Path) -> None:
     """Given the reactor, lines logged in its thread reach twistd's LogFile together after
     the delay, in one write; the rest is written after shutdown and on close."""
@@ -232,3 +219,41 @@ def test_log_file_observer_writes_at_once_outside_the_reactor_thread() -> None:
         observer(_event(log_format="{haraka_text}", haraka_text="[INFO] stopped"))
     assert out.getvalue().endswith("[INFO] stopped\n")
     assert clock.getDelayedCalls() == []
+
+
+def test_a_failing_write_is_reported_once_and_never_raises(capfd: Any) -> None:
+    """A batch whose write fails (a full disk) is lost and reported once on stderr; the
+    timer does not raise (the reactor would log that, and the line would fail again); a
+    later write that works writes again."""
+    clock = RunningClock()
+    written: list[str] = []
+    failing = [True]
+
+    def write(data: str) -> None:
+        if failing[0]:
+            raise OSError(28, "No space left on device")
+        written.append(data)
+
+    lines = haraka_logging.GatheredWrites(write, clock, delay=0.02)
+    with mock.patch.object(haraka_logging, "isInIOThread", lambda: True):
+        for text in ("a\n", "b\n"):
+            lines.add(text)
+            clock.advance(0.02)  # (raises if the write's error escapes)
+        assert clock.getDelayedCalls() == []
+        failing[0] = False
+        lines.add("c\n")
+        clock.advance(0.02)
+    assert written == ["c\n"]
+    reported = capfd.readouterr().err
+    assert reported.count("cannot write the log") == 1, reported
+    assert "No space left on device" in reported
+
+
+def test_log_file_observer_drops_udp_port_closed() -> None:
+    """Twisted's legacy "(UDP Port N Closed)" is left out; other legacy lines are not."""
+    out = io.StringIO()
+    observer = TwistdLogObserver(out)
+    for text in ("(UDP Port 4242 Closed)", "(TCP Port 25 Closed)"):
+        observer(_event(log_format="{log_text}", log_text=text, log_namespace="log_legacy"))
+    assert "UDP Port" not in out.getvalue()
+    assert out.getvalue().endswith("(TCP Port 25 Closed)\n")

@@ -25,7 +25,7 @@ from haraka_tw.smtp.connection import (
     State,
     forget_auth,
 )
-from haraka_tw.smtp.proxy import MAX_LENGTH, ProxyError, ProxyHeader, parse_proxy_header
+from haraka_tw.smtp.proxy import ProxyError, ProxyHeader, parse_proxy_header
 from haraka_tw.smtp.proxy_first import proxy_header_below
 from haraka_tw.smtp.replies import Reply
 from haraka_tw.smtp.session import SessionCore
@@ -79,7 +79,6 @@ class Greeting(SessionCore):
             return
         below = proxy_header_below(self.transport) if conn.tls.enabled else None
         if below is not None:  # read before TLS began (an implicit TLS port)
-            conn.proxy.allowed = True
             self._apply_proxy(below)
         elif self.settings.trusts_proxy(conn.remote.ip) and not conn.tls.enabled:
             conn.state = State.PROXY
@@ -176,9 +175,7 @@ class Greeting(SessionCore):
             self._refuse_proxy(S.S421_PROXY_REFUSED)
             return
         if header is None:
-            if len(self._inbuf) > MAX_LENGTH:
-                self._refuse_proxy(S.S421_PROXY_REFUSED)
-            return
+            return  # (the rest is still to come)
         del self._inbuf[: header.length]
         self._cancel_proxy_timer()
         self._apply_proxy(header)

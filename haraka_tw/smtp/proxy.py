@@ -23,7 +23,6 @@ import struct
 from dataclasses import dataclass, field
 
 __all__ = [
-    "MAX_LENGTH",
     "V1_MAX_LENGTH",
     "V2_SIGNATURE",
     "ProxyError",
@@ -38,9 +37,6 @@ V1_PREFIX = b"PROXY "
 #: The 12 bytes every version 2 header starts with.
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 V2_FIXED_LENGTH = 16  # signature, version/command, family/transport, length
-#: The longest header of either version (a version 2 one with 65,535 bytes of addresses
-#: and TLVs).
-MAX_LENGTH = V2_FIXED_LENGTH + 0xFFFF
 
 # Version 2 field values.
 _V2_VERSION = 0x2
@@ -113,7 +109,8 @@ def parse_proxy_header(buf: bytes) -> ProxyHeader | None:
     @return: the header, or None when C{buf} is a valid beginning of a header that is not
         complete yet.
     @raise ProxyError: if C{buf} does not start with a valid header, or cannot be
-        completed into one.
+        completed into one. (So a buffer never grows past the longest header, 16 + 65,535
+        bytes, without an answer: a version 2 header is complete by then.)
     """
     if buf[:1] == V1_PREFIX[:1]:
         return _parse_v1(buf)

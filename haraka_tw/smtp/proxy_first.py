@@ -11,7 +11,9 @@ it as it does on a plain port: connect_init, lookup_rdns and connect see the rea
 Nothing can be said to the client before TLS, so a trusted proxy that sends a malformed
 header, or none within C{[haproxy] timeout}, is logged and disconnected without a reply
 (on a plain port it gets a 421). A connection from any other host is passed to TLS as it
-is: a PROXY header from it fails the handshake, so it cannot name a client.
+is: a PROXY header from it fails the handshake, so it cannot name a client. Every
+connection of an implicit TLS listener passes through the wrapper, listed proxies or not
+(a reload may list them later): a method call per read, next to TLS's own work.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
 from zope.interface import directlyProvides, providedBy
 
-from haraka_tw.smtp.proxy import MAX_LENGTH, ProxyError, ProxyHeader, parse_proxy_header
+from haraka_tw.smtp.proxy import ProxyError, ProxyHeader, parse_proxy_header
 from haraka_tw.smtp.settings import SessionSettings
 
 __all__ = ["ProxyFirstFactory", "proxy_header_below"]
@@ -50,7 +52,7 @@ class _ProxyFirst(ProtocolWrapper):
             self._begin()
             return
         self._waiting = True
-        self._buffer = b""
+        self._buffer = bytearray()
         self._timer = self.factory.reactor.callLater(settings.proxy_timeout, self._timed_out)
 
     def dataReceived(self, data: bytes) -> None:
@@ -59,16 +61,14 @@ class _ProxyFirst(ProtocolWrapper):
             return
         self._buffer += data
         try:
-            header = parse_proxy_header(self._buffer)
+            header = parse_proxy_header(bytes(self._buffer))
         except ProxyError as e:
             self._refuse(f"bad PROXY header: {e}")
             return
         if header is None:
-            if len(self._buffer) > MAX_LENGTH:
-                self._refuse("PROXY header too long")
-            return
-        rest = self._buffer[header.length :]
-        self._buffer = b""
+            return  # (the rest is still to come)
+        rest = bytes(self._buffer[header.length :])
+        self._buffer = bytearray()
         self._waiting = False
         self._cancel_timer()
         self.proxy_header = header
@@ -96,7 +96,7 @@ class _ProxyFirst(ProtocolWrapper):
         self._cancel_timer()
         peer = self.transport.getPeer()  # type: ignore[union-attr]
         self.factory.log(f"{why} from {getattr(peer, 'host', peer)} (implicit TLS): closing")
-        self._buffer = b""
+        self._buffer = bytearray()
         self.transport.abortConnection()  # type: ignore[union-attr]
 
     def _cancel_timer(self) -> None:

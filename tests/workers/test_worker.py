@@ -8,18 +8,12 @@ from typing import Any
 from unittest import mock
 
 import pytest
-from twisted.internet.task import Clock
 from twisted.logger import LogLevel
 
 from haraka_tw import logging as haraka_logging
 from haraka_tw.workers import worker
 from haraka_tw.workers.worker import LineObserver
-
-
-class RunningClock(Clock):
-    """A task.Clock that says it is running, as a reactor does."""
-
-    running = True
+from tests.support import RunningClock
 
 
 def event(text: str, level: LogLevel = LogLevel.info) -> dict[str, Any]:
@@ -106,3 +100,13 @@ def test_a_line_logged_during_a_write_joins_it(pipe: Any) -> None:
     thread.join(5)
     assert not thread.is_alive(), "the observer deadlocked"
     assert drain(read) == b"info\tfirst\ninfo\tfrom the signal handler\n"
+
+
+def test_udp_port_closed_lines_are_dropped(pipe: Any) -> None:
+    """Twisted's "(UDP Port N Closed)", one per DNS query, is not sent to the master."""
+    read, write = pipe
+    observer = LineObserver(write)
+    closed = {"log_namespace": "log_legacy", "log_text": "(UDP Port 4242 Closed)"}
+    observer({**closed, "log_format": "{log_text}", "log_level": LogLevel.info})
+    observer(event("kept"))
+    assert drain(read) == b"info\tkept\n"

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 from haraka_tw.codes import CONT, DENY, DENYSOFT, OK, HookResult
 from haraka_tw.dns import Resolver
@@ -102,7 +102,7 @@ class Route:
         """Haraka's C{queue.next_hop} note: C{smtp://host:port} (C{lmtp://} for LMTP;
         C{lmtp://host/path} for a Unix socket)."""
         first = self.hosts[0]
-        where = f"{first.host}{first.path}" if first.path is not None else str(first)
+        where = f"{first.host}{quote(first.path)}" if first.path is not None else str(first)
         return f"{'lmtp' if self.lmtp else 'smtp'}://{where}"
 
     def mx_hosts(self) -> list[MXHost]:
@@ -148,8 +148,10 @@ def read_route(
         raise ValueError(f"{where} [{name}] port: {port!r} is not a port number")
     pool = get("forwarding_host_pool")
     path = get("path") if lmtp else None
-    if isinstance(path, bool):  # (a bare "path" line)
-        raise ValueError(f"{where} [{name}] path: no socket named")
+    if "path" not in section and ("host" in section or "forwarding_host_pool" in section):
+        path = None  # the section names its own host: [main]'s socket is not for it
+    if isinstance(path, bool) or (path and not str(path).startswith("/")):
+        raise ValueError(f"{where} [{name}] path: {path!r} is not an absolute socket path")
     try:
         if path:
             hosts = [Endpoint("localhost", port, path=str(path))]
@@ -656,10 +658,12 @@ class ForwardingPlugin:
 
 def mx_from_url(url: str) -> MXHost:
     """Haraka's C{queue.next_hop}: C{smtp://[user:pass@]host[:port]} or C{lmtp://...}; an
-    LMTP one with a path (C{lmtp://localhost/run/dovecot/lmtp}) names a Unix socket."""
+    LMTP one to localhost with a path (C{lmtp://localhost/run/dovecot/lmtp}, as
+    L{Route.next_hop} writes it) names a Unix socket."""
     parts = urlsplit(url)
     lmtp = parts.scheme == "lmtp"
-    path = parts.path if lmtp and parts.path not in ("", "/") else None
+    local = (parts.hostname or "localhost") == "localhost" and not parts.port
+    path = unquote(parts.path) if lmtp and local and parts.path not in ("", "/") else None
     return MXHost(
         exchange=parts.hostname or "localhost",
         priority=0,

@@ -161,6 +161,33 @@ class ConfigTests(SynchronousTestCase):
         self.assertEqual((back.path, back.using_lmtp), ("/run/dovecot/lmtp", True))
         self.assertEqual(str(routes.main.hosts[0]), "10.0.0.1:24")
 
+    def test_a_section_with_its_own_host_does_not_take_mains_path(self) -> None:
+        """[main] path= is the default socket; a section that names its host goes there
+        (as in Haraka, where a domain's section stands on its own)."""
+        routes = read_routes(
+            {"main": {"path": "/run/dovecot/lmtp"}, "x.test": {"host": "10.0.0.2"}, "y.test": {}},
+            default_port=24,
+            lmtp=True,
+        )
+        self.assertEqual(str(routes.for_domain("x.test").hosts[0]), "10.0.0.2:24")
+        self.assertEqual(str(routes.for_domain("y.test").hosts[0]), "unix:/run/dovecot/lmtp")
+
+    def test_next_hop_round_trip_of_odd_socket_paths(self) -> None:
+        """A path with URL characters survives the next_hop note; an LMTP URL to another
+        host keeps its host and port (its path is not a socket)."""
+        for path in ("/run/a#b?c", "/var/spool/my lmtp.sock"):
+            route = read_routes({"main": {"path": path}}, default_port=24, lmtp=True).main
+            self.assertEqual(mx_from_url(route.next_hop).path, path)
+        remote = mx_from_url("lmtp://10.0.0.1:2400/x")
+        self.assertEqual((remote.exchange, remote.port, remote.path), ("10.0.0.1", 2400, None))
+
+    def test_relative_path_refused(self) -> None:
+        """A relative socket path is refused, naming the file and section."""
+        with self.assertRaisesRegex(ValueError, r"lmtp.ini \[main\] path: 'lmtp.sock'"):
+            read_routes(
+                {"main": {"path": "lmtp.sock"}}, default_port=24, lmtp=True, where="lmtp.ini"
+            )
+
     def test_bare_path_key_refused(self) -> None:
         """A path line without a value is a load error naming the file and section."""
         directory = write_config(temp_dir(self) / "c", {"lmtp.ini": "[main]\npath\n"})
