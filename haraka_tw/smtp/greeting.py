@@ -62,7 +62,8 @@ class Greeting(SessionCore):
             session=cast("SessionControl", self),  # HarakaESMTP implements it
         )
         conn = self.connection
-        if ISSLTransport.providedBy(self.transport):  # an implicit TLS port
+        implicit_tls = ISSLTransport.providedBy(self.transport)
+        if implicit_tls:
             conn.tls.enabled = True
         # We are the producer of our replies: when the client stops reading and the
         # transport's buffer fills, pauseProducing stops us reading (and so replying).
@@ -77,10 +78,10 @@ class Greeting(SessionCore):
             self._send(S.S421_TOO_MANY_CONNECTIONS)
             self._close()
             return
-        below = proxy_header_below(self.transport) if conn.tls.enabled else None
-        if below is not None:  # read before TLS began (an implicit TLS port)
+        below = proxy_header_below(self.transport) if implicit_tls else None
+        if below is not None:  # read before TLS began
             self._apply_proxy(below)
-        elif self.settings.trusts_proxy(conn.remote.ip) and not conn.tls.enabled:
+        elif not implicit_tls and self.settings.trusts_proxy(conn.remote.ip):
             conn.state = State.PROXY
             conn.proxy.allowed = True
             self._proxy_timer = self.callLater(self.settings.proxy_timeout, self._proxy_timeout)

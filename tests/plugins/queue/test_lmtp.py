@@ -25,10 +25,9 @@ class LMTPTests(ForwardCase):
     def lmtp_server(self, ini: str) -> Any:
         return self.server("", plugins=PLUGINS, **{"lmtp.ini": ini})
 
-    async def test_delivers_byte_exact_over_lmtp(self) -> None:
-        """LHLO, the envelope, the message byte-exact; a 250 per recipient, then ours."""
-        peer, port = self.peer(lmtp=True)
-        self.lmtp_server(f"[main]\nhost=127.0.0.1\nport={port}\n")
+    async def check_delivered(self, peer: Peer) -> None:
+        """Two recipients sent through the server: the client's 250, and at C{peer} one
+        LMTP transaction (LHLO) with both and the message byte-exact."""
         _, _, data = await self.send(["bob@example.com", "carol@example.com"])
         assert data is not None
         self.assertEqual(data[0], 250)
@@ -36,6 +35,12 @@ class LMTPTests(ForwardCase):
         self.assertEqual(message.rcpt_to, ["bob@example.com", "carol@example.com"])
         check_arrived(self, message.data)
         self.assertIn("C: LHLO mx.test", peer.transcript)
+
+    async def test_delivers_byte_exact_over_lmtp(self) -> None:
+        """LHLO, the envelope, the message byte-exact; a 250 per recipient, then ours."""
+        peer, port = self.peer(lmtp=True)
+        self.lmtp_server(f"[main]\nhost=127.0.0.1\nport={port}\n")
+        await self.check_delivered(peer)
 
     async def test_per_recipient_replies(self) -> None:
         """One recipient refused after the message: 250 for the message, a DSN for it."""
@@ -81,13 +86,7 @@ class LMTPTests(ForwardCase):
         the message arrives byte-exact over the socket, and the client gets its 250."""
         peer, path = self.unix_peer()
         self.lmtp_server(f"[main]\nhost=127.0.0.1\nport=1\npath={path}\n")
-        _, _, data = await self.send(["bob@example.com", "carol@example.com"])
-        assert data is not None
-        self.assertEqual(data[0], 250)
-        [message] = peer.messages
-        self.assertEqual(message.rcpt_to, ["bob@example.com", "carol@example.com"])
-        check_arrived(self, message.data)
-        self.assertIn("C: LHLO mx.test", peer.transcript)
+        await self.check_delivered(peer)
 
     async def test_unix_socket_missing_is_4xx_naming_it(self) -> None:
         """No server on the socket: the client is told 4xx, and the log names the path."""
