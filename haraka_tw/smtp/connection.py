@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, overload
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 
 from haraka_tw.ids import new_uuid
 from haraka_tw.logging import HarakaLog, Level
@@ -359,7 +359,9 @@ class Connection:
 
         Fails with the connection-lost reason if the client goes first.
         """
-        return self._control().read_line()
+        if self._session is None:
+            return fail(ConnectionError("connection closed"))
+        return self._session.read_line()
 
     def start_tls(self, context_factory: Any) -> Deferred[None]:
         """Discard pipelined plaintext, start TLS, reset the session; fires after the
@@ -378,8 +380,17 @@ class Connection:
 
     def _control(self) -> SessionControl:
         if self._session is None:
-            raise RuntimeError("this connection has no session to control")
+            raise RuntimeError("this connection has no session to control (it has ended)")
         return self._session
+
+    def detach(self) -> None:
+        """The session is over (its disconnect hooks have run): let go of it.
+
+        The session and this connection point at each other; cutting the link lets reference
+        counting free both at once, instead of leaving some forty objects per connection to
+        the cycle collector. Later actions on this connection do nothing, or fail.
+        """
+        self._session = None
 
     # -- logging with this connection's uuid --------------------------------------------------
 

@@ -27,6 +27,10 @@ _TERMINATOR = b"\r\n.\r\n"
 _BARE_NEWLINE = re.compile(rb"\r\n?|\n")
 
 
+def _sink_nothing(data: bytes) -> None:
+    """The sink of a finished reader."""
+
+
 def _normalise(out: bytes, bare_cr: int, bare_lf: int) -> bytes:
     """Turn every bare CR and bare LF into CRLF (plain ``replace`` when only one kind occurs)."""
     if not bare_cr:
@@ -102,6 +106,9 @@ class DataReader:
         if end >= 0:
             self._process(buf[:end], 0 <= dot <= end - 3)
             self.finished = True
+            # Nothing more will be sunk. The sink is usually a bound method of the object
+            # holding this reader: letting go of it frees both by reference counting.
+            self._sink = _sink_nothing
             return buf[end + 3 :]
         cut = self._hold_point(buf)
         self._held = buf[cut:]

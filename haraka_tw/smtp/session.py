@@ -121,9 +121,14 @@ class SessionCore(smtp.ESMTP):
 
     def _disconnected(self) -> None:
         conn = self._conn
-        done = self.runner.call("disconnect", conn)
-        if self.factory.log.enabled(Level.NOTICE):  # the summary is only built to be logged
-            then(done, lambda _: conn.log_fields(Level.NOTICE, "disconnect", conn.summary()))
+        summarise = self.factory.log.enabled(Level.NOTICE)  # the summary is only built to be logged
+
+        def over(_: object) -> None:
+            if summarise:
+                conn.log_fields(Level.NOTICE, "disconnect", conn.summary())
+            conn.detach()
+
+        then(self.runner.call("disconnect", conn), over)
 
     def timeoutConnection(self) -> None:
         """No input for the phase's timeout: 421 and close."""

@@ -7,11 +7,13 @@ stored it is whole.
 
 from __future__ import annotations
 
+import gc
 import socket
+import weakref
 from typing import Any
 
 from twisted.internet import reactor, task
-from twisted.internet.threads import deferToThread
+from twisted.internet.threads import blockingCallFromThread, deferToThread
 from twisted.trial import unittest
 
 from haraka_tw.logging import Level
@@ -102,6 +104,39 @@ class DisconnectTests(unittest.TestCase):
             stored = maildir_messages(self.maildir)
             partial = [len(m) for m in stored if not m.endswith(MESSAGE)]
             self.assertEqual(partial, [], f"{len(partial)} of {len(stored)} stored messages cut")
+            self.check_quiet()
+
+        d = deferToThread(client)
+        d.addCallback(lambda _: task.deferLater(reactor, 0.3, lambda: None))
+        return d.addCallback(check)
+
+    def test_a_finished_session_is_freed_at_once(self) -> None:
+        """Over a real socket: once the client has gone and the disconnect hooks have run,
+        the server's session, connection and stored message are freed by reference counting,
+        with the cycle collector off (none of them is left in a cycle)."""
+        self.start()
+        gc.disable()
+        self.addCleanup(gc.enable)
+        held: list[weakref.ref[Any]] = []
+
+        def client() -> None:
+            with WireClient(self.port) as c:
+                c.command("EHLO client.test")
+                held.extend(
+                    blockingCallFromThread(
+                        reactor, lambda: [weakref.ref(s) for s in self.server.factory.sessions]
+                    )
+                )
+                assert reply_code(c.command("MAIL FROM:<alice@x.test>")) == 250
+                assert reply_code(c.command("RCPT TO:<bob@example.com>")) == 250
+                assert reply_code(c.command("DATA")) == 354
+                assert reply_code(c.command(MESSAGE + b".")) == 250
+                assert reply_code(c.command("QUIT")) == 221
+
+        def check(_: Any) -> None:
+            self.assertEqual(len(held), 1)
+            self.assertEqual(len(maildir_messages(self.maildir)), 1)
+            self.assertIsNone(held[0](), "the session outlived its connection")
             self.check_quiet()
 
         d = deferToThread(client)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import itertools
 import re
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -129,6 +131,31 @@ def test_feed_after_finish_raises() -> None:
     assert reader.feed(b".\r\n") == b""
     with pytest.raises(RuntimeError):
         reader.feed(b"x")
+
+
+def test_finished_reader_lets_go_of_its_sink() -> None:
+    """At the terminator the reader drops its sink (typically a bound method of the object
+    holding the reader), so that pair is freed without the cycle collector."""
+
+    class Holder:
+        def __init__(self) -> None:
+            self.got: list[bytes] = []
+            self.reader = DataReader(self.sink)
+
+        def sink(self, data: bytes) -> None:
+            self.got.append(data)
+
+    holder = Holder()
+    assert holder.reader.feed(b"a\r\n") is None
+    assert holder.reader.feed(b".\r\n") == b""
+    assert holder.got == [b"a\r\n"]
+    gone = weakref.ref(holder)
+    gc.disable()
+    try:
+        del holder
+        assert gone() is None
+    finally:
+        gc.enable()
 
 
 def test_pipelined_commands_after_terminator_untouched() -> None:

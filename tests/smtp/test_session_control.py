@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
 from typing import Any
 
 from hypothesis import given, settings
@@ -130,6 +132,27 @@ class HostileInputTests(SynchronousTestCase):
         s.transport.abortConnection = lambda: aborted.append(True)  # type: ignore[method-assign]
         s.clock.advance(10.1)
         self.assertEqual(aborted, [True])
+
+    def test_ended_session_is_freed_by_reference_counting(self) -> None:
+        """Once its disconnect hooks have run, a session and its message are freed the
+        moment nothing holds them: no cycle is left to the garbage collector, which would
+        otherwise walk some forty objects per connection. The connection a plugin kept
+        still answers, as a closed one."""
+        gc.disable()
+        self.addCleanup(gc.enable)
+        s = Session([storing([])])
+        s.send(ENVELOPE + b"DATA\r\n")
+        intake = weakref.ref(s.proto._intake)
+        s.send(b"Subject: x\r\n\r\nbody\r\n.\r\nQUIT\r\n")
+        s.lose()
+        protocol, conn = weakref.ref(s.proto), s.connection
+        del s
+        self.assertIsNone(intake())
+        self.assertIsNone(protocol())
+        conn.respond(250, "nobody hears this")  # does nothing
+        self.failureResultOf(conn.read_line(), ConnectionError)
+        with self.assertRaises(RuntimeError):
+            conn.restart()
 
     def test_no_reply_after_close(self) -> None:
         """Nothing is written after the session decided to close."""
