@@ -145,6 +145,7 @@ class Session:
         from twisted.internet.error import ConnectionDone
         from twisted.python.failure import Failure
 
+        self.transport.producer = None  # as a real transport's connectionLost does
         self.proto.connectionLost(Failure(ConnectionDone()))
 
 

@@ -357,7 +357,8 @@ class Connection:
     def read_line(self) -> Deferred[bytes]:
         """The client's next line (without its line ending), taken before command parsing.
 
-        Fails with the connection-lost reason if the client goes first.
+        Fails with the connection-lost reason if the client goes first, and with
+        ConnectionError once the session has ended.
         """
         if self._session is None:
             return fail(ConnectionError("connection closed"))
@@ -365,7 +366,8 @@ class Connection:
 
     def start_tls(self, context_factory: Any) -> Deferred[None]:
         """Discard pipelined plaintext, start TLS, reset the session; fires after the
-        handshake with C{self.tls} filled. The caller sends its 220 first."""
+        handshake with C{self.tls} filled. The caller sends its 220 first. RuntimeError
+        once the session has ended."""
         return self._control().start_tls(context_factory)
 
     def restart(
@@ -375,16 +377,22 @@ class Connection:
         remote_host: str | None = None,
     ) -> Deferred[None]:
         """Begin again as a new client (XCLIENT): new uuid, relaying off, the address
-        replaced, connect_init/lookup_rdns/connect run again and a new banner sent."""
+        replaced, connect_init/lookup_rdns/connect run again and a new banner sent.
+        RuntimeError once the session has ended."""
         return self._control().restart(remote_ip, remote_port, remote_host)
 
     def _control(self) -> SessionControl:
         if self._session is None:
-            raise RuntimeError("this connection has no session to control (it has ended)")
+            raise RuntimeError(
+                "this connection has no session to control (none was given, or it has ended)"
+            )
         return self._session
 
+    # -- the session's end (not for plugins) -------------------------------------------------
+
     def detach(self) -> None:
-        """The session is over (its disconnect hooks have run): let go of it.
+        """Called by the session once it has ended (its disconnect hooks have run): let go
+        of it. Not for plugins.
 
         The session and this connection point at each other; cutting the link lets reference
         counting free both at once, instead of leaving some forty objects per connection to

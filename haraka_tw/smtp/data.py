@@ -105,15 +105,21 @@ class DataReader:
                 end += 2  # the CRLF before "." ends the last body line
         if end >= 0:
             self._process(buf[:end], 0 <= dot <= end - 3)
-            self.finished = True
-            # Nothing more will be sunk. The sink is usually a bound method of the object
-            # holding this reader: letting go of it frees both by reference counting.
-            self._sink = _sink_nothing
+            self.close()
             return buf[end + 3 :]
         cut = self._hold_point(buf)
         self._held = buf[cut:]
         self._process(buf[:cut], 0 <= dot <= cut - 3)
         return None
+
+    def close(self) -> None:
+        """Take no more bytes (the end was seen, or the message was abandoned).
+
+        Lets go of the sink: usually a bound method of the object that holds this reader,
+        which would otherwise be left in a cycle for the garbage collector.
+        """
+        self.finished = True
+        self._sink = _sink_nothing
 
     def _hold_point(self, buf: bytes) -> int:
         """Where to cut ``buf`` so the held tail is only a CR or a line-start ``.`` / ``.CR``."""

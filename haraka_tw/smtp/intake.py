@@ -108,6 +108,11 @@ class MessageIntake:
             errors,
         )
 
+    def close(self) -> None:
+        """The message is abandoned (the client left, or the transaction was reset)."""
+        if self._reader is not None:
+            self._reader.close()
+
     @property
     def size(self) -> int:
         """Bytes received so far (before unstuffing, for DATA)."""

@@ -101,7 +101,7 @@ class SessionCore(smtp.ESMTP):
         conn.remote.closed = True
         conn.state = State.DISCONNECTED
         self._closing = True  # nothing more is parsed: buffered commands die with the client
-        self._intake = None
+        self._drop_intake()
         self._chunk_left = 0
         self._inbuf.clear()
         for waiter in (self._line_waiter, self._tls_waiter):
@@ -123,12 +123,14 @@ class SessionCore(smtp.ESMTP):
         conn = self._conn
         summarise = self.factory.log.enabled(Level.NOTICE)  # the summary is only built to be logged
 
-        def over(_: object) -> None:
-            if summarise:
-                conn.log_fields(Level.NOTICE, "disconnect", conn.summary())
-            conn.detach()
+        def ended(_: object) -> None:
+            try:
+                if summarise:
+                    conn.log_fields(Level.NOTICE, "disconnect", conn.summary())
+            finally:
+                conn.detach()
 
-        then(self.runner.call("disconnect", conn), over)
+        then(self.runner.call("disconnect", conn), ended)
 
     def timeoutConnection(self) -> None:
         """No input for the phase's timeout: 421 and close."""
@@ -325,6 +327,12 @@ class SessionCore(smtp.ESMTP):
                 fn()
         self._pump()
 
+    def _drop_intake(self) -> None:
+        """Forget the message being received, if any (it is abandoned)."""
+        intake, self._intake = self._intake, None
+        if intake is not None:
+            intake.close()
+
     def _when_idle(self, fn: Callable[[], None]) -> None:
         """Call C{fn} now, or once the pending hook has answered."""
         if self._busy:
@@ -394,7 +402,7 @@ class SessionCore(smtp.ESMTP):
         """End the open transaction (running reset_transaction); None when there is none."""
         conn = self._conn
         txn = conn.transaction
-        self._intake = None
+        self._drop_intake()
         self._in_data = False
         if txn is None:
             return None

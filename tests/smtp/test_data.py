@@ -134,8 +134,7 @@ def test_feed_after_finish_raises() -> None:
 
 
 def test_finished_reader_lets_go_of_its_sink() -> None:
-    """At the terminator the reader drops its sink (typically a bound method of the object
-    holding the reader), so that pair is freed without the cycle collector."""
+    """At the terminator the reader drops its sink, so its holder is freed without the collector."""
 
     class Holder:
         def __init__(self) -> None:

@@ -133,27 +133,6 @@ class HostileInputTests(SynchronousTestCase):
         s.clock.advance(10.1)
         self.assertEqual(aborted, [True])
 
-    def test_ended_session_is_freed_by_reference_counting(self) -> None:
-        """Once its disconnect hooks have run, a session and its message are freed the
-        moment nothing holds them: no cycle is left to the garbage collector, which would
-        otherwise walk some forty objects per connection. The connection a plugin kept
-        still answers, as a closed one."""
-        gc.disable()
-        self.addCleanup(gc.enable)
-        s = Session([storing([])])
-        s.send(ENVELOPE + b"DATA\r\n")
-        intake = weakref.ref(s.proto._intake)
-        s.send(b"Subject: x\r\n\r\nbody\r\n.\r\nQUIT\r\n")
-        s.lose()
-        protocol, conn = weakref.ref(s.proto), s.connection
-        del s
-        self.assertIsNone(intake())
-        self.assertIsNone(protocol())
-        conn.respond(250, "nobody hears this")  # does nothing
-        self.failureResultOf(conn.read_line(), ConnectionError)
-        with self.assertRaises(RuntimeError):
-            conn.restart()
-
     def test_no_reply_after_close(self) -> None:
         """Nothing is written after the session decided to close."""
         s = Session()
@@ -332,3 +311,47 @@ class FailingStepTests(SynchronousTestCase):
         s.connection.transaction.close = close
         s.lose()
         self.assertEqual(seen, ["disconnect"])
+
+
+class SessionLifetimeTests(SynchronousTestCase):
+    """An ended session is freed by reference counting: no cycle is left to the collector."""
+
+    def setUp(self) -> None:
+        gc.disable()
+        self.addCleanup(gc.enable)
+
+    def test_ended_session_and_its_message_are_freed(self) -> None:
+        """After QUIT and the disconnect hooks, nothing but references keeps them alive."""
+        s = Session([storing([])])
+        s.send(ENVELOPE + b"DATA\r\n")
+        intake = weakref.ref(s.proto._intake)
+        s.send(b"Subject: x\r\n\r\nbody\r\n.\r\nQUIT\r\n")
+        s.lose()
+        protocol = weakref.ref(s.proto)
+        del s
+        self.assertIsNone(intake())
+        self.assertIsNone(protocol())
+
+    def test_message_abandoned_mid_data_is_freed(self) -> None:
+        """A client gone in the middle of DATA leaves no cycle either."""
+        s = Session([storing([])])
+        s.send(ENVELOPE + b"DATA\r\nSubject: x\r\n\r\npart of a body\r\n")
+        intake = weakref.ref(s.proto._intake)
+        s.lose()
+        protocol = weakref.ref(s.proto)
+        del s
+        self.assertIsNone(intake())
+        self.assertIsNone(protocol())
+
+    def test_kept_connection_answers_as_a_closed_one(self) -> None:
+        """A connection a plugin kept past the end: actions do nothing, or fail."""
+        s = Session()
+        s.send(b"QUIT\r\n")
+        s.lose()
+        conn, transport = s.connection, s.transport
+        conn.respond(250, "nobody hears this")
+        conn.disconnect()
+        self.assertEqual(transport.value(), b"")
+        self.failureResultOf(conn.read_line(), ConnectionError)
+        self.assertRaises(RuntimeError, conn.start_tls, None)
+        self.assertRaises(RuntimeError, conn.restart)
