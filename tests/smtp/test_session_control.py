@@ -320,28 +320,27 @@ class SessionLifetimeTests(SynchronousTestCase):
         gc.disable()
         self.addCleanup(gc.enable)
 
-    def test_ended_session_and_its_message_are_freed(self) -> None:
-        """After QUIT and the disconnect hooks, nothing but references keeps them alive."""
+    def assert_freed_after(self, *chunks: bytes) -> None:
+        """Open a message, send C{chunks}, lose the client: the session and the intake are
+        gone as soon as the test lets go of them."""
         s = Session([storing([])])
         s.send(ENVELOPE + b"DATA\r\n")
         intake = weakref.ref(s.proto._intake)
-        s.send(b"Subject: x\r\n\r\nbody\r\n.\r\nQUIT\r\n")
+        for chunk in chunks:
+            s.send(chunk)
         s.lose()
         protocol = weakref.ref(s.proto)
         del s
         self.assertIsNone(intake())
         self.assertIsNone(protocol())
 
+    def test_ended_session_and_its_message_are_freed(self) -> None:
+        """After QUIT and the disconnect hooks, nothing but references keeps them alive."""
+        self.assert_freed_after(b"Subject: x\r\n\r\nbody\r\n.\r\nQUIT\r\n")
+
     def test_message_abandoned_mid_data_is_freed(self) -> None:
         """A client gone in the middle of DATA leaves no cycle either."""
-        s = Session([storing([])])
-        s.send(ENVELOPE + b"DATA\r\nSubject: x\r\n\r\npart of a body\r\n")
-        intake = weakref.ref(s.proto._intake)
-        s.lose()
-        protocol = weakref.ref(s.proto)
-        del s
-        self.assertIsNone(intake())
-        self.assertIsNone(protocol())
+        self.assert_freed_after(b"Subject: x\r\n\r\npart of a body\r\n")
 
     def test_kept_connection_answers_as_a_closed_one(self) -> None:
         """A connection a plugin kept past the end: actions do nothing, or fail."""
