@@ -363,10 +363,11 @@ class GatheredWrites:
     that write. The process's owner flushes what is left when the reactor stops; a
     process killed with SIGKILL loses at most the last C{delay} seconds of lines.
 
-    A write that fails (a full disk, a closed stdout) loses its batch and is reported
-    once on the process's stderr until a write works again. It never raises: from the
-    timer, the reactor would log the error, and that line would come back here, fail
-    again, and so on every C{delay} seconds.
+    A batch of text the stream cannot encode is written again with the characters it
+    cannot take escaped (C{\\udcff}). A write that fails (a full disk, a closed stdout)
+    loses its batch and is reported once on the process's stderr until a write works
+    again. It never raises: from the timer, the reactor would log the error, and that
+    line would come back here, fail again, and so on every C{delay} seconds.
     """
 
     def __init__(self, write: Callable[[Any], None], reactor: Any = None, delay: float = 0.02):
@@ -413,7 +414,17 @@ class GatheredWrites:
 
     def _write_batch(self, data: Any) -> None:
         try:
-            self._write(data)
+            try:
+                self._write(data)
+            except UnicodeEncodeError:
+                # Text the stream cannot encode (a lone surrogate from bytes decoded with
+                # surrogateescape, say): the batch again with those characters escaped
+                # (first what UTF-8 cannot take, then, for an ASCII stream, all else),
+                # so one odd line does not cost its neighbours.
+                try:
+                    self._write(data.encode("utf-8", "backslashreplace").decode("utf-8"))
+                except UnicodeEncodeError:
+                    self._write(data.encode("ascii", "backslashreplace").decode("ascii"))
         except Exception as e:
             if not self._failing:
                 self._failing = True
@@ -519,4 +530,6 @@ class TwistdLogObserver:
             if "\n" in text:
                 text = text.replace("\n", "\n\t")
             line = f"{self._time(event.get('log_time'))} [{system}] {text}\n"
-        self._lines.add(line if self._encoding is None else line.encode(self._encoding))
+        if self._encoding is not None:
+            line = line.encode(self._encoding, "backslashreplace")
+        self._lines.add(line)

@@ -204,6 +204,31 @@ def test_log_file_observer_with_a_reactor_writes_lines_in_batches(tmp_path: Path
     assert path.read_text().splitlines()[-1].endswith("[U4] [core] four")
 
 
+def test_a_line_the_file_cannot_encode_costs_no_other_line(tmp_path: Path) -> None:
+    """Text with a lone surrogate (bytes decoded with surrogateescape, as a queue file's
+    address may be) is written escaped, and the lines batched with it are written too;
+    a bytes stream gets it escaped as well."""
+    out = LogFile.fromFullPath(str(tmp_path / "twistd.log"))
+    clock = RunningClock()
+    observer = TwistdLogObserver(out, reactor=clock, delay=0.02)
+    log = HarakaLog(Level.INFO, logger=Logger(namespace="haraka_tw", observer=observer))
+    with mock.patch.object(haraka_logging, "isInIOThread", lambda: True):
+        log.log(Level.NOTICE, "before", uuid="U1")
+        log.log(Level.NOTICE, "from <al\udcffce@example.com>", uuid="U2")
+        log.log(Level.NOTICE, "after", uuid="U3")
+        clock.advance(0.02)
+    observer.close()
+    lines = (tmp_path / "twistd.log").read_text().splitlines()
+    assert [line.split("] ", 2)[-1] for line in lines] == [
+        "[U1] [core] before",
+        "[U2] [core] from <al\\udcffce@example.com>",
+        "[U3] [core] after",
+    ]
+    raw = io.BytesIO()
+    TwistdLogObserver(raw)(_event(log_format="{haraka_text}", haraka_text="al\udcffce"))
+    assert raw.getvalue().endswith(b"] al\\udcffce\n")
+
+
 def test_log_file_observer_writes_at_once_outside_the_reactor_thread() -> None:
     """A line from another thread (or with the reactor stopped) is written at once."""
     out = io.StringIO()
