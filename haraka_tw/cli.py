@@ -84,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_hooks)
     add_queue_parser(sub)
     args = parser.parse_args(argv)
+    for stream in (sys.stdout, sys.stderr):  # (a queue file's notes may hold any bytes)
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(errors="backslashreplace")
     return int(args.func(args))
 
 

@@ -26,6 +26,7 @@ import json
 import os
 import random
 import socket
+import stat
 import string
 import struct
 import threading
@@ -40,6 +41,7 @@ __all__ = [
     "QueueRecipient",
     "Todo",
     "message_reader",
+    "open_queue_file",
     "parse_todo",
     "read_todo",
     "read_todo_from",
@@ -129,12 +131,17 @@ class Todo:
             rcpts = data["rcpt_to"]
             if not isinstance(rcpts, list):
                 raise TypeError("rcpt_to is not a list")
+            if not rcpts:
+                raise ValueError("rcpt_to is empty")
+            domain = data["domain"]
+            if not isinstance(domain, str) or not domain.strip():
+                raise ValueError(f"domain is {domain!r}, not a domain name")
             notes = data.get("notes") or {}
             if not isinstance(notes, dict):
                 raise TypeError("notes is not an object")
             size = data.get("message_size")
-            return cls(
-                domain=str(data["domain"]),
+            todo = cls(
+                domain=domain,
                 mail_from=_address_of(data.get("mail_from")),
                 rcpt_to=[_recipient_of(r) for r in rcpts],
                 uuid=str(data.get("uuid") or ""),
@@ -146,8 +153,21 @@ class Todo:
                 dsn_delayed_sent=bool(data.get("dsn_delayed_sent", False)),
                 message_size=None if size is None else int(size),
             )
+            _valid_text(todo.domain, todo.mail_from, todo.uuid, *(r.address for r in todo.rcpt_to))
         except (KeyError, TypeError, ValueError) as e:
             raise QueueFileError(where, f"bad todo: {type(e).__name__}: {e}") from None
+        return todo
+
+
+def _valid_text(*texts: str) -> None:
+    """The todo is UTF-8 JSON, read with surrogateescape so that no byte is lost: a lone
+    surrogate in an address, the domain or the uuid is a byte that was not UTF-8, which
+    no SMTP command can carry (notes may hold them: they are the transaction's)."""
+    for text in texts:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"{text!r} is not valid UTF-8") from None
 
 
 def _optional_str(value: object) -> str | None:
@@ -205,6 +225,9 @@ def _recipient_of(value: object) -> QueueRecipient:
     address = _address_of(value)
     if not address:
         raise ValueError("a recipient has no address")
+    _, at, host = address.rpartition("@")
+    if not at or not host:
+        raise ValueError(f"the recipient {address!r} has no domain")
     original = ""
     params: dict[str, str] = {}
     if isinstance(value, dict):
@@ -308,14 +331,33 @@ def read_todo_from(f: BinaryIO, where: str, file_size: int) -> tuple[Todo, int]:
     return todo, offset
 
 
+def open_queue_file(path: str | os.PathLike[str]) -> tuple[BinaryIO, int]:
+    """Open a queue file for reading; return it and its size. Opened without blocking, so
+    that a FIFO (or a device) under a queue file's name is refused, not waited on.
+
+    @raise QueueFileError: for anything but a regular file, or one that cannot be opened.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise QueueFileError(path, f"cannot read: {e.strerror or e}") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise QueueFileError(path, "not a regular file")
+    return os.fdopen(fd, "rb"), info.st_size
+
+
 def read_todo(path: str | os.PathLike[str]) -> tuple[Todo, int]:
     """Read a queue file's todo; return it and the offset where the message starts.
 
-    @raise QueueFileError: for any fault, the file unreadable or missing included.
+    @raise QueueFileError: for any fault, the file unreadable, missing or not a regular
+        file included.
     """
+    f, size = open_queue_file(path)
     try:
-        with open(path, "rb") as f:
-            return read_todo_from(f, str(path), os.fstat(f.fileno()).st_size)
+        with f:
+            return read_todo_from(f, str(path), size)
     except OSError as e:
         raise QueueFileError(path, f"cannot read: {e.strerror or e}") from None
 

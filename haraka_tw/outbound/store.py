@@ -64,6 +64,7 @@ from haraka_tw.outbound.qfile import (
     QueueRecipient,
     Todo,
     message_reader,
+    open_queue_file,
     read_todo,
     read_todo_from,
     write_queue_file,
@@ -223,9 +224,9 @@ class QueueStore:
     def _load(self, path: Path) -> QueueEntry:
         """Read one queue file and its sidecar. @raise QueueFileError: if unreadable."""
         name = QueueName.parse(path.name)
+        f, size = open_queue_file(path)
         try:
-            with open(path, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
+            with f:
                 todo, offset = read_todo_from(f, str(path), size)
         except OSError as e:
             raise QueueFileError(path, f"cannot read: {e.strerror or e}") from None

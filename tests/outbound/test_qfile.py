@@ -228,6 +228,25 @@ def test_json_not_a_todo(tmp_path: Path) -> None:
         assert _bad(struct.pack(">I", len(body)) + body, tmp_path).reason
 
 
+@pytest.mark.parametrize(
+    ("todo", "reason"),
+    [
+        (b'{"domain": "d.test", "rcpt_to": []}', "rcpt_to is empty"),
+        (b'{"domain": null, "rcpt_to": ["a@d.test"]}', "domain is None"),
+        (b'{"domain": " ", "rcpt_to": ["a@d.test"]}', "domain is ' '"),
+        (b'{"domain": "d.test", "rcpt_to": [{"address": "bob"}]}', "'bob' has no domain"),
+        (b'{"domain": "d.test", "rcpt_to": ["bob@"]}', "'bob@' has no domain"),
+        (b'{"domain": "d.test", "rcpt_to": ["a@d.test"], "mail_from": "al\xffce@x"}', "UTF-8"),
+        (b'{"domain": "d.test", "rcpt_to": ["a@d.test"], "uuid": "\\udcff"}', "UTF-8"),
+    ],
+)
+def test_a_todo_nothing_could_be_sent_for(todo: bytes, reason: str, tmp_path: Path) -> None:
+    """No recipient, no domain, a recipient without a domain, or an address that was not
+    UTF-8: nothing could go out, so the file is unreadable (set aside), not a delivery
+    that fails every time it is tried."""
+    assert reason in _bad(struct.pack(">I", len(todo)) + todo, tmp_path).reason
+
+
 def test_torn_message(tmp_path: Path) -> None:
     """A file cut inside the message disagrees with message_size: torn."""
     blob = queue_bytes(sample_todo())
@@ -327,3 +346,12 @@ def test_any_name_never_crashes(name: str) -> None:
     except QueueFileError:
         return
     assert QueueName.parse(parsed.format()) == parsed
+
+
+def test_a_fifo_under_a_queue_file_name_is_refused_at_once(tmp_path: Path) -> None:
+    """A FIFO (or anything but a regular file) is a QueueFileError, not a read that waits
+    for a writer that never comes."""
+    path = tmp_path / QueueName.new(1_700_000_000, hostname="h").format()
+    os.mkfifo(path)
+    with pytest.raises(QueueFileError, match="not a regular file"):
+        read_todo(path)
