@@ -530,6 +530,7 @@ class TwistdLogObserver:
             if "\n" in text:
                 text = text.replace("\n", "\n\t")
             line = f"{self._time(event.get('log_time'))} [{system}] {text}\n"
-        if self._encoding is not None:
-            line = line.encode(self._encoding, "backslashreplace")
-        self._lines.add(line)
+        if self._encoding is None:
+            self._lines.add(line)
+        else:
+            self._lines.add(line.encode(self._encoding, "backslashreplace"))
