@@ -21,7 +21,7 @@ import enum
 import re
 from collections.abc import Callable
 
-__all__ = ["BareNewline", "DataReader"]
+__all__ = ["BareNewline", "ChunkNewlines", "DataReader"]
 
 _TERMINATOR = b"\r\n.\r\n"
 _BARE_NEWLINE = re.compile(rb"\r\n?|\n")
@@ -45,6 +45,46 @@ class BareNewline(enum.Enum):
 
     REJECT = "reject"  # count them and pass the bytes through; the caller rejects at the end
     NORMALISE = "normalise"  # count them and turn each into CRLF
+
+
+class ChunkNewlines:
+    """Bare LF and bare CR in a message sent in BDAT chunks (raw bytes, no terminator),
+    counted across the chunks' boundaries and, with L{BareNewline.NORMALISE}, each turned
+    into CRLF, as L{DataReader} does for DATA. A CR that ends a chunk is held back until
+    the next chunk (or L{finish}) shows whether an LF follows it."""
+
+    __slots__ = ("_held_cr", "_normalise", "bare_cr", "bare_lf")
+
+    def __init__(self, bare_newline: BareNewline) -> None:
+        self.bare_cr = 0
+        self.bare_lf = 0
+        self._normalise = bare_newline is BareNewline.NORMALISE
+        self._held_cr = False
+
+    def feed(self, data: bytes) -> bytes:
+        """A chunk's bytes as they are to be stored (normalised if asked; a final CR held)."""
+        if self._held_cr:
+            data = b"\r" + data
+        self._held_cr = data.endswith(b"\r")
+        if self._held_cr:
+            data = data[:-1]
+        crlf = data.count(b"\r\n")
+        bare_cr = data.count(b"\r") - crlf
+        bare_lf = data.count(b"\n") - crlf
+        if bare_cr or bare_lf:
+            self.bare_cr += bare_cr
+            self.bare_lf += bare_lf
+            if self._normalise:
+                data = _normalise(data, bare_cr, bare_lf)
+        return data
+
+    def finish(self) -> bytes:
+        """The message has ended: what was held back (a CR no LF followed, so bare)."""
+        if not self._held_cr:
+            return b""
+        self._held_cr = False
+        self.bare_cr += 1
+        return b"\r\n" if self._normalise else b"\r"
 
 
 class DataReader:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from haraka_tw.message.body import BodyParser, BodyRewriter
 from haraka_tw.message.header import Header, HeaderCollector
 from haraka_tw.smtp.connection import Transaction
-from haraka_tw.smtp.data import DataReader
+from haraka_tw.smtp.data import ChunkNewlines, DataReader
 from haraka_tw.smtp.settings import SessionSettings
 
 __all__ = ["MessageEnd", "MessageIntake"]
@@ -54,6 +54,7 @@ class MessageIntake:
         self._parser: BodyParser | None = None  # when a plugin asked for the MIME body
         self._chunked = 0  # BDAT bytes taken so far
         self._chunk_exceeded = False
+        self._chunk_newlines: ChunkNewlines | None = None
 
     # -- DATA -------------------------------------------------------------------------
 
@@ -78,12 +79,22 @@ class MessageIntake:
         if limit and self._chunked > limit:
             self._chunk_exceeded = True  # stop storing; keep reading the chunks
             return
-        self._sink(data)
+        newlines = self._chunk_newlines
+        if newlines is None:
+            newlines = self._chunk_newlines = ChunkNewlines(self._settings.bare_newline)
+        data = newlines.feed(data)
+        if data:
+            self._sink(data)
 
     # -- both ------------------------------------------------------------------------------
 
     def finish(self) -> MessageEnd:
         """The message is complete: end the header if it never ended, and sum up."""
+        newlines = self._chunk_newlines
+        if newlines is not None and not self._chunk_exceeded:
+            tail = newlines.finish()
+            if tail:
+                self._sink(tail)
         if not self._collector.done and not self.discard:
             self._header_done(*self._collector.finish())
         txn = self.transaction
@@ -97,7 +108,8 @@ class MessageIntake:
             too_many, errors = parser.too_many_parts, tuple(parser.errors)
         reader = self._reader
         if reader is None:
-            return MessageEnd(self._chunked, self._chunk_exceeded, False, 0, 0, too_many, errors)
+            lf, cr = (newlines.bare_lf, newlines.bare_cr) if newlines is not None else (0, 0)
+            return MessageEnd(self._chunked, self._chunk_exceeded, False, lf, cr, too_many, errors)
         return MessageEnd(
             reader.size,
             reader.exceeded,

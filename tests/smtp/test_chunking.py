@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from hypothesis import given, settings
@@ -10,9 +11,30 @@ from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
 
 from haraka_tw.codes import DENY, OK
+from haraka_tw.smtp.data import BareNewline
 from haraka_tw.smtp.settings import SessionSettings
 from tests.smtp.test_protocol import ENVELOPE, storing
 from tests.support import Session, plugin_with, reply_codes
+
+#: Any bytes, but a CR or LF only as part of a CRLF (what a message without BINARYMIME is).
+CRLF_TEXT = st.lists(
+    st.one_of(st.binary(max_size=60).map(lambda b: b.translate(None, b"\r\n")), st.just(b"\r\n")),
+    max_size=120,
+).map(b"".join)
+
+
+def send_chunked(s: Session, body: bytes, cuts: list[int]) -> None:
+    """C{body} as BDAT chunks of the sizes in C{cuts} (the last takes the rest), over
+    reads of 97 bytes."""
+    wire = b""
+    pos = 0
+    for i, n in enumerate(cuts):
+        piece = body[pos : pos + n] if i < len(cuts) - 1 else body[pos:]
+        pos += len(piece)
+        last = b" LAST" if i == len(cuts) - 1 else b""
+        wire += b"BDAT %d%s\r\n" % (len(piece), last) + piece
+    for i in range(0, len(wire), 97):
+        s.proto.dataReceived(wire[i : i + 97])
 
 
 def bdat_session(stored: list[bytes], **kw: Any) -> Session:
@@ -35,13 +57,43 @@ class BdatTests(SynchronousTestCase):
         self.assertTrue(stored[0].startswith(b"Received: "))
 
     def test_bdat_is_binary_exact(self) -> None:
-        """BDAT bytes are stored as sent: dots, bare LF and CRLF.CRLF are just data."""
+        """BDAT bytes are stored as sent: dots, CRLF.CRLF, NUL and 8-bit are just data."""
         stored: list[bytes] = []
         s = bdat_session(stored)
-        body = b"Subject: y\r\n\r\n.\r\n..\n\r\n.\r\nQUIT\r\n\x00\xff"
+        body = b"Subject: y\r\n\r\n.\r\n..\r\n\r\n.\r\nQUIT\r\n\x00\xff"
         out = s.send(b"BDAT %d LAST\r\n" % len(body) + body + b"NOOP\r\n")
         self.assertEqual(reply_codes(out), [250, 250])
         self.assertTrue(stored[0].endswith(body))
+
+    def test_bare_newlines_in_chunks_are_refused(self) -> None:
+        """A bare LF or bare CR in BDAT chunks gets the 550 5.6.0 that DATA gives (no
+        BINARYMIME is offered, so the message must have CRLF lines), and nothing is
+        stored; a CRLF split between two chunks is no bare newline."""
+        for chunks in ([b"a\nb\r\n"], [b"a\rb\r\n"], [b"ab\r\n", b"x\r"], [b"a\r", b"b\r\n"]):
+            stored: list[bytes] = []
+            s = bdat_session(stored)
+            for chunk in chunks[:-1]:
+                s.send(b"BDAT %d\r\n" % len(chunk) + chunk)
+            out = s.send(b"BDAT %d LAST\r\n" % len(chunks[-1]) + chunks[-1])
+            self.assertIn("550 5.6.0 Bare LF or CR in message", out, chunks)
+            self.assertEqual(stored, [], chunks)
+        stored = []
+        s = bdat_session(stored)
+        s.send(b"BDAT 3\r\nA:\r")
+        out = s.send(b"BDAT 9 LAST\r\n\nb\r\n\r\nc\r\n")
+        self.assertIn("250 2.0.0 Message Queued", out)
+        self.assertTrue(stored[0].endswith(b"A:\r\nb\r\n\r\nc\r\n"))
+
+    def test_bare_newlines_in_chunks_normalised(self) -> None:
+        """With bare_newline=normalise each bare LF or CR in the chunks becomes CRLF, a
+        CR that ends the last chunk too."""
+        stored: list[bytes] = []
+        s = bdat_session(stored, settings=SessionSettings(bare_newline=BareNewline.NORMALISE))
+        s.send(b"BDAT 6\r\nA: b\nc")
+        s.send(b"BDAT 2\r\n\r\r")
+        out = s.send(b"BDAT 3 LAST\r\n\nd\r")
+        self.assertIn("250 2.0.0 Message Queued", out)
+        self.assertTrue(stored[0].endswith(b"A: b\r\nc\r\n\r\nd\r\n"), stored)
 
     def test_pipelined_with_commands_in_one_write(self) -> None:
         """BDAT chunks mixed with pipelined commands in one write: replies in order."""
@@ -115,21 +167,27 @@ class BdatTests(SynchronousTestCase):
         self.assertIn("550 5.3.4 Message too big!", out)
 
     @settings(max_examples=30, deadline=None)
-    @given(st.binary(max_size=3000), st.lists(st.integers(1, 700), min_size=1, max_size=8))
+    @given(CRLF_TEXT, st.lists(st.integers(1, 700), min_size=1, max_size=8))
     def test_any_body_any_chunking_byte_exact(self, body: bytes, cuts: list[int]) -> None:
-        """Any bytes sent as BDAT chunks of any sizes, in any reads, are stored exactly."""
+        """Any bytes whose CR and LF come as CRLF, sent as BDAT chunks of any sizes (a CRLF
+        split between two of them included), in any reads, are stored exactly."""
         stored: list[bytes] = []
         s = bdat_session(stored, settings=SessionSettings(me="mx.test", add_received=False))
-        wire = b""
-        pos = 0
-        for i, n in enumerate(cuts):
-            piece = body[pos : pos + n] if i < len(cuts) - 1 else body[pos:]
-            pos += len(piece)
-            last = b" LAST" if i == len(cuts) - 1 else b""
-            wire += b"BDAT %d%s\r\n" % (len(piece), last) + piece
-        for i in range(0, len(wire), 97):
-            s.proto.dataReceived(wire[i : i + 97])
+        send_chunked(s, body, cuts)
         self.assertEqual(stored, [body])
+
+    @settings(max_examples=30, deadline=None)
+    @given(st.binary(max_size=3000), st.lists(st.integers(1, 700), min_size=1, max_size=8))
+    def test_any_bytes_any_chunking_normalised(self, body: bytes, cuts: list[int]) -> None:
+        """With bare_newline=normalise, any bytes in any chunks are stored with every bare
+        CR and LF made CRLF: what DATA stores for the same bytes."""
+        stored: list[bytes] = []
+        normalising = SessionSettings(
+            me="mx.test", add_received=False, bare_newline=BareNewline.NORMALISE
+        )
+        s = bdat_session(stored, settings=normalising)
+        send_chunked(s, body, cuts)
+        self.assertEqual(stored, [re.sub(rb"\r\n|\r|\n", b"\r\n", body)])
 
 
 class DsnParamTests(SynchronousTestCase):
