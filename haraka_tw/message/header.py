@@ -12,11 +12,14 @@ from email.header import decode_header, make_header
 
 __all__ = ["Header", "HeaderCollector"]
 
-_FIELD_NAME = re.compile(rb"[!-9;-~]+:")  # RFC 5322 ftext (printable ASCII but ":"), then ":"
+# RFC 5322 ftext (printable ASCII but ":"), then ":"; spaces or tabs before the colon are
+# the obsolete syntax (4.5) that readers still accept, so they must not hide a field from
+# the checks (an "Authentication-Results :" left in place, a "Received :" not counted).
+_FIELD_NAME = re.compile(rb"[!-9;-~]+[ \t]*:")
 _BAD_NAME = re.compile(r"[:\r\n ]")
 _UNFOLDED_LINE = re.compile(r"\n(?![ \t])")  # a newline whose next line would start a field
 # Complete header lines: a field (a name as _FIELD_NAME, then anything) or a continuation.
-_FIELD_LINES = re.compile(rb"(?:[!-9;-~]+:[^\n]*\n|[ \t][^\n]*\n)*")
+_FIELD_LINES = re.compile(rb"(?:[!-9;-~]+[ \t]*:[^\n]*\n|[ \t][^\n]*\n)*")
 
 
 class Header:
@@ -72,7 +75,10 @@ class Header:
 
     def names(self) -> list[str]:
         """Field names in order, as written (not lower-cased)."""
-        return [raw.split(b":", 1)[0].decode("utf-8", "replace") for _, raw in self._fields]
+        return [
+            raw.split(b":", 1)[0].rstrip(b" \t").decode("utf-8", "replace")
+            for _, raw in self._fields
+        ]
 
     def get_all(self, name: str) -> list[str]:
         """Every value of C{name}, unfolded, without the trailing CRLF."""

@@ -201,6 +201,46 @@ def _add_smuggling_tests() -> None:
 _add_smuggling_tests()
 
 
+class ForgedHeaderTests(unittest.TestCase):
+    def test_space_before_the_colon_hides_nothing(self) -> None:
+        """A forged "Authentication-Results :" (the obsolete syntax, a space before the
+        colon) is renamed like any other, and "Received :" fields count toward the loop
+        limit: the header does not end at them."""
+        server, port = start_server(self, {"plugins": PLUGINS})
+        maildir = server.base / "maildir"  # type: ignore[attr-defined]
+        forged = b"Authentication-Results : mx.example.com; dkim=pass\r\nSubject: forged\r\n"
+        looping = b"Received :from a\r\n" * 101 + b"Subject: loop\r\n"
+
+        def client() -> list[bytes]:
+            replies = []
+            with WireClient(port) as c:
+                c.command("EHLO client.test")
+                for header in (forged, looping):
+                    c.command("MAIL FROM:<alice@x.test>")
+                    c.command("RCPT TO:<bob@example.com>")
+                    assert reply_code(c.command("DATA")) == 354
+                    c.send(header + b"\r\nbody\r\n.\r\n")
+                    replies.append(c.reply())
+                c.command("QUIT")
+            return replies
+
+        def check(replies: list[bytes]) -> None:
+            self.assertRegex(replies[0], QUEUED)
+            self.assertTrue(replies[1].startswith(b"550 5.4.6 Too many received"), replies)
+            [stored] = maildir_messages(maildir)
+            _, message = split_received(stored)
+            self.assertTrue(
+                message.startswith(
+                    b"Original-Authentication-Results: mx.example.com; dkim=pass\r\n"
+                    b"Subject: forged\r\n"
+                ),
+                message,
+            )
+            self.assertNotIn(b"\nAuthentication-Results", b"\n" + message)
+
+        return deferToThread(client).addCallback(check)
+
+
 class LineLimitTests(unittest.TestCase):
     def setUp(self) -> None:
         self.server, self.port = start_server(self, {"plugins": PLUGINS})

@@ -72,6 +72,20 @@ def test_collector_non_header_line_starts_body() -> None:
     assert c.feed(b"A: 1\r\nnot a header\r\nrest") == (b"A: 1\r\n", b"not a header\r\nrest")
 
 
+def test_space_before_the_colon_is_still_a_field() -> None:
+    """RFC 5322's obsolete syntax (a space or tab before the colon) is a field, named
+    without the space: it neither ends the header nor escapes renaming and counting."""
+    raw = b"Authentication-Results : evil; dkim=pass\r\nReceived\t: x\r\nSubject: s\r\n"
+    c = HeaderCollector()
+    assert c.feed(raw + b"\r\nbody\r\n") == (raw, b"\r\nbody\r\n")
+    header = Header.parse(raw)
+    assert header.count("Received") == 1
+    assert header.names() == ["Authentication-Results", "Received", "Subject"]
+    header.rename("Authentication-Results", "Original-Authentication-Results")
+    assert header.to_bytes().startswith(b"Original-Authentication-Results: evil; dkim=pass\r\n")
+    assert "Authentication-Results" not in header
+
+
 def test_collector_limits() -> None:
     """After max_lines fields, or max_bytes, the rest is body: memory stays bounded."""
     c = HeaderCollector(max_lines=2)
