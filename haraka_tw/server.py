@@ -15,6 +15,7 @@ from typing import Any
 from twisted.internet.interfaces import IReactorTime
 
 from haraka_tw.config import ConfigDirectory, ConfigError
+from haraka_tw.config.formats import ini_number
 from haraka_tw.dns import Resolver
 from haraka_tw.hooks.loader import PluginLoadError, load_plugins
 from haraka_tw.hooks.runner import DEFAULT_TIMEOUT, HookRunner
@@ -29,6 +30,15 @@ from haraka_tw.smtp.settings import SMTP_INI_BOOLEANS, SessionSettings
 __all__ = ["HarakaServer", "StartupError"]
 
 _SETTINGS_FILES = ("connection.ini", "smtp.ini", "me")
+
+
+def _plugin_timeout(config: Any) -> float:
+    """The plugin_timeout file: seconds a plugin may take to answer a hook (0: no limit).
+
+    @raise ValueError: naming the file, for anything but a number of 0 or more.
+    """
+    value = config.get_value("plugin_timeout", DEFAULT_TIMEOUT)
+    return ini_number({"plugin_timeout": value}, "plugin_timeout", DEFAULT_TIMEOUT, True, "")
 
 
 class StartupError(Exception):
@@ -58,7 +68,7 @@ class HarakaServer:
             self.settings = SessionSettings.from_config(config)
             smtp_ini = config.get_ini("smtp.ini", booleans=SMTP_INI_BOOLEANS)["main"]
             names = config.get_list("plugins")
-            plugin_timeout = float(config.get_value("plugin_timeout", DEFAULT_TIMEOUT))
+            plugin_timeout = _plugin_timeout(config)
         except (ConfigError, ValueError) as e:
             raise StartupError(str(e)) from e
         self.smtp_ini = smtp_ini
@@ -160,8 +170,6 @@ class HarakaServer:
 
     def _timeout_changed(self) -> None:
         try:
-            self.runner.plugin_timeout = float(
-                self.config.get_value("plugin_timeout", DEFAULT_TIMEOUT)
-            )
+            self.runner.plugin_timeout = _plugin_timeout(self.config)
         except (ConfigError, ValueError) as e:
             self.log.log(Level.ERROR, f"plugin_timeout: {e}")

@@ -37,6 +37,7 @@ from twisted.internet.interfaces import (
 )
 
 from haraka_tw.codes import Code, HookResult
+from haraka_tw.config.formats import ini_count, ini_number
 from haraka_tw.interfaces import IShutdown
 from haraka_tw.logging import Level
 from haraka_tw.server import HarakaServer, StartupError
@@ -173,7 +174,7 @@ class HarakaService(MultiService):
             try:
                 endpoints = parse_listen(
                     str(smtp.get("listen", "127.0.0.1:2525")),
-                    backlog=int(smtp.get("listen_backlog", DEFAULT_BACKLOG) or DEFAULT_BACKLOG),
+                    backlog=ini_count(smtp, "listen_backlog", DEFAULT_BACKLOG, "smtp.ini", 1),
                 )
             except ValueError as e:
                 raise StartupError(str(e)) from e
@@ -184,7 +185,15 @@ class HarakaService(MultiService):
         self._implicit_tls: dict[int, ImplicitTLS] = {}
         self._tls: ServerTLS | None = None
         try:
-            self.smtps_port = int(smtp.get("smtps_port", 465) or 0)
+            # (an empty smtps_port turns the port rule off, as 0 does)
+            port = (
+                0
+                if smtp.get("smtps_port") == ""
+                else ini_count(smtp, "smtps_port", 465, "smtp.ini")
+            )
+            if port > 65535:
+                raise ValueError(f"smtp.ini smtps_port: {port} is not a port number")
+            self.smtps_port = port
             for index, spec in enumerate(self.endpoints):
                 found = implicit_tls(spec, self.smtps_port) if isinstance(spec, str) else None
                 if found is not None:
@@ -195,7 +204,12 @@ class HarakaService(MultiService):
                 )
         except (TLSConfigError, ValueError) as e:
             raise StartupError(f"implicit TLS: {e}") from e
-        self.force_shutdown_timeout = float(smtp.get("force_shutdown_timeout", 30))
+        try:
+            self.force_shutdown_timeout = ini_number(
+                smtp, "force_shutdown_timeout", 30, zero_ok=True, where="smtp.ini"
+            )
+        except ValueError as e:
+            raise StartupError(str(e)) from e
         self.graceful = bool(smtp.get("graceful_shutdown", True))
         self.watch_interval = watch_interval
         self.handle_sighup = handle_sighup

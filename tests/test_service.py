@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import smtplib
 import socket
 from pathlib import Path
@@ -174,3 +175,41 @@ class NodesOptionTests(TestCase):
         endpoint = serverFromString(reactor, "tcp:0")
         with pytest.raises(StartupError, match="endpoint strings"):
             HarakaService(self.server("2"), [endpoint], nodes=None)
+
+
+class BadNumbersTests(TestCase):
+    """Numbers the server reads at start-up: one that is no number, or out of range,
+    stops it with a message naming the file and key (not Python's conversion error)."""
+
+    def start(self, files: dict[str, str]) -> HarakaService:
+        base = temp_dir(self)
+        conf = write_config(base / "c", {"me": "mx.test\n", **files})
+        return HarakaService(HarakaServer.from_directory(conf, reactor), ["tcp:0"])
+
+    def test_each_is_named(self) -> None:
+        for files, message in (
+            ({"smtp.ini": "inactivity_timeout=-1\n"}, "smtp.ini inactivity_timeout: -1"),
+            (
+                {"smtp.ini": "force_shutdown_timeout=abc\n"},
+                "smtp.ini force_shutdown_timeout: 'abc'",
+            ),
+            ({"smtp.ini": "smtps_port=abc\n"}, "smtp.ini smtps_port: 'abc'"),
+            ({"smtp.ini": "smtps_port=70000\n"}, "smtp.ini smtps_port: 70000"),
+            ({"plugin_timeout": "-3\n"}, "plugin_timeout: -3 is not a number of 0 or more"),
+            ({"plugin_timeout": "soon\n"}, "plugin_timeout: 'soon'"),
+            ({"outbound.ini": "concurrency_max=-1\n"}, "outbound.ini [main] concurrency_max: -1"),
+            ({"outbound.ini": "connect_timeout=-5\n"}, "outbound.ini connect_timeout: -5"),
+            ({"outbound.ini": "domain_rate=fast\n"}, "outbound.ini [main] domain_rate: 'fast'"),
+            (
+                {"outbound.ini": "[domain.example.com]\nconcurrency=-2\n"},
+                "outbound.ini [domain.example.com] concurrency: -2",
+            ),
+        ):
+            with pytest.raises(StartupError, match=re.escape(message)):
+                self.start(files)
+
+    def test_zero_means_none_where_it_did(self) -> None:
+        """plugin_timeout=0 (no limit), an empty smtps_port (no port rule) still start."""
+        service = self.start({"plugin_timeout": "0\n", "smtp.ini": "smtps_port=\n"})
+        self.assertEqual(service.smtps_port, 0)
+        self.assertEqual(service.server.runner.plugin_timeout, 0)

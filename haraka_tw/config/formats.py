@@ -21,6 +21,7 @@ from haraka_tw.config.errors import ConfigError
 
 __all__ = [
     "decode",
+    "ini_count",
     "ini_number",
     "is_comment_or_blank",
     "parse_data",
@@ -77,11 +78,14 @@ def to_number(text: str) -> str | int | float:
     return decimal if math.isfinite(decimal) else text
 
 
-def ini_number(section: Mapping[str, Any], key: str, default: float, zero_ok: bool) -> float:
+def ini_number(
+    section: Mapping[str, Any], key: str, default: float, zero_ok: bool, where: str = "[main]"
+) -> float:
     """An ini value that must be a finite number above 0 (or at least 0, with C{zero_ok});
     an empty or missing value is C{default}.
 
-    @raise ValueError: naming C{[main] key} and the value, for anything else (a word, a
+    @param where: what the message names before the key (the file and section).
+    @raise ValueError: naming C{where key} and the value, for anything else (a word, a
         negative number, a bare key, which an ini file reads as True).
     """
     value = section.get(key, default)
@@ -93,7 +97,32 @@ def ini_number(section: Mapping[str, Any], key: str, default: float, zero_ok: bo
         number = math.nan
     if isinstance(value, bool) or not (0 <= number < math.inf) or (number == 0 and not zero_ok):
         wanted = "a number of 0 or more" if zero_ok else "a positive number"
-        raise ValueError(f"[main] {key}: {value!r} is not {wanted}")
+        raise ValueError(f"{where} {key}: {value!r} is not {wanted}".lstrip())
+    return number
+
+
+def ini_count(
+    section: Mapping[str, Any], key: str, default: int, where: str, minimum: int = 0
+) -> int:
+    """An ini value that must be a whole number of at least C{minimum}; an empty or missing
+    value is C{default}.
+
+    @raise ValueError: naming C{where key} and the value, for anything else (a word, a
+        fraction, a number below C{minimum}, a bare key).
+    """
+    value = section.get(key, default)
+    if value == "" or value is None:
+        return default
+    number: int | None = None
+    if not isinstance(value, bool):
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            number = None
+        if isinstance(value, float) and value != number:
+            number = None
+    if number is None or number < minimum:
+        raise ValueError(f"{where} {key}: {value!r} is not a whole number of {minimum} or more")
     return number
 
 

@@ -22,6 +22,7 @@ from typing import Any
 
 from zope.interface import implementer
 
+from haraka_tw.config.formats import ini_number
 from haraka_tw.hooks.runner import LoadedPlugin
 from haraka_tw.interfaces import HOOKS, IPluginContext, IRegistration
 from haraka_tw.logging import HarakaLog, Level, PluginLogger
@@ -168,8 +169,9 @@ def _load_one(
         raise PluginLoadError(name, "provides no hook interface (see haraka_tw.interfaces)")
     timeout = config.get_value(f"{name}.timeout", None) if config is not None else None
     if timeout is not None:
+        key = f"{name}.timeout"
         try:
-            result.timeout = float(timeout)
+            result.timeout = ini_number({key: timeout}, key, 0, zero_ok=True, where="")
         except ValueError as e:
-            raise PluginLoadError(name, f"{name}.timeout is not a number: {timeout!r}") from e
+            raise PluginLoadError(name, str(e)) from e
     return result

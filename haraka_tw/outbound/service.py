@@ -29,6 +29,7 @@ from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThread
 
 from haraka_tw.config import ConfigDirectory, ConfigError
+from haraka_tw.config.formats import ini_count, ini_number
 from haraka_tw.dns import Resolver
 from haraka_tw.hooks.runner import HookRunner
 from haraka_tw.logging import HarakaLog, Level
@@ -52,17 +53,22 @@ def read_limits(ini: dict[str, dict[str, Any]]) -> Limits:
     """outbound.ini: [main] concurrency_max, domain_concurrency, domain_rate (messages per
     minute), and [domain.<name>] concurrency / rate for one destination domain."""
     main = ini.get("main", {})
+    where = "outbound.ini [main]"
     default = DomainLimits(
-        int(main.get("domain_concurrency", 0) or 0), float(main.get("domain_rate", 0) or 0)
+        ini_count(main, "domain_concurrency", 0, where),
+        ini_number(main, "domain_rate", 0, zero_ok=True, where=where),
     )
     domains = {}
     for section, keys in ini.items():
         if section.startswith("domain."):
+            where = f"outbound.ini [{section}]"
             domains[section[len("domain.") :].lower()] = DomainLimits(
-                int(keys.get("concurrency", default.concurrency) or 0),
-                float(keys.get("rate", default.rate_per_minute) or 0),
+                ini_count(keys, "concurrency", default.concurrency, where),
+                ini_number(keys, "rate", default.rate_per_minute, zero_ok=True, where=where),
             )
-    return Limits(int(main.get("concurrency_max", 100) or 100), default, domains)
+    return Limits(
+        ini_count(main, "concurrency_max", 100, "outbound.ini [main]", 1), default, domains
+    )
 
 
 def _hosts(value: Any) -> frozenset[str]:
@@ -136,7 +142,12 @@ class OutboundService:
             force_tls_hosts=_hosts(main.get("force_tls_hosts")),
             no_tls_hosts=_hosts(main.get("no_tls_hosts")),
             ca_file=str(main["ca_file"]) if main.get("ca_file") else None,
-            timeouts=replace(Timeouts(), connect=float(main.get("connect_timeout", 30) or 30)),
+            timeouts=replace(
+                Timeouts(),
+                connect=ini_number(
+                    main, "connect_timeout", 30, zero_ok=False, where="outbound.ini"
+                ),
+            ),
         )
         self.pool.configure(pooling)
         self.courier = Courier(
@@ -156,7 +167,7 @@ class OutboundService:
         try:
             self._load()
         except (ConfigError, ValueError) as e:
-            self.log.log(Level.ERROR, f"outbound.ini: {e}; keeping the last good settings")
+            self.log.log(Level.ERROR, f"{e}; keeping the last good outbound settings")
             return
         self.scheduler.limits = self.limits
         self.scheduler.disabled = self.disabled

@@ -11,6 +11,7 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 
+from haraka_tw.config.formats import ini_count, ini_number
 from haraka_tw.smtp.data import BareNewline
 
 __all__ = ["CONNECTION_INI_BOOLEANS", "SMTP_INI_BOOLEANS", "SessionSettings"]
@@ -44,12 +45,10 @@ def _networks(hosts: Any) -> tuple[IPNetwork, ...]:
     return tuple(out)
 
 
-def _int(section: dict[str, Any], key: str, default: int) -> int:
-    value = section.get(key, default)
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{key} must be a whole number, not {value!r}") from None
+def _timeout(section: dict[str, Any], key: str, default: float | None) -> float | None:
+    """smtp.ini seconds of silence allowed; 0 (or none given, with no default) for none."""
+    seconds = ini_number(section, key, default or 0, zero_ok=True, where="smtp.ini")
+    return seconds or None
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,8 +64,8 @@ class SessionSettings:
     max_connections: int = 5000
     header_max_lines: int = 1000
     header_max_received: int = 100
-    inactivity_timeout: float = 300.0
-    data_timeout: float = 300.0
+    inactivity_timeout: float | None = 300.0  # None: no timeout
+    data_timeout: float | None = 300.0
     proxy_hosts: tuple[IPNetwork, ...] = ()
     proxy_timeout: float = 30.0
     spool_dir: str | None = None
@@ -117,24 +116,32 @@ class SessionSettings:
                 f"connection.ini bare_newline must be reject or normalise, not {bare!r}"
             ) from None
         smtp_main = smtp.get("main", {})
-        timeout = float(smtp_main.get("inactivity_timeout", 300))
+        timeout = _timeout(smtp_main, "inactivity_timeout", 300)
         haproxy = conn.get("haproxy", {})
+        data_line_length = ini_count(mx, "data_line_length", 992, "connection.ini [max]")
+        if data_line_length == 1:
+            raise ValueError("connection.ini [max] data_line_length: 1 is not 0 (off) or 2 or more")
         return cls(
             me=me,
-            max_line_length=_int(mx, "line_length", 512),
-            max_bytes=_int(mx, "bytes", 26214400),
-            max_data_line_length=_int(mx, "data_line_length", 992),
-            max_recipients=_int(mx, "recipients", 1000),
-            max_mime_parts=_int(mx, "mime_parts", 1000),
-            max_connections=_int(smtp_main, "max_connections", 5000),
-            header_max_lines=_int(headers, "max_lines", 1000),
-            header_max_received=_int(headers, "max_received", 100),
+            # (RFC 5321 4.5.3.1.4: a server takes command lines of 512 octets)
+            max_line_length=ini_count(mx, "line_length", 512, "connection.ini [max]", 512),
+            max_bytes=ini_count(mx, "bytes", 26214400, "connection.ini [max]"),
+            max_data_line_length=data_line_length,
+            max_recipients=ini_count(mx, "recipients", 1000, "connection.ini [max]", 1),
+            max_mime_parts=ini_count(mx, "mime_parts", 1000, "connection.ini [max]"),
+            max_connections=ini_count(smtp_main, "max_connections", 5000, "smtp.ini"),
+            header_max_lines=ini_count(headers, "max_lines", 1000, "connection.ini [headers]", 1),
+            header_max_received=ini_count(
+                headers, "max_received", 100, "connection.ini [headers]", 1
+            ),
             inactivity_timeout=timeout,
-            data_timeout=float(smtp_main.get("data_timeout", timeout)),
+            data_timeout=_timeout(smtp_main, "data_timeout", timeout),
             proxy_hosts=_networks(haproxy.get("hosts") or ()),
-            proxy_timeout=float(haproxy.get("timeout", 30)),
+            proxy_timeout=ini_number(
+                haproxy, "timeout", 30, zero_ok=False, where="connection.ini [haproxy]"
+            ),
             spool_dir=str(main["spool_dir"]) if main.get("spool_dir") else None,
-            spool_after=_int(main, "spool_after", 1048576),
+            spool_after=ini_count(main, "spool_after", 1048576, "connection.ini [main]", -1),
             strict_rfc1869=bool(main.get("strict_rfc1869", False)),
             smtputf8=bool(main.get("smtputf8", True)),
             bare_newline=bare_newline,
@@ -144,5 +151,5 @@ class SessionSettings:
             greeting=tuple(str(g) for g in greeting),
             helo_message=message.get("helo"),
             close_message=message.get("close"),
-            banner_chars=_int(uuid, "banner_chars", 6),
+            banner_chars=ini_count(uuid, "banner_chars", 6, "connection.ini [uuid]"),
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -87,3 +88,48 @@ def test_bad_values_are_named(tmp_path: Path) -> None:
         settings(tmp_path, {"connection.ini": "[max]\nbytes=lots\n"})
     with pytest.raises(ValueError, match="bare_newline"):
         settings(tmp_path, {"connection.ini": "bare_newline=allow\n"})
+
+
+@pytest.mark.parametrize(
+    ("files", "message"),
+    [
+        ({"smtp.ini": "inactivity_timeout=-1\n"}, "smtp.ini inactivity_timeout: -1"),
+        ({"smtp.ini": "inactivity_timeout=abc\n"}, "smtp.ini inactivity_timeout: 'abc'"),
+        ({"smtp.ini": "data_timeout=-5\n"}, "smtp.ini data_timeout: -5"),
+        ({"smtp.ini": "max_connections=-5\n"}, "smtp.ini max_connections: -5"),
+        ({"connection.ini": "[max]\nline_length=0\n"}, "connection.ini [max] line_length: 0"),
+        ({"connection.ini": "[max]\nline_length=100\n"}, "line_length: 100 is not a whole"),
+        ({"connection.ini": "[max]\nbytes=-1\n"}, "connection.ini [max] bytes: -1"),
+        ({"connection.ini": "[max]\nbytes=1.5\n"}, "connection.ini [max] bytes: 1.5"),
+        ({"connection.ini": "[max]\nrecipients=0\n"}, "connection.ini [max] recipients: 0"),
+        ({"connection.ini": "[max]\ndata_line_length=1\n"}, "data_line_length: 1"),
+        ({"connection.ini": "[max]\ndata_line_length=-2\n"}, "data_line_length: -2"),
+        ({"connection.ini": "[headers]\nmax_received=0\n"}, "[headers] max_received: 0"),
+        ({"connection.ini": "[uuid]\nbanner_chars=-3\n"}, "[uuid] banner_chars: -3"),
+        ({"connection.ini": "[main]\nspool_after=-2\n"}, "[main] spool_after: -2"),
+        ({"connection.ini": "[haproxy]\ntimeout=0\n"}, "[haproxy] timeout: 0"),
+    ],
+)
+def test_numbers_out_of_range_are_named(
+    tmp_path: Path, files: dict[str, str], message: str
+) -> None:
+    """A limit or timeout that is no number, or out of its range (which would refuse every
+    client or command), stops start-up (or a reload) naming the file, section and key."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        settings(tmp_path, files)
+
+
+def test_zero_timeout_is_none(tmp_path: Path) -> None:
+    """inactivity_timeout=0 means no timeout (not a 421 at once); data_timeout follows it
+    unless set; max_connections=0 and bytes=0 mean no limit; spool_after=-1 never spools."""
+    s = settings(
+        tmp_path,
+        {
+            "smtp.ini": "inactivity_timeout=0\nmax_connections=0\n",
+            "connection.ini": "[max]\nbytes=0\n[main]\nspool_after=-1\n",
+        },
+    )
+    assert (s.inactivity_timeout, s.data_timeout) == (None, None)
+    assert (s.max_connections, s.max_bytes, s.spool_after) == (0, 0, -1)
+    s = settings(tmp_path, {"smtp.ini": "inactivity_timeout=0\ndata_timeout=60\n"})
+    assert (s.inactivity_timeout, s.data_timeout) == (None, 60)
