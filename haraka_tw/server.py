@@ -8,6 +8,7 @@ plugin list itself is read at start-up only.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,23 @@ def _plugin_timeout(config: Any) -> float:
     return ini_number({"plugin_timeout": value}, "plugin_timeout", DEFAULT_TIMEOUT, True, "")
 
 
+def _check_spool_dir(path: str | None) -> None:
+    """connection.ini spool_dir: made if missing, and writable, or start-up stops here
+    rather than each large message failing later (a message that cannot be stored then,
+    a full disk say, gets 451).
+
+    @raise ValueError: naming the key and the directory.
+    """
+    if not path:
+        return
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"connection.ini [main] spool_dir: {path}: {e.strerror or e}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"connection.ini [main] spool_dir: {path}: not writable")
+
+
 class StartupError(Exception):
     """The server cannot start; the message names the file, line or plugin at fault."""
 
@@ -66,6 +84,7 @@ class HarakaServer:
         try:
             self._configure_log()
             self.settings = SessionSettings.from_config(config)
+            _check_spool_dir(self.settings.spool_dir)
             smtp_ini = config.get_ini("smtp.ini", booleans=SMTP_INI_BOOLEANS)["main"]
             names = config.get_list("plugins")
             plugin_timeout = _plugin_timeout(config)

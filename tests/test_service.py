@@ -213,3 +213,20 @@ class BadNumbersTests(TestCase):
         service = self.start({"plugin_timeout": "0\n", "smtp.ini": "smtps_port=\n"})
         self.assertEqual(service.smtps_port, 0)
         self.assertEqual(service.server.runner.plugin_timeout, 0)
+
+
+def test_an_unusable_spool_dir_stops_start_up(tmp_path: Path) -> None:
+    """connection.ini spool_dir that cannot be made (or written) stops start-up, naming it;
+    one that is missing is made."""
+    conf = write_config(
+        tmp_path / "c",
+        {"me": "mx.test\n", "connection.ini": "[main]\nspool_dir=/dev/null/spool\n"},
+    )
+    with pytest.raises(StartupError, match=r"connection\.ini \[main\] spool_dir: /dev/null/spool"):
+        HarakaServer.from_directory(conf, reactor)
+    spool = tmp_path / "made" / "spool"
+    conf = write_config(
+        tmp_path / "d", {"me": "mx.test\n", "connection.ini": f"[main]\nspool_dir={spool}\n"}
+    )
+    HarakaServer.from_directory(conf, reactor)
+    assert spool.is_dir()

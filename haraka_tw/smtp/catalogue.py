@@ -24,6 +24,7 @@ S421_TOO_MANY_CONNECTIONS = _r(421, "4.7.0", "Too many connections, try again la
 S421_PROXY_REFUSED = _r(421, "4.7.0", "PROXY header refused, closing connection")
 S421_PROXY_TIMEOUT = _r(421, "4.4.2", "no PROXY header, closing connection")
 S451_INTERNAL = _r(451, "4.3.0", "Internal error, try again later")
+S451_STORAGE = _r(451, "4.3.0", "Temporary storage failure, try again later")
 S452_TOO_MANY_RCPTS = _r(452, "4.5.3", "Too many recipients")
 S501_SYNTAX = _r(501, "5.5.4", "Syntax error")
 S501_HELO = _r(501, "5.5.4", "HELO requires domain/address")

@@ -32,6 +32,7 @@ class MessageEnd:
     bare_cr: int
     too_many_parts: bool = False
     plugin_errors: tuple[BaseException, ...] = ()
+    store_error: OSError | None = None  # the body could not be stored (spool dir, full disk)
 
 
 class MessageIntake:
@@ -55,6 +56,7 @@ class MessageIntake:
         self._chunked = 0  # BDAT bytes taken so far
         self._chunk_exceeded = False
         self._chunk_newlines: ChunkNewlines | None = None
+        self._store_error: OSError | None = None  # then nothing more is stored
 
     # -- DATA -------------------------------------------------------------------------
 
@@ -102,14 +104,23 @@ class MessageIntake:
         parser, too_many = self._parser, False
         errors: tuple[BaseException, ...] = ()
         if parser is not None:
-            txn.message_stream.write(parser.close())
+            self._store(parser.close())
             txn.body = parser.body
             txn.mime_part_count = parser.mime_part_count
             too_many, errors = parser.too_many_parts, tuple(parser.errors)
         reader = self._reader
         if reader is None:
             lf, cr = (newlines.bare_lf, newlines.bare_cr) if newlines is not None else (0, 0)
-            return MessageEnd(self._chunked, self._chunk_exceeded, False, lf, cr, too_many, errors)
+            return MessageEnd(
+                self._chunked,
+                self._chunk_exceeded,
+                False,
+                lf,
+                cr,
+                too_many,
+                errors,
+                self._store_error,
+            )
         return MessageEnd(
             reader.size,
             reader.exceeded,
@@ -118,6 +129,7 @@ class MessageIntake:
             reader.bare_cr,
             too_many,
             errors,
+            self._store_error,
         )
 
     def close(self) -> None:
@@ -140,7 +152,18 @@ class MessageIntake:
             return
         if self._parser is not None:
             data = self._parser.feed(data)
-        self.transaction.message_stream.write(data)
+        self._store(data)
+
+    def _store(self, data: bytes) -> None:
+        """Body bytes into the transaction's stream. A write that fails (the spool
+        directory unusable, the disk full) is kept for L{finish}, which tells the session
+        to refuse the message for now; the rest of the message is read and dropped."""
+        if self._store_error is not None:
+            return
+        try:
+            self.transaction.message_stream.write(data)
+        except OSError as e:
+            self._store_error = e
 
     def _header_done(self, head: bytes, body: bytes) -> None:
         header = Header.parse(head)
@@ -161,4 +184,4 @@ class MessageIntake:
                 rewriter=rewriter,
             )
             body = self._parser.feed(body)
-        txn.message_stream.write(body)
+        self._store(body)

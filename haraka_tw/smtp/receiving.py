@@ -192,6 +192,9 @@ class Receiving(SessionCore):
             txn.notes["data_line_length_exceeded"] = True
         for error in end.plugin_errors:
             conn.log(Level.ERROR, f"attachment hook or body filter failed: {error!r}")
+        if end.store_error is not None:
+            conn.log(Level.ERROR, f"cannot store the message: {end.store_error}")
+            return self._message_refused(S.S451_STORAGE)
         if end.too_many_parts:
             self._count(conn.msg_count, 554)
             self._send(S.S554_TOO_MANY_PARTS)

@@ -345,3 +345,41 @@ class SizeLimitTests(unittest.TestCase):
             self.assertEqual(len(maildir_messages(maildir)), 1)
 
         return deferToThread(client).addCallback(check)
+
+
+class StorageFailureTests(unittest.TestCase):
+    def test_spool_lost_under_the_server_gets_451_not_a_drop(self) -> None:
+        """The spool directory gone (a file in its place) while the server runs: smtplib
+        gets 451 4.3.0 for the message, the connection stays usable and nothing is stored;
+        once the directory is back, the same session's next message is queued."""
+        files = {
+            "plugins": PLUGINS,
+            "connection.ini": "[main]\nspool_dir={base}/spool\nspool_after=0\n",
+        }
+        server, port = start_server(self, files)
+        spool = server.base / "spool"  # type: ignore[attr-defined]
+        maildir = server.base / "maildir"  # type: ignore[attr-defined]
+        spool.rmdir()  # (made at start-up)
+        spool.write_text("not a directory")
+        message = b"Subject: spooled\r\n\r\nbody\r\n"
+
+        def client() -> tuple[Any, Any]:
+            with smtplib.SMTP("127.0.0.1", port, timeout=30) as c:
+                try:
+                    c.sendmail("alice@x.test", ["bob@example.com"], message)
+                except smtplib.SMTPDataError as e:
+                    first: Any = (e.smtp_code, e.smtp_error)
+                else:
+                    first = None
+                spool.unlink()
+                second = c.sendmail("alice@x.test", ["bob@example.com"], message)
+                return first, second
+
+        def check(result: tuple[Any, Any]) -> None:
+            first, second = result
+            self.assertEqual(first, (451, b"4.3.0 Temporary storage failure, try again later"))
+            self.assertEqual(second, {})
+            [stored] = maildir_messages(maildir)
+            self.assertTrue(stored.endswith(message))
+
+        return deferToThread(client).addCallback(check)

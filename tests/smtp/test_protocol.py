@@ -21,6 +21,7 @@ from haraka_tw.codes import (
     OK,
     Code,
 )
+from haraka_tw.logging import Level
 from haraka_tw.smtp.connection import State
 from haraka_tw.smtp.settings import SessionSettings
 from tests.support import Session, plugin_with, reply_codes
@@ -608,6 +609,27 @@ class OrderAndDefectTests(SynchronousTestCase):
         self.assertIn(
             b"\r\nOriginal-Authentication-Results: forged; pass\r\nSubject: t\r\n\r\nbody\r\n", msg
         )
+
+
+    def test_a_body_that_cannot_be_stored_gets_451(self) -> None:
+        """A spool write that fails (here the spool directory is a file's child) is a
+        451 4.3.0 at the end of data, logged; the session goes on and no hook queues it."""
+        stored: list[bytes] = []
+        settings = SessionSettings(me="mx.test", spool_dir="/dev/null/spool", spool_after=0)
+        for verb in (b"DATA\r\n", None):
+            s = Session([storing(stored)], settings=settings)
+            if verb:
+                s.send(ENVELOPE + verb)
+                out = s.send(b"Subject: t\r\n\r\nbody\r\n.\r\nNOOP\r\n")
+            else:
+                s.send(ENVELOPE)
+                out = s.send(b"BDAT 17 LAST\r\nSubject: t\r\n\r\nbody\r\nNOOP\r\n")
+            self.assertIn("451 4.3.0 Temporary storage failure", out)
+            self.assertTrue(out.endswith("250 2.0.0 OK\r\n"), out)
+            self.assertIsNone(s.connection.transaction)
+            errors = s.log.messages(Level.ERROR)
+            self.assertTrue(any(m.startswith("cannot store the message") for m in errors))
+        self.assertEqual(stored, [])
 
 
 class ContractFixTests(SynchronousTestCase):
