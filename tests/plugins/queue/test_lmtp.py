@@ -115,8 +115,10 @@ class LMTPTests(ForwardCase):
         assert data is not None
         self.assertEqual(data[0], 250)
         del peer.script.lmtp_replies["carol@example.com"]  # the mailbox has room again
-        server.outbound.flush()
         for _ in range(200):
+            # (flushed each time: the queue's first attempt may still be under way, and
+            # so be rescheduled after one flush, when the reply to it was the old 452)
+            server.outbound.flush()
             if not await self.queued(server):
                 break
             await deferLater(reactor, 0.05, lambda: None)
