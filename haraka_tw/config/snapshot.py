@@ -63,10 +63,18 @@ def _read(path: Path) -> tuple[FileSnapshot, bytes | None]:
         # Non-blocking, so a FIFO where a file should be cannot hang the reader.
         with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as stream:
             result = os.fstat(stream.fileno())
-            if not _is_regular(result):
-                return _MISSING, None
+            if not _is_regular(result):  # (a directory, a FIFO) in a file's place: a mistake
+                kind = "a directory" if stat.S_ISDIR(result.st_mode) else "not a regular file"
+                raise ConfigError(str(path), None, f"cannot read: {kind}")
             content = stream.read()
-    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+    except FileNotFoundError:
+        if os.path.islink(path):  # (a link whose target is gone is no missing file)
+            target = os.readlink(path)
+            raise ConfigError(
+                str(path), None, f"a link to {target}, which does not exist"
+            ) from None
+        return _MISSING, None
+    except NotADirectoryError:  # (a file where a directory on the way should be)
         return _MISSING, None
     except OSError as error:
         raise ConfigError(str(path), None, f"cannot read: {error.strerror or error}") from None

@@ -85,10 +85,28 @@ def test_racy_snapshot_ages_out(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     assert refreshed is not None and not refreshed.racy
 
 
-def test_directory_reads_as_missing(tmp_path: Path) -> None:
-    """A directory where a file is expected reads as a missing file."""
-    content, snapshot = read(tmp_path)
-    assert content is None and snapshot.signature is None
+def test_directory_or_fifo_is_config_error(tmp_path: Path) -> None:
+    """A directory or a FIFO where a file is expected is a ConfigError naming it (an
+    operator's mistake, not a file to fall back from to the defaults)."""
+    fifo = tmp_path / "smtp.ini"
+    os.mkfifo(fifo)
+    for path, kind in ((tmp_path, "a directory"), (fifo, "not a regular file")):
+        with pytest.raises(ConfigError) as caught:
+            SnapshotReader().read(path)
+        assert caught.value.path == str(path)
+        assert kind in str(caught.value)
+
+
+def test_dangling_link_is_config_error(tmp_path: Path) -> None:
+    """A link whose target is gone is a ConfigError naming the target; a file that is
+    simply absent, or under a file where a directory should be, reads as missing."""
+    link = tmp_path / "plugins"
+    link.symlink_to(tmp_path / "gone")
+    with pytest.raises(ConfigError, match="a link to .*gone, which does not exist"):
+        SnapshotReader().read(link)
+    for path in (tmp_path / "absent", link / "below"):
+        content, snapshot = read(path)
+        assert content is None and snapshot.signature is None
 
 
 def test_unreadable_file_is_config_error(tmp_path: Path) -> None:
@@ -100,10 +118,3 @@ def test_unreadable_file_is_config_error(tmp_path: Path) -> None:
         reader.read(path)
     assert caught.value.path == str(path)
     assert check_snapshot(path, reader.snapshots[path]) is not None
-
-
-def test_fifo_reads_as_missing(tmp_path: Path) -> None:
-    """A FIFO where a file should be reads as missing instead of blocking."""
-    path = tmp_path / "plugins"
-    os.mkfifo(path)
-    assert read(path)[0] is None

@@ -610,7 +610,6 @@ class OrderAndDefectTests(SynchronousTestCase):
             b"\r\nOriginal-Authentication-Results: forged; pass\r\nSubject: t\r\n\r\nbody\r\n", msg
         )
 
-
     def test_a_body_that_cannot_be_stored_gets_451(self) -> None:
         """A spool write that fails (here the spool directory is a file's child) is a
         451 4.3.0 at the end of data, logged; the session goes on and no hook queues it."""
