@@ -59,6 +59,21 @@ def _check_spool_dir(path: str | None) -> None:
         raise ValueError(f"connection.ini [main] spool_dir: {path}: not writable")
 
 
+def _where_listed(config: ConfigDirectory, name: str) -> str:
+    """C{path:line: } of the plugins file line that names C{name}, or "" if not found."""
+    path = config.path("plugins")
+    if path is None:
+        return ""
+    try:
+        lines = path.read_bytes().decode("utf-8", "replace").splitlines()
+    except OSError:
+        return f"{path}: "
+    for number, line in enumerate(lines, 1):
+        if line.strip() == name:
+            return f"{path}:{number}: "
+    return f"{path}: "
+
+
 class StartupError(Exception):
     """The server cannot start; the message names the file, line or plugin at fault."""
 
@@ -101,7 +116,7 @@ class HarakaServer:
                 reactor=reactor,
             )
         except PluginLoadError as e:
-            raise StartupError(str(e)) from e
+            raise StartupError(f"{_where_listed(config, e.name)}{e}") from e
         self.runner = HookRunner(plugins, reactor, self.log, plugin_timeout)
         if self.runner.has("log"):
             self.log.hook = self.runner.run_log

@@ -230,3 +230,14 @@ def test_an_unusable_spool_dir_stops_start_up(tmp_path: Path) -> None:
     )
     HarakaServer.from_directory(conf, reactor)
     assert spool.is_dir()
+
+
+def test_a_plugin_that_cannot_load_is_named_with_its_line(tmp_path: Path) -> None:
+    """The start-up error for a plugin that cannot load names the plugins file and line."""
+    conf = write_config(
+        tmp_path / "c",
+        {"me": "mx.test\n", "plugins": "# mine\nrcpt_to.in_host_list\nqueue/maildir # x\n"},
+    )
+    plugins = re.escape(str(conf / "plugins"))
+    with pytest.raises(StartupError, match=rf"^{plugins}:3: plugin 'queue/maildir # x' failed"):
+        HarakaServer.from_directory(conf, reactor)
