@@ -19,8 +19,11 @@ binding, runs C{init_child}, and delivers its partition of the outbound queue.
 
 from __future__ import annotations
 
+import os
 import re
 import signal
+import stat
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -86,6 +89,15 @@ def _refuse_haproxy_endpoint(entry: str) -> None:
             f"smtp.ini listen: {entry!r}: the haproxy: endpoint takes a PROXY header from "
             "any client; listen plainly and list the proxy in connection.ini [haproxy] hosts"
         )
+
+
+def _stderr_discarded() -> bool:
+    """Whether descriptor 2 is /dev/null (as in a process twistd made a daemon)."""
+    try:
+        err, null = os.fstat(2), os.stat(os.devnull)
+    except OSError:
+        return True
+    return stat.S_ISCHR(err.st_mode) and err.st_rdev == null.st_rdev
 
 
 # Twisted's default is 50: a burst of 100 clients then waits on SYN retransmits (seconds).
@@ -236,12 +248,41 @@ class HarakaService(MultiService):
 
     def privilegedStartService(self) -> None:
         """Bind every listener now (as root, before twistd's -u/-g drop); a master also
-        starts its fork server now (L{WorkerMaster.prepare})."""
+        starts its fork server now (L{WorkerMaster.prepare}).
+
+        A listener that cannot be bound (the address not on this machine, the port in use)
+        is a L{StartupError}, the ones bound before it closed again. Under twistd (we own
+        the process) it is logged at CRIT first; in the foreground it is then one line on
+        stderr and exit status 1, not twistd's traceback. A daemon raises it on: twistd
+        reports only exceptions to the parent waiting for the daemon to start (it would
+        wait for ever after a SystemExit), which prints its start and the log's name."""
+        try:
+            self._bind()
+        except StartupError as e:
+            for port in self.ports:
+                port.stopListening()
+            self.ports = []
+            if not self.owns_process:
+                raise
+            self.server.log.log(Level.CRIT, str(e))
+            if _stderr_discarded():  # (twistd's daemon: 0, 1 and 2 are /dev/null)
+                raise
+            sys.stderr.write(f"haraka_tw: {e}\n")
+            raise SystemExit(1) from None
+        super().privilegedStartService()
+
+    def _bind(self) -> None:
         factory = self.server.factory
         if self.owns_process:  # (an application that embeds us keeps its reactor as it is)
             dispatch_without_log_context(self.reactor)
         for index, spec in enumerate(self.endpoints):
-            endpoint = self._endpoint(index, spec)
+            try:
+                endpoint = self._endpoint(index, spec)
+            except ValueError as e:  # (an endpoint string Twisted cannot parse)
+                message = str(e)
+                if not message.startswith("smtp.ini listen"):
+                    message = f"smtp.ini listen: {spec}: {message}"
+                raise StartupError(message) from None
             d = endpoint.listen(factory)
             failures: list[Any] = []
             d.addCallbacks(self.ports.append, failures.append)
@@ -262,7 +303,6 @@ class HarakaService(MultiService):
                 on_fatal=self._stop_for_good,
             )
             self.master.prepare()
-        super().privilegedStartService()
 
     def _endpoint(self, index: int, spec: str | IStreamServerEndpoint) -> IStreamServerEndpoint:
         """The endpoint to listen on (in a worker: the master's socket, adopted); an

@@ -281,6 +281,31 @@ class StartupErrorTests(TwistdTestCase):
         self.assertNotEqual(code, 0, out)
         self.assertIn("no_such_plugin_x", out)
 
+    def test_a_port_in_use_is_one_line_in_the_foreground_and_no_hang_as_a_daemon(self) -> None:
+        """The listen port taken: in the foreground twistd exits 1 with one line naming the
+        listener (no traceback); as a daemon the launcher exits 1 at once (twistd waits for
+        the daemon's report, which must come), and the log file has the CRIT line."""
+        self.configure()
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", self.port))
+            taken.listen()
+            code, out = self.run_to_exit()
+            self.assertEqual(code, 1, out)
+            self.assertIn(f"haraka_tw: cannot listen on tcp:{self.port}:interface=127.0.0.1", out)
+            self.assertIn("Address already in use", out)
+            self.assertNotIn("Traceback", out)
+            logfile = self.base / "daemon.log"
+            launcher = self.spawn(
+                ["--pidfile", str(self.base / "d.pid"), "--logfile", str(logfile)]
+            )
+            try:
+                self.assertEqual(launcher.wait(20), 1, self.output())
+            except subprocess.TimeoutExpired:
+                self.fail(f"the daemon's launcher hung:\n{self.output()}")
+            self.assertIn("cannot listen on", self.output())
+            self.assertIn("[CRIT]", logfile.read_text())
+            self.assertIn("Address already in use", logfile.read_text())
+
 
 class ReloadTests(TwistdTestCase):
     def setUp(self) -> None:
