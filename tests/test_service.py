@@ -53,7 +53,7 @@ def test_embedding_refuses_twisted_haproxy_endpoint(tmp_path: Path) -> None:
         watch_interval=0,
         handle_sighup=False,
     )
-    with pytest.raises(ValueError, match=r"\[haproxy\] hosts"):
+    with pytest.raises(StartupError, match=r"\[haproxy\] hosts"):
         service.privilegedStartService()
     assert service.ports == []
 
