@@ -113,8 +113,9 @@ TABLE: dict[str, dict[Code | None, Outcome]] = {
         _ANY: Outcome(P, None),  # the queue hook decides the reply
     },
     "max_data_exceeded": {
-        **_refusals((550, "5.3.4", "Message too big!"), (450, "4.3.4", "Message too big!")),
-        _ANY: _o(R, 550, "5.3.4", "Message too big!"),
+        # (552, not Haraka's 550: RFC 1870 and RFC 5321 4.5.3.1.10 give 552 for a size limit)
+        **_refusals((552, "5.3.4", "Message too big!"), (450, "4.3.4", "Message too big!")),
+        _ANY: _o(R, 552, "5.3.4", "Message too big!"),
     },
     "queue": {
         **_refusals((550, "5.3.0", "Message denied"), (450, "4.3.0", "Message deferred")),

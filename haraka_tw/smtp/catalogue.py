@@ -46,7 +46,7 @@ S550_BARE_NEWLINE = _r(
     550, "5.6.0", "Bare LF or CR in message: lines must end with CRLF (see RFC 5321 2.3.8)"
 )
 S550_LOOP = _r(550, "5.4.6", "Too many received headers - possible mail loop")
-S550_TOO_BIG = _r(550, "5.3.4", "Message too big!")
+S552_TOO_BIG = _r(552, "5.3.4", "Message too big!")
 S553_UTF8 = _r(553, "5.6.7", "UTF-8 addresses require the SMTPUTF8 parameter")
 S554_NO_VALID_RCPT = _r(554, "5.5.1", "No valid recipients")
 S554_TLS_ON_PLAINTEXT = _r(554, "5.7.0", "TLS on a plaintext port; use STARTTLS or the SMTPS port")

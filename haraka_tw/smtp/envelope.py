@@ -151,7 +151,7 @@ class Envelope(SessionCore):
         if not (size.isascii() and size.isdigit()):
             return S.S501_SYNTAX.with_text("SIZE must be a number")
         if self.settings.max_bytes and int(size) > self.settings.max_bytes:
-            return S.S550_TOO_BIG
+            return S.S552_TOO_BIG
         return None
 
     def do_RCPT(self, cmd: Command) -> Deferred[Any] | None:

@@ -332,11 +332,11 @@ class SizeLimitTests(unittest.TestCase):
                 smtp.ehlo("client.test")
                 self.assertEqual(smtp.esmtp_features.get("size"), "10000")
                 self.assertEqual(
-                    smtp.mail("alice@x.test", ["SIZE=20000"]), (550, b"5.3.4 Message too big!")
+                    smtp.mail("alice@x.test", ["SIZE=20000"]), (552, b"5.3.4 Message too big!")
                 )
                 self.assertEqual(smtp.mail("alice@x.test")[0], 250)
                 self.assertEqual(smtp.rcpt("bob@example.com")[0], 250)
-                self.assertEqual(smtp.data(body), (550, b"5.3.4 Message too big!"))
+                self.assertEqual(smtp.data(body), (552, b"5.3.4 Message too big!"))
                 self.assertEqual(smtp.noop()[0], 250)  # the session goes on
                 # A message under the limit still goes through.
                 self.assertEqual(smtp.sendmail("alice@x.test", ["bob@example.com"], body[:900]), {})

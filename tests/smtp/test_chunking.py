@@ -164,7 +164,7 @@ class BdatTests(SynchronousTestCase):
         s = bdat_session([], settings=SessionSettings(me="mx.test", max_bytes=100))
         s.send(b"BDAT 80\r\n" + b"a" * 80)
         out = s.send(b"BDAT 80 LAST\r\n" + b"b" * 80)
-        self.assertIn("550 5.3.4 Message too big!", out)
+        self.assertIn("552 5.3.4 Message too big!", out)
 
     @settings(max_examples=30, deadline=None)
     @given(CRLF_TEXT, st.lists(st.integers(1, 700), min_size=1, max_size=8))

@@ -89,7 +89,7 @@ class ReferenceReplyTests(SynchronousTestCase):
         """MAIL SIZE= over max.bytes: 550 Message too big!"""
         s = session(settings=SessionSettings(me="mx.test", max_bytes=1000))
         s.send("EHLO x\r\n")
-        self.assertIn("550 5.3.4 Message too big!", s.send("MAIL FROM:<a@b.c> SIZE=1001\r\n"))
+        self.assertIn("552 5.3.4 Message too big!", s.send("MAIL FROM:<a@b.c> SIZE=1001\r\n"))
         self.assertIn("250 2.1.0", s.send("MAIL FROM:<a@b.c> SIZE=1000\r\n"))
 
     def test_bad_addresses(self) -> None:
@@ -346,7 +346,7 @@ class HookReplyTests(SynchronousTestCase):
         s = Session([ACCEPT_ALL], settings=SessionSettings(me="mx.test", max_bytes=100))
         s.send(ENVELOPE + b"DATA\r\n")
         self.assertIn(
-            "550 5.3.4 Message too big!", s.send(b"x" * 50 + b"\r\n" + b"y" * 80 + b"\r\n.\r\n")
+            "552 5.3.4 Message too big!", s.send(b"x" * 50 + b"\r\n" + b"y" * 80 + b"\r\n.\r\n")
         )
         s = Session(
             [ACCEPT_ALL, ("m", plugin_with({"max_data_exceeded": lambda c: DENYSOFT}))],
