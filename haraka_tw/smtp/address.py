@@ -20,6 +20,7 @@ from dataclasses import dataclass
 __all__ = [
     "Address",
     "AddressError",
+    "ParameterError",
     "parse_esmtp_params",
     "parse_mail_argument",
     "parse_path",
@@ -286,18 +287,25 @@ def parse_path(
     return Address(local, domain, text)
 
 
+class ParameterError(AddressError):
+    """The path was fine; an ESMTP parameter after it is not (5.5.4, not an address code)."""
+
+
 def parse_esmtp_params(words: Sequence[str]) -> dict[str, str | None]:
-    """Parse ``KEY=VALUE`` / ``KEY`` words; keys are upper-cased, values kept as given."""
+    """Parse ``KEY=VALUE`` / ``KEY`` words; keys are upper-cased, values kept as given.
+
+    @raise ParameterError: for a malformed keyword or value, or a keyword given twice.
+    """
     params: dict[str, str | None] = {}
     for word in words:
         key, eq, value = word.partition("=")
         if not _ESMTP_KEYWORD.fullmatch(key):
-            raise AddressError(f"Invalid parameter {key[:32]!r}")
+            raise ParameterError(f"Invalid parameter {key[:32]!r}")
         if eq and not _ESMTP_VALUE.fullmatch(value):
-            raise AddressError(f"Invalid value for parameter {key.upper()}")
+            raise ParameterError(f"Invalid value for parameter {key.upper()}")
         key = key.upper()
         if key in params:
-            raise AddressError(f"Duplicate parameter {key}")
+            raise ParameterError(f"Duplicate parameter {key}")
         params[key] = value if eq else None
     return params
 

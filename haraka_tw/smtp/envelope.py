@@ -11,7 +11,12 @@ from haraka_tw.codes import Code, HookResult
 from haraka_tw.hooks.runner import then
 from haraka_tw.hooks.table import Then, outcome
 from haraka_tw.smtp import catalogue as S
-from haraka_tw.smtp.address import AddressError, parse_mail_argument, parse_rcpt_argument
+from haraka_tw.smtp.address import (
+    AddressError,
+    ParameterError,
+    parse_mail_argument,
+    parse_rcpt_argument,
+)
 from haraka_tw.smtp.command import Command
 from haraka_tw.smtp.connection import Hello, Transaction
 from haraka_tw.smtp.dsn import DSNError, check_mail_params, check_rcpt_params
@@ -92,6 +97,9 @@ class Envelope(SessionCore):
                 strict=self.settings.strict_rfc1869,
                 allow_utf8=self.settings.smtputf8 and conn.esmtp,
             )
+        except ParameterError as e:
+            self._send(S.S501_SYNTAX.with_text(f"Invalid MAIL FROM parameters: {e}"))
+            return None
         except AddressError as e:
             self._send(S.S501_MAIL.with_text(f"Invalid MAIL FROM address: {e}"))
             return None
@@ -135,6 +143,10 @@ class Envelope(SessionCore):
         unknown = sorted(set(params) - known)
         if unknown:
             return S.S555_PARAMS.with_text(f"Unsupported parameter {unknown[0]}")
+        for key, value in params.items():  # (RFC 1870, 6152, 6531, 3461, 4954)
+            if (value is None) != (key == "SMTPUTF8"):
+                wanted = "takes no value" if key == "SMTPUTF8" else "needs a value"
+                return S.S501_SYNTAX.with_text(f"Syntax error: {key} {wanted}")
         body = params.get("BODY")
         if body is not None and body.upper() not in ("7BIT", "8BITMIME"):
             return S.S501_SYNTAX.with_text(f"Unsupported BODY={body}")
@@ -166,6 +178,9 @@ class Envelope(SessionCore):
                 strict=self.settings.strict_rfc1869,
                 allow_utf8=self.settings.smtputf8 and conn.esmtp,
             )
+        except ParameterError as e:
+            self._send(S.S501_SYNTAX.with_text(f"Invalid RCPT TO parameters: {e}"))
+            return None
         except AddressError as e:
             self._send(S.S501_RCPT.with_text(f"Invalid RCPT TO address: {e}"))
             return None

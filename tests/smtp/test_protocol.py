@@ -85,8 +85,33 @@ class ReferenceReplyTests(SynchronousTestCase):
         s.send("HELO x\r\n")
         self.assertIn("555 Invalid command parameters", s.send("MAIL FROM:<a@b.c> SIZE=10\r\n"))
 
+    def test_bad_parameters_are_5_5_4_not_address_errors(self) -> None:
+        """A malformed, repeated, valueless (SIZE, BODY, NOTIFY) or valued (SMTPUTF8)
+        parameter: 501 5.5.4, naming the parameter; the address itself was fine."""
+        s = session()
+        s.send("EHLO x\r\n")
+        for command, text in (
+            ("MAIL FROM:<a@b.c> BODY=7BIT BODY=8BITMIME", "Duplicate parameter BODY"),
+            ("MAIL FROM:<a@b.c> SIZE", "SIZE needs a value"),
+            ("MAIL FROM:<a@b.c> BODY", "BODY needs a value"),
+            ("MAIL FROM:<a@b.c> SMTPUTF8=yes", "SMTPUTF8 takes no value"),
+            ("MAIL FROM:<a@b.c> =x", "Invalid parameter"),
+        ):
+            out = s.send(f"{command}\r\n")
+            self.assertTrue(out.startswith("501 5.5.4 "), (command, out))
+            self.assertIn(text, out)
+        s.send("MAIL FROM:<a@b.c>\r\n")
+        for command, text in (
+            ("RCPT TO:<d@e.f> NOTIFY", "NOTIFY needs a value"),
+            ("RCPT TO:<d@e.f> NOTIFY=NEVER NOTIFY=NEVER", "Duplicate parameter NOTIFY"),
+        ):
+            out = s.send(f"{command}\r\n")
+            self.assertTrue(out.startswith("501 5.5.4 "), (command, out))
+            self.assertIn(text, out)
+        self.assertIn("250 2.1.0", s.send("MAIL FROM:<a@b.c> SIZE=10 SMTPUTF8\r\n"))
+
     def test_size_over_limit(self) -> None:
-        """MAIL SIZE= over max.bytes: 550 Message too big!"""
+        """MAIL SIZE= over max.bytes: 552 Message too big! (RFC 1870)"""
         s = session(settings=SessionSettings(me="mx.test", max_bytes=1000))
         s.send("EHLO x\r\n")
         self.assertIn("552 5.3.4 Message too big!", s.send("MAIL FROM:<a@b.c> SIZE=1001\r\n"))
