@@ -12,6 +12,7 @@ from haraka_tw.hooks.runner import then
 from haraka_tw.hooks.table import Then, outcome
 from haraka_tw.smtp import catalogue as S
 from haraka_tw.smtp.address import (
+    Address,
     AddressError,
     ParameterError,
     parse_mail_argument,
@@ -28,6 +29,12 @@ __all__ = ["Envelope"]
 _SUBMISSION_PORTS = frozenset({587, 465})
 _MAIL_PARAMS = frozenset({"SIZE", "BODY", "SMTPUTF8", "RET", "ENVID", "AUTH"})
 _RCPT_PARAMS = frozenset({"NOTIFY", "ORCPT"})
+
+
+def _bare_postmaster(recipient: Address) -> bool:
+    """RCPT TO:<postmaster> with no domain, which RFC 5321 4.5.1 says a server MUST take:
+    when no rcpt plugin decides, the core accepts it (Haraka refuses it)."""
+    return not recipient.domain and recipient.local.lower() == "postmaster"
 
 
 class Envelope(SessionCore):
@@ -197,7 +204,7 @@ class Envelope(SessionCore):
 
         def answered(result: HookResult) -> Deferred[Any] | None:
             code = result.code
-            if code is Code.CONT and conn.relaying:
+            if code is Code.CONT and (conn.relaying or _bare_postmaster(recipient)):
                 code = Code.OK
             if code is Code.OK:
                 return then(self.runner.call("rcpt_ok", conn, recipient), accepted)

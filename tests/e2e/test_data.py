@@ -383,3 +383,31 @@ class StorageFailureTests(unittest.TestCase):
             self.assertTrue(stored.endswith(message))
 
         return deferToThread(client).addCallback(check)
+
+
+class PostmasterTests(unittest.TestCase):
+    def test_bare_postmaster_is_taken_other_bare_names_are_not(self) -> None:
+        """RCPT TO:<postmaster> (any case, no domain) is accepted with the shipped
+        rcpt_to.in_host_list, as RFC 5321 4.5.1 requires, and the message is stored;
+        another name without a domain is no path at all (501)."""
+        server, port = start_server(self, {"plugins": PLUGINS})
+        maildir = server.base / "maildir"  # type: ignore[attr-defined]
+
+        def client() -> tuple[Any, Any, Any]:
+            with smtplib.SMTP("127.0.0.1", port, timeout=30) as c:
+                c.ehlo("client.test")
+                c.mail("alice@x.test")
+                taken = c.rcpt("<Postmaster>")
+                other = c.rcpt("<abuse>")
+                data = c.data(b"Subject: to the postmaster\r\n\r\nhello\r\n")
+                return taken, other, data
+
+        def check(replies: tuple[Any, Any, Any]) -> None:
+            taken, other, data = replies
+            self.assertEqual(taken[0], 250, taken)
+            self.assertEqual(other[0], 501, other)  # (a path needs a domain)
+            self.assertEqual(data[0], 250, data)
+            [stored] = maildir_messages(maildir)
+            self.assertTrue(stored.endswith(b"Subject: to the postmaster\r\n\r\nhello\r\n"))
+
+        return deferToThread(client).addCallback(check)

@@ -110,6 +110,17 @@ class ReferenceReplyTests(SynchronousTestCase):
             self.assertIn(text, out)
         self.assertIn("250 2.1.0", s.send("MAIL FROM:<a@b.c> SIZE=10 SMTPUTF8\r\n"))
 
+    def test_bare_postmaster_needs_no_plugin_but_a_plugin_may_refuse_it(self) -> None:
+        """With every rcpt plugin answering CONT, RCPT TO:<postmaster> is accepted (RFC 5321
+        4.5.1); a plugin's DENY still refuses it."""
+        s = Session([("cont", plugin_with({"rcpt": lambda c, r, p: None}))])
+        s.send("EHLO x\r\nMAIL FROM:<a@b.c>\r\n")
+        self.assertIn("250 2.1.5", s.send("RCPT TO:<postMaster>\r\n"))
+        self.assertIn("550 5.7.1", s.send("RCPT TO:<someone@elsewhere.test>\r\n"))
+        s = Session([("deny", plugin_with({"rcpt": lambda c, r, p: DENY}))])
+        s.send("EHLO x\r\nMAIL FROM:<a@b.c>\r\n")
+        self.assertIn("550 5.7.1", s.send("RCPT TO:<postmaster>\r\n"))
+
     def test_size_over_limit(self) -> None:
         """MAIL SIZE= over max.bytes: 552 Message too big! (RFC 1870)"""
         s = session(settings=SessionSettings(me="mx.test", max_bytes=1000))
