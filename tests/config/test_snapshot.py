@@ -102,7 +102,7 @@ def test_dangling_link_is_config_error(tmp_path: Path) -> None:
     simply absent, or under a file where a directory should be, reads as missing."""
     link = tmp_path / "plugins"
     link.symlink_to(tmp_path / "gone")
-    with pytest.raises(ConfigError, match="a link to .*gone, which does not exist"):
+    with pytest.raises(ConfigError, match=r"a link to .*gone, which does not exist"):
         SnapshotReader().read(link)
     for path in (tmp_path / "absent", link / "below"):
         content, snapshot = read(path)
