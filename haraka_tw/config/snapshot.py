@@ -76,6 +76,13 @@ def _read(path: Path) -> tuple[FileSnapshot, bytes | None]:
         return _MISSING, None
     except NotADirectoryError:  # (a file where a directory on the way should be)
         return _MISSING, None
+    except PermissionError as error:
+        parent = path.parent
+        if not os.access(parent, os.X_OK):  # (the directory is at fault, not this name in it)
+            raise ConfigError(
+                str(parent), None, "cannot read the directory: permission denied"
+            ) from None
+        raise ConfigError(str(path), None, f"cannot read: {error.strerror or error}") from None
     except OSError as error:
         raise ConfigError(str(path), None, f"cannot read: {error.strerror or error}") from None
     signature = _signature(result)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -118,3 +119,24 @@ def test_unreadable_file_is_config_error(tmp_path: Path) -> None:
         reader.read(path)
     assert caught.value.path == str(path)
     assert check_snapshot(path, reader.snapshots[path]) is not None
+
+
+def test_a_directory_it_may_not_enter_is_named_not_the_file(tmp_path: Path) -> None:
+    """Permission denied because the directory may not be searched: the error names the
+    directory, not the first file name tried in it (smtp.json for smtp.ini, say). (As
+    root nothing is denied, so the refusal is made here.)"""
+
+    def denied(*args: object) -> int:
+        raise PermissionError(13, "Permission denied")
+
+    with (
+        mock.patch.object(snapshot_module.os, "open", denied),
+        mock.patch.object(snapshot_module.os, "access", lambda *a: False),
+        pytest.raises(ConfigError) as caught,
+    ):
+        SnapshotReader().read(tmp_path / "smtp.json")
+    assert caught.value.path == str(tmp_path)
+    assert "cannot read the directory" in str(caught.value)
+    with mock.patch.object(snapshot_module.os, "open", denied), pytest.raises(ConfigError) as c2:
+        SnapshotReader().read(tmp_path / "smtp.ini")  # (the directory is fine: the file)
+    assert c2.value.path == str(tmp_path / "smtp.ini")
