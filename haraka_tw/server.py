@@ -8,7 +8,6 @@ plugin list itself is read at start-up only.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -43,20 +42,20 @@ def _plugin_timeout(config: Any) -> float:
 
 
 def _check_spool_dir(path: str | None) -> None:
-    """connection.ini spool_dir: made if missing, and writable, or start-up stops here
-    rather than each large message failing later (a message that cannot be stored then,
-    a full disk say, gets 451).
+    """connection.ini spool_dir: a directory, or a path one can be made at (the first
+    spooled message makes it, as the user the server then runs as: twistd -u drops
+    privileges after this check). A path that can never be one stops start-up here,
+    rather than each large message getting 451 later.
 
-    @raise ValueError: naming the key and the directory.
+    @raise ValueError: naming the key and what is in the way.
     """
     if not path:
         return
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as e:
-        raise ValueError(f"connection.ini [main] spool_dir: {path}: {e.strerror or e}") from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise ValueError(f"connection.ini [main] spool_dir: {path}: not writable")
+    probe = Path(path).absolute()
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ValueError(f"connection.ini [main] spool_dir: {path}: {probe} is not a directory")
 
 
 def _where_listed(config: ConfigDirectory, name: str) -> str:

@@ -186,7 +186,8 @@ class HarakaService(MultiService):
             try:
                 endpoints = parse_listen(
                     str(smtp.get("listen", "127.0.0.1:2525")),
-                    backlog=ini_count(smtp, "listen_backlog", DEFAULT_BACKLOG, "smtp.ini", 1),
+                    backlog=ini_count(smtp, "listen_backlog", DEFAULT_BACKLOG, "smtp.ini")
+                    or DEFAULT_BACKLOG,  # (0 means the default)
                 )
             except ValueError as e:
                 raise StartupError(str(e)) from e
@@ -278,7 +279,7 @@ class HarakaService(MultiService):
         for index, spec in enumerate(self.endpoints):
             try:
                 endpoint = self._endpoint(index, spec)
-            except ValueError as e:  # (an endpoint string Twisted cannot parse)
+            except (ValueError, TypeError, OSError) as e:  # (a string Twisted cannot use)
                 message = str(e)
                 if not message.startswith("smtp.ini listen"):
                     message = f"smtp.ini listen: {spec}: {message}"

@@ -61,6 +61,11 @@ class MessageStream:
             self._file.write(piece)
         self._memory = None
 
+    def flush(self) -> None:
+        """Push what is buffered to the spool file (an OSError here is a full disk)."""
+        if self._file is not None:
+            self._file.flush()
+
     def body_chunks(self, size: int = CHUNK) -> Iterator[bytes]:
         """The body, in order."""
         if self._file is None:

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
-from haraka_tw.config.formats import ini_number
+from haraka_tw.config.formats import ini_count, ini_number
 
 if TYPE_CHECKING:
     from haraka_tw.outbound.client import ClientSession, Destination
@@ -53,10 +53,9 @@ class PoolSettings:
     def from_ini(cls, main: Mapping[str, Any]) -> PoolSettings:
         """From outbound.ini [main]; ValueError names a key whose value is not usable."""
         default = cls()
-        count = ini_number(main, "pool_concurrency_max", default.max_connections, zero_ok=True)
-        if count != int(count):
-            raise ValueError(f"[main] pool_concurrency_max: {count!r} is not a whole number")
-        return cls(int(count), ini_number(main, "pool_timeout", default.idle_timeout, zero_ok=True))
+        where = "outbound.ini [main]"
+        count = ini_count(main, "pool_concurrency_max", default.max_connections, where)
+        return cls(count, ini_number(main, "pool_timeout", default.idle_timeout, True, where))
 
 
 class Lease:

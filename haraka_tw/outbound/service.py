@@ -66,9 +66,9 @@ def read_limits(ini: dict[str, dict[str, Any]]) -> Limits:
                 ini_count(keys, "concurrency", default.concurrency, where),
                 ini_number(keys, "rate", default.rate_per_minute, zero_ok=True, where=where),
             )
-    return Limits(
-        ini_count(main, "concurrency_max", 100, "outbound.ini [main]", 1), default, domains
-    )
+    # (0 means the default, as Haraka reads it)
+    total = ini_count(main, "concurrency_max", 100, "outbound.ini [main]") or 100
+    return Limits(total, default, domains)
 
 
 def _hosts(value: Any) -> frozenset[str]:
@@ -145,8 +145,9 @@ class OutboundService:
             timeouts=replace(
                 Timeouts(),
                 connect=ini_number(
-                    main, "connect_timeout", 30, zero_ok=False, where="outbound.ini"
-                ),
+                    main, "connect_timeout", 30, zero_ok=True, where="outbound.ini [main]"
+                )
+                or 30,  # (0 means the default, as Haraka reads it)
             ),
         )
         self.pool.configure(pooling)

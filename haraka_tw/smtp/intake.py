@@ -108,6 +108,11 @@ class MessageIntake:
             txn.body = parser.body
             txn.mime_part_count = parser.mime_part_count
             too_many, errors = parser.too_many_parts, tuple(parser.errors)
+        if self._store_error is None and not self.discard:
+            try:  # (a spool file's buffer: a full disk may only show now)
+                txn.message_stream.flush()
+            except OSError as e:
+                self._store_error = e
         reader = self._reader
         if reader is None:
             lf, cr = (newlines.bare_lf, newlines.bare_cr) if newlines is not None else (0, 0)

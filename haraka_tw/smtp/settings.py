@@ -45,10 +45,9 @@ def _networks(hosts: Any) -> tuple[IPNetwork, ...]:
     return tuple(out)
 
 
-def _timeout(section: dict[str, Any], key: str, default: float | None) -> float | None:
-    """smtp.ini seconds of silence allowed; 0 (or none given, with no default) for none."""
-    seconds = ini_number(section, key, default or 0, zero_ok=True, where="smtp.ini")
-    return seconds or None
+def _timeout(section: dict[str, Any], key: str, default: float) -> float:
+    """smtp.ini seconds of silence allowed; 0 means the default, as in Haraka."""
+    return ini_number(section, key, default, zero_ok=True, where="smtp.ini") or default
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,8 +63,8 @@ class SessionSettings:
     max_connections: int = 5000
     header_max_lines: int = 1000
     header_max_received: int = 100
-    inactivity_timeout: float | None = 300.0  # None: no timeout
-    data_timeout: float | None = 300.0
+    inactivity_timeout: float = 300.0
+    data_timeout: float = 300.0
     proxy_hosts: tuple[IPNetwork, ...] = ()
     proxy_timeout: float = 30.0
     spool_dir: str | None = None
@@ -130,7 +129,9 @@ class SessionSettings:
             max_recipients=ini_count(mx, "recipients", 1000, "connection.ini [max]", 1),
             max_mime_parts=ini_count(mx, "mime_parts", 1000, "connection.ini [max]"),
             max_connections=ini_count(smtp_main, "max_connections", 5000, "smtp.ini"),
-            header_max_lines=ini_count(headers, "max_lines", 1000, "connection.ini [headers]", 1),
+            # (0 means the default, as Haraka reads it)
+            header_max_lines=ini_count(headers, "max_lines", 1000, "connection.ini [headers]")
+            or 1000,
             header_max_received=ini_count(
                 headers, "max_received", 100, "connection.ini [headers]", 1
             ),

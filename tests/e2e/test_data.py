@@ -359,8 +359,7 @@ class StorageFailureTests(unittest.TestCase):
         server, port = start_server(self, files)
         spool = server.base / "spool"  # type: ignore[attr-defined]
         maildir = server.base / "maildir"  # type: ignore[attr-defined]
-        spool.rmdir()  # (made at start-up)
-        spool.write_text("not a directory")
+        spool.write_text("not a directory")  # (once the server runs: it checked at start)
         message = b"Subject: spooled\r\n\r\nbody\r\n"
 
         def client() -> tuple[Any, Any]:

@@ -57,7 +57,7 @@ class MemoryTests(TwistdTestCase):
             pump(c.sock, b"X-Flood: " + b"a" * 60 + b"\r\n\tfolded continuation\r\n", 60 * MB)
             peak = self.grown_mb()
             c.send(b"\r\n.\r\n")
-            self.assertEqual(reply_code(c.reply()), 550)  # over max.bytes: too big
+            self.assertEqual(reply_code(c.reply()), 552)  # over max.bytes: too big
         self.assertLess(peak, 30, f"RSS grew {peak:.1f} MB")
 
     def test_endless_line_in_data_and_commands(self) -> None:
@@ -69,7 +69,7 @@ class MemoryTests(TwistdTestCase):
             c.command("DATA")
             pump(c.sock, b"b" * 65536, 60 * MB)
             c.send(b"\r\n.\r\n")
-            self.assertEqual(reply_code(c.reply()), 550)
+            self.assertEqual(reply_code(c.reply()), 552)
             peak = self.grown_mb()
             pump(c.sock, b"NOOP " + b"x" * 65536, 5 * MB)
             self.assertEqual(reply_code(c.reply()), 521)

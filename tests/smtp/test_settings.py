@@ -119,17 +119,18 @@ def test_numbers_out_of_range_are_named(
         settings(tmp_path, files)
 
 
-def test_zero_timeout_is_none(tmp_path: Path) -> None:
-    """inactivity_timeout=0 means no timeout (not a 421 at once); data_timeout follows it
-    unless set; max_connections=0 and bytes=0 mean no limit; spool_after=-1 never spools."""
+def test_zero_means_what_it_means_in_haraka(tmp_path: Path) -> None:
+    """inactivity_timeout=0 and [headers] max_lines=0 mean their defaults, as Haraka reads
+    them (never "no timeout"); data_timeout=0 follows inactivity_timeout; max_connections=0
+    and bytes=0 mean no limit; spool_after=-1 never spools."""
     s = settings(
         tmp_path,
         {
             "smtp.ini": "inactivity_timeout=0\nmax_connections=0\n",
-            "connection.ini": "[max]\nbytes=0\n[main]\nspool_after=-1\n",
+            "connection.ini": "[max]\nbytes=0\n[main]\nspool_after=-1\n[headers]\nmax_lines=0\n",
         },
     )
-    assert (s.inactivity_timeout, s.data_timeout) == (None, None)
+    assert (s.inactivity_timeout, s.data_timeout, s.header_max_lines) == (300, 300, 1000)
     assert (s.max_connections, s.max_bytes, s.spool_after) == (0, 0, -1)
-    s = settings(tmp_path, {"smtp.ini": "inactivity_timeout=0\ndata_timeout=60\n"})
-    assert (s.inactivity_timeout, s.data_timeout) == (None, 60)
+    s = settings(tmp_path, {"smtp.ini": "inactivity_timeout=60\ndata_timeout=0\n"})
+    assert (s.inactivity_timeout, s.data_timeout) == (60, 60)
