@@ -19,10 +19,8 @@ binding, runs C{init_child}, and delivers its partition of the outbound queue.
 
 from __future__ import annotations
 
-import os
 import re
 import signal
-import stat
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -91,13 +89,17 @@ def _refuse_haproxy_endpoint(entry: str) -> None:
         )
 
 
-def _stderr_discarded() -> bool:
-    """Whether descriptor 2 is /dev/null (as in a process twistd made a daemon)."""
-    try:
-        err, null = os.fstat(2), os.stat(os.devnull)
-    except OSError:
-        return True
-    return stat.S_ISCHR(err.st_mode) and err.st_rdev == null.st_rdev
+def _one_line_startup_errors(previous: Any) -> Any:
+    """An excepthook that shows a L{StartupError} ending the process as one line on stderr
+    (exit status 1 all the same), and hands anything else to C{previous}."""
+
+    def hook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+        if isinstance(value, StartupError):
+            sys.stderr.write(f"haraka_tw: {value}\n")
+        else:
+            previous(kind, value, tb)
+
+    return hook
 
 
 # Twisted's default is 50: a burst of 100 clients then waits on SYN retransmits (seconds).
@@ -253,23 +255,20 @@ class HarakaService(MultiService):
 
         A listener that cannot be bound (the address not on this machine, the port in use)
         is a L{StartupError}, the ones bound before it closed again. Under twistd (we own
-        the process) it is logged at CRIT first; in the foreground it is then one line on
-        stderr and exit status 1, not twistd's traceback. A daemon raises it on: twistd
-        reports only exceptions to the parent waiting for the daemon to start (it would
-        wait for ever after a SystemExit), which prints its start and the log's name."""
+        the process) it is logged at CRIT, and the exception goes on to twistd, which tells
+        a daemon's launcher (it waits on a pipe only an exception closes: a SystemExit
+        would leave it waiting) and removes the pid file; the process then ends with it,
+        shown as one line (L{_one_line_startup_errors}), not a traceback."""
         try:
             self._bind()
         except StartupError as e:
             for port in self.ports:
                 port.stopListening()
             self.ports = []
-            if not self.owns_process:
-                raise
-            self.server.log.log(Level.CRIT, str(e))
-            if _stderr_discarded():  # (twistd's daemon: 0, 1 and 2 are /dev/null)
-                raise
-            sys.stderr.write(f"haraka_tw: {e}\n")
-            raise SystemExit(1) from None
+            if self.owns_process:
+                self.server.log.log(Level.CRIT, str(e))
+                sys.excepthook = _one_line_startup_errors(sys.excepthook)
+            raise
         super().privilegedStartService()
 
     def _bind(self) -> None:

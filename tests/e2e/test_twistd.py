@@ -284,7 +284,8 @@ class StartupErrorTests(TwistdTestCase):
     def test_a_port_in_use_is_one_line_in_the_foreground_and_no_hang_as_a_daemon(self) -> None:
         """The listen port taken: in the foreground twistd exits 1 with one line naming the
         listener (no traceback); as a daemon the launcher exits 1 at once (twistd waits for
-        the daemon's report, which must come), and the log file has the CRIT line."""
+        the daemon's report, which must come), and the log file has the CRIT line; no pid
+        file is left behind either way."""
         self.configure()
         with socket.socket() as taken:
             taken.bind(("127.0.0.1", self.port))
@@ -305,6 +306,10 @@ class StartupErrorTests(TwistdTestCase):
             self.assertIn("cannot listen on", self.output())
             self.assertIn("[CRIT]", logfile.read_text())
             self.assertIn("Address already in use", logfile.read_text())
+            self.assertFalse((self.base / "d.pid").exists(), "the daemon left its pid file")
+            pidfile = self.base / "f.pid"  # (twistd removes it: the error is an exception)
+            self.assertEqual(self.spawn(["-n", "--pidfile", str(pidfile)]).wait(20), 1)
+            self.assertFalse(pidfile.exists(), "the foreground run left its pid file")
 
 
 class ReloadTests(TwistdTestCase):
