@@ -309,8 +309,12 @@ class OutboundService:
         envid: str | None,
     ) -> Deferred[list[QueueEntry]]:
         groups: dict[str, list[QueueRecipient]] = {}
+        mail_from = self._qualified(mail_from) if mail_from else ""
         for rcpt in recipients:
-            domain = rcpt.address.rpartition("@")[2].lower()
+            address = self._qualified(rcpt.address)
+            if address != rcpt.address:
+                rcpt = QueueRecipient(address, rcpt.original, rcpt.params)
+            domain = address.rpartition("@")[2].lower()
             key = f"{domain}\0{rcpt.address}" if self.always_split else domain
             groups.setdefault(key, []).append(rcpt)
         now = time.time()
@@ -340,6 +344,13 @@ class OutboundService:
             )
 
         return d.addCallbacks(added, unwrap)
+
+    def _qualified(self, address: str) -> str:
+        """An address without a domain (a relayed RCPT TO:<postmaster>, a plugin's
+        send_email("root", ...)) is this host's, as Postfix qualifies it: C{name@me}. No
+        queue file holds a recipient nothing could be sent to."""
+        _, at, domain = address.rpartition("@")
+        return address if at and domain else f"{address.rstrip('@')}@{self.me}"
 
     def _schedule(self, entry: QueueEntry) -> None:
         if self.owner:

@@ -27,6 +27,7 @@ dest     300 IN MX 10 mx.dest
 mx.dest  300 IN A 127.0.0.1
 client   300 IN MX 10 mx.client
 mx.client 300 IN A 127.0.0.1
+mx       300 IN A 127.0.0.1
 """
 
 
@@ -132,3 +133,17 @@ class RelayTests(TestCase):
         self.assertIn("Final-Recipient: rfc822; nobody@dest.test", status)
         self.assertIn("Status: 5.1.1", status)
         self.assertIn("Action: failed", status)
+
+    @inlineCallbacks
+    def test_a_recipient_without_a_domain_is_this_hosts(self) -> Deferred[None]:
+        """A relayed RCPT TO:<postmaster> (no domain) is queued as postmaster@<me> and
+        delivered there, not written as a queue file nothing could be sent for."""
+        peer = Peer(PeerScript())
+        port = self.relay_server(peer)
+        refused = yield self.send(port, ["postmaster"])
+        self.assertEqual(refused, {})
+        yield self.wait_for(lambda: len(peer.messages) == 1)
+        self.assertEqual(peer.messages[0].rcpt_to, ["postmaster@mx.test"])
+        queue = self.server.base / "queue"  # type: ignore[attr-defined]
+        yield self.wait_for(lambda: not list(queue.glob("1*")))
+        self.assertEqual(list(queue.glob("error.*")), [])
