@@ -15,11 +15,12 @@ __all__ = ["Header", "HeaderCollector"]
 # RFC 5322 ftext (printable ASCII but ":"), then ":"; spaces or tabs before the colon are
 # the obsolete syntax (4.5) that readers still accept, so they must not hide a field from
 # the checks (an "Authentication-Results :" left in place, a "Received :" not counted).
-_FIELD_NAME = re.compile(rb"[!-9;-~]+[ \t]*:")
+_NAME_AND_COLON = rb"[!-9;-~]+[ \t]*:"
+_FIELD_NAME = re.compile(_NAME_AND_COLON)
 _BAD_NAME = re.compile(r"[:\r\n ]")
 _UNFOLDED_LINE = re.compile(r"\n(?![ \t])")  # a newline whose next line would start a field
 # Complete header lines: a field (a name as _FIELD_NAME, then anything) or a continuation.
-_FIELD_LINES = re.compile(rb"(?:[!-9;-~]+[ \t]*:[^\n]*\n|[ \t][^\n]*\n)*")
+_FIELD_LINES = re.compile(rb"(?:" + _NAME_AND_COLON + rb"[^\n]*\n|[ \t][^\n]*\n)*")
 
 
 class Header:

@@ -114,27 +114,26 @@ class MessageIntake:
             except OSError as e:
                 self._store_error = e
         reader = self._reader
-        if reader is None:
-            lf, cr = (newlines.bare_lf, newlines.bare_cr) if newlines is not None else (0, 0)
+        if reader is None:  # (BDAT)
             return MessageEnd(
-                self._chunked,
-                self._chunk_exceeded,
-                False,
-                lf,
-                cr,
-                too_many,
-                errors,
-                self._store_error,
+                size=self._chunked,
+                exceeded=self._chunk_exceeded,
+                long_lines=False,
+                bare_lf=newlines.bare_lf if newlines is not None else 0,
+                bare_cr=newlines.bare_cr if newlines is not None else 0,
+                too_many_parts=too_many,
+                plugin_errors=errors,
+                store_error=self._store_error,
             )
         return MessageEnd(
-            reader.size,
-            reader.exceeded,
-            reader.long_lines,
-            reader.bare_lf,
-            reader.bare_cr,
-            too_many,
-            errors,
-            self._store_error,
+            size=reader.size,
+            exceeded=reader.exceeded,
+            long_lines=reader.long_lines,
+            bare_lf=reader.bare_lf,
+            bare_cr=reader.bare_cr,
+            too_many_parts=too_many,
+            plugin_errors=errors,
+            store_error=self._store_error,
         )
 
     def close(self) -> None:
