@@ -61,13 +61,12 @@ def read_limits(ini: dict[str, dict[str, Any]]) -> Limits:
     domains = {}
     for section, keys in ini.items():
         if section.startswith("domain."):
-            where = f"outbound.ini [{section}]"
+            named = f"outbound.ini [{section}]"
             domains[section[len("domain.") :].lower()] = DomainLimits(
-                ini_count(keys, "concurrency", default.concurrency, where),
-                ini_number(keys, "rate", default.rate_per_minute, zero_ok=True, where=where),
+                ini_count(keys, "concurrency", default.concurrency, named),
+                ini_number(keys, "rate", default.rate_per_minute, zero_ok=True, where=named),
             )
-    # (0 means the default, as Haraka reads it)
-    total = ini_count(main, "concurrency_max", 100, "outbound.ini [main]") or 100
+    total = ini_count(main, "concurrency_max", 100, where) or 100  # (0: the default, as Haraka)
     return Limits(total, default, domains)
 
 

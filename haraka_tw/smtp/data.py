@@ -31,6 +31,12 @@ def _sink_nothing(data: bytes) -> None:
     """The sink of a finished reader."""
 
 
+def _bare_newlines(raw: bytes) -> tuple[int, int]:
+    """How many bare CRs and bare LFs C{raw} holds (a piece that never splits a CRLF)."""
+    crlf = raw.count(b"\r\n")
+    return raw.count(b"\r") - crlf, raw.count(b"\n") - crlf
+
+
 def _normalise(out: bytes, bare_cr: int, bare_lf: int) -> bytes:
     """Turn every bare CR and bare LF into CRLF (plain ``replace`` when only one kind occurs)."""
     if not bare_cr:
@@ -68,9 +74,7 @@ class ChunkNewlines:
         self._held_cr = data.endswith(b"\r")
         if self._held_cr:
             data = data[:-1]
-        crlf = data.count(b"\r\n")
-        bare_cr = data.count(b"\r") - crlf
-        bare_lf = data.count(b"\n") - crlf
+        bare_cr, bare_lf = _bare_newlines(data)
         if bare_cr or bare_lf:
             self.bare_cr += bare_cr
             self.bare_lf += bare_lf
@@ -178,9 +182,7 @@ class DataReader:
         if not raw:
             return
         self.size += len(raw)
-        crlf = raw.count(b"\r\n")
-        bare_cr = raw.count(b"\r") - crlf
-        bare_lf = raw.count(b"\n") - crlf
+        bare_cr, bare_lf = _bare_newlines(raw)
         self.bare_cr += bare_cr
         self.bare_lf += bare_lf
 
