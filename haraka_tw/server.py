@@ -147,6 +147,7 @@ class HarakaServer:
         config.on_change("log.ini", self._log_changed)
         config.on_change("loglevel", self._log_changed)
         config.on_change("plugin_timeout", self._timeout_changed)
+        config.on_change("plugins", self._plugins_changed)
 
     @classmethod
     def from_directory(
@@ -178,6 +179,14 @@ class HarakaServer:
             return
         self.factory.settings = self.settings
         self.log.log(Level.NOTICE, "session settings reloaded")
+
+    def _plugins_changed(self) -> None:
+        """The plugins file is read once, at start (as Haraka does): say so when it changes."""
+        self.log.log(
+            Level.WARN,
+            f"{self.config.path('plugins')} changed: the plugins loaded at start stay in"
+            " use until a restart",
+        )
 
     def _configure_log(self) -> None:
         """log.ini, then the loglevel file (Haraka's older way), which wins when present.

@@ -215,7 +215,10 @@ class HarakaService(MultiService):
                     self._implicit_tls[index] = found
             if self._implicit_tls:
                 self._tls = server_tls(
-                    server.config, server.notes, lambda m: server.log.log(Level.NOTICE, m)
+                    server.config,
+                    server.notes,
+                    notice=lambda m: server.log.log(Level.NOTICE, m),
+                    error=lambda m: server.log.log(Level.ERROR, m),
                 )
         except (TLSConfigError, ValueError) as e:
             raise StartupError(f"implicit TLS: {e}") from e

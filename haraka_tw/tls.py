@@ -575,12 +575,15 @@ class TLSConnectionCreator:
 def server_tls(
     config: ConfigDirectory,
     server_notes: dict[str, Any],
-    log: Callable[[str], None] | None = None,
+    *,
+    notice: Callable[[str], None] | None = None,
+    error: Callable[[str], None] | None = None,
 ) -> ServerTLS:
     """The server's one L{ServerTLS}, loaded on first use and kept in C{server_notes}.
 
     It reloads when tls.ini or a key/cert file named relative to the config directory
-    changes (a broken change is logged and the last good certificates stay).
+    changes: a reload goes to C{notice}, a broken change to C{error} (and the last good
+    certificates stay).
 
     @raise TLSConfigError: see L{load_tls}.
     """
@@ -589,16 +592,17 @@ def server_tls(
         return existing
     tls = ServerTLS.from_config(config)
     server_notes[NOTES_KEY] = tls
-    say = log or (lambda message: None)
     watched: set[str] = set()
 
     def changed() -> None:
         try:
             tls.reload(config)
         except TLSConfigError as e:
-            say(f"tls: {e}; keeping the last good certificates")
+            if error is not None:
+                error(f"tls: {e}; keeping the last good certificates")
             return
-        say(f"tls: reloaded ({len(tls.loaded.certificates)} certificates)")
+        if notice is not None:
+            notice(f"tls: reloaded ({len(tls.loaded.certificates)} certificates)")
         watch(tls.loaded.files)
 
     def watch(names: Iterable[str]) -> None:

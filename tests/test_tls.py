@@ -402,12 +402,13 @@ def test_creator_for_port(tmp_path: Path) -> None:
 
 
 def test_server_tls_is_shared_and_reloads(tmp_path: Path) -> None:
-    """server_tls keeps one ServerTLS in the server notes; a tls.ini change reloads it, a
-    broken one is logged and the last good certificates stay."""
+    """server_tls keeps one ServerTLS in the server notes; a tls.ini change reloads it (a
+    notice), a broken one is an error and the last good certificates stay."""
     cfg = config_dir(tmp_path, {"tls.ini": mx_ini()})
     notes: dict[str, Any] = {}
     said: list[str] = []
-    tls = server_tls(cfg, notes, said.append)
+    errors: list[str] = []
+    tls = server_tls(cfg, notes, notice=said.append, error=errors.append)
     assert server_tls(cfg, notes) is tls
     creator = tls.connection_creator()
     p = pki()
@@ -415,10 +416,12 @@ def test_server_tls_is_shared_and_reloads(tmp_path: Path) -> None:
     cfg.reload()
     assert tls.loaded.default.names == {"other.test", "*.wild.test"}
     assert creator is tls.connection_creator()
+    assert said == ["tls: reloaded (1 certificates)"] and errors == []
     (tmp_path / "config" / "tls.ini").write_text("key=gone.pem\ncert=gone.pem\n")
     cfg.reload()
     assert tls.loaded.default.names == {"other.test", "*.wild.test"}
-    assert "gone.pem does not exist" in said[-1]
+    assert len(said) == 1 and len(errors) == 1
+    assert "gone.pem does not exist" in errors[0]
 
 
 # -- implicit TLS listeners ---------------------------------------------------------------

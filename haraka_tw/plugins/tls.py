@@ -28,6 +28,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import NameOID
+from twisted.internet.defer import CancelledError
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -96,7 +97,10 @@ class Plugin:
         self.log = context.log
         # Loads tls.ini and every file it names; raises (naming the file) when it cannot.
         self.tls: ServerTLS = server_tls(
-            context.config, context.server_notes, lambda message: context.log.notice(message)
+            context.config,
+            context.server_notes,
+            notice=context.log.notice,
+            error=context.log.error,
         )
         for reason in self.tls.loaded.skipped:
             self.log.warn(reason)
@@ -154,8 +158,9 @@ class Plugin:
 
     def _failed(self, failure: Failure, connection: Connection) -> Code:
         """The handshake did not finish: the client left, failed it, or timed out."""
-        connection.results.add(self.name, fail=f"handshake: {failure.getErrorMessage()}")
-        self.log.info(f"TLS handshake failed: {failure.getErrorMessage()}", connection)
+        reason = _handshake_failure(failure)
+        connection.results.add(self.name, fail=f"handshake: {reason}")
+        self.log.info(f"TLS handshake failed: {reason}", connection)
         if not connection.remote.closed:
             connection.disconnect()
         return OK
@@ -190,3 +195,10 @@ class Plugin:
                 f" expires={peer['valid_to']}"
             )
         self.log.info(line, connection)
+
+
+def _handshake_failure(failure: Failure) -> str:
+    """Why a handshake did not finish, in words (a cancelled one ran out of time)."""
+    if failure.check(CancelledError):
+        return "not finished within the plugin's timeout"
+    return failure.getErrorMessage() or failure.type.__name__

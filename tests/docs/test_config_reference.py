@@ -21,7 +21,7 @@ from haraka_tw.outbound.service import OutboundService
 from haraka_tw.paths import default_config_dir
 from haraka_tw.server import HarakaServer
 from haraka_tw.smtp.settings import CONNECTION_INI_BOOLEANS, SMTP_INI_BOOLEANS, SessionSettings
-from tests.support import temp_dir, write_config
+from tests.support import ListLog, temp_dir, write_config
 
 CONFIG_MD = Path(__file__).resolve().parents[2] / "docs" / "config.md"
 
@@ -137,6 +137,20 @@ class BehaviourTests(SynchronousTestCase):
         (config / "loglevel").unlink()
         server.config.reload()
         self.assertEqual(server.log.level, Level.DEBUG)
+
+    def test_plugins_change_asks_for_a_restart(self) -> None:
+        """A changed plugins file is not applied to a running server, and the log says a
+        restart is needed (config.md)."""
+        config = write_config(temp_dir(self) / "config", {"plugins": "queue/discard\n"})
+        log = ListLog()
+        server = HarakaServer(ConfigDirectory([default_config_dir(), config]), reactor, log)
+        (config / "plugins").write_text("queue/discard\nrcpt_to.in_host_list\n")
+        self.assertEqual(server.config.reload(), ["plugins"])
+        self.assertEqual(
+            log.messages(Level.WARN),
+            [f"{config / 'plugins'} changed: the plugins loaded at start stay in use until a restart"],
+        )
+        self.assertEqual([p.name for p in server.runner.plugins], ["queue/discard"])
 
 
 class _Recorded(dict[str, Any]):

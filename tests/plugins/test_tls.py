@@ -179,7 +179,7 @@ class StartTLSTests(SynchronousTestCase):
         s.proto.connectionLost(Failure(ConnectionLost("gone")))
         fail = s.connection.results.get("tls")["fail"]
         self.assertEqual(len(fail), 1)
-        self.assertIn("handshake", fail[0])
+        self.assertRegex(fail[0], r"^handshake: \S")  # (a reason, not an empty one)
         self.assertFalse(any("internal error" in m for m in s.log.messages()))
 
     def test_handshake_timeout_disconnects(self) -> None:
@@ -190,7 +190,10 @@ class StartTLSTests(SynchronousTestCase):
         self.assertFalse(s.closed)
         s.clock.advance(31)  # plugin_timeout is 30 s
         self.assertTrue(s.closed)
-        self.assertIn("handshake", s.connection.results.get("tls")["fail"][0])
+        self.assertEqual(
+            s.connection.results.get("tls")["fail"],
+            ["handshake: not finished within the plugin's timeout"],
+        )
 
     def test_implicit_tls_recorded_at_ehlo(self) -> None:
         """A session that began in TLS (an implicit TLS port) is recorded at its first
