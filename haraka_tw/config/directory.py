@@ -36,6 +36,9 @@ def _log_to_twisted(message: str) -> None:
     _logger.warn("{message}", message=message)
 
 
+_UNSEEN = object()
+
+
 @dataclass
 class _Entry:
     found: bool
@@ -49,8 +52,9 @@ class ConfigDirectory:
     Typically ``[shipped_defaults, operator_config]``. A directory that does not exist is
     simply empty. Names are relative paths and may have subdirectories
     (``"tls/example.com.pem"``). Results are copies: changing one does not change the
-    cache. ``log`` receives reload errors (``path:line: message``) and notices; it
-    defaults to the Twisted logger.
+    cache. ``log`` receives reload errors (``path:line: message``), notices, and warnings
+    about files that parse but are suspect (a key set twice in an ini section, bytes that
+    are not UTF-8), once per version of the file; it defaults to the Twisted logger.
     """
 
     def __init__(
@@ -64,6 +68,7 @@ class ConfigDirectory:
         self._entries: dict[Request, _Entry] = {}
         self._callbacks: dict[str, list[Callable[[], None]]] = {}
         self._bundles = BundleReader()
+        self._warned: dict[str, FileSnapshot | None] = {}
         self._watcher: ConfigWatcher | None = None
 
     # -- readers -----------------------------------------------------------------------
@@ -196,6 +201,12 @@ class ConfigDirectory:
 
     def _load(self, request: Request, reader: SnapshotReader) -> _Entry:
         found, value = read_layered(self.directories, request, reader, self._bundles)
+        for path, warning in reader.warnings:
+            # (once per version of the file, however many readers parse it)
+            snapshot = reader.snapshots.get(path)
+            if self._warned.get(warning, _UNSEEN) != snapshot:
+                self._warned[warning] = snapshot
+                self._log(warning)
         return _Entry(found, value, reader.snapshots)
 
     def _pending(self) -> Hashable | None:

@@ -21,6 +21,7 @@ from haraka_tw.config.errors import ConfigError
 
 __all__ = [
     "decode",
+    "first_non_utf8_line",
     "ini_count",
     "ini_number",
     "is_comment_or_blank",
@@ -43,6 +44,15 @@ _DECIMAL = re.compile(r"-?[0-9]+\.[0-9]+")
 def decode(content: bytes) -> str:
     """Decode a config file as Node does: UTF-8, bad bytes replaced, a leading BOM dropped."""
     return content.decode("utf-8-sig", errors="replace")
+
+
+def first_non_utf8_line(content: bytes) -> int | None:
+    """The number of the first line holding bytes that are not UTF-8, or None."""
+    try:
+        content.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        return len(split_lines(content[: e.start].decode("latin-1")))
+    return None
 
 
 def split_lines(text: str) -> list[str]:

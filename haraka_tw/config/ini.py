@@ -23,7 +23,7 @@ A declared boolean (see :class:`BooleanRules`) is ``True`` when its value is one
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -100,16 +100,23 @@ class BooleanRules:
         return data
 
 
-def parse_ini(text: str, path: str, booleans: BooleanRules | None = None) -> IniData:
+def parse_ini(
+    text: str,
+    path: str,
+    booleans: BooleanRules | None = None,
+    warn: Callable[[str], None] | None = None,
+) -> IniData:
     """Parse Haraka INI text into ``{section: {key: value}}``; ``main`` is always present.
 
     Declared booleans are converted where they appear but not defaulted here: defaults go
     in after layers are merged (:meth:`BooleanRules.apply`), so an operator file that
-    omits a key does not reset the value a lower layer set.
+    omits a key does not reset the value a lower layer set. A key given twice in a
+    section keeps the later value, as in Haraka, and is told to ``warn`` (``path:line:``).
     """
     rules = booleans or BooleanRules()
     data: IniData = {"main": {}}
     section_name, section = "main", data["main"]
+    first_seen: dict[tuple[str, str], int] = {}
     pending, pending_start = "", 0
     for number, line in enumerate(split_lines(text), 1):
         if is_comment_or_blank(line):
@@ -123,11 +130,32 @@ def parse_ini(text: str, path: str, booleans: BooleanRules | None = None) -> Ini
             pending_start = pending_start or number
             pending += _CONTINUATION.sub("", line)
             continue
-        _store(section, section_name, pending + line, path, pending_start or number, rules)
+        key = _store(section, section_name, pending + line, path, pending_start or number, rules)
+        _note_repeat(first_seen, section_name, key, pending_start or number, path, warn)
         pending, pending_start = "", 0
     if pending_start:
-        _store(section, section_name, pending, path, pending_start, rules)
+        key = _store(section, section_name, pending, path, pending_start, rules)
+        _note_repeat(first_seen, section_name, key, pending_start, path, warn)
     return data
+
+
+def _note_repeat(
+    first_seen: dict[tuple[str, str], int],
+    section: str,
+    key: str | None,
+    number: int,
+    path: str,
+    warn: Callable[[str], None] | None,
+) -> None:
+    """Remember where ``key`` was first set in ``section``; tell ``warn`` of a repeat."""
+    if key is None:
+        return
+    first = first_seen.setdefault((section, key), number)
+    if first != number and warn is not None:
+        warn(
+            f"{path}:{number}: [{section}] {key} is set again (first on line {first});"
+            " the later value is used"
+        )
 
 
 def _store(
@@ -137,7 +165,8 @@ def _store(
     path: str,
     number: int,
     rules: BooleanRules,
-) -> None:
+) -> str | None:
+    """Store one ``key=value`` line; the key, or None for a ``key[]=`` list item."""
     param = _PARAM.fullmatch(line)
     if param is None:
         raise ConfigError(path, number, _complaint(line))
@@ -148,10 +177,12 @@ def _store(
         if not isinstance(items, list):
             items = section[key] = []
         items.append(True if raw is None else to_number(raw))
-    elif rules.declares(section_name, key):
+        return None
+    if rules.declares(section_name, key):
         section[key] = raw is None or is_truthy(raw)
     else:
         section[key] = True if raw is None else to_number(raw)
+    return key
 
 
 def _complaint(line: str) -> str:

@@ -10,7 +10,7 @@ highest directory that has it.
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ from haraka_tw.config.bundle import BundleReader
 from haraka_tw.config.errors import ConfigError
 from haraka_tw.config.formats import (
     decode,
+    first_non_utf8_line,
     parse_data,
     parse_json,
     parse_list,
@@ -104,7 +105,7 @@ def _read_layer(
     for path, kind in _candidates(directory, request):
         content = reader.read(path)
         if content is not None:
-            return True, _parse(kind, content, path, rules)
+            return True, _parse(kind, content, path, rules, reader)
     return False, None
 
 
@@ -115,13 +116,28 @@ def _candidates(directory: Path, request: Request) -> list[tuple[Path, Kind]]:
     return [(path, request.kind)]
 
 
-def _parse(kind: Kind, content: bytes, path: Path, rules: BooleanRules | None) -> Any:
+def _parse(
+    kind: Kind, content: bytes, path: Path, rules: BooleanRules | None, reader: SnapshotReader
+) -> Any:
     if kind is Kind.BINARY:
         return content
-    return _parse_text(kind, decode(content), str(path), rules)
+
+    def warn(message: str) -> None:
+        reader.warnings.append((path, message))
+
+    bad_line = first_non_utf8_line(content)
+    if bad_line is not None:
+        warn(f"{path}:{bad_line}: not valid UTF-8; the invalid bytes are read as U+FFFD")
+    return _parse_text(kind, decode(content), str(path), rules, warn)
 
 
-def _parse_text(kind: Kind, text: str, where: str, rules: BooleanRules | None) -> Any:
+def _parse_text(
+    kind: Kind,
+    text: str,
+    where: str,
+    rules: BooleanRules | None,
+    warn: Callable[[str], None] | None = None,
+) -> Any:
     if kind is Kind.VALUE:
         return parse_value(text)
     if kind is Kind.LIST:
@@ -129,7 +145,7 @@ def _parse_text(kind: Kind, text: str, where: str, rules: BooleanRules | None) -
     if kind is Kind.DATA:
         return parse_data(text)
     if kind is Kind.INI:
-        return parse_ini(text, where, rules)
+        return parse_ini(text, where, rules, warn)
     if kind is Kind.JSON:
         return parse_json(text, where)
     return parse_yaml(text, where)

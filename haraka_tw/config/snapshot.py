@@ -109,10 +109,12 @@ def check_snapshot(path: Path, snapshot: FileSnapshot) -> FileSnapshot | None:
 
 
 class SnapshotReader:
-    """Reads files for one load and keeps a snapshot of every path it looked at."""
+    """Reads files for one load and keeps a snapshot of every path it looked at, and the
+    warnings its parsers had about them (``path:line: message``, for the caller to log)."""
 
     def __init__(self) -> None:
         self.snapshots: dict[Path, FileSnapshot] = {}
+        self.warnings: list[tuple[Path, str]] = []
 
     def read(self, path: Path) -> bytes | None:
         """The file's bytes, or None if it does not exist; raises :class:`ConfigError`."""

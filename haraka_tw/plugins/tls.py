@@ -201,4 +201,4 @@ def _handshake_failure(failure: Failure) -> str:
     """Why a handshake did not finish, in words (a cancelled one ran out of time)."""
     if failure.check(CancelledError):
         return "not finished within the plugin's timeout"
-    return failure.getErrorMessage() or failure.type.__name__
+    return failure.getErrorMessage() or type(failure.value).__name__

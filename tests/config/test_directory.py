@@ -413,3 +413,41 @@ def test_haraka_config_dir_loads(layers: Layers) -> None:
     assert config.get_value("me") == "mx.example.com"
     assert config.get_list("host_list") == ["example.com"]
     assert config.get_value("plugin_timeout") == 60
+
+
+def test_key_set_twice_warns_once_per_version(layers: Layers) -> None:
+    """A key given twice in one ini section keeps the later value (as in Haraka) and is
+    logged with both lines, once however many readers parse the file, and again when
+    the file changes and still has it. list[] keys and the same key in two sections are
+    not repeats."""
+    path = layers.write(
+        layers.operator,
+        "smtp.ini",
+        "listen=a\nport[]=1\nport[]=2\n[other]\nlisten=b\n[main]\nlisten=c\n",
+    )
+    config = layers.config()
+    assert config.get_ini("smtp.ini")["main"]["listen"] == "c"
+    config.get_ini("smtp.ini", booleans=["+main.x"])  # another reader, the same file
+    repeat = f"{path}:7: [main] listen is set again (first on line 1); the later value is used"
+    assert layers.logged == [repeat]
+    path.write_text("listen=a\n\n\nlisten=d\n", encoding="utf-8")
+    config.reload()
+    assert config.get_ini("smtp.ini")["main"]["listen"] == "d"
+    assert layers.logged[1:] == [
+        f"{path}:4: [main] listen is set again (first on line 1); the later value is used",
+        "config: reloaded smtp.ini",
+    ]
+
+
+def test_bytes_that_are_not_utf8_warn_with_their_line(layers: Layers) -> None:
+    """A file that is not UTF-8 is still read (bad bytes as U+FFFD, as Node does), and the
+    log names the file and the first line holding such bytes."""
+    path = layers.write(
+        layers.operator, "host_list", b"a.test\r\nb.test\r\n# M\xfcller\r\nc.test\r\n"
+    )
+    config = layers.config()
+    assert config.get_list("host_list") == ["a.test", "b.test", "c.test"]
+    assert layers.logged == [f"{path}:3: not valid UTF-8; the invalid bytes are read as U+FFFD"]
+    layers.write(layers.operator, "me", "mx.test\n")
+    assert config.get_value("me") == "mx.test"
+    assert len(layers.logged) == 1  # (a UTF-8 file: no warning)

@@ -146,10 +146,8 @@ class BehaviourTests(SynchronousTestCase):
         server = HarakaServer(ConfigDirectory([default_config_dir(), config]), reactor, log)
         (config / "plugins").write_text("queue/discard\nrcpt_to.in_host_list\n")
         self.assertEqual(server.config.reload(), ["plugins"])
-        self.assertEqual(
-            log.messages(Level.WARN),
-            [f"{config / 'plugins'} changed: the plugins loaded at start stay in use until a restart"],
-        )
+        warning = "changed: the plugins loaded at start stay in use until a restart"
+        self.assertEqual(log.messages(Level.WARN), [f"{config / 'plugins'} {warning}"])
         self.assertEqual([p.name for p in server.runner.plugins], ["queue/discard"])
 
 
