@@ -162,7 +162,8 @@ class HarakaServer:
         if directory is not None:
             path = Path(directory)
             if not path.is_dir():
-                raise StartupError(f"config directory {path} does not exist")
+                problem = "is not a directory" if path.exists() else "does not exist"
+                raise StartupError(f"config directory {path} {problem}")
             dirs.append(path)
         dirs.extend(extra)
         try:

@@ -19,6 +19,9 @@ binding, runs C{init_child}, and delivers its partition of the outbound queue.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import os
 import re
 import signal
 import sys
@@ -30,12 +33,14 @@ from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import ReactorNotRunning
 from twisted.internet.interfaces import (
     IListeningPort,
     IProtocolFactory,
     IReactorTime,
     IStreamServerEndpoint,
 )
+from twisted.python.failure import Failure
 
 from haraka_tw.codes import Code, HookResult
 from haraka_tw.config.formats import ini_count, ini_number
@@ -87,6 +92,22 @@ def _refuse_haproxy_endpoint(entry: str) -> None:
             f"smtp.ini listen: {entry!r}: the haproxy: endpoint takes a PROXY header from "
             "any client; listen plainly and list the proxy in connection.ini [haproxy] hosts"
         )
+
+
+def _exit_with(status: int) -> None:
+    """At interpreter exit, after twistd has finished (pid file removed, log written)."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(status)
+
+
+def _listen_failure(failure: Failure) -> str:
+    """Why a listener could not be bound, briefly (C{Address already in use})."""
+    cause = getattr(failure.value, "socketError", None)
+    if isinstance(cause, OSError) and cause.strerror:
+        return cause.strerror
+    return failure.getErrorMessage()
 
 
 def _one_line_startup_errors(previous: Any) -> Any:
@@ -234,6 +255,7 @@ class HarakaService(MultiService):
         self.owns_process = owns_process  # twistd: an init_master refusal stops the reactor
         self.ports: list[IListeningPort] = []
         self.refused = False  # init_master / init_child said no
+        self._failing = False  # stopped for good: the process exits 1
         self._old_sighup: Any = None
 
     @classmethod
@@ -290,7 +312,8 @@ class HarakaService(MultiService):
             failures: list[Any] = []
             d.addCallbacks(self.ports.append, failures.append)
             if failures:
-                raise StartupError(f"cannot listen on {spec}: {failures[0].getErrorMessage()}")
+                # (the reason first: a daemon's launcher shows only the first 100 bytes)
+                raise StartupError(f"{_listen_failure(failures[0])}: cannot listen on {spec}")
             tls = " (implicit TLS)" if index in self._implicit_tls else ""
             if self.worker is None:
                 self.server.log.log(Level.NOTICE, f"listening on {spec}{tls}")
@@ -384,11 +407,20 @@ class HarakaService(MultiService):
         return False
 
     def _stop_for_good(self) -> None:
-        """Stop the service (and, under twistd, the process)."""
+        """Stop the service; under twistd, the process too, with exit status 1, so that
+        a supervisor (systemd's Restart=on-failure) sees a failure."""
         d = self.stopService() if self.running else defer.succeed(None)
         if self.owns_process:
             reactor: Any = self.reactor
-            d.addBoth(lambda _: reactor.stop() if reactor.running else None)
+
+            def stop_reactor(_: object) -> None:
+                with contextlib.suppress(ReactorNotRunning):  # (a stop already under way)
+                    reactor.stop()
+
+            d.addBoth(stop_reactor)
+            if not self._failing:
+                self._failing = True
+                atexit.register(_exit_with, 1)  # (twistd itself always exits 0)
 
     def _sighup(self, signum: int, frame: Any) -> None:
         self.reactor.callFromThread(self.reload)  # type: ignore[attr-defined]

@@ -5,6 +5,7 @@ The ServiceMaker itself lives in twisted/plugins/haraka_tw_plugin.py.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from typing import Any
@@ -74,14 +75,32 @@ def twistd_log_observer() -> ILogObserver:
         if not nodaemon:
             sys.exit("Daemons cannot log to stdout, exiting!")
         return TwistdLogObserver(sys.stdout, reactor=reactor)
-    log_file = LogFile.fromFullPath(name or "twistd.log")
+    try:
+        log_file = LogFile.fromFullPath(name or "twistd.log")
+    except OSError as e:
+        sys.stderr.write(f"haraka_tw: --logfile {name or 'twistd.log'}: {e.strerror or e}\n")
+        raise SystemExit(1) from None
     if not signal.getsignal(signal.SIGUSR1):  # None or SIG_DFL: nobody else wants it
 
         def rotate(signum: int, frame: Any) -> None:
-            reactor.callFromThread(log_file.rotate)  # type: ignore[attr-defined]
+            reactor.callFromThread(rotate_or_reopen, log_file)  # type: ignore[attr-defined]
 
         signal.signal(signal.SIGUSR1, rotate)
     return TwistdLogObserver(log_file, reactor=reactor)
+
+
+def rotate_or_reopen(log_file: LogFile) -> None:
+    """SIGUSR1: rotate the log (twistd.log becomes twistd.log.1); but if the file at its
+    path is gone or is another file (logrotate moved it, someone deleted it), open a new
+    one there instead, so that no line is written into a file nobody can find."""
+    try:
+        in_place = os.path.samestat(os.stat(log_file.path), os.fstat(log_file._file.fileno()))
+    except (OSError, ValueError):  # (gone; or the file object closed)
+        in_place = False
+    if in_place:
+        log_file.rotate()
+    else:
+        log_file.reopen()
 
 
 def makeService(options: Any) -> HarakaService:

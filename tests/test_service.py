@@ -58,6 +58,16 @@ def test_embedding_refuses_twisted_haproxy_endpoint(tmp_path: Path) -> None:
     assert service.ports == []
 
 
+def test_config_directory_missing_or_a_file_says_which(tmp_path: Path) -> None:
+    """--config naming nothing, or a file, stops start-up saying which it is."""
+    missing, afile = tmp_path / "nope", tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(StartupError, match=rf"^config directory {missing} does not exist$"):
+        HarakaServer.from_directory(missing, reactor)  # type: ignore[arg-type]
+    with pytest.raises(StartupError, match=rf"^config directory {afile} is not a directory$"):
+        HarakaServer.from_directory(afile, reactor)  # type: ignore[arg-type]
+
+
 def test_listen_errors_name_the_entry() -> None:
     """A bad entry is an error naming it."""
     for bad in ("127.0.0.1:99999", "a b:25", "[zz]:25", ""):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from twisted.logger import globalLogPublisher
+from twisted.python.logfile import LogFile
 from twisted.scripts.twistd import ServerOptions
 
 from haraka_tw import tap
@@ -60,3 +61,36 @@ def test_the_operators_choice_stands() -> None:
     assert parsed("--syslog")["logger"] is None
     chosen = parsed("--logger", "twisted.logger.globalLogPublisher")["logger"]
     assert chosen is globalLogPublisher
+
+
+def test_a_log_directory_that_does_not_exist_is_one_line(
+    tmp_path: Path, sigusr1: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--logfile in a directory that does not exist: one line naming it, exit status 1."""
+    path = tmp_path / "nodir" / "haraka.log"
+    with pytest.raises(SystemExit) as stopped:
+        parsed("--logfile", str(path))["logger"]()
+    assert stopped.value.code == 1
+    assert capsys.readouterr().err == f"haraka_tw: --logfile {path}: No such file or directory\n"
+
+
+def test_sigusr1_rotates_or_reopens_a_log_moved_or_deleted(tmp_path: Path) -> None:
+    """SIGUSR1 rotates the log in place; if the file was moved away (logrotate) or deleted,
+    a new one is opened at its path instead, and the lines that follow go there."""
+    path = tmp_path / "haraka.log"
+    log_file = LogFile.fromFullPath(str(path))
+    log_file.write("one\n")
+    tap.rotate_or_reopen(log_file)  # in place: rotated
+    assert (tmp_path / "haraka.log.1").read_text() == "one\n"
+    log_file.write("two\n")
+    path.rename(tmp_path / "moved.log")
+    tap.rotate_or_reopen(log_file)  # moved: a new file, nothing rotated
+    log_file.write("three\n")
+    assert (tmp_path / "moved.log").read_text() == "two\n"
+    assert path.read_text() == "three\n"
+    assert not (tmp_path / "haraka.log.2").exists()
+    path.unlink()
+    tap.rotate_or_reopen(log_file)  # deleted: a new file
+    log_file.write("four\n")
+    assert path.read_text() == "four\n"
+    log_file.close()

@@ -25,9 +25,12 @@ L{WorkerRole} (what a worker is told) and L{AdoptedEndpoint}.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import socket
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -147,12 +150,14 @@ class AdoptedEndpoint:
                 shared: Any = _SharedUNIXPort._fromListeningDescriptor(  # type: ignore[no-untyped-call]
                     self.reactor, self.descriptor, protocolFactory
                 )
+                shared._preexistingSocket = _ListenerSocket.taking(shared._preexistingSocket)
                 shared.startListening()
                 port: IListeningPort = shared
                 return port
             tcp_port: Any = _SharedTCPPort._fromListeningDescriptor(  # type: ignore[no-untyped-call]
                 self.reactor, self.descriptor, family, protocolFactory
             )
+            tcp_port._preexistingSocket = _ListenerSocket.taking(tcp_port._preexistingSocket)
             tcp_port.startListening()
             adopted: IListeningPort = tcp_port
             return adopted
@@ -160,7 +165,59 @@ class AdoptedEndpoint:
         return execute(adopt)
 
 
-class _SharedTCPPort(WriteThroughPort):
+class _ListenerSocket(socket.socket):
+    """A listening socket shared with the master and the other workers. Once it is shut
+    down (the master does so as it stops, L{refuse_connections} when the master is gone)
+    C{accept} fails with EINVAL; here that is "nothing to accept", and remembered, so that
+    the port stops reading instead of logging an error."""
+
+    shut_down = False
+
+    @classmethod
+    def taking(cls, plain: socket.socket) -> _ListenerSocket:
+        """The same socket (the descriptor taken over from C{plain}) as this class."""
+        return cls(plain.family, plain.type, plain.proto, fileno=plain.detach())
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        try:
+            return super().accept()
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            self.shut_down = True
+            raise BlockingIOError(errno.EAGAIN, "the listening socket was shut down") from None
+
+
+class _SharedListener:
+    """What a worker's copy of a shared listener does beyond Twisted's port: it stops
+    reading once the socket has been shut down."""
+
+    socket: Any
+
+    def doRead(self) -> None:
+        super().doRead()  # type: ignore[misc]
+        # (no socket: the port has been closed meanwhile)
+        if getattr(getattr(self, "socket", None), "shut_down", False):
+            self.stopReading()  # type: ignore[attr-defined]
+
+    def refuse_connections(self) -> None:
+        """Shut the listening socket down, for every process that shares it: connections
+        waiting to be accepted and new ones are refused (what the master does as it stops).
+        A port already closed has nothing to shut."""
+        listening = getattr(self, "socket", None)
+        if listening is not None:
+            with contextlib.suppress(OSError):
+                listening.shutdown(socket.SHUT_RDWR)
+
+
+def refuse_connections(ports: Iterable[object]) -> None:
+    """L{_SharedListener.refuse_connections} for each of C{ports} that is one."""
+    for port in ports:
+        if isinstance(port, _SharedListener):
+            port.refuse_connections()
+
+
+class _SharedTCPPort(_SharedListener, WriteThroughPort):
     """A worker's copy of a listening TCP socket that every worker accepts on. Each wake-up
     accepts one connection: Twisted's port takes up to a hundred at once, so the worker that
     woke first took most of a burst while its siblings idled (measured: 70/30 between two
@@ -168,10 +225,10 @@ class _SharedTCPPort(WriteThroughPort):
 
     def doRead(self) -> None:
         self.numberAccepts = 1
-        super().doRead()  # type: ignore[no-untyped-call]
+        super().doRead()
 
 
-class _SharedUNIXPort(unix.Port):
+class _SharedUNIXPort(_SharedListener, unix.Port):
     """A worker's copy of the master's unix socket. Closing it must leave the socket's
     path alone: the master made it, the other workers still accept on it, and the master
     removes it when it stops."""

@@ -54,10 +54,11 @@ class IWorkerLauncher(Interface):
         ...}}); False if it has no channel now."""
 
 
-def describe_exit(code: int | None) -> str:
-    """An exit status in words, for the log."""
+def describe_exit(code: int | None, started: bool = False) -> str:
+    """An exit status in words, for the log (None: unknown for a worker that had
+    C{started}, whose fork server is gone; else it could not be started)."""
     if code is None:
-        return "could not be started"
+        return "ended (its exit status is unknown)" if started else "could not be started"
     if code < 0:
         try:
             name = signal.Signals(-code).name
@@ -159,14 +160,15 @@ class WorkerSupervisor:
         pid, slot.pid, slot.launching = slot.pid, None, False
         who = f"worker {index}" + (f" (pid {pid})" if pid is not None else "")
         if self.stopping:
-            self._say(Level.NOTICE, f"{who} stopped: {describe_exit(code)}")
+            self._say(Level.NOTICE, f"{who} stopped: {describe_exit(code, pid is not None)}")
             if not any(s.busy for s in self.slots):
                 self._finish()
             return
         ran = self.clock.seconds() - slot.started_at if pid is not None else 0.0
         slot.quick_exits = 0 if ran >= self.stable_after else slot.quick_exits + 1
         delay = self.restart_delay(max(0, slot.quick_exits - 1))
-        self._say(Level.ERROR, f"{who} {describe_exit(code)}; starting it again in {delay:.1f}s")
+        ended = describe_exit(code, pid is not None)
+        self._say(Level.ERROR, f"{who} {ended}; starting it again in {delay:.1f}s")
         if slot.quick_exits >= CRASH_LOOP:
             # Mail is still accepted by the other workers, but this worker's part of the
             # outbound queue waits: say so loudly, not only "starting it again".

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 from collections.abc import Callable
 from typing import Any
@@ -32,7 +33,7 @@ from haraka_tw.config import ConfigDirectory, ConfigError
 from haraka_tw.logging import GatheredWrites, Level, is_udp_port_closed
 from haraka_tw.server import HarakaServer, StartupError
 from haraka_tw.service import HarakaService
-from haraka_tw.workers import GivenFactory, WorkerRole
+from haraka_tw.workers import GivenFactory, WorkerRole, refuse_connections
 from haraka_tw.workers.channels import log_lines, read_control_line
 
 __all__ = ["EXIT_REFUSED", "EXIT_STARTUP", "LineObserver", "MasterChannel", "run"]
@@ -121,14 +122,33 @@ def run(role: WorkerRole) -> int:
         Logger(namespace="haraka_tw").critical("worker cannot start: {why}", why=str(e))
         return EXIT_STARTUP  # (the reactor has not run: every line went out at once)
 
-    def master_gone() -> None:
+    def stop() -> None:
         with contextlib.suppress(ReactorNotRunning):  # already stopping
             reactor.stop()
-            server.log.log(Level.NOTICE, "the master is gone: stopping", origin="workers")
+
+    def master_gone() -> None:
+        # The master refuses new connections as it stops; killed, it cannot: do it here, or
+        # connections would wait in the listeners' queue until the last worker has gone.
+        try:
+            refuse_connections(service.ports)
+            if reactor.running:
+                server.log.log(Level.NOTICE, "the master is gone: stopping", origin="workers")
+        finally:
+            stop()
+
+    def own_signals() -> None:
+        # Twisted's handlers stop the reactor on each of SIGINT and SIGTERM, and a second
+        # stop is an error. Both can come: systemd signals the whole process group, and
+        # the master then sends its own SIGTERM; Ctrl-C under twistd -n reaches every
+        # process in the terminal's group. The master takes Ctrl-C and stops the workers.
+        threads: Any = reactor  # (IReactorThreads)
+        signal.signal(signal.SIGTERM, lambda signum, frame: threads.callFromThread(stop))
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     channel = MasterChannel(server, master_gone)
     reactor.adoptStreamConnection(0, socket.AF_UNIX, GivenFactory(channel))  # type: ignore[attr-defined]
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+    reactor.callWhenRunning(own_signals)
     service.startService()
     reactor.run()
     output.flush()

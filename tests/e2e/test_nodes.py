@@ -14,6 +14,7 @@ import smtplib
 import socket
 import ssl
 import subprocess
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -195,6 +196,114 @@ class WorkerTests(NodesTestCase):
         gone = poll(lambda: not any(is_running(p) for p in (*pids.values(), *fork_server)), 15)
         self.assertTrue(gone, f"workers outlived a killed master:\n{self.output()}")
         self.assertRaises(OSError, socket.create_connection, ("127.0.0.1", self.port), 1)
+
+    def test_new_connections_are_refused_at_once_when_the_master_is_killed(self) -> None:
+        """kill -9 of the master while a session is open (its worker waits up to
+        force_shutdown_timeout for it): new connections are refused at once, not left in
+        the listeners' queue with no banner until the last worker has gone."""
+        self.configure_nodes("2", **{"smtp.ini": ""})
+        write_config(
+            self.config,
+            {
+                "smtp.ini": f"[main]\nlisten=127.0.0.1:{self.port}\nnodes=2\n"
+                "force_shutdown_timeout=20\n"
+            },
+        )
+        master = self.start_foreground()
+        self.ready(2)
+        with socket.create_connection(("127.0.0.1", self.port), 5) as idle:
+            self.assertTrue(idle.recv(100).startswith(b"220 "))
+            master.kill()
+            master.wait(10)
+
+            def refused() -> bool:  # (the workers' lines went to the master: not logged)
+                try:
+                    with socket.create_connection(("127.0.0.1", self.port), 1) as late:
+                        late.settimeout(1)
+                        return not late.recv(100)  # closed without a banner
+                except OSError:  # refused, reset, or no banner in time
+                    return True
+
+            self.assertTrue(poll(refused, 5, step=0.2), "new connections were still taken")
+            with self.assertRaises(OSError):  # and it stays so: nothing waits in a queue
+                socket.create_connection(("127.0.0.1", self.port), 2).close()
+
+    def test_a_stop_during_a_burst_stores_every_accepted_message_and_logs_no_error(
+        self,
+    ) -> None:
+        """SIGTERM to the master while clients send: every message that got its 250 is
+        stored, and the workers log no error about the listeners the master shut down under
+        them (accept's EINVAL)."""
+        self.configure_nodes("2")
+        master = self.start_foreground()
+        self.ready(2)
+        accepted: list[int] = []
+
+        def client(n: int) -> None:
+            for i in range(40):
+                try:
+                    with smtplib.SMTP("127.0.0.1", self.port, timeout=20) as smtp:
+                        smtp.sendmail("alice@x.test", ["bob@example.com"], MESSAGE)
+                        accepted.append(n * 100 + i)
+                except (OSError, smtplib.SMTPException):
+                    return
+
+        with ThreadPoolExecutor(12) as pool:
+            for n in range(12):
+                pool.submit(client, n)
+            poll(lambda: len(accepted) >= 30, 10)
+            master.send_signal(signal.SIGTERM)
+        self.assert_clean_exit(master, 30)
+        self.assertGreaterEqual(len(accepted), 30)
+        self.assertGreaterEqual(len(self.stored()), len(accepted))
+        self.assertNotIn("Unhandled Error", self.output())
+        self.assertNotIn("Invalid argument", self.output())
+
+    def test_sigterm_and_sigint_to_every_process_stop_cleanly(self) -> None:
+        """As systemd stops a service (SIGTERM to each process of the group) and as Ctrl-C
+        under twistd -n does (SIGINT to each): the workers stop once, with no error logged
+        about stopping twice, and the master exits cleanly."""
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            with self.subTest(signal=signum.name):
+                self.port = free_port()
+                self.log_path = self.base / f"twistd-{signum.name}.out"
+                self.configure_nodes("2")
+                master = self.start_foreground()
+                pids = self.workers(2)
+                self.ready(2)
+                with socket.create_connection(("127.0.0.1", self.port), 5) as idle:
+                    self.assertTrue(idle.recv(100).startswith(b"220 "))
+                    for pid in (master.pid, *children(master.pid), *pids.values()):
+                        os.kill(pid, signum)
+                    time.sleep(1)  # (the master's own SIGTERM reaches the workers meanwhile)
+                # (twistd ends by re-raising the signal it stopped on)
+                self.assertIn(master.wait(30), (0, -signum), self.output())
+                self.assertNotIn("ReactorNotRunning", self.output())
+                self.assertNotIn("#critical", self.output())
+                for pid in pids.values():
+                    self.assertFalse(is_running(pid), self.output())
+
+    def test_the_fork_server_killed_stops_the_server_with_status_1(self) -> None:
+        """kill -9 of the fork server (as the OOM killer might): no worker can be started
+        again, so the master stops everything and exits 1, for a supervisor to restart;
+        the workers' ends are not called failures to start, and no traceback is logged."""
+        self.configure_nodes("2")
+        master = self.start_foreground()
+        pids = self.workers(2)
+        self.ready(2)
+        fork_server = [p for p in children(master.pid) if p not in pids.values()]
+        self.assertEqual(len(fork_server), 1, self.output())
+        os.kill(fork_server[0], signal.SIGKILL)
+        try:
+            code = master.wait(40)
+        except subprocess.TimeoutExpired:
+            self.fail(f"the master kept running:\n{self.output()}")
+        self.assertEqual(code, 1, self.output())
+        self.assertIn("the fork server ended", self.output())
+        self.assertNotIn("could not be started", self.output())
+        self.assertNotIn("Traceback", self.output())
+        for pid in pids.values():
+            self.assertFalse(is_running(pid), self.output())
 
     def test_workers_serve_unix_and_implicit_tls_listeners(self) -> None:
         """A unix socket and an implicit TLS listener work through the workers too; a
