@@ -209,6 +209,8 @@ class PeerScript:
     delays: dict[str, float] = field(default_factory=dict)
     drop_in_data: int | None = None
     drop_in_data_reply: str | None = None
+    early_reply_at: int | None = None  # bytes of message data after which to reply early,
+    early_reply: str = "250 2.0.0 ok (early)"  # and read on to the end
     stall_data: bool = False
     users: dict[str, str] = field(default_factory=lambda: {"user": "secret"})
 
@@ -334,6 +336,7 @@ class PeerConnection(Protocol):
         self._pieces: list[bytes] = []
         self._raw: list[bytes] = []
         self._raw_size = 0
+        self._replied_early = False
 
     # -- Twisted ---------------------------------------------------------------------
 
@@ -403,6 +406,10 @@ class PeerConnection(Protocol):
         used = len(chunk) - (len(rest) if rest is not None else 0)
         self._raw.append(chunk[:used])
         self._raw_size += used
+        early = self.script.early_reply_at
+        if early is not None and self._raw_size >= early and not self._replied_early:
+            self._replied_early = True
+            self._send(self.script.early_reply)
         if rest is None:
             return
         self._data = None

@@ -494,7 +494,6 @@ class ClientSession:
         settled: list[RcptResult],
     ) -> None:
         proto, timeouts = self.proto, self.timeouts
-        early: Reply | None = None
         try:
             await proto.send_body(envelope.message(), timeouts.data_block)
         except DeliveryError:
@@ -504,6 +503,18 @@ class ClientSession:
         except Exception as e:  # message() itself failed
             await proto.abort()
             raise DeliveryError("data", f"reading the message failed: {e!r}") from e
+        else:
+            # (send_body fires as the ending dot is written: a reply already here came
+            # before the server could have read the whole message)
+            early = proto.take_reply()
+        if early is not None and early.code // 100 == 2:
+            # Accepting a message it has not seen the end of: not a delivery. Temporary,
+            # and the connection is dropped (its replies are out of step).
+            await proto.abort()
+            raise DeliveryError(
+                "data",
+                f"the server replied {early.code} {early.text} before the end of the message",
+            )
         if self.destination.lmtp and early is None:
             for recipient in accepted:
                 reply = await proto.reply("dot", timeouts.dot)

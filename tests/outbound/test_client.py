@@ -362,6 +362,22 @@ class ConnectionLossTests(PeerCase):
         report = await self.send(port, message=big_message, mail_params=SAYS_8BIT)
         self.assertEqual([(r.code, r.enhanced) for r in report.bounced], [(552, "5.3.4")])
 
+    async def test_a_250_before_the_end_of_the_message_is_not_a_delivery(self) -> None:
+        """A 250 sent mid-message, then the connection closed: the server cannot have the
+        message, so it is a temporary failure at data, not a delivery."""
+        _, port = self.peer(drop_in_data=5000, drop_in_data_reply="250 2.0.0 queued")
+        error = await self.failure(self.send(port, message=big_message, mail_params=SAYS_8BIT))
+        self.assertEqual((error.phase, error.permanent), ("data", False))
+        self.assertIn("replied 250 queued before the end of the message", error.text)
+
+    async def test_an_early_250_does_not_stand_for_the_reply_to_the_dot(self) -> None:
+        """A 250 sent mid-message on a connection that stays open (and then a 554 to the
+        dot): not a delivery either."""
+        _, port = self.peer(early_reply_at=5000, replies={"DOT": ["554 5.6.0 no"]})
+        error = await self.failure(self.send(port, message=big_message, mail_params=SAYS_8BIT))
+        self.assertEqual((error.phase, error.permanent), ("data", False))
+        self.assertIn("replied 250 ok (early) before the end of the message", error.text)
+
     async def test_dropped_at_rcpt(self) -> None:
         """A connection dropped instead of an RCPT reply is a temporary failure at rcpt."""
         _, port = self.peer(pipelining=False, replies={"RCPT": ["550 5.1.1 no", "DROP"]})
