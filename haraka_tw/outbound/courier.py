@@ -259,12 +259,15 @@ class Courier:
         by_address = {r.address: r for r in hmail.todo.rcpt_to}
         outcome = _Outcome(report=report, remote=report.host or report.ip)
         outcome.delivered = list(report.accepted)
+        where = f"{report.host or report.ip} [{report.ip}]"
         for result in report.deferred:
             rcpt = by_address[result.recipient.address]
             outcome.deferred.append((rcpt, result.enhanced or "4.0.0", _reply_text(result)))
+            self._log(Level.INFO, hmail, f"{where} deferred {rcpt.address}: {_reply_text(result)}")
         for result in report.bounced:
             rcpt = by_address[result.recipient.address]
             outcome.bounced.append((rcpt, result.enhanced or "5.0.0", _reply_text(result)))
+            self._log(Level.INFO, hmail, f"{where} refused {rcpt.address}: {_reply_text(result)}")
         return self._settle(hmail, outcome)
 
     # -- settling the recipients --------------------------------------------------------------

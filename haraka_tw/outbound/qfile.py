@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import random
 import socket
@@ -140,12 +141,17 @@ class Todo:
             if not isinstance(notes, dict):
                 raise TypeError("notes is not an object")
             size = data.get("message_size")
+            queue_time = float(data.get("queue_time") or 0) / 1000
+            if not math.isfinite(queue_time) or queue_time < 0:
+                raise ValueError(f"queue_time is {data.get('queue_time')!r}, not a time")
+            if size is not None and (isinstance(size, bool) or int(size) < 0):
+                raise ValueError(f"message_size is {size!r}, not a size")
             todo = cls(
                 domain=domain,
                 mail_from=_address_of(data.get("mail_from")),
                 rcpt_to=[_recipient_of(r) for r in rcpts],
                 uuid=str(data.get("uuid") or ""),
-                queue_time=float(data.get("queue_time") or 0) / 1000,
+                queue_time=queue_time,
                 notes=notes,
                 force_tls=bool(data.get("force_tls", False)),
                 ret=_optional_str(data.get("ret")),
@@ -154,7 +160,7 @@ class Todo:
                 message_size=None if size is None else int(size),
             )
             _valid_text(todo.domain, todo.mail_from, todo.uuid, *(r.address for r in todo.rcpt_to))
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, OverflowError) as e:  # (1e999 is inf)
             raise QueueFileError(where, f"bad todo: {type(e).__name__}: {e}") from None
         return todo
 
@@ -295,6 +301,8 @@ def parse_todo(data: bytes, where: str = "todo") -> Todo:
         parsed = json.loads(text)
     except ValueError as e:
         raise QueueFileError(where, f"bad JSON in the todo: {e}") from None
+    except RecursionError:
+        raise QueueFileError(where, "bad JSON in the todo: nested too deeply") from None
     return Todo.from_json(parsed, where)
 
 
@@ -363,14 +371,22 @@ def read_todo(path: str | os.PathLike[str]) -> tuple[Todo, int]:
 
 
 def message_reader(
-    path: str | os.PathLike[str], offset: int, chunk: int = 64 * 1024
+    path: str | os.PathLike[str], offset: int, size: int | None = None, chunk: int = 64 * 1024
 ) -> Iterator[bytes]:
     """The message bytes of a queue file, C{chunk} bytes at a time, from C{offset}.
 
     The file is opened on the first C{next()} and closed when the iterator is exhausted
-    or closed.
+    or closed. With the C{size} the todo records, a file that no longer holds that many
+    bytes after C{offset} (cut short or rewritten since it was scanned) raises
+    L{QueueFileError} before any byte is yielded.
     """
     with open(path, "rb") as f:
+        if size is not None:
+            held = os.fstat(f.fileno()).st_size - offset
+            if held != size:
+                raise QueueFileError(
+                    str(path), f"the message is {held} bytes, {size} recorded: the file changed"
+                )
         f.seek(offset)
         while data := f.read(chunk):
             yield data

@@ -29,6 +29,7 @@ from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 
 from haraka_tw.logging import HarakaLog, Level
+from haraka_tw.outbound.entry import QueueEntryMissing
 
 __all__ = ["DeliveryScheduler", "DomainLimits", "Limits"]
 
@@ -81,6 +82,9 @@ class _Domain:
 
 
 Attempt = Callable[[Any], Deferred[Any]]
+
+#: seconds before an entry whose attempt failed to settle it is tried again
+RETRY_UNSETTLED = 300.0
 
 
 class DeliveryScheduler:
@@ -234,13 +238,29 @@ class DeliveryScheduler:
             self._active -= 1
             self._in_flight.pop(key, None)
             if isinstance(result, Failure):
-                self.log.log(
-                    Level.CRIT, f"delivery attempt for {key} failed: {result.getTraceback()}"
-                )
+                self._attempt_failed(entry, key, result)
             self.reactor.callLater(0, self.run_due)
 
         d.addBoth(settled)
         return True
+
+    def _attempt_failed(self, entry: Any, key: str, failure: Failure) -> None:
+        """An attempt that could not settle its entry (the queue file could not be
+        rewritten: a full disk, say) leaves the entry as it was on disk: it is tried again
+        later, not forgotten until a restart. One whose file is gone has nothing left."""
+        if failure.check(QueueEntryMissing, FileNotFoundError):
+            self.log.log(Level.WARN, f"queue file {key} is gone: nothing left to deliver")
+            return
+        self.log.log(
+            Level.ERROR,
+            f"delivery attempt for {key} could not be settled: {failure.getErrorMessage()};"
+            f" trying again in {RETRY_UNSETTLED:.0f}s",
+        )
+        self.log.log(Level.DEBUG, failure.getTraceback())
+        self._queued.add(key)
+        dom = self._domain(self.domain_of(entry))
+        due = self.reactor.seconds() + RETRY_UNSETTLED
+        heapq.heappush(dom.heap, (due, next(self._seq), entry))
 
     def _domain(self, name: str) -> _Domain:
         key = name.lower()

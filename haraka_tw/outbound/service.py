@@ -27,6 +27,7 @@ from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThread
+from twisted.python.failure import Failure
 
 from haraka_tw.config import ConfigDirectory, ConfigError
 from haraka_tw.config.formats import ini_count, ini_number
@@ -207,12 +208,27 @@ class OutboundService:
                 self.scheduler.add(entry)
             part = f" in {self.partition}" if self.partition is not None else ""
             self.log.log(Level.NOTICE, f"outbound queue: {len(entries)} messages waiting{part}")
-            self.scheduler.start()
-            if self.partition is None:  # a worker gets them from the master
-                self._controls.start(1.0, now=False)
+            self._run()
 
-        self._started = d.addCallback(scanned)
+        def scan_failed(failure: Failure) -> None:
+            if self._stopping:
+                return
+            self.log.log(
+                Level.CRIT,
+                f"outbound queue: scanning {self.queue.queue_dir} failed:"
+                f" {failure.getErrorMessage()}; new messages are delivered, the files"
+                " already there wait for a restart",
+            )
+            self._run()
+
+        self._started = d.addCallbacks(scanned, scan_failed)
         return self._started
+
+    def _run(self) -> None:
+        """Deliver from now on: the scheduler, and (unless a worker) the queue's controls."""
+        self.scheduler.start()
+        if self.partition is None:  # a worker gets them from the master
+            self._controls.start(1.0, now=False)
 
     def stop(self) -> Deferred[None]:
         """Stop delivering; fires once attempts in flight have settled and the lock is free."""
@@ -330,19 +346,25 @@ class OutboundService:
                 envid=envid,
             )
             adds.append(self.queue.add(todo, chunks()))
-        d: Deferred[list[QueueEntry]] = defer.gatherResults(adds, consumeErrors=True)
+        d: Deferred[Any] = defer.DeferredList(adds, consumeErrors=True)
 
-        def added(entries: list[QueueEntry]) -> list[QueueEntry]:
+        def added(results: list[tuple[bool, Any]]) -> Any:
+            entries = [value for ok, value in results if ok]
+            failures = [value for ok, value in results if not ok]
+            if failures:
+                # All or nothing: the client is told 4xx and will send the message again,
+                # so a file already written for one domain would be delivered twice.
+                for entry in entries:
+                    self.queue.remove(entry).addErrback(self._log_failure, "taking back")
+                return failures[0]
             for entry in entries:
                 self._schedule(entry)
             return entries
 
-        def unwrap(failure: Any) -> Any:  # the first error, not a FirstError wrapper
-            return (
-                failure.value.subFailure if isinstance(failure.value, defer.FirstError) else failure
-            )
+        return d.addCallback(added)
 
-        return d.addCallbacks(added, unwrap)
+    def _log_failure(self, failure: Failure, doing: str) -> None:
+        self.log.log(Level.ERROR, f"outbound queue: {doing}: {failure.getErrorMessage()}")
 
     def _qualified(self, address: str) -> str:
         """An address without a domain (a relayed RCPT TO:<postmaster>, a plugin's
@@ -371,11 +393,18 @@ class OutboundService:
             for control in controls:
                 self.control(control.action, control.args)
 
-        return d.addCallback(act)
+        def failed(failure: Failure) -> None:  # (logged; the next check comes all the same)
+            self.log.log(Level.ERROR, f"queue control: {failure.getErrorMessage()}")
+
+        return d.addCallback(act).addErrback(failed)
 
     def control(self, action: str, args: dict[str, Any]) -> None:
         """Carry out a request of C{haraka-tw queue} (flush, delete, bounce) on the files
-        this service delivers."""
+        this service delivers. One this version does not understand is logged and left."""
+        problem = _control_problem(action, args)
+        if problem is not None:
+            self.log.log(Level.WARN, f"queue control: {action} {args!r} ignored: {problem}")
+            return
         self.log.log(Level.NOTICE, f"queue control: {action} {args}", origin="outbound")
         if action == "flush":
             self.flush(args.get("domain"))
@@ -398,7 +427,28 @@ class OutboundService:
                 self.queue.remove(entry)
             else:
                 d = deferToThread(bounce_entry, self.queue.store, entry, self.config, time.time())
-                d.addCallback(self._schedule_report)
+                d.addCallbacks(self._schedule_report, self._bounce_failed, errbackArgs=(entry,))
+
+    def _bounce_failed(self, failure: Failure, entry: QueueEntry) -> None:
+        self.log.log(
+            Level.ERROR,
+            f"bounce {entry.id}: {failure.getErrorMessage()}; it stays in the queue",
+            origin="outbound",
+        )
+        self.scheduler.add(entry)
+
+
+def _control_problem(action: str, args: dict[str, Any]) -> str | None:
+    """What is wrong with a queue control request, or None."""
+    if action == "flush":
+        domain = args.get("domain")
+        return None if domain is None or isinstance(domain, str) else "domain is not text"
+    if action in ("delete", "bounce"):
+        ids = args.get("ids")
+        if isinstance(ids, list) and all(isinstance(i, str) for i in ids):
+            return None
+        return "ids is not a list of queue ids"
+    return "not an action (flush, delete, bounce)"
 
 
 def _dsn_params(params: dict[str, Any]) -> dict[str, str]:

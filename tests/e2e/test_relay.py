@@ -70,6 +70,12 @@ class RelayTests(TestCase):
         self.server = server
         return smtp_port
 
+    def logged(self) -> list[str]:
+        """The server's log lines from now on (kept quiet)."""
+        lines: list[str] = []
+        self.server.log.hook = lambda connection, record: lines.append(record.message) or True
+        return lines
+
     def send(
         self, port: int, rcpts: list[str], body: bytes = b"Subject: hi\r\n\r\nbody\r\n"
     ) -> Any:
@@ -110,8 +116,15 @@ class RelayTests(TestCase):
         """A 4xx at RCPT is retried on the schedule and delivered on the next attempt."""
         peer = Peer(PeerScript(rcpt={"bob@dest.test": "450 4.2.0 try later"}))
         port = self.relay_server(peer)
+        logged = self.logged()
         yield self.send(port, ["bob@dest.test"])
         yield self.wait_for(lambda: any("450 4.2.0" in line for line in peer.transcript))
+        # (each recipient a server refuses or defers has a line of its own)
+        yield self.wait_for(
+            lambda: any(
+                line.endswith("] deferred bob@dest.test: 450 4.2.0 try later") for line in logged
+            )
+        )
         peer.script.rcpt.clear()
         yield self.wait_for(lambda: len(peer.messages) == 1, timeout=15)
 
@@ -120,8 +133,11 @@ class RelayTests(TestCase):
         """A 5xx for one recipient: the other is delivered, a DSN goes to the sender."""
         peer = Peer(PeerScript(rcpt={"nobody@dest.test": "550 5.1.1 no such user"}))
         port = self.relay_server(peer)
+        logged = self.logged()
         yield self.send(port, ["bob@dest.test", "nobody@dest.test"])
         yield self.wait_for(lambda: len(peer.messages) == 2, timeout=15)
+        refused = "] refused nobody@dest.test: 550 5.1.1 no such user"
+        self.assertTrue(any(line.endswith(refused) for line in logged), logged)
         delivered = [m for m in peer.messages if m.rcpt_to == ["bob@dest.test"]]
         dsns = [m for m in peer.messages if m.rcpt_to == ["alice@client.test"]]
         self.assertEqual(len(delivered), 1)

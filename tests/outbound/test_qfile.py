@@ -102,6 +102,21 @@ def test_round_trip_with_non_ascii(tmp_path: Path) -> None:
     assert b"".join(message_reader(path, offset, chunk=5)) == MESSAGE
 
 
+def test_a_message_changed_since_it_was_read_is_refused(tmp_path: Path) -> None:
+    """With the size its todo records, a file cut short or grown since it was scanned
+    (another process, a disk error) raises, naming the file, before any byte goes out:
+    never a partial message sent as a whole one."""
+    path = tmp_path / "q"
+    path.write_bytes(queue_bytes(sample_todo()))
+    todo, offset = read_todo(path)
+    assert b"".join(message_reader(path, offset, todo.message_size)) == MESSAGE
+    for changed in (path.read_bytes()[:-7], path.read_bytes() + b"GARBAGE"):
+        path.write_bytes(changed)
+        reader = message_reader(path, offset, todo.message_size)
+        with pytest.raises(QueueFileError, match=rf"^{path}: the message is \d+ bytes, "):
+            next(reader)
+
+
 def test_round_trip_through_fd(tmp_path: Path) -> None:
     """write_queue_file also takes a file descriptor, and returns the bytes written."""
     path = tmp_path / "q"
@@ -238,12 +253,29 @@ def test_json_not_a_todo(tmp_path: Path) -> None:
         (b'{"domain": "d.test", "rcpt_to": ["bob@"]}', "'bob@' has no domain"),
         (b'{"domain": "d.test", "rcpt_to": ["a@d.test"], "mail_from": "al\xffce@x"}', "UTF-8"),
         (b'{"domain": "d.test", "rcpt_to": ["a@d.test"], "uuid": "\\udcff"}', "UTF-8"),
+        (b'{"domain": "d.test", "rcpt_to": ["a@d.test"], "message_size": 1e999}', "infinity"),
+        (b'{"domain": "d.test", "rcpt_to": ["a@d.test"], "message_size": -5}', "size"),
+        (b'{"domain": "d.test", "rcpt_to": ["a@d.test"], "queue_time": NaN}', "not a time"),
+        (b'{"domain": "d.test", "rcpt_to": ["a@d.test"], "queue_time": Infinity}', "not a time"),
+        (b'{"domain": "d.test", "rcpt_to": ["a@d.test"], "queue_time": -1}', "not a time"),
+        (
+            b'{"domain": "d.test", "rcpt_to": ["a@d.test"], "queue_time": 1' + b"0" * 400 + b"}",
+            "OverflowError",
+        ),
+        (
+            b'{"domain": "d.test", "rcpt_to": ["a@d.test"], "n": '
+            + b"[" * 100000
+            + b"]" * 100000
+            + b"}",
+            "nested too deeply",
+        ),
     ],
 )
 def test_a_todo_nothing_could_be_sent_for(todo: bytes, reason: str, tmp_path: Path) -> None:
-    """No recipient, no domain, a recipient without a domain, or an address that was not
-    UTF-8: nothing could go out, so the file is unreadable (set aside), not a delivery
-    that fails every time it is tried."""
+    """No recipient, no domain, a recipient without a domain, an address that was not
+    UTF-8, a size or time that is no number (inf, NaN, negative, too big for a float), JSON
+    nested past Python's recursion limit: nothing could go out, so the file is unreadable
+    (set aside), not a delivery (or a queue scan) that fails every time it is tried."""
     assert reason in _bad(struct.pack(">I", len(todo)) + todo, tmp_path).reason
 
 

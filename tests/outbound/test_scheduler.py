@@ -8,7 +8,14 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from haraka_tw.outbound.scheduler import DeliveryScheduler, DomainLimits, Limits
+from haraka_tw.logging import Level
+from haraka_tw.outbound.entry import QueueEntryMissing
+from haraka_tw.outbound.scheduler import (
+    RETRY_UNSETTLED,
+    DeliveryScheduler,
+    DomainLimits,
+    Limits,
+)
 from tests.support import ListLog
 
 
@@ -146,13 +153,39 @@ class SchedulerTests(SynchronousTestCase):
         self.clock.advance(60)
         self.assertEqual(self.started, ["again", "again"])
 
-    def test_failed_attempt_is_logged_and_frees_the_slot(self) -> None:
-        """An attempt that errors is logged at CRIT; its slot is freed."""
+    def test_an_attempt_that_cannot_settle_is_tried_again_later(self) -> None:
+        """An attempt that errors (its queue file could not be rewritten: a full disk) is
+        an error in the log; its slot is freed, and the entry, still on disk as it was, is
+        tried again RETRY_UNSETTLED seconds later instead of being forgotten."""
         s = self.scheduler(Limits(concurrency_max=1))
         s.add(Item("bad", "x.test"))
         s.add(Item("next", "x.test"))
         self.clock.advance(0)
-        self.pending.pop("bad").errback(RuntimeError("boom"))
+        self.pending.pop("bad").errback(OSError(28, "No space left on device"))
         self.clock.advance(0)
         self.assertEqual(self.started, ["bad", "next"])
-        self.assertTrue(any("boom" in m for m in self.log.messages()))
+        self.assertEqual(
+            self.log.messages(Level.ERROR),
+            [
+                "delivery attempt for bad could not be settled: [Errno 28] No space left on"
+                " device; trying again in 300s"
+            ],
+        )
+        self.finish("next")
+        self.clock.advance(RETRY_UNSETTLED - 1)
+        self.assertEqual(self.started, ["bad", "next"])
+        self.clock.advance(1)
+        self.assertEqual(self.started, ["bad", "next", "bad"])
+
+    def test_an_entry_whose_file_is_gone_is_dropped_with_a_warning(self) -> None:
+        """A queue file removed under the attempt: one WARN line, and nothing to retry."""
+        s = self.scheduler()
+        s.add(Item("gone", "x.test"))
+        self.clock.advance(0)
+        self.pending.pop("gone").errback(QueueEntryMissing("gone"))
+        self.clock.advance(RETRY_UNSETTLED + 1)
+        self.assertEqual(self.started, ["gone"])
+        self.assertEqual(
+            self.log.messages(Level.WARN), ["queue file gone is gone: nothing left to deliver"]
+        )
+        self.assertEqual(self.log.messages(Level.ERROR) + self.log.messages(Level.CRIT), [])
