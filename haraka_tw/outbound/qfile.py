@@ -428,6 +428,11 @@ def _ms(seconds: float) -> int:
     return round(seconds * 1000)
 
 
+#: the latest time a queue file name may hold, in milliseconds: the end of the year 9999
+#: (what the time functions take; a float holds it exactly)
+_LATEST_MS = 253402300799999
+
+
 @dataclass(frozen=True)
 class QueueName:
     """A queue file name: when it arrived, when to try next, how many tries failed, who.
@@ -508,6 +513,8 @@ class QueueName:
         numbers = (arrival, next_attempt, attempts, pid, counter)
         if not all(p.isascii() and p.isdigit() for p in numbers) or not rand or not host:
             raise QueueFileError(name, "not a queue file name (bad numeric part)")
+        if max(int(arrival), int(next_attempt)) > _LATEST_MS:
+            raise QueueFileError(name, "not a queue file name (a time past the year 9999)")
         return cls(
             arrival=int(arrival) / 1000,
             next_attempt=int(next_attempt) / 1000,

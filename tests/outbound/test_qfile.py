@@ -360,6 +360,8 @@ def test_names_are_unique() -> None:
         "1_2_3_4_5_6",
         "a_2_3_4_r_6_h",
         "1_2_3_4__6_h",
+        "253402300800000_1_0_4_r_6_h",  # (a time past the year 9999: no date can show it)
+        "1_" + "9" * 200 + "_0_4_r_6_h",
     ],
 )
 def test_name_parse_rejects(bad: str) -> None:
