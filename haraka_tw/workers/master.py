@@ -25,9 +25,11 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IListeningPort
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import LoopingCall
 
 from haraka_tw.logging import Level
+from haraka_tw.smtp.factory import HarakaSMTPFactory
 from haraka_tw.workers.launcher import ForkServerLauncher
 from haraka_tw.workers.supervisor import WorkerSupervisor
 
@@ -72,6 +74,7 @@ class WorkerMaster:
             self.log,
             count,
             stop_timeout=force_shutdown_timeout + STOP_MARGIN,
+            on_failing=self._answer_421,
         )
         self.on_fatal = on_fatal
         self.owns_queue = False
@@ -127,6 +130,25 @@ class WorkerMaster:
 
         return d.addBoth(release)
 
+    def _answer_421(self, failing: bool) -> None:
+        """While every worker keeps failing, the master accepts on the listeners itself and
+        answers 421, so that clients go elsewhere or come back later instead of waiting,
+        with no banner, for a worker that does not come; once one stays up, it stops.
+        (Plain listeners only: on an implicit TLS one, a reply in the clear would only
+        fail the client's handshake.)"""
+        for port in self.ports:
+            factory = port.factory  # type: ignore[attr-defined]
+            refusing = isinstance(factory, _Unavailable)
+            if not refusing and not isinstance(factory, HarakaSMTPFactory):
+                continue
+            if failing and not refusing:
+                port._serving_factory = port.factory  # type: ignore[attr-defined]
+                port.factory = _Unavailable(self.server.settings.me)  # type: ignore[attr-defined]
+                port.startReading()  # type: ignore[attr-defined]
+            elif not failing and refusing:
+                port.stopReading()  # type: ignore[attr-defined]
+                port.factory = port._serving_factory  # type: ignore[attr-defined]
+
     def _lost(self, reason: str) -> None:
         if not self.supervisor.stopping:
             self.log.log(Level.CRIT, f"workers: {reason}; no worker can be started again")
@@ -149,3 +171,24 @@ class WorkerMaster:
 
         d.addCallbacks(hand_out, failed)
         return d
+
+
+class _Unavailable(Factory):
+    """Answers every connection C{421 4.3.2} and closes it (RFC 5321 4.3.2: service not
+    available)."""
+
+    def __init__(self, me: str) -> None:
+        self.reply = f"421 4.3.2 {me} Service not available, try again later\r\n".encode()
+
+    def buildProtocol(self, addr: Any) -> Protocol:
+        return _Refusal(self.reply)
+
+
+class _Refusal(Protocol):
+    def __init__(self, reply: bytes) -> None:
+        self.reply = reply
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.write(self.reply)
+        self.transport.loseConnection()

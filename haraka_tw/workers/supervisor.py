@@ -111,8 +111,11 @@ class WorkerSupervisor:
         restart_delay: Callable[[int], float] | None = None,
         stable_after: float = 10.0,
         kill_wait: float = 5.0,
+        on_failing: Callable[[bool], None] | None = None,
     ) -> None:
         self.launcher = launcher
+        self.on_failing = on_failing
+        self.failing = False  # every worker in a crash loop
         self.clock = clock
         self.log = log
         self.slots = [_Slot(i) for i in range(count)]
@@ -154,6 +157,21 @@ class WorkerSupervisor:
         waiting, slot.outbox = slot.outbox, []
         for message in waiting:
             self._send(slot, message)
+        if self.failing:
+            self.clock.callLater(self.stable_after, self._stayed_up, slot, pid)
+
+    def _stayed_up(self, slot: _Slot, pid: int) -> None:
+        """While every worker was failing: C{pid} has run C{stable_after} seconds."""
+        if slot.pid != pid or not self.failing or self.stopping:
+            return
+        slot.quick_exits = 0
+        self._set_failing(False)
+        self._say(Level.NOTICE, f"worker {slot.index} (pid {pid}) stays up: workers serve again")
+
+    def _set_failing(self, failing: bool) -> None:
+        self.failing = failing
+        if self.on_failing is not None:
+            self.on_failing(failing)
 
     def exited(self, index: int, code: int | None) -> None:
         slot = self.slots[index]
@@ -178,6 +196,18 @@ class WorkerSupervisor:
                 f" part {index}/{len(self.slots)} of the outbound queue is not being delivered",
             )
         slot.restart = self.clock.callLater(delay, self._launch, slot)
+        if not self.failing and all(s.quick_exits >= CRASH_LOOP for s in self.slots):
+            self._say(
+                Level.CRIT,
+                "every worker keeps failing: new connections are answered 421 until one"
+                " stays up",
+            )
+            self._set_failing(True)
+            now = self.clock.seconds()
+            for other in self.slots:  # (one restarted just now may be staying up)
+                if other.pid is not None:
+                    wait = max(0.0, self.stable_after - (now - other.started_at))
+                    self.clock.callLater(wait, self._stayed_up, other, other.pid)
 
     # -- reaching the workers --------------------------------------------------------------
 

@@ -20,13 +20,24 @@ from pathlib import Path
 from typing import Any
 
 from twisted.trial import unittest
+from zope.interface import implementer
 
+from haraka_tw.codes import DENY, Code
+from haraka_tw.interfaces import IInitChildHook
 from haraka_tw.paths import default_config_dir
 from tests.e2e.test_twistd import MESSAGE, TwistdTestCase, is_running, poll, rcpt_code
 from tests.support import free_port, write_config
 from tests.tls_certs import pki
 
 STARTED = re.compile(r"worker (\d+) started \(pid (\d+)\)")
+
+
+@implementer(IInitChildHook)
+class RefusesToServe:
+    """A plugin (C{tests.e2e.test_nodes:RefusesToServe}) whose workers never start."""
+
+    def hook_init_child(self, server: object) -> Code:
+        return DENY
 
 
 def children(pid: int) -> list[int]:
@@ -304,6 +315,22 @@ class WorkerTests(NodesTestCase):
         self.assertNotIn("Traceback", self.output())
         for pid in pids.values():
             self.assertFalse(is_running(pid), self.output())
+
+    def test_the_master_answers_421_while_every_worker_keeps_failing(self) -> None:
+        """Workers that can never start (init_child says DENY): once every one is in a
+        crash loop, the master answers new connections 421 itself, rather than leaving
+        them with no banner until the client gives up."""
+        self.configure_nodes("2", plugins="tests.e2e.test_nodes:RefusesToServe\n")
+        master = self.start_foreground()
+        crash_loop = "every worker keeps failing: new connections are answered 421"
+        self.assertTrue(poll(lambda: crash_loop in self.output(), 30), self.output())
+        with socket.create_connection(("127.0.0.1", self.port), 5) as client:
+            client.settimeout(5)
+            self.assertTrue(
+                client.recv(200).startswith(b"421 4.3.2 mx.test Service not available"),
+                self.output(),
+            )
+        self.stop(master)
 
     def test_workers_serve_unix_and_implicit_tls_listeners(self) -> None:
         """A unix socket and an implicit TLS listener work through the workers too; a

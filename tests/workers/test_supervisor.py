@@ -201,9 +201,38 @@ class SupervisorTests(SynchronousTestCase):
         self.supervisor.exited(1, 0)
         self.successResultOf(d)
 
+    def test_every_worker_failing_is_said_until_one_stays_up(self) -> None:
+        """When every worker is in a crash loop, on_failing(True) (the master then answers
+        421) with a CRIT line; once a worker has run stable_after seconds, on_failing(False).
+        One worker failing while the other serves is not 'every worker'."""
+        told: list[bool] = []
+        self.supervisor.on_failing = told.append
+        self.start_both()
+        for index, pids in ((0, (200, 201, 202)), (1, (300, 301))):
+            for pid in pids:  # quick exits, one second apart
+                self.supervisor.exited(index, 3)
+                self.clock.advance(1)
+                self.supervisor.started(index, pid)
+            self.assertEqual(told, [])  # (the other worker serves; worker 1 failed twice)
+        self.supervisor.exited(1, 3)
+        self.assertEqual(told, [True])
+        self.assertIn(
+            "every worker keeps failing: new connections are answered 421 until one stays up",
+            self.log.messages(Level.CRIT),
+        )
+        self.supervisor.exited(0, 3)  # (worker 0, started 2 s ago, fails again)
+        self.clock.advance(8)
+        self.supervisor.started(0, 203)
+        self.clock.advance(9.9)
+        self.assertEqual(told, [True])
+        self.clock.advance(0.1)  # stable_after is 10 s
+        self.assertEqual(told, [True, False])
+        self.assertIn("worker 0 (pid 203) stays up: workers serve again", self.log.messages())
+
     def test_describe_exit(self) -> None:
         """Exit statuses in words."""
         self.assertEqual(describe_exit(None), "could not be started")
+        self.assertEqual(describe_exit(None, started=True), "ended (its exit status is unknown)")
         self.assertEqual(describe_exit(0), "exited with status 0")
         self.assertEqual(describe_exit(3), "exited with status 3")
         self.assertEqual(describe_exit(-signal.SIGSEGV), "was killed by signal SIGSEGV")
