@@ -199,8 +199,7 @@ class WorkerSupervisor:
         if not self.failing and all(s.quick_exits >= CRASH_LOOP for s in self.slots):
             self._say(
                 Level.CRIT,
-                "every worker keeps failing: new connections are answered 421 until one"
-                " stays up",
+                "every worker keeps failing: new connections are answered 421 until one stays up",
             )
             self._set_failing(True)
             now = self.clock.seconds()
