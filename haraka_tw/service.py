@@ -95,7 +95,10 @@ def _refuse_haproxy_endpoint(entry: str) -> None:
 
 
 def _exit_with(status: int) -> None:
-    """At interpreter exit, after twistd has finished (pid file removed, log written)."""
+    """At interpreter exit, after twistd has finished (pid file removed, log written):
+    exit with C{status}. Registered late, it runs before the exit handlers registered
+    earlier, which it skips (the standard logging module's, whose handlers have flushed
+    each record already)."""
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
@@ -255,7 +258,7 @@ class HarakaService(MultiService):
         self.owns_process = owns_process  # twistd: an init_master refusal stops the reactor
         self.ports: list[IListeningPort] = []
         self.refused = False  # init_master / init_child said no
-        self._failing = False  # stopped for good: the process exits 1
+        self._exit_status_set = False  # stopped for good under twistd: the master exits 1
         self._old_sighup: Any = None
 
     @classmethod
@@ -418,8 +421,8 @@ class HarakaService(MultiService):
                     reactor.stop()
 
             d.addBoth(stop_reactor)
-            if not self._failing:
-                self._failing = True
+            if not self._exit_status_set:
+                self._exit_status_set = True
                 atexit.register(_exit_with, 1)  # (twistd itself always exits 0)
 
     def _sighup(self, signum: int, frame: Any) -> None:

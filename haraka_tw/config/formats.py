@@ -49,7 +49,7 @@ def decode(content: bytes) -> str:
 def first_non_utf8_line(content: bytes) -> int | None:
     """The number of the first line holding bytes that are not UTF-8, or None."""
     try:
-        content.decode("utf-8-sig")
+        content.decode("utf-8")  # (a leading BOM is UTF-8 too)
     except UnicodeDecodeError as e:
         return len(split_lines(content[: e.start].decode("latin-1")))
     return None

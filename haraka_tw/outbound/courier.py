@@ -198,12 +198,9 @@ class Courier:
             error = failure.value
             if not isinstance(error, DeliveryError):
                 raise error
-            self._log(
-                Level.INFO,
-                hmail,
-                f"delivery to {address.mx.exchange} [{address.ip or address.mx.path}]"
-                f" failed in {error.phase}: {error}",
-            )
+            server = _server(address.mx.exchange, address.ip or address.mx.path)
+            self._log(Level.INFO, hmail, f"delivery to {server} failed in {error.phase}: {error}")
+            self._log_refusals(hmail, server, error.settled)
             if error.phase in _TRY_NEXT and not error.settled:
                 return self._try_addresses(hmail, addresses, index + 1, error)
             return self._settle(hmail, _from_error(hmail, error, address))
@@ -259,16 +256,22 @@ class Courier:
         by_address = {r.address: r for r in hmail.todo.rcpt_to}
         outcome = _Outcome(report=report, remote=report.host or report.ip)
         outcome.delivered = list(report.accepted)
-        where = f"{report.host or report.ip} [{report.ip}]"
         for result in report.deferred:
             rcpt = by_address[result.recipient.address]
             outcome.deferred.append((rcpt, result.enhanced or "4.0.0", _reply_text(result)))
-            self._log(Level.INFO, hmail, f"{where} deferred {rcpt.address}: {_reply_text(result)}")
         for result in report.bounced:
             rcpt = by_address[result.recipient.address]
             outcome.bounced.append((rcpt, result.enhanced or "5.0.0", _reply_text(result)))
-            self._log(Level.INFO, hmail, f"{where} refused {rcpt.address}: {_reply_text(result)}")
+        self._log_refusals(hmail, _server(report.host, report.ip), report.deferred)
+        self._log_refusals(hmail, _server(report.host, report.ip), report.bounced)
         return self._settle(hmail, outcome)
+
+    def _log_refusals(self, hmail: HMail, server: str, results: Iterable[RcptResult]) -> None:
+        """A line for each recipient a server deferred or refused, with its reply."""
+        for result in results:
+            verb = "refused" if result.code >= 500 else "deferred"
+            text = f"{server} {verb} {result.recipient.address}: {_reply_text(result)}"
+            self._log(Level.INFO, hmail, text)
 
     # -- settling the recipients --------------------------------------------------------------
 
@@ -300,7 +303,7 @@ class Courier:
         self._log(
             Level.INFO,
             hmail,
-            f"delivered to {report.host or report.ip} [{report.ip}]: {', '.join(recipients)}",
+            f"delivered to {_server(report.host, report.ip)}: {', '.join(recipients)}",
             response=report.response,
         )
         return self.runner.run("delivered", hmail, params)
@@ -507,6 +510,11 @@ def _seconds(value: Any, default: float) -> float:
         return float(value)
     except (TypeError, ValueError):
         return default
+
+
+def _server(host: str | None, ip: str | None) -> str:
+    """A server as the log names it: C{mx.example.net [198.51.100.25]}."""
+    return f"{host or ip} [{ip}]"
 
 
 def _reply_text(result: RcptResult) -> str:

@@ -376,8 +376,8 @@ def message_reader(
     """The message bytes of a queue file, C{chunk} bytes at a time, from C{offset}.
 
     The file is opened on the first C{next()} and closed when the iterator is exhausted
-    or closed. With the C{size} the todo records, a file that no longer holds that many
-    bytes after C{offset} (cut short or rewritten since it was scanned) raises
+    or closed. With C{size} (the message's size when the file was scanned), a file that
+    no longer holds that many bytes after C{offset} (cut short or grown since) raises
     L{QueueFileError} before any byte is yielded.
     """
     with open(path, "rb") as f:

@@ -83,9 +83,6 @@ class _Domain:
 
 Attempt = Callable[[Any], Deferred[Any]]
 
-#: seconds before an entry whose attempt failed to settle it is tried again
-RETRY_UNSETTLED = 300.0
-
 
 class DeliveryScheduler:
     """Per-domain queues of entries, started within the limits when due.
@@ -107,6 +104,7 @@ class DeliveryScheduler:
         limits: Limits | None = None,
         log: HarakaLog | None = None,
         tick: float = 1.0,
+        retry_unsettled: float = 300.0,
     ) -> None:
         self.reactor = reactor
         self.attempt = attempt
@@ -123,6 +121,7 @@ class DeliveryScheduler:
         self._ticker = LoopingCall(self.run_due)
         self._ticker.clock = reactor
         self._tick = tick
+        self.retry_unsettled = retry_unsettled
         self._in_flight: dict[str, Deferred[Any]] = {}
         self._order: list[_Domain] = []  # the domains in the order they came
         self._turn = 0  # where the next pass over them starts
@@ -142,15 +141,22 @@ class DeliveryScheduler:
 
     # -- what the queue tells us ---------------------------------------------------------------
 
-    def add(self, entry: Any) -> None:
-        """Schedule an entry (new, or rescheduled after an attempt)."""
+    def add(self, entry: Any, due: float | None = None) -> None:
+        """Schedule an entry (new, or rescheduled after an attempt), at its own due time
+        unless C{due} says otherwise."""
         key = self.key_of(entry)
         if key in self._queued:
             return
         self._queued.add(key)
         dom = self._domain(self.domain_of(entry))
-        heapq.heappush(dom.heap, (self.due(entry), next(self._seq), entry))
+        when = self.due(entry) if due is None else due
+        heapq.heappush(dom.heap, (when, next(self._seq), entry))
         self.reactor.callLater(0, self.run_due)
+
+    @property
+    def running(self) -> bool:
+        """Whether due entries are being started (between L{start} and L{stop})."""
+        return bool(self._ticker.running)
 
     def remove(self, key: str) -> bool:
         """Take a waiting entry out (deleted by the queue tools); False if not waiting."""
@@ -245,22 +251,22 @@ class DeliveryScheduler:
         return True
 
     def _attempt_failed(self, entry: Any, key: str, failure: Failure) -> None:
-        """An attempt that could not settle its entry (the queue file could not be
-        rewritten: a full disk, say) leaves the entry as it was on disk: it is tried again
-        later, not forgotten until a restart. One whose file is gone has nothing left."""
+        """An attempt that could not settle its entry because the queue could not be
+        written (a full disk, say) leaves the entry as it was on disk: it is tried again
+        later, not forgotten until a restart. One whose file is gone has nothing left.
+        Anything else is a bug: logged with its traceback, and the entry waits for a
+        restart rather than failing the same way every few minutes."""
         if failure.check(QueueEntryMissing, FileNotFoundError):
             self.log.log(Level.WARN, f"queue file {key} is gone: nothing left to deliver")
-            return
-        self.log.log(
-            Level.ERROR,
-            f"delivery attempt for {key} could not be settled: {failure.getErrorMessage()};"
-            f" trying again in {RETRY_UNSETTLED:.0f}s",
-        )
-        self.log.log(Level.DEBUG, failure.getTraceback())
-        self._queued.add(key)
-        dom = self._domain(self.domain_of(entry))
-        due = self.reactor.seconds() + RETRY_UNSETTLED
-        heapq.heappush(dom.heap, (due, next(self._seq), entry))
+        elif failure.check(OSError):
+            self.log.log(
+                Level.ERROR,
+                f"delivery attempt for {key} could not be settled:"
+                f" {failure.getErrorMessage()}; trying again in {self.retry_unsettled:.0f}s",
+            )
+            self.add(entry, due=self.reactor.seconds() + self.retry_unsettled)
+        else:
+            self.log.log(Level.CRIT, f"delivery attempt for {key} failed: {failure.getTraceback()}")
 
     def _domain(self, name: str) -> _Domain:
         key = name.lower()

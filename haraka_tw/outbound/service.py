@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 import uuid as uuidlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from email.utils import formatdate
 from pathlib import Path
@@ -354,9 +354,11 @@ class OutboundService:
             if failures:
                 # All or nothing: the client is told 4xx and will send the message again,
                 # so a file already written for one domain would be delivered twice.
-                for entry in entries:
+                removed = [
                     self.queue.remove(entry).addErrback(self._log_failure, "taking back")
-                return failures[0]
+                    for entry in entries
+                ]
+                return defer.DeferredList(removed).addCallback(lambda _: failures[0])
             for entry in entries:
                 self._schedule(entry)
             return entries
@@ -400,20 +402,21 @@ class OutboundService:
 
     def control(self, action: str, args: dict[str, Any]) -> None:
         """Carry out a request of C{haraka-tw queue} (flush, delete, bounce) on the files
-        this service delivers. One this version does not understand is logged and left."""
-        problem = _control_problem(action, args)
+        this service delivers. One this version cannot use is logged and left."""
+        known = _CONTROLS.get(action)
+        problem = "not an action (flush, delete, bounce)" if known is None else known(args)
         if problem is not None:
             self.log.log(Level.WARN, f"queue control: {action} {args!r} ignored: {problem}")
             return
         self.log.log(Level.NOTICE, f"queue control: {action} {args}", origin="outbound")
         if action == "flush":
             self.flush(args.get("domain"))
-        elif action in ("delete", "bounce"):
-            ids = set(args.get("ids") or ())
-            d = deferToThread(self.queue.store.listing)  # read-only: scan() cleans up
-            d.addCallback(
-                lambda listing: self._act_on(action, [e for e in listing.entries if e.id in ids])
-            )
+            return
+        ids = set(args["ids"])
+        d = deferToThread(self.queue.store.listing)  # read-only: scan() cleans up
+        d.addCallback(
+            lambda listing: self._act_on(action, [e for e in listing.entries if e.id in ids])
+        )
 
     def _act_on(self, action: str, entries: list[QueueEntry]) -> None:
         from haraka_tw.outbound.tools import bounce_entry
@@ -438,17 +441,24 @@ class OutboundService:
         self.scheduler.add(entry)
 
 
-def _control_problem(action: str, args: dict[str, Any]) -> str | None:
-    """What is wrong with a queue control request, or None."""
-    if action == "flush":
-        domain = args.get("domain")
-        return None if domain is None or isinstance(domain, str) else "domain is not text"
-    if action in ("delete", "bounce"):
-        ids = args.get("ids")
-        if isinstance(ids, list) and all(isinstance(i, str) for i in ids):
-            return None
-        return "ids is not a list of queue ids"
-    return "not an action (flush, delete, bounce)"
+def _flush_problem(args: dict[str, Any]) -> str | None:
+    domain = args.get("domain")
+    return None if domain is None or isinstance(domain, str) else "domain is not text"
+
+
+def _ids_problem(args: dict[str, Any]) -> str | None:
+    ids = args.get("ids")
+    if isinstance(ids, list) and all(isinstance(i, str) for i in ids):
+        return None
+    return "ids is not a list of queue ids"
+
+
+#: the queue control requests: action -> what is wrong with its arguments (None: nothing)
+_CONTROLS: dict[str, Callable[[dict[str, Any]], str | None]] = {
+    "flush": _flush_problem,
+    "delete": _ids_problem,
+    "bounce": _ids_problem,
+}
 
 
 def _dsn_params(params: dict[str, Any]) -> dict[str, str]:

@@ -368,7 +368,7 @@ class QueueStore:
         if entry.history or todo.dsn_delayed_sent:
             self._write_state(name.id, entry.history, todo.dsn_delayed_sent)
         try:
-            chunks = message_reader(entry.path, entry.message_offset, entry.todo.message_size)
+            chunks = message_reader(entry.path, entry.message_offset, entry.message_size)
             new = self._write_queue_file(name, todo, chunks)
         except FileNotFoundError:
             self._state_path(name.id).unlink(missing_ok=True)
@@ -418,7 +418,7 @@ class QueueStore:
 
     def load_message(self, entry: QueueEntry) -> Iterator[bytes]:
         """See L{IOutboundQueue.load_message}."""
-        return message_reader(entry.path, entry.message_offset, entry.todo.message_size)
+        return message_reader(entry.path, entry.message_offset, entry.message_size)
 
     # -- the lock --------------------------------------------------------------------
 

@@ -29,6 +29,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import LoopingCall
 
 from haraka_tw.logging import Level
+from haraka_tw.smtp.catalogue import S421_UNAVAILABLE
 from haraka_tw.smtp.factory import HarakaSMTPFactory
 from haraka_tw.workers.launcher import ForkServerLauncher
 from haraka_tw.workers.supervisor import WorkerSupervisor
@@ -74,9 +75,10 @@ class WorkerMaster:
             self.log,
             count,
             stop_timeout=force_shutdown_timeout + STOP_MARGIN,
-            on_failing=self._answer_421,
+            on_failing=self._set_refusing,
         )
         self.on_fatal = on_fatal
+        self._serving: dict[IListeningPort, Any] = {}  # port -> its factory, while refusing
         self.owns_queue = False
         self._controls = LoopingCall(self._take_controls)
         self._controls.clock = server.reactor
@@ -130,24 +132,24 @@ class WorkerMaster:
 
         return d.addBoth(release)
 
-    def _answer_421(self, failing: bool) -> None:
+    def _set_refusing(self, refusing: bool) -> None:
         """While every worker keeps failing, the master accepts on the listeners itself and
         answers 421, so that clients go elsewhere or come back later instead of waiting,
         with no banner, for a worker that does not come; once one stays up, it stops.
         (Plain listeners only: on an implicit TLS one, a reply in the clear would only
-        fail the client's handshake.)"""
+        fail the client's handshake. Closed ones, when stopping, are left alone.)"""
         for port in self.ports:
-            factory = port.factory  # type: ignore[attr-defined]
-            refusing = isinstance(factory, _Unavailable)
-            if not refusing and not isinstance(factory, HarakaSMTPFactory):
-                continue
-            if failing and not refusing:
-                port._serving_factory = port.factory  # type: ignore[attr-defined]
-                port.factory = _Unavailable(self.server.settings.me)  # type: ignore[attr-defined]
-                port.startReading()  # type: ignore[attr-defined]
-            elif not failing and refusing:
-                port.stopReading()  # type: ignore[attr-defined]
-                port.factory = port._serving_factory  # type: ignore[attr-defined]
+            listening: Any = port
+            if refusing and port not in self._serving:
+                if not listening.connected or not isinstance(listening.factory, HarakaSMTPFactory):
+                    continue
+                self._serving[port] = listening.factory
+                listening.factory = _Unavailable()
+                listening.startReading()
+            elif not refusing and port in self._serving:
+                if listening.connected:
+                    listening.stopReading()
+                listening.factory = self._serving.pop(port)
 
     def _lost(self, reason: str) -> None:
         if not self.supervisor.stopping:
@@ -177,18 +179,12 @@ class _Unavailable(Factory):
     """Answers every connection C{421 4.3.2} and closes it (RFC 5321 4.3.2: service not
     available)."""
 
-    def __init__(self, me: str) -> None:
-        self.reply = f"421 4.3.2 {me} Service not available, try again later\r\n".encode()
-
     def buildProtocol(self, addr: Any) -> Protocol:
-        return _Refusal(self.reply)
+        return _Refusal()
 
 
 class _Refusal(Protocol):
-    def __init__(self, reply: bytes) -> None:
-        self.reply = reply
-
     def connectionMade(self) -> None:
         assert self.transport is not None
-        self.transport.write(self.reply)
+        self.transport.write(S421_UNAVAILABLE.to_bytes())
         self.transport.loseConnection()

@@ -160,6 +160,13 @@ class WorkerSupervisor:
         if self.failing:
             self.clock.callLater(self.stable_after, self._stayed_up, slot, pid)
 
+    def _crash_looping(self, slot: _Slot) -> bool:
+        """Whether C{slot}'s worker keeps failing: quick exits in a row, and not running
+        now for longer than C{stable_after} (a count is only reset at the next exit)."""
+        if slot.quick_exits < CRASH_LOOP:
+            return False
+        return slot.pid is None or self.clock.seconds() - slot.started_at < self.stable_after
+
     def _stayed_up(self, slot: _Slot, pid: int) -> None:
         """While every worker was failing: C{pid} has run C{stable_after} seconds."""
         if slot.pid != pid or not self.failing or self.stopping:
@@ -196,7 +203,7 @@ class WorkerSupervisor:
                 f" part {index}/{len(self.slots)} of the outbound queue is not being delivered",
             )
         slot.restart = self.clock.callLater(delay, self._launch, slot)
-        if not self.failing and all(s.quick_exits >= CRASH_LOOP for s in self.slots):
+        if not self.failing and all(self._crash_looping(s) for s in self.slots):
             self._say(
                 Level.CRIT,
                 "every worker keeps failing: new connections are answered 421 until one stays up",

@@ -451,3 +451,8 @@ def test_bytes_that_are_not_utf8_warn_with_their_line(layers: Layers) -> None:
     layers.write(layers.operator, "me", "mx.test\n")
     assert config.get_value("me") == "mx.test"
     assert len(layers.logged) == 1  # (a UTF-8 file: no warning)
+    with_bom = layers.write(layers.operator, "host_list_regex", b"\xef\xbb\xbfa\n\xff\n")
+    assert config.get_list("host_list_regex") == ["a", "\ufffd"]
+    assert (
+        layers.logged[1] == f"{with_bom}:2: not valid UTF-8; the invalid bytes are read as U+FFFD"
+    )

@@ -129,6 +129,19 @@ class RelayTests(TestCase):
         yield self.wait_for(lambda: len(peer.messages) == 1, timeout=15)
 
     @inlineCallbacks
+    def test_recipients_refused_before_a_failed_data_are_logged(self) -> Deferred[None]:
+        """The server refuses one recipient at RCPT, then drops the connection in DATA:
+        the refused recipient has its own line, as well as the failure itself."""
+        peer = Peer(PeerScript(rcpt={"x@dest.test": "550 5.1.1 no such user"}, drop_in_data=5000))
+        port = self.relay_server(peer)
+        logged = self.logged()
+        body = b"Subject: big\r\n\r\n" + (b"y" * 78 + b"\r\n") * 200
+        yield self.send(port, ["bob@dest.test", "x@dest.test"], body)
+        yield self.wait_for(lambda: any(" failed in " in line for line in logged))
+        refused = "] refused x@dest.test: 550 5.1.1 no such user"
+        self.assertTrue(any(line.endswith(refused) for line in logged), logged)
+
+    @inlineCallbacks
     def test_permanent_failure_bounces_to_sender(self) -> Deferred[None]:
         """A 5xx for one recipient: the other is delivered, a DSN goes to the sender."""
         peer = Peer(PeerScript(rcpt={"nobody@dest.test": "550 5.1.1 no such user"}))

@@ -102,17 +102,20 @@ def test_round_trip_with_non_ascii(tmp_path: Path) -> None:
     assert b"".join(message_reader(path, offset, chunk=5)) == MESSAGE
 
 
-def test_a_message_changed_since_it_was_read_is_refused(tmp_path: Path) -> None:
-    """With the size its todo records, a file cut short or grown since it was scanned
-    (another process, a disk error) raises, naming the file, before any byte goes out:
-    never a partial message sent as a whole one."""
+@pytest.mark.parametrize("haraka", [False, True])
+def test_a_message_changed_since_it_was_read_is_refused(tmp_path: Path, haraka: bool) -> None:
+    """Given the message's size when the file was scanned, a file (ours, or Haraka's,
+    whose todo records no size) cut short or grown since (another process, a disk error)
+    raises, naming the file, before any byte goes out: never a partial message sent as a
+    whole one."""
     path = tmp_path / "q"
-    path.write_bytes(queue_bytes(sample_todo()))
-    todo, offset = read_todo(path)
-    assert b"".join(message_reader(path, offset, todo.message_size)) == MESSAGE
+    path.write_bytes(haraka_file(HARAKA_TODO, MESSAGE) if haraka else queue_bytes(sample_todo()))
+    _, offset = read_todo(path)
+    size = path.stat().st_size - offset  # (what the scan saw)
+    assert b"".join(message_reader(path, offset, size)) == MESSAGE
     for changed in (path.read_bytes()[:-7], path.read_bytes() + b"GARBAGE"):
         path.write_bytes(changed)
-        reader = message_reader(path, offset, todo.message_size)
+        reader = message_reader(path, offset, size)
         with pytest.raises(QueueFileError, match=rf"^{path}: the message is \d+ bytes, "):
             next(reader)
 

@@ -19,14 +19,12 @@ from typing import Any, TypeVar
 from unittest import mock
 
 import pytest
-from twisted.internet import reactor
-from twisted.internet.defer import Deferred, fail, maybeDeferred
-from twisted.internet.task import Clock, deferLater
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from haraka_tw.config import ConfigDirectory
-from haraka_tw.logging import Level
 from haraka_tw.outbound.qfile import QueueName, QueueRecipient, Todo, read_todo
 from haraka_tw.outbound.queue import (
     FileQueue,
@@ -37,7 +35,6 @@ from haraka_tw.outbound.queue import (
     QueueStore,
     queue_dir_of,
 )
-from tests.support import ListLog, temp_dir, write_config
 
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[2]
@@ -569,90 +566,3 @@ def test_scan_keeps_files_being_written_now(tmp_path: Path) -> None:
     store.scan()
     assert ours.exists()
     assert not theirs.exists()
-
-
-class ServiceTests(TestCase):
-    """The outbound service against queue trouble: a scan that fails (not one bad file:
-    those are set aside) still leaves it delivering what arrives after, and a control
-    request it cannot use is logged and left, not an error that stops later ones."""
-
-    def server(self) -> tuple[Any, ListLog, Path]:
-        from twisted.internet import reactor
-
-        from haraka_tw.config import ConfigDirectory
-        from haraka_tw.paths import default_config_dir
-        from haraka_tw.server import HarakaServer
-
-        base = temp_dir(self)
-        config = write_config(
-            base / "config",
-            {
-                "outbound.ini": f"[main]\nqueue_dir={base}/queue\n",
-                "dns.ini": "[main]\nnameservers=127.0.0.1:9\ntimeout=1\nattempts=1\n",
-            },
-        )
-        log = ListLog()
-        server = HarakaServer(ConfigDirectory([default_config_dir(), config]), reactor, log)
-        return server, log, base
-
-    def test_the_scheduler_runs_after_a_failed_scan(self) -> None:
-        server, log, base = self.server()
-        with mock.patch.object(
-            type(server.outbound.queue), "scan", lambda q: fail(OSError(5, "I/O error"))
-        ):
-            server.outbound.start()
-        self.addCleanup(server.outbound.stop)
-        self.assertTrue(server.outbound.scheduler._ticker.running)
-        self.assertEqual(
-            log.messages(Level.CRIT),
-            [
-                f"outbound queue: scanning {base}/queue failed: [Errno 5] I/O error; new"
-                " messages are delivered, the files already there wait for a restart"
-            ],
-        )
-
-    def test_control_requests_with_bad_arguments_are_logged_and_left(self) -> None:
-        server, log, _ = self.server()
-        server.outbound.control("flush", {"domain": 5})
-        server.outbound.control("delete", {"ids": "1234"})
-        server.outbound.control("bounce", {"ids": [1, 2]})
-        server.outbound.control("frobnicate", {})
-        server.outbound.control("flush", {"domain": "b.test"})  # and a good one still works
-        self.assertEqual(
-            log.messages(Level.WARN),
-            [
-                "queue control: flush {'domain': 5} ignored: domain is not text",
-                "queue control: delete {'ids': '1234'} ignored: ids is not a list of queue ids",
-                "queue control: bounce {'ids': [1, 2]} ignored: ids is not a list of queue ids",
-                "queue control: frobnicate {} ignored: not an action (flush, delete, bounce)",
-            ],
-        )
-        self.assertIn("outbound flush of b.test: 0", log.messages(Level.NOTICE))
-
-    def test_a_message_for_two_domains_is_queued_whole_or_not_at_all(self) -> Deferred[None]:
-        """One queue file per domain: if the second cannot be written (a full disk), the
-        first is taken back, since the sender is told 4xx and will send again."""
-        server, _, _ = self.server()
-        server.outbound.start()
-        self.addCleanup(server.outbound.stop)
-        queue = server.outbound.queue
-        original, calls = type(queue).add, []
-
-        def add(q: Any, todo: Any, chunks: Any, next_attempt: Any = None) -> Any:
-            calls.append(todo.domain)
-            if len(calls) == 2:
-                return fail(OSError(28, "No space left on device"))
-            return original(q, todo, chunks, next_attempt)
-
-        with mock.patch.object(type(queue), "add", add):
-            d = server.outbound.send_email("a@x.test", ["b@one.test", "c@two.test"], MESSAGE)
-        failed: list[Failure] = []
-        d.addErrback(failed.append)
-        self.assertEqual(calls, ["one.test", "two.test"])
-
-        def check() -> None:
-            self.assertEqual(len(failed), 1)
-            self.assertEqual(failed[0].value.errno, 28)
-            self.assertEqual(queue.store.listing().entries, [])
-
-        return deferLater(reactor, 0.5, check)

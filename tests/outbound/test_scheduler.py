@@ -10,12 +10,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from haraka_tw.logging import Level
 from haraka_tw.outbound.entry import QueueEntryMissing
-from haraka_tw.outbound.scheduler import (
-    RETRY_UNSETTLED,
-    DeliveryScheduler,
-    DomainLimits,
-    Limits,
-)
+from haraka_tw.outbound.scheduler import DeliveryScheduler, DomainLimits, Limits
 from tests.support import ListLog
 
 
@@ -154,9 +149,9 @@ class SchedulerTests(SynchronousTestCase):
         self.assertEqual(self.started, ["again", "again"])
 
     def test_an_attempt_that_cannot_settle_is_tried_again_later(self) -> None:
-        """An attempt that errors (its queue file could not be rewritten: a full disk) is
+        """An attempt that errors because the queue could not be written (a full disk) is
         an error in the log; its slot is freed, and the entry, still on disk as it was, is
-        tried again RETRY_UNSETTLED seconds later instead of being forgotten."""
+        tried again retry_unsettled (300) seconds later instead of being forgotten."""
         s = self.scheduler(Limits(concurrency_max=1))
         s.add(Item("bad", "x.test"))
         s.add(Item("next", "x.test"))
@@ -172,7 +167,7 @@ class SchedulerTests(SynchronousTestCase):
             ],
         )
         self.finish("next")
-        self.clock.advance(RETRY_UNSETTLED - 1)
+        self.clock.advance(299)
         self.assertEqual(self.started, ["bad", "next"])
         self.clock.advance(1)
         self.assertEqual(self.started, ["bad", "next", "bad"])
@@ -183,9 +178,22 @@ class SchedulerTests(SynchronousTestCase):
         s.add(Item("gone", "x.test"))
         self.clock.advance(0)
         self.pending.pop("gone").errback(QueueEntryMissing("gone"))
-        self.clock.advance(RETRY_UNSETTLED + 1)
+        self.clock.advance(301)
         self.assertEqual(self.started, ["gone"])
         self.assertEqual(
             self.log.messages(Level.WARN), ["queue file gone is gone: nothing left to deliver"]
         )
         self.assertEqual(self.log.messages(Level.ERROR) + self.log.messages(Level.CRIT), [])
+
+    def test_an_attempt_that_fails_with_a_bug_is_logged_and_not_retried(self) -> None:
+        """Any other error is a bug: CRIT with its traceback; not retried every few
+        minutes (the entry waits for a restart)."""
+        s = self.scheduler()
+        s.add(Item("bug", "x.test"))
+        self.clock.advance(0)
+        self.pending.pop("bug").errback(TypeError("boom"))
+        self.clock.advance(301)
+        self.assertEqual(self.started, ["bug"])
+        (crit,) = self.log.messages(Level.CRIT)
+        self.assertIn("delivery attempt for bug failed: Traceback", crit)
+        self.assertIn("TypeError: boom", crit)

@@ -229,6 +229,25 @@ class SupervisorTests(SynchronousTestCase):
         self.assertEqual(told, [True, False])
         self.assertIn("worker 0 (pid 203) stays up: workers serve again", self.log.messages())
 
+    def test_a_worker_that_failed_then_stayed_up_is_not_failing(self) -> None:
+        """A worker with three quick exits behind it that has since run for longer than
+        stable_after serves: the other worker crash-looping is not 'every worker'."""
+        told: list[bool] = []
+        self.supervisor.on_failing = told.append
+        self.start_both()
+        for pid in (200, 201, 202):
+            self.supervisor.exited(0, 3)
+            self.clock.advance(1)
+            self.supervisor.started(0, pid)
+        self.clock.advance(60)  # worker 0 (pid 202) serves from now on
+        for pid in (300, 301, 302):
+            self.supervisor.exited(1, 3)
+            self.clock.advance(1)
+            self.supervisor.started(1, pid)
+        self.supervisor.exited(1, 3)
+        self.assertEqual(told, [])
+        self.assertNotIn("every worker", " ".join(self.log.messages(Level.CRIT)))
+
     def test_describe_exit(self) -> None:
         """Exit statuses in words."""
         self.assertEqual(describe_exit(None), "could not be started")
