@@ -14,6 +14,7 @@ with a malformed attribute. Attribute values are xtext (RFC 3461); NAME=[UNAVAIL
 from __future__ import annotations
 
 import ipaddress
+import re
 from typing import Any
 
 from zope.interface import implementer
@@ -31,6 +32,7 @@ __all__ = ["Plugin", "parse_attributes"]
 
 _ATTRIBUTES = frozenset({"NAME", "ADDR", "PORT", "PROTO", "HELO", "LOGIN", "DESTADDR", "DESTPORT"})
 _UNAVAILABLE = frozenset({"[UNAVAILABLE]", "[TEMPUNAVAIL]"})
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def parse_attributes(argument: str) -> dict[str, str]:
@@ -45,9 +47,12 @@ def parse_attributes(argument: str) -> dict[str, str]:
         if not sep or name not in _ATTRIBUTES:
             raise ValueError(f"bad XCLIENT attribute {word!r}")
         try:
-            out[name] = xtext_decode(value)
+            decoded = xtext_decode(value)
         except DSNError as e:
             raise ValueError(f"bad XCLIENT value for {name}: {e}") from None
+        if _CONTROL.search(decoded):  # (they would reach Received and the log as they are)
+            raise ValueError(f"bad XCLIENT value for {name}: control characters")
+        out[name] = decoded
     return out
 
 

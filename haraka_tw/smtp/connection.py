@@ -97,9 +97,14 @@ AUTH_NOTES = ("auth_user", "auth_passwd", "auth_method", "auth_fails", "auth_bri
 
 
 def forget_auth(connection: Connection) -> None:
-    """Drop what SMTP AUTH established (after STARTTLS, or when XCLIENT names a new client)."""
-    if any(connection.notes.pop(key, None) is not None for key in AUTH_NOTES):
-        connection.relaying = False
+    """Drop what SMTP AUTH established (after STARTTLS, or when XCLIENT names a new client):
+    every one of its notes, and the relaying it granted, to the connection and to a
+    transaction still open (which a reset may not have ended yet)."""
+    dropped = [connection.notes.pop(key, None) for key in AUTH_NOTES]
+    if any(value is not None for value in dropped):
+        connection._relaying = False
+        if connection.transaction is not None:
+            connection.transaction._relaying = None  # (the connection's, now False)
 
 
 class State(enum.Enum):

@@ -197,6 +197,8 @@ class Greeting(SessionCore):
         }
         if header.local or header.source_ip is None:
             return  # a health check: the proxy speaks for itself
+        if header.family == "UNIX":
+            return  # a client on the proxy's own socket: no address but the proxy's
         conn.remote = Remote(header.source_ip, header.source_port or 0)
         if header.dest_ip is not None:
             conn.local.ip = header.dest_ip

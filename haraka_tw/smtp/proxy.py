@@ -301,7 +301,10 @@ def _ip_text(packed: bytes) -> str:
 
 
 def _unix_path(raw: bytes) -> str:
-    return raw.split(b"\0", 1)[0].decode("utf-8", "backslashreplace")
+    path = raw.split(b"\0", 1)[0]
+    if any(byte < 0x20 or byte == 0x7F for byte in path):
+        raise ProxyError("a UNIX address with control bytes")
+    return path.decode("utf-8", "backslashreplace")
 
 
 def _parse_tlvs(header: bytes, start: int) -> dict[int, bytes]:

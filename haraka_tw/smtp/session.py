@@ -38,6 +38,10 @@ _AUTH_LINE_LIMIT = 12288  # RFC 4954 4: lines of an AUTH exchange may be this lo
 _V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"  # a PROXY v2 header where a command should be
 
 
+#: lines after an AUTH command that the protocol log treats as possible credentials
+_LINES_AFTER_AUTH = 3
+
+
 class SessionCore(smtp.ESMTP):
     """The session's machinery: input framing, one command at a time, flow control,
     output batching, closing, and turning hook results into replies.
@@ -70,6 +74,7 @@ class SessionCore(smtp.ESMTP):
         self._held = False  # too much input while a hook runs
         self._output_full = False  # the client is not reading our replies
         self._loop_reply: Reply | None = None
+        self._after_auth = 0  # lines after an AUTH command whose unknown verbs are not logged
         self._on_idle: list[Callable[[], None]] = []
         self._line_waiter: Deferred[bytes] | None = None
         self._tls_waiter: Deferred[None] | None = None
@@ -254,11 +259,7 @@ class SessionCore(smtp.ESMTP):
         cmd = parse_command(line)
         conn.current_command = cmd
         if self.factory.log.level >= Level.PROTOCOL:
-            shown = cmd.raw.decode("utf-8", "replace")
-            words = shown.split()
-            if cmd.verb == "AUTH" and len(words) > 2:  # the initial response holds the password
-                shown = f"{words[0]} {words[1]} [redacted]"
-            self._log(Level.PROTOCOL, f"C: {shown}")
+            self._log(Level.PROTOCOL, f"C: {self._shown(cmd)}")
         if conn.state is State.LOOP and cmd.verb != "QUIT":
             assert self._loop_reply is not None
             self._send(self._loop_reply)
@@ -275,6 +276,23 @@ class SessionCore(smtp.ESMTP):
             conn.pipelining = True  # the client sent more before reading this reply
         handler = self._command_handler(cmd.verb)
         self._wait(self._attempt(handler or self._unrecognized, cmd))
+
+    def _shown(self, cmd: Command) -> str:
+        """The client's line for the protocol log, without credentials. An AUTH line (its
+        words split by spaces or tabs) loses its initial response. For the three lines after
+        an AUTH command, a line with no verb the core knows is not shown: it may be the
+        answer to an AUTH exchange the server gave up on (a timeout, a refusal the client
+        did not wait for), which then arrives as a command."""
+        shown = cmd.raw.decode("utf-8", "replace")
+        words = shown.split()
+        if words and words[0].upper() == "AUTH":
+            self._after_auth = _LINES_AFTER_AUTH
+            return " ".join(words[:2]) + (" [redacted]" if len(words) > 2 else "")
+        if self._after_auth:
+            self._after_auth -= 1
+            if self._command_handler(cmd.verb) is None:
+                return "[redacted: a line after AUTH]"
+        return shown
 
     def _unrecognized(self, cmd: Command) -> Deferred[Any] | None:
         """A verb the core does not know: the unrecognized_command hook decides."""

@@ -295,6 +295,22 @@ class DirectHeaderTests(ProxyTestCase):
 
         return deferToThread(client).addCallback(check)
 
+    def test_v2_unix_client_keeps_proxy_address(self) -> Deferred[Any]:
+        """A v2 header for a client on the proxy's UNIX socket gets the banner; the client
+        has no address but the proxy's (a socket path is no IP address), as for LOCAL."""
+        port = self.start()
+
+        def client() -> tuple[str, int]:
+            preamble = v2_header("/run/client.sock", "/run/smtp.sock")
+            with SourcedClient(port, preamble=preamble) as c:
+                self.assertEqual(reply_code(c.banner), 220, c.banner)
+                return c.address
+
+        def check(address: tuple[str, int]) -> None:
+            self.assertEqual(self.hooks_for(address), SESSION_HOOKS)
+
+        return deferToThread(client).addCallback(check)
+
     def test_cidr_in_hosts(self) -> Deferred[Any]:
         """hosts[] takes CIDRs: 127.0.0.5 within 127.0.0.0/29 must send a header."""
         port = self.start("[haproxy]\nhosts[]=::1\nhosts[]=127.0.0.0/29\n")

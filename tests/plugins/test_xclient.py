@@ -23,6 +23,10 @@ def test_parse_attributes() -> None:
     for bad in ("FOO=1", "ADDR", "ADDR=a+zz"):
         with pytest.raises(ValueError):
             parse_attributes(bad)
+    # control characters (CR LF would reach the Received field and the log)
+    for bad in ("NAME=a+0D+0AX-Body:+20yes", "NAME=a+00b", "HELO=x+7F", "LOGIN=a+09b"):
+        with pytest.raises(ValueError, match="control characters"):
+            parse_attributes(bad)
 
 
 class XclientTests(SynchronousTestCase):

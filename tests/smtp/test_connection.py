@@ -7,12 +7,14 @@ from typing import Any
 import pytest
 
 from haraka_tw.smtp.connection import (
+    AUTH_NOTES,
     Connection,
     Counts,
     Hello,
     Local,
     Remote,
     TLSInfo,
+    Transaction,
     forget_auth,
 )
 from haraka_tw.smtp.state import Notes, Results
@@ -106,12 +108,27 @@ def test_forget_auth_on_a_fresh_connection() -> None:
 
 
 def test_forget_auth_drops_auth_notes() -> None:
-    """forget_auth drops what AUTH noted and the relaying it gave."""
+    """forget_auth drops every note AUTH made (the password and auth_bridge's credentials
+    too, not only the first one found) and the relaying it gave."""
+    conn = connection()
+    for key in AUTH_NOTES:
+        conn.notes[key] = "x"
+    conn.relaying = True
+    forget_auth(conn)
+    assert [key for key in AUTH_NOTES if key in conn.notes] == [] and not conn.relaying
+
+
+def test_forget_auth_in_a_transaction_drops_the_connections_relaying_too() -> None:
+    """With a transaction open (STARTTLS after MAIL), the relaying AUTH gave goes for the
+    connection as well, not only for that transaction: the next one may not relay."""
     conn = connection()
     conn.notes.auth_user = "alice"
     conn.relaying = True
+    conn.transaction = Transaction("T1")
     forget_auth(conn)
-    assert "auth_user" not in conn.notes and not conn.relaying
+    assert not conn.relaying
+    conn.transaction = None
+    assert not conn.relaying
 
 
 def test_summary_of_an_idle_connection() -> None:

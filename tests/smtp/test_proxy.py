@@ -315,6 +315,14 @@ def test_v2_unix() -> None:
     )
 
 
+def test_v2_unix_path_with_control_bytes() -> None:
+    """A UNIX address holding CR, LF or another control byte is refused: it would reach the
+    log and headers as it is."""
+    for path in ("/x\r\nX-Evil: 1", "/x\x1b[2J", "/x\x7f"):
+        with pytest.raises(ProxyError, match="control bytes"):
+            parse_proxy_header(v2_header(path, "/run/smtp.sock"))
+
+
 def test_v2_local_unspec() -> None:
     """LOCAL with UNSPEC (a health check) is local: no family, no addresses."""
     assert parse_proxy_header(v2_local()) == header(version=2, local=True, family=None, length=16)
@@ -548,7 +556,7 @@ def v2_headers(draw: st.DrawFn) -> tuple[bytes, ProxyHeader]:
     items = draw(st.permutations(items))
     crc = draw(st.booleans())
     if kind == "UNIX":
-        path = st.text(st.characters(min_codepoint=1, max_codepoint=0x7F), max_size=60)
+        path = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=60)
         src_path, dst_path = draw(path), draw(path)
         buf = v2_header(src_path, dst_path, items, crc=crc)
         src, sport, dst, dport = src_path, None, dst_path, None

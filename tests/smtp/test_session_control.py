@@ -244,6 +244,28 @@ class AuthStateTests(SynchronousTestCase):
         lines = [m for m in s.log.messages() if m.startswith("C: AUTH")]
         self.assertEqual(lines, ["C: AUTH PLAIN [redacted]"])
 
+    def test_credentials_after_an_abandoned_auth_are_not_logged(self) -> None:
+        """An AUTH with its words split by tabs keeps its mechanism only; lines with no
+        verb the core knows that follow an AUTH (answers to an exchange the server did not
+        run: no AUTH plugin here, or one that gave up) are not shown; known commands are."""
+        s = Session()
+        s.send(b"EHLO x\r\nAUTH\tPLAIN\tAGFsaWNlAHNlY3JldA==\r\n")
+        s.send(b"AUTH LOGIN\r\nYWxpY2U=\r\nc2VjcmV0\r\nNOOP\r\nWHATEVER\r\n")
+        lines = [m for m in s.log.messages() if m.startswith("C: ")]
+        self.assertEqual(
+            lines,
+            [
+                "C: EHLO x",
+                "C: AUTH PLAIN [redacted]",
+                "C: AUTH LOGIN",
+                "C: [redacted: a line after AUTH]",
+                "C: [redacted: a line after AUTH]",
+                "C: NOOP",
+                "C: WHATEVER",
+            ],
+        )
+        self.assertNotIn("c2VjcmV0", " ".join(s.log.messages()))
+
 
 class IdleMemoryTests(SynchronousTestCase):
     def test_idle_session_stays_under_the_shared_keys_limit(self) -> None:
