@@ -190,6 +190,9 @@ class Plugin:
         command = connection.current_command
         if not self.pause or (command is not None and command.verb == "BDAT"):
             return self.verdict(connection)
+        if connection.unread_input:  # the message came with the DATA line: not waited for
+            connection.early_talker = True
+            return self.verdict(connection, record=True)
         received = connection.bytes_in
 
         def after_pause() -> _Answer:

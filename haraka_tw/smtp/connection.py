@@ -86,6 +86,8 @@ class SessionControl(Protocol):
 
     def read_line(self) -> Deferred[bytes]: ...
 
+    def unread_input(self) -> int: ...
+
     def start_tls(self, context_factory: Any) -> Deferred[None]: ...
 
     def restart(
@@ -368,6 +370,12 @@ class Connection:
         if self._session is None:
             return fail(ConnectionError("connection closed"))
         return self._session.read_line()
+
+    @property
+    def unread_input(self) -> int:
+        """Bytes the client has sent that the session has not read yet: after a command,
+        what it sent without waiting for the reply (0 once the session has ended)."""
+        return 0 if self._session is None else self._session.unread_input()
 
     def start_tls(self, context_factory: Any) -> Deferred[None]:
         """Discard pipelined plaintext, start TLS, reset the session; fires after the

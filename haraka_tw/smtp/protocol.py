@@ -81,6 +81,9 @@ class HarakaESMTP(Greeting, Envelope, Receiving):
     def disconnect(self) -> None:
         self._close()
 
+    def unread_input(self) -> int:
+        return len(self._inbuf)
+
     def read_line(self) -> Deferred[bytes]:
         if self._line_waiter is not None:
             raise RuntimeError("read_line() called while another read_line() is pending")

@@ -96,6 +96,19 @@ class EarlyTalkerTests(SynchronousTestCase):
         self.assertEqual(s.read(), "554 5.7.1 You talk too soon\r\n")
         self.assertTrue(s.closed)
 
+    def test_data_and_the_message_in_one_write(self) -> None:
+        """DATA with the whole message after it in the same write (the clearest case of not
+        waiting for the 354): 554 at once, the connection closed, nothing taken."""
+        s = session(*self.loaded(CHECKED + "pause=1\n").pairs(), accepting(), greet=False)
+        self.clock.advance(1)
+        s.read()
+        s.send(ENVELOPE)
+        self.assertEqual(
+            s.send("DATA\r\nSubject: spam\r\n\r\nhi\r\n.\r\n"),
+            "554 5.7.1 You talk too soon\r\n",
+        )
+        self.assertTrue(s.closed)
+
     def test_data_pause_patient_client(self) -> None:
         """A client that waits for the 354 gets it after the pause, and its message is taken."""
         s = session(*self.loaded(CHECKED + "pause=1\n").pairs(), accepting(), greet=False)

@@ -27,9 +27,11 @@ quarantine.ini::
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -64,6 +66,11 @@ def to_lf(chunks: Iterable[bytes]) -> Iterator[bytes]:
         yield b"\r"
 
 
+#: seconds after which a file in tmp/ is taken for what an interrupted save left (as
+#: Maildir readers take 36 hours; a save takes seconds)
+STALE_TMP = 3600.0
+
+
 class Quarantine:
     """The quarantine directory."""
 
@@ -74,15 +81,19 @@ class Quarantine:
     def tmp(self) -> Path:
         return self.path / "tmp"
 
-    def clean_tmp(self) -> int:
-        """Remove what an interrupted save left in tmp/; the number of files removed."""
+    def clean_tmp(self, now: float | None = None) -> int:
+        """Remove what an interrupted save left in tmp/: files older than C{STALE_TMP}
+        seconds, so that a save in progress in another process (a worker, a server the
+        CLI looks at) is never cut short. The number of files removed."""
         if not self.tmp.is_dir():
             return 0
+        cutoff = (time.time() if now is None else now) - STALE_TMP
         count = 0
         for leftover in self.tmp.iterdir():
-            if leftover.is_file():
-                leftover.unlink(missing_ok=True)
-                count += 1
+            with contextlib.suppress(FileNotFoundError):  # (another process took it)
+                if leftover.is_file() and leftover.stat().st_mtime < cutoff:
+                    leftover.unlink()
+                    count += 1
         return count
 
     def save(self, subdir: str, name: str, chunks: Iterable[bytes]) -> Path:

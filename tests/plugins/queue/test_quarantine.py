@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import datetime
+import os
 import smtplib
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
 from haraka_tw.interfaces import IDataPostHook
-from haraka_tw.plugins.queue.quarantine import subdirectory, to_lf
+from haraka_tw.plugins.queue.quarantine import STALE_TMP, subdirectory, to_lf
 from tests.support import maildir_messages, start_server, temp_dir
 
 PLUGINS = (
@@ -120,14 +122,20 @@ class QuarantineTests(TestCase):
         self.assertEqual(maildir_messages(self.base / "maildir"), [])
 
     def test_leftovers_removed_at_load(self) -> None:
-        """Files an interrupted save left in tmp/ are removed when the plugin loads."""
+        """Files an interrupted save left in tmp/ (older than STALE_TMP) are removed when
+        the plugin loads; a recent one, which may be a save in progress in another process
+        (a worker; a server the CLI was pointed at), is left alone."""
         base = temp_dir(self)
         (base / "tmp").mkdir()
-        (base / "tmp" / "torn").write_bytes(b"half")
+        torn, saving = base / "tmp" / "torn", base / "tmp" / "saving"
+        torn.write_bytes(b"half")
+        old = time.time() - STALE_TMP - 60
+        os.utime(torn, (old, old))
+        saving.write_bytes(b"in progress")
         start_server(
             self, {"plugins": PLUGINS, "quarantine.ini": f"[main]\nquarantine_path={base}\n"}
         )
-        self.assertEqual(list((base / "tmp").iterdir()), [])
+        self.assertEqual(list((base / "tmp").iterdir()), [saving])
 
 
 class UnitTests(SynchronousTestCase):
