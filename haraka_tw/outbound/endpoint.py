@@ -14,6 +14,8 @@ from typing import Any
 __all__ = ["Endpoint", "parse_endpoint", "parse_endpoints"]
 
 _SEPARATORS = re.compile(r"[\s,;]+")
+#: a host name (letters, digits, hyphens, underscores, dots), an IPv4 or an IPv6 address
+_HOST = re.compile(r"[A-Za-z0-9_.:-]+(?:%[A-Za-z0-9_.-]+)?")
 
 
 @dataclass(frozen=True)
@@ -35,7 +37,8 @@ class Endpoint:
 def parse_endpoint(text: str, default_port: int = 25) -> Endpoint:
     """C{host}, C{host:port}, C{[v6]:port} or a bare IPv6 address.
 
-    @raise ValueError: for an empty host or a bad port.
+    @raise ValueError: for an empty host, one with characters no host name or address has
+        (a space, a C{;} comment Haraka's files do not have), or a bad port.
     """
     text = text.strip()
     port: str | None = None
@@ -50,6 +53,8 @@ def parse_endpoint(text: str, default_port: int = 25) -> Endpoint:
         host = text
     if not host:
         raise ValueError(f"no host in {text!r}")
+    if not _HOST.fullmatch(host):
+        raise ValueError(f"bad host {host!r} (a host name or an IP address)")
     if port is None:
         return Endpoint(host, default_port)
     if not port.isdigit() or not 0 < int(port) < 65536:

@@ -80,6 +80,11 @@ _RCPT_PARAMS = ("NOTIFY", "ORCPT")
 # -- routes ---------------------------------------------------------------------------------
 
 
+#: seconds for the connection to a next hop, and again for its greeting: with the default
+#: plugin timeout (30 s), a silent first host of a pool leaves time for the second
+DEFAULT_CONNECT_TIMEOUT = 10
+
+
 @dataclass(frozen=True)
 class Route:
     """Where and how one group of recipients is handed over.
@@ -172,7 +177,7 @@ def read_route(
         tls = TLSPolicy(mode="none")
     user = get("auth_user")
     auth = (str(user), str(get("auth_pass") or "")) if user not in (None, "") else None
-    connect = get("connect_timeout") or 30
+    connect = get("connect_timeout") or DEFAULT_CONNECT_TIMEOUT
     if isinstance(connect, bool) or not isinstance(connect, int | float) or connect <= 0:
         raise ValueError(f"{where} [{name}] connect_timeout: {connect!r} is not seconds")
     return Route(
@@ -182,7 +187,9 @@ def read_route(
         tls=tls,
         auth=auth,
         allow_cleartext_auth=bool(get("auth_cleartext")),
-        timeouts=Timeouts(connect=float(connect)),
+        # The greeting gets the connection's time too: a host that answers the SYN but never
+        # greets must give way to the next one of a pool well within the hook's timeout.
+        timeouts=Timeouts(connect=float(connect), banner=float(connect)),
         enable_outbound=bool(get("enable_outbound")),
     )
 

@@ -22,7 +22,8 @@ message meant to be held is never delivered, nor lost, for want of disk.
 quarantine.ini::
 
     [main]
-    quarantine_path=var/quarantine   ; relative to the working directory
+    ; relative to the working directory
+    quarantine_path=var/quarantine
 """
 
 from __future__ import annotations

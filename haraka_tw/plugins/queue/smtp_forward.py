@@ -4,19 +4,29 @@ smtp_forward.ini (every key optional; a C{[domain]} section overrides [main] for
 domain, and takes the keys it does not set from [main])::
 
     [main]
-    host=localhost                ; the next hop (host, host:port, [v6]:port)
+    ; the next hop (host, host:port, [v6]:port), or a pool tried in order
+    host=localhost
     port=25
-    ;forwarding_host_pool=10.0.0.1:25, 10.0.0.2:25   ; tried in order, instead of host
-    ;enable_tls=false             ; STARTTLS when offered (certificate not checked)
-    ;tls_verify=false             ; STARTTLS required, certificate checked
-    ;tls_ca_file=                 ; trust roots for tls_verify (else the system's)
-    ;auth_user= / auth_pass=      ; AUTH to the next hop (CRAM-MD5 > PLAIN > LOGIN)
-    ;auth_cleartext=false         ; allow AUTH without TLS
-    ;queue=lmtp                   ; speak LMTP to the next hop
-    ;connect_timeout=30
-    ;enable_outbound=false        ; also forward relayed mail (queue_outbound)
-    ;check_sender=false / check_recipient=false
-    ;domain_selector=rcpt_to      ; or mail_from
+    ;forwarding_host_pool=10.0.0.1:25, 10.0.0.2:25
+    ; STARTTLS when offered (certificate not checked); required, certificate checked
+    ;enable_tls=false
+    ;tls_verify=false
+    ; trust roots for tls_verify (else the system's)
+    ;tls_ca_file=
+    ; AUTH to the next hop (CRAM-MD5 > PLAIN > LOGIN); allowed without TLS
+    ;auth_user=
+    ;auth_pass=
+    ;auth_cleartext=false
+    ; speak LMTP to the next hop
+    ;queue=lmtp
+    ; seconds for the connection, and again for the greeting, per host
+    ;connect_timeout=10
+    ; also forward relayed mail (queue_outbound)
+    ;enable_outbound=false
+    ;check_sender=false
+    ;check_recipient=false
+    ; or mail_from
+    ;domain_selector=rcpt_to
     ;one_message_per_rcpt=false
 
 The answer is OK only once the next hop has said 250 to the message, so the client's 250

@@ -29,7 +29,7 @@ smtp_proxy.ini (Haraka's file)::
     ;forwarding_host_pool=10.0.0.1:25, 10.0.0.2:25
     ;enable_tls=false / tls_verify=false / tls_ca_file=
     ;auth_user= / auth_pass= / auth_cleartext=false
-    ;connect_timeout=30
+    ;connect_timeout=10
     ;enable_outbound=true     ; proxy relayed mail too (Haraka's default)
 
 Relayed mail with C{enable_outbound=false} is not proxied at all: the built-in outbound

@@ -41,9 +41,15 @@ class EndpointTests(SynchronousTestCase):
         self.assertEqual(str(Endpoint("2001:db8::1", 25)), "[2001:db8::1]:25")
 
     def test_bad(self) -> None:
-        """No host, a bad port or a broken bracket is an error."""
+        """No host, a bad port or a broken bracket is an error; so is a host with a space
+        or a ';' (a comment after the value, which Haraka's ini files do not have: it
+        would be looked up in DNS with every message)."""
         for text in ("", ":25", "mx.test:x", "mx.test:0", "mx.test:70000", "[::1", "[::1]x"):
             self.assertRaises(ValueError, parse_endpoint, text)
+        for text in ("127.0.0.1 ; the next hop", "mx test", "mx.test;", "[::1;]:25"):
+            with self.assertRaisesRegex(ValueError, "bad host"):
+                parse_endpoint(text)
+        self.assertEqual(parse_endpoint("[fe80::1%eth0]:25"), Endpoint("fe80::1%eth0", 25))
 
     def test_list(self) -> None:
         """Hosts separated by spaces, commas or semicolons, in order."""

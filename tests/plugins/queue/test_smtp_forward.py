@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import smtplib
+import socket
+import time
 from typing import Any
 
 from twisted.internet.threads import deferToThread
@@ -118,6 +120,24 @@ class ForwardTests(ForwardCase):
         assert data is not None
         self.assertEqual(data[0], 250)
         self.assertEqual(len(peer.messages), 1)
+
+    async def test_a_host_that_never_greets_gives_way_to_the_next(self) -> None:
+        """forwarding_host_pool: a host that takes the connection but never greets is given
+        connect_timeout for its greeting too, then the next host is tried, well within the
+        queue hook's timeout."""
+        silent = socket.socket()
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(5)  # (the kernel completes the handshake; nothing ever answers)
+        self.addCleanup(silent.close)
+        peer, port = self.peer()
+        pool = f"127.0.0.1:{silent.getsockname()[1]}, 127.0.0.1:{port}"
+        self.server(f"[main]\nforwarding_host_pool={pool}\nconnect_timeout=1\n")
+        started = time.monotonic()
+        _, _, data = await self.send(["bob@example.com"])
+        assert data is not None
+        self.assertEqual(data[0], 250)
+        self.assertEqual(len(peer.messages), 1)
+        self.assertLess(time.monotonic() - started, 10)
 
     async def test_every_recipient_refused_is_5xx(self) -> None:
         """Every recipient refused at RCPT by the next hop: the message is refused 5xx."""
