@@ -1,4 +1,4 @@
-"""The C{haraka-tw} command: operator tools that are not the server itself.
+"""The haraka-tw command: operator tools that are not the server itself.
 
 - C{haraka-tw init DIR}: create an operator's config directory from the shipped defaults
   (Haraka's C{haraka -i}).
@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -24,12 +25,27 @@ __all__ = ["main"]
 
 def _init(args: argparse.Namespace) -> int:
     target = Path(args.directory)
-    if target.exists() and any(target.iterdir()) and not args.force:
-        print(
-            f"haraka-tw: {target} exists and is not empty (use --force to add missing files)",
-            file=sys.stderr,
-        )
+    try:
+        if target.exists() and not target.is_dir():
+            print(f"haraka-tw: {target} is not a directory", file=sys.stderr)
+            return 1
+        if target.exists() and any(target.iterdir()) and not args.force:
+            print(
+                f"haraka-tw: {target} exists and is not empty (use --force to add missing files)",
+                file=sys.stderr,
+            )
+            return 1
+        copied = _copy_defaults(target)
+    except OSError as e:
+        where = e.filename or target
+        print(f"haraka-tw: {where}: {e.strerror or e}", file=sys.stderr)
         return 1
+    print(f"created {target} with {copied} config files; run: twistd -n haraka --config {target}")
+    return 0
+
+
+def _copy_defaults(target: Path) -> int:
+    """Copy the shipped config files missing from C{target}; how many were copied."""
     source = default_config_dir()
     copied = 0
     for path in sorted(source.rglob("*")):
@@ -41,8 +57,7 @@ def _init(args: argparse.Namespace) -> int:
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(path, dest)
         copied += 1
-    print(f"created {target} with {copied} config files; run: twistd -n haraka --config {target}")
-    return 0
+    return copied
 
 
 def _plugins(args: argparse.Namespace) -> int:
@@ -77,8 +92,15 @@ def main(argv: list[str] | None = None) -> int:
         "--force", action="store_true", help="add missing files to an existing directory"
     )
     p.set_defaults(func=_init)
-    p = sub.add_parser("plugins", help="list the plugins a config loads and their hooks")
-    p.add_argument("-c", "--config", default=None)
+    p = sub.add_parser(
+        "plugins",
+        help="list the plugins a config loads and their hooks",
+        description="Load the config's plugins as the server would (their register() runs)"
+        " and list each with the hooks it answers.",
+    )
+    p.add_argument(
+        "-c", "--config", default=None, help="the config directory (default: the shipped one)"
+    )
     p.set_defaults(func=_plugins)
     p = sub.add_parser("hooks", help="print the hooks in firing order")
     p.set_defaults(func=_hooks)
@@ -88,7 +110,12 @@ def main(argv: list[str] | None = None) -> int:
         reconfigure = getattr(stream, "reconfigure", None)
         if reconfigure is not None:
             reconfigure(errors="backslashreplace")
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except BrokenPipeError:  # (| head: the reader has what it wanted)
+        # Python's own flush at exit would fail again: point stdout at /dev/null first.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

@@ -318,9 +318,9 @@ HOOKS: dict[str, type[Interface]] = {
     "connect_init": IConnectInitHook,
     "lookup_rdns": ILookupRdnsHook,
     "connect": IConnectHook,
-    "capabilities": ICapabilitiesHook,
     "helo": IHeloHook,
     "ehlo": IEhloHook,
+    "capabilities": ICapabilitiesHook,  # (after a successful ehlo, for its reply)
     "unrecognized_command": IUnrecognizedCommandHook,
     "mail": IMailHook,
     "rcpt": IRcptHook,

@@ -60,9 +60,35 @@ def test_console_script_plugins_and_hooks(tmp_path: Path) -> None:
     assert (
         names.index("connect_init")
         < names.index("connect")
+        < names.index("ehlo")
+        < names.index("capabilities")  # (it runs after a successful ehlo, for its reply)
         < names.index("mail")
         < names.index("queue")
     )
+
+
+def test_init_onto_a_file_or_under_one_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """init DIR where DIR is a file, or under one: a one-line error, exit status 1."""
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert main(["init", str(afile)]) == 1
+    assert capsys.readouterr().err == f"haraka-tw: {afile} is not a directory\n"
+    assert main(["init", str(afile / "sub")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"haraka-tw: {afile}/sub") and err.endswith(": Not a directory\n")
+
+
+def test_a_reader_that_stops_early_gets_no_traceback() -> None:
+    """haraka-tw hooks | head -1: the closed pipe ends the command quietly."""
+    proc = subprocess.Popen(
+        [str(HARAKA_TW), "hooks"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert proc.stdout is not None
+    proc.stdout.close()  # (before it writes: every write meets a closed pipe)
+    _, err = proc.communicate(timeout=30)
+    assert b"Traceback" not in err and b"BrokenPipe" not in err, err
 
 
 def test_plugins_reports_bad_plugin(tmp_path: Path) -> None:

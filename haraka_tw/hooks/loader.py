@@ -125,18 +125,23 @@ def load_plugins(
     ignore_bad_plugins: bool = False,
     reactor: Any = None,
 ) -> list[LoadedPlugin]:
-    """Create and register every plugin named, in order; a repeated name loads once.
+    """Create and register every plugin named, in order; a plugin named twice (by the
+    same name, or as C{queue/discard} and C{queue.discard}) loads once.
 
     @raise PluginLoadError: for the first plugin that fails, unless C{ignore_bad_plugins},
         in which case it is logged and left out.
     """
     loaded: list[LoadedPlugin] = []
-    seen: set[str] = set()
+    seen: dict[str, str] = {}  # the plugin, however spelt -> the name it was listed as
     for name in names:
-        if name in seen:
-            log.log(Level.WARN, f"plugin {name!r} is listed twice; loaded once", origin="plugins")
+        key = name if ":" in name else name.replace("/", ".").replace("-", "_")
+        if key in seen:
+            also = "" if seen[key] == name else f" (as {seen[key]!r})"
+            log.log(
+                Level.WARN, f"plugin {name!r} is listed twice{also}; loaded once", origin="plugins"
+            )
             continue
-        seen.add(name)
+        seen[key] = name
         try:
             loaded.append(_load_one(name, config, log, server_notes, reactor))
         except PluginLoadError as e:

@@ -113,6 +113,13 @@ class LoaderTests(SynchronousTestCase):
         self.assertTrue(any("no_such_plugin" in m for m in self.log.messages()))
 
     def test_listed_twice_loads_once(self) -> None:
-        """A plugin listed twice is loaded once."""
+        """A plugin listed twice is loaded once, also when spelt both ways (queue/discard
+        and queue.discard name the same module), with a WARN that says so."""
         loaded, _ = self.load(["queue/discard", "queue/discard"])
         self.assertEqual(len(loaded), 1)
+        loaded, _ = self.load(["queue/discard", "rcpt_to.in_host_list", "queue.discard"])
+        self.assertEqual([p.name for p in loaded], ["queue/discard", "rcpt_to.in_host_list"])
+        self.assertIn(
+            "plugin 'queue.discard' is listed twice (as 'queue/discard'); loaded once",
+            self.log.messages(),
+        )
