@@ -80,6 +80,7 @@ class Plugin:
         self.name = context.name
         self.config = context.config
         self.log = context.log
+        self._appended: set[str] = set()
 
     def blocklist_path(self) -> Path | None:
         """Where new addresses go: the operator's directory, or None if there is none."""
@@ -112,7 +113,9 @@ class Plugin:
             connection.logerror("no From: <address> line found in the body", self.name)
             return CONT
         txn.notes["block_me"] = True
-        listed = {a.lower() for a in self.config.get_list(BLOCKLIST)}
+        # (the file as read, and what this process appended since: the config cache only
+        # sees an append at the next reload, a second or two later)
+        listed = {a.lower() for a in self.config.get_list(BLOCKLIST)} | self._appended
         if address in listed:
             connection.loginfo(f"{address} is already blocked", self.name)
             return CONT
@@ -129,6 +132,7 @@ class Plugin:
         except OSError as e:
             connection.logerror(f"cannot append {address} to {path}: {e}", self.name)
             return CONT
+        self._appended.add(address)
         txn.results.add(self.name, **{"pass": f"blocked {address}"})
         connection.loginfo(f"blocking new sender: {address}", self.name)
         return CONT

@@ -25,6 +25,7 @@ Redis and are not here.
 
 from __future__ import annotations
 
+import math
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -85,15 +86,19 @@ _Answer = Code | tuple[Code, Any]
 
 
 def parse_limit(value: Any, where: str) -> int:
-    """A limit: a whole number, 0 or more (0: no limit)."""
+    """A limit: a whole number, 0 or more (0: no limit). C{where} names the file and key
+    (C{limit.ini [concurrency] max}) for the error.
+
+    @raise ValueError: naming C{where}, for anything else (a word, inf, nan, a fraction).
+    """
     if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise ValueError(f"limit.ini {where} must be a number, not {value!r}")
+        raise ValueError(f"{where} must be a number, not {value!r}")
     try:
         number = float(value)
     except ValueError:
-        raise ValueError(f"limit.ini {where} must be a number, not {value!r}") from None
-    if number < 0 or number != int(number):
-        raise ValueError(f"limit.ini {where} must be a whole number, 0 or more, not {value!r}")
+        raise ValueError(f"{where} must be a number, not {value!r}") from None
+    if not math.isfinite(number) or number < 0 or number != int(number):
+        raise ValueError(f"{where} must be a whole number, 0 or more, not {value!r}")
     return int(number)
 
 
@@ -120,7 +125,7 @@ class Limits:
             if not values.get("enabled"):
                 return 0
             default = DEFAULT_MAX[section] if key == "max" else 0
-            return parse_limit(values.get(key, default), f"[{section}] {key}")
+            return parse_limit(values.get(key, default), f"limit.ini [{section}] {key}")
 
         delay = ini.get("main", {}).get("tarpit_delay", 0)
         try:

@@ -44,14 +44,14 @@ class Plugin:
         """(Re)read the limit; a bad value raises and changes nothing."""
         value = self.config.get_value("max_unrecognized_commands", None)
         if value is not None:
-            self.limit = parse_limit(value, "max_unrecognized_commands")
+            self.limit = parse_limit(value, "the max_unrecognized_commands file")
             return
         section = self.config.get_ini("limit.ini", booleans=BOOLEANS).get(
             "unrecognized_commands", {}
         )
         self.limit = parse_limit(
             section.get("max", DEFAULT_MAX["unrecognized_commands"]),
-            "[unrecognized_commands] max",
+            "limit.ini [unrecognized_commands] max",
         )
 
     def hook_unrecognized_command(

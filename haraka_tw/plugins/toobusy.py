@@ -25,6 +25,7 @@ L{Plugin.stop} ends it.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
@@ -93,8 +94,8 @@ def _milliseconds(value: Any, what: str) -> float:
         number = float(value)
     except (TypeError, ValueError):
         raise ValueError(f"{what} must be a number of milliseconds, not {value!r}") from None
-    if not number > 0:
-        raise ValueError(f"{what} must be above 0, not {value!r}")
+    if not 0 < number < math.inf:
+        raise ValueError(f"{what} must be above 0 and finite, not {value!r}")
     return number / 1000
 
 
@@ -134,10 +135,13 @@ class Plugin:
         """(Re)read toobusy.ini and toobusy.maxlag; a bad value raises and changes nothing."""
         main = self.config.get_ini("toobusy.ini")["main"]
         maxlag = self.config.get_value("toobusy.maxlag", None)
+        where = "the toobusy.maxlag file"
         if maxlag is None:
-            maxlag = main.get("maxlag", DEFAULT_MAXLAG_MS)
-        seconds = _milliseconds(maxlag, "maxlag")
-        interval = _milliseconds(main.get("check_interval", DEFAULT_INTERVAL_MS), "check_interval")
+            maxlag, where = main.get("maxlag", DEFAULT_MAXLAG_MS), "toobusy.ini maxlag"
+        seconds = _milliseconds(maxlag, where)
+        interval = _milliseconds(
+            main.get("check_interval", DEFAULT_INTERVAL_MS), "toobusy.ini check_interval"
+        )
         self.maxlag = seconds
         if interval != self.monitor.interval:
             self.monitor.interval = interval

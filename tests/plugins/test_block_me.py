@@ -72,6 +72,14 @@ class BlockMeTests(SynchronousTestCase):
         self.send(loaded, "boss@example.com", ["spam@example.com"])
         self.assertEqual(self.blocklist(loaded), "other@x.test\nsales@pills.test\n")
 
+    def test_forwarded_twice_before_a_reload_is_added_once(self) -> None:
+        """The same spam forwarded again before the config watcher has re-read the list
+        (within a second or two) is not appended a second time."""
+        loaded = self.loaded()
+        for _ in range(3):
+            self.send(loaded, "boss@example.com", ["spam@example.com"])
+        self.assertEqual(self.blocklist(loaded), "sales@pills.test\n")
+
     def test_sender_not_allowed(self) -> None:
         """A sender not in block_me.senders gets 550 and nothing is blocked."""
         loaded = self.loaded()

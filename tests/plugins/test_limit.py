@@ -113,6 +113,9 @@ class LimitTests(SynchronousTestCase):
         """A bad limit fails loading; a reload applies a good edit and ignores a bad one."""
         with self.assertRaises(PluginLoadError):
             self.loaded("[errors]\nenabled=true\nmax=lots\n")
+        for value in ("inf", "nan", "1e999", "2.5"):  # (each named with its file and key)
+            with self.assertRaisesRegex(PluginLoadError, r"limit\.ini \[errors\] max must be"):
+                self.loaded(f"[errors]\nenabled=true\nmax={value}\n")
         loaded = self.loaded("[errors]\nenabled=true\nmax=5\n")
         plugin = loaded.plugin("limit")
         loaded.write("limit.ini", "[errors]\nenabled=true\nmax=7\n")
@@ -129,6 +132,10 @@ class LimitTests(SynchronousTestCase):
         self.assertEqual(
             load(self, ["max_unrecognized_commands"]).plugin("max_unrecognized_commands").limit, 10
         )
+        with self.assertRaisesRegex(
+            PluginLoadError, "the max_unrecognized_commands file must be a number, not 'x'"
+        ):
+            load(self, ["max_unrecognized_commands"], {"max_unrecognized_commands": "x\n"})
 
 
 class LimitServerTests(TestCase):

@@ -93,7 +93,11 @@ class TooBusyTests(SynchronousTestCase):
         """A maxlag that is not a positive number fails the plugin's loading."""
         with self.assertRaises(PluginLoadError) as caught:
             self.loaded({"toobusy.ini": "[main]\nmaxlag=fast\n"})
-        self.assertIn("maxlag must be a number of milliseconds", str(caught.exception))
+        self.assertIn("toobusy.ini maxlag must be a number of milliseconds", str(caught.exception))
+        with self.assertRaisesRegex(PluginLoadError, "the toobusy.maxlag file must be a number"):
+            self.loaded({"toobusy.maxlag": "abc\n"})
+        with self.assertRaisesRegex(PluginLoadError, "toobusy.ini check_interval must be above 0"):
+            self.loaded({"toobusy.ini": "[main]\ncheck_interval=inf\n"})
 
     def test_init_master_starts_the_monitor(self) -> None:
         """The service start (init_master) starts measuring; stop() ends it."""

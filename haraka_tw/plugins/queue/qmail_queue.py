@@ -199,7 +199,9 @@ class Plugin:
             if code == 0:
                 connection.loginfo("queued by qmail-queue", self.name)
             else:
-                connection.logerror(f"qmail-queue failed: {outcome.text or outcome.message}")
+                connection.logerror(
+                    f"qmail-queue failed: {outcome.text or outcome.message}", self.name
+                )
             if not answer.called:
                 answer.callback(outcome)
 
