@@ -5,8 +5,10 @@ Runs at data_post for a connection whose AUTH left C{connection.notes.auth_user}
 C{connection.notes.auth_passwd}. When the body contains both the username (case-insensitive;
 for C{user@example.com}, the part before the C{@} is enough, so C{user} alone also counts)
 and the password (exactly), the answer is DENY "Credential leak detected: never give out your
-username/password to anyone!" (550 5.7.1). The body is searched chunk by chunk as received,
-after the header.
+username/password to anyone!" (550 5.7.1). The body is searched as received, after the
+header, and, as Haraka does, in the decoded text of each text part (quoted-printable and
+base64 undone: a password with a C{=} is always C{=3D} in quoted-printable); for such
+connections the plugin asks for the body to be parsed (C{transaction.parse_body}) at DATA.
 
 No config.
 """
@@ -18,7 +20,7 @@ import re
 from zope.interface import implementer
 
 from haraka_tw.codes import CONT, DENY, Code
-from haraka_tw.interfaces import IDataPostHook, IPluginContext, IRegistration
+from haraka_tw.interfaces import IDataHook, IDataPostHook, IPluginContext, IRegistration
 from haraka_tw.plugins.data import BodySearch, search_body
 from haraka_tw.smtp.connection import Connection
 
@@ -34,27 +36,43 @@ def user_part(username: str) -> str:
     return local if at and local else username
 
 
-@implementer(IRegistration, IDataPostHook)
+def _credentials(connection: Connection) -> tuple[str, str] | None:
+    """The username and password an AUTH of this connection left, if both are there."""
+    user = connection.notes.get("auth_user")
+    password = connection.notes.get("auth_passwd")
+    if isinstance(user, str) and isinstance(password, str) and user and password:
+        return user, password
+    return None
+
+
+@implementer(IRegistration, IDataHook, IDataPostHook)
 class Plugin:
     name = "prevent_credential_leaks"
 
     def register(self, context: IPluginContext) -> None:
         self.name = context.name
 
+    def hook_data(self, connection: Connection) -> Code:
+        txn = connection.transaction
+        if txn is not None and _credentials(connection) is not None:
+            txn.parse_body = True  # (for the decoded text of each part, at data_post)
+        return CONT
+
     def hook_data_post(self, connection: Connection) -> Code | tuple[Code, str]:
         txn = connection.transaction
-        user = connection.notes.get("auth_user")
-        password = connection.notes.get("auth_passwd")
-        if txn is None or not isinstance(user, str) or not isinstance(password, str):
+        found = _credentials(connection)
+        if txn is None or found is None:
             return CONT
-        if not user or not password:
-            return CONT
+        user, password = found
         name = user_part(user).encode("utf-8")
         secret = password.encode("utf-8")
         name_search = BodySearch(re.compile(re.escape(name), re.IGNORECASE), len(name))
         secret_search = BodySearch(re.compile(re.escape(secret)), len(secret))
         search_body(txn.message_stream.body_chunks(), name_search, secret_search)
-        if name_search.found and secret_search.found:
+        texts = [part.bodytext for part in txn.body.walk()] if txn.body is not None else []
+        named = name_search.found or any(user_part(user).casefold() in t.casefold() for t in texts)
+        given = secret_search.found or any(password in text for text in texts)
+        if named and given:
             txn.results.add(self.name, fail="credentials in body")
             connection.lognotice(f"{user} sent their own credentials; refused", self.name)
             return DENY, MESSAGE

@@ -3,6 +3,7 @@ get the message refused."""
 
 from __future__ import annotations
 
+import base64
 import smtplib
 from typing import Any
 
@@ -30,16 +31,37 @@ class Authenticated:
 
 
 class PreventCredentialLeaksTests(SynchronousTestCase):
-    def reply(self, body: str, user: str | None = "alice@example.com") -> str:
+    def reply(
+        self,
+        body: str,
+        user: str | None = "alice@example.com",
+        header: str = "Subject: re: verify your account\r\n",
+        password: str = "s3cret!",
+    ) -> str:
         def connect(connection: Any) -> None:
             if user is not None:
                 connection.notes.auth_user = user
-                connection.notes.auth_passwd = "s3cret!"
+                connection.notes.auth_passwd = password
 
         auth = ("auth", plugin_with({"connect": connect}))
         s = session(auth, *load(self, ["prevent_credential_leaks"]).pairs(), accepting())
         s.send(ENVELOPE + "DATA\r\n")
-        return s.send(f"Subject: re: verify your account\r\n\r\n{body}\r\n.\r\n")
+        return s.send(f"{header}\r\n{body}\r\n.\r\n")
+
+    def test_encoded_parts_are_searched_decoded(self) -> None:
+        """As Haraka does: the decoded text of each part counts, so quoted-printable (a
+        password with '=' is always '=3D' there) and base64 do not hide the credentials;
+        a username in another case counts beyond ASCII too."""
+        qp = "Content-Type: text/plain\r\nContent-Transfer-Encoding: quoted-printable\r\n"
+        self.assertEqual(
+            self.reply("login alice, pass S3cret=3Dpw!", header=qp, password="S3cret=pw!"), LEAK
+        )
+        b64 = "Content-Type: text/plain\r\nContent-Transfer-Encoding: base64\r\n"
+        encoded = base64.b64encode(b"user alice, password s3cret!").decode()
+        self.assertEqual(self.reply(encoded, header=b64), LEAK)
+        self.assertEqual(
+            self.reply("ich bin JÜRGEN, s3cret!", user="jürgen@example.com", header=qp), LEAK
+        )
 
     def test_username_and_password_refused(self) -> None:
         """The local part of the username (any case) and the password in the body: 550."""
