@@ -111,7 +111,9 @@ def main(argv: list[str] | None = None) -> int:
         if reconfigure is not None:
             reconfigure(errors="backslashreplace")
     try:
-        return int(args.func(args))
+        status = int(args.func(args))
+        sys.stdout.flush()  # (here, not at exit: a closed pipe is then one we can catch)
+        return status
     except BrokenPipeError:  # (| head: the reader has what it wanted)
         # Python's own flush at exit would fail again: point stdout at /dev/null first.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

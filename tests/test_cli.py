@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -82,13 +83,15 @@ def test_init_onto_a_file_or_under_one_is_one_line(
 
 def test_a_reader_that_stops_early_gets_no_traceback() -> None:
     """haraka-tw hooks | head -1: the closed pipe ends the command quietly."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # (buffered output)
     proc = subprocess.Popen(
-        [str(HARAKA_TW), "hooks"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        [str(HARAKA_TW), "hooks"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
     )
     assert proc.stdout is not None
     proc.stdout.close()  # (before it writes: every write meets a closed pipe)
     _, err = proc.communicate(timeout=30)
     assert b"Traceback" not in err and b"BrokenPipe" not in err, err
+    assert proc.returncode == 1
 
 
 def test_plugins_reports_bad_plugin(tmp_path: Path) -> None:

@@ -126,24 +126,26 @@ def load_plugins(
     reactor: Any = None,
 ) -> list[LoadedPlugin]:
     """Create and register every plugin named, in order; a plugin named twice (by the
-    same name, or as C{queue/discard} and C{queue.discard}) loads once.
+    same name, or as C{queue/discard} and C{queue.discard}: the same factory) loads once.
 
     @raise PluginLoadError: for the first plugin that fails, unless C{ignore_bad_plugins},
         in which case it is logged and left out.
     """
     loaded: list[LoadedPlugin] = []
-    seen: dict[str, str] = {}  # the plugin, however spelt -> the name it was listed as
+    seen: dict[object, str] = {}  # a factory -> the name it was listed under first
     for name in names:
-        key = name if ":" in name else name.replace("/", ".").replace("-", "_")
-        if key in seen:
-            also = "" if seen[key] == name else f" (as {seen[key]!r})"
-            log.log(
-                Level.WARN, f"plugin {name!r} is listed twice{also}; loaded once", origin="plugins"
-            )
-            continue
-        seen[key] = name
         try:
-            loaded.append(_load_one(name, config, log, server_notes, reactor))
+            factory = resolve(name)
+            if factory in seen:
+                also = "" if seen[factory] == name else f" (as {seen[factory]!r})"
+                log.log(
+                    Level.WARN,
+                    f"plugin {name!r} is listed twice{also}; loaded once",
+                    origin="plugins",
+                )
+                continue
+            seen[factory] = name
+            loaded.append(_load_one(name, factory, config, log, server_notes, reactor))
         except PluginLoadError as e:
             if not ignore_bad_plugins:
                 raise
@@ -152,9 +154,13 @@ def load_plugins(
 
 
 def _load_one(
-    name: str, config: Any, log: HarakaLog, server_notes: dict[str, Any], reactor: Any
+    name: str,
+    factory: Callable[[], object],
+    config: Any,
+    log: HarakaLog,
+    server_notes: dict[str, Any],
+    reactor: Any,
 ) -> LoadedPlugin:
-    factory = resolve(name)
     try:
         plugin = factory()
     except Exception as e:

@@ -267,8 +267,11 @@ class Courier:
         return self._settle(hmail, outcome)
 
     def _log_refusals(self, hmail: HMail, server: str, results: Iterable[RcptResult]) -> None:
-        """A line for each recipient a server deferred or refused, with its reply."""
+        """A line for each recipient a server deferred or refused, with its reply (those it
+        took, which an LMTP error's settled results hold too, have theirs elsewhere)."""
         for result in results:
+            if result.code < 400:
+                continue
             verb = "refused" if result.code >= 500 else "deferred"
             text = f"{server} {verb} {result.recipient.address}: {_reply_text(result)}"
             self._log(Level.INFO, hmail, text)

@@ -30,6 +30,7 @@ from twisted.python.failure import Failure
 
 from haraka_tw.logging import HarakaLog, Level
 from haraka_tw.outbound.entry import QueueEntryMissing
+from haraka_tw.outbound.qfile import QueueFileError
 
 __all__ = ["DeliveryScheduler", "DomainLimits", "Limits"]
 
@@ -252,13 +253,14 @@ class DeliveryScheduler:
 
     def _attempt_failed(self, entry: Any, key: str, failure: Failure) -> None:
         """An attempt that could not settle its entry because the queue could not be
-        written (a full disk, say) leaves the entry as it was on disk: it is tried again
-        later, not forgotten until a restart. One whose file is gone has nothing left.
-        Anything else is a bug: logged with its traceback, and the entry waits for a
-        restart rather than failing the same way every few minutes."""
+        written (a full disk, say) or its file no longer reads as scanned leaves the entry
+        as it was on disk: it is tried again later, not forgotten until a restart. One
+        whose file is gone has nothing left. Anything else is a bug: logged with its
+        traceback, and the entry waits for a restart rather than failing the same way
+        every few minutes."""
         if failure.check(QueueEntryMissing, FileNotFoundError):
             self.log.log(Level.WARN, f"queue file {key} is gone: nothing left to deliver")
-        elif failure.check(OSError):
+        elif failure.check(OSError, QueueFileError):
             self.log.log(
                 Level.ERROR,
                 f"delivery attempt for {key} could not be settled:"

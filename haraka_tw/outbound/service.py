@@ -404,7 +404,7 @@ class OutboundService:
         """Carry out a request of C{haraka-tw queue} (flush, delete, bounce) on the files
         this service delivers. One this version cannot use is logged and left."""
         known = _CONTROLS.get(action)
-        problem = "not an action (flush, delete, bounce)" if known is None else known(args)
+        problem = f"not an action ({', '.join(_CONTROLS)})" if known is None else known(args)
         if problem is not None:
             self.log.log(Level.WARN, f"queue control: {action} {args!r} ignored: {problem}")
             return

@@ -80,7 +80,13 @@ class Plugin:
         self.name = context.name
         self.config = context.config
         self.log = context.log
-        self._appended: set[str] = set()
+        self._appended: set[str] = set()  # appended, not yet read back from the file
+        context.config.on_change(BLOCKLIST, self._read_back)
+
+    def _read_back(self) -> None:
+        """The block list was re-read: what it holds is no longer only in C{_appended}
+        (so an address the operator takes out later can be blocked again)."""
+        self._appended -= {a.lower() for a in self.config.get_list(BLOCKLIST)}
 
     def blocklist_path(self) -> Path | None:
         """Where new addresses go: the operator's directory, or None if there is none."""
@@ -113,8 +119,8 @@ class Plugin:
             connection.logerror("no From: <address> line found in the body", self.name)
             return CONT
         txn.notes["block_me"] = True
-        # (the file as read, and what this process appended since: the config cache only
-        # sees an append at the next reload, a second or two later)
+        # (the file as read, and what this process appended that the config cache has not
+        # read back yet: it sees an append at the next reload, a second or two later)
         listed = {a.lower() for a in self.config.get_list(BLOCKLIST)} | self._appended
         if address in listed:
             connection.loginfo(f"{address} is already blocked", self.name)

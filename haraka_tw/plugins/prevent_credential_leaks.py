@@ -70,7 +70,8 @@ class Plugin:
         secret_search = BodySearch(re.compile(re.escape(secret)), len(secret))
         search_body(txn.message_stream.body_chunks(), name_search, secret_search)
         texts = [part.bodytext for part in txn.body.walk()] if txn.body is not None else []
-        named = name_search.found or any(user_part(user).casefold() in t.casefold() for t in texts)
+        folded = user_part(user).casefold()
+        named = name_search.found or any(folded in text.casefold() for text in texts)
         given = secret_search.found or any(password in text for text in texts)
         if named and given:
             txn.results.add(self.name, fail="credentials in body")

@@ -100,13 +100,19 @@ AUTH_NOTES = ("auth_user", "auth_passwd", "auth_method", "auth_fails", "auth_bri
 
 def forget_auth(connection: Connection) -> None:
     """Drop what SMTP AUTH established (after STARTTLS, or when XCLIENT names a new client):
-    every one of its notes, and the relaying it granted, to the connection and to a
-    transaction still open (which a reset may not have ended yet)."""
+    every one of its notes, the connection's C{auth=} Authentication-Results, and the
+    relaying it granted, to the connection and to a transaction still open (which a reset
+    may not have ended yet). Relaying is taken back only when an AUTH note was there: a
+    plugin that grants relaying on other grounds (the client's address) and keeps no AUTH
+    note keeps it."""
     dropped = [connection.notes.pop(key, None) for key in AUTH_NOTES]
-    if any(value is not None for value in dropped):
-        connection._relaying = False
-        if connection.transaction is not None:
-            connection.transaction._relaying = None  # (the connection's, now False)
+    if not any(value is not None for value in dropped):
+        return
+    results = connection.auth_results_list
+    results[:] = [r for r in results if not r.startswith("auth=")]
+    connection._relaying = False
+    if connection.transaction is not None:
+        connection.transaction._relaying = None  # (the connection's, now False)
 
 
 class State(enum.Enum):

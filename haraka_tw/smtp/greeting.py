@@ -197,8 +197,11 @@ class Greeting(SessionCore):
         }
         if header.local or header.source_ip is None:
             return  # a health check: the proxy speaks for itself
-        if header.family == "UNIX":
-            return  # a client on the proxy's own socket: no address but the proxy's
+        if header.family == "UNIX":  # a client on the proxy's own socket: no address but
+            self._log(  # the proxy's, whose trust it then has (relaying by address, ...)
+                Level.INFO, f"PROXY v{header.version} from {proxy_ip}: client on a UNIX socket"
+            )
+            return
         conn.remote = Remote(header.source_ip, header.source_port or 0)
         if header.dest_ip is not None:
             conn.local.ip = header.dest_ip

@@ -5,6 +5,7 @@ See L{haraka_tw.smtp.protocol} for the class that puts the rooms together.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
@@ -40,6 +41,16 @@ _V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"  # a PROXY v2 header where a command s
 
 #: lines after an AUTH command that the protocol log treats as possible credentials
 _LINES_AFTER_AUTH = 3
+#: an AUTH command line, whatever comes before the verb (a NUL, spaces) or after it
+_AUTH_LINE = re.compile(r"\W*AUTH(?:\s|$)", re.IGNORECASE)
+#: SASL mechanism names (IANA) an AUTH line may show: anything else in their place is not
+_SASL_NAMES = frozenset(
+    {"PLAIN", "LOGIN", "CRAM-MD5", "DIGEST-MD5", "XOAUTH2", "OAUTHBEARER", "GSSAPI", "NTLM"}
+    | {"EXTERNAL", "ANONYMOUS", "SCRAM-SHA-1", "SCRAM-SHA-256", "SCRAM-SHA-1-PLUS"}
+    | {"SCRAM-SHA-256-PLUS"}
+)
+#: one-word commands that plugins answer (not the core): shown after an AUTH all the same
+_PLUGIN_VERBS = frozenset({"STARTTLS", "XCLIENT", "EXPN", "ETRN", "TURN", "ATRN"})
 
 
 class SessionCore(smtp.ESMTP):
@@ -278,19 +289,24 @@ class SessionCore(smtp.ESMTP):
         self._wait(self._attempt(handler or self._unrecognized, cmd))
 
     def _shown(self, cmd: Command) -> str:
-        """The client's line for the protocol log, without credentials. An AUTH line (its
-        words split by spaces or tabs) loses its initial response. For the three lines after
-        an AUTH command, a line with no verb the core knows is not shown: it may be the
-        answer to an AUTH exchange the server gave up on (a timeout, a refusal the client
-        did not wait for), which then arrives as a command."""
+        """The client's line for the protocol log, without credentials. An AUTH line keeps
+        its mechanism only (a known SASL name; anything else may be the credentials of a
+        client that left the name out). For the three lines after an AUTH command, a line
+        of one word that is not a command is not shown: it may be the answer to an AUTH
+        exchange the server gave up on (a timeout, a refusal the client did not wait
+        for), which then arrives as a command. (The count is kept only while the protocol
+        log is on: it serves that log alone.)"""
         shown = cmd.raw.decode("utf-8", "replace")
         words = shown.split()
-        if words and words[0].upper() == "AUTH":
+        if _AUTH_LINE.match(shown):
             self._after_auth = _LINES_AFTER_AUTH
-            return " ".join(words[:2]) + (" [redacted]" if len(words) > 2 else "")
+            named = words[1:2] if len(words) > 1 and words[1].upper() in _SASL_NAMES else []
+            hidden = ["[redacted]"] if len(words) > 1 + len(named) else []
+            return " ".join(["AUTH", *named, *hidden])
         if self._after_auth:
             self._after_auth -= 1
-            if self._command_handler(cmd.verb) is None:
+            known = self._command_handler(cmd.verb) is not None or cmd.verb in _PLUGIN_VERBS
+            if len(words) == 1 and not known:
                 return "[redacted: a line after AUTH]"
         return shown
 

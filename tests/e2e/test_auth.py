@@ -181,6 +181,27 @@ class AfterTLSTests(unittest.TestCase):
 
         return deferToThread(run).addCallback(check)
 
+    def test_starttls_inside_a_transaction_takes_relaying_back(self) -> Any:
+        """Logged in (cleartext allowed), a transaction open, then STARTTLS: the login is
+        gone, and so is the relaying it gave, for the connection too: after the new EHLO,
+        a recipient elsewhere is refused (it was accepted, with any sender)."""
+        _server, port = flat_file_server(self, core="allow_cleartext=true\n", tls=True)
+
+        def run() -> tuple[int, int, int]:
+            with smtp(port) as client:
+                login = client.login("matt", "test")[0]
+                client.mail("matt@example.com")
+                client.starttls(context=ssl.create_default_context(cafile=str(pki().ca)))
+                client.ehlo("client.test")
+                client.mail("ceo@bank.test")
+                return login, client.rcpt("victim@elsewhere.test")[0], client.rset()[0]
+
+        def check(result: tuple[int, int, int]) -> None:
+            login, rcpt, _ = result
+            self.assertEqual((login, rcpt), (235, 550))
+
+        return deferToThread(run).addCallback(check)
+
     def test_swaks_tls_auth(self) -> Any:
         """swaks --tls --auth logs in over STARTTLS and delivers."""
         swaks = _swaks(tls=True)

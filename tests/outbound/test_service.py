@@ -11,6 +11,7 @@ from unittest import mock
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, fail
+from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from haraka_tw.config import ConfigDirectory
@@ -81,7 +82,7 @@ class ServiceTests(TestCase):
         first is taken back before the failure is reported, since the sender is told 4xx
         and will send the message again."""
         server, _, _ = self.server()
-        server.outbound.start()
+        await server.outbound.start()  # (its scan done: it would take the new file too)
         self.addCleanup(server.outbound.stop)
         queue: Any = server.outbound.queue
         original, calls = type(queue).add, []
@@ -92,12 +93,29 @@ class ServiceTests(TestCase):
                 return fail(OSError(28, "No space left on device"))
             return original(q, todo, chunks, next_attempt)
 
-        with mock.patch.object(type(queue), "add", add):
+        original_remove, removing = type(queue).remove, []
+
+        def remove(q: Any, entry: Any) -> Deferred[None]:  # (finishes when the test says)
+            done: Deferred[None] = Deferred()
+            removing.append((entry, done))
+            return done
+
+        with (
+            mock.patch.object(type(queue), "add", add),
+            mock.patch.object(type(queue), "remove", remove),
+        ):
             d: Deferred[Any] = server.outbound.send_email(
                 "a@x.test", ["b@one.test", "c@two.test"], MESSAGE
             )
-        with self.assertRaises(OSError) as raised:
-            await d
-        self.assertEqual(raised.exception.errno, 28)
+            failed: list[Any] = []
+            d.addErrback(failed.append)
+            while not removing:  # (the first file is written in a thread)
+                await deferLater(reactor, 0.01, lambda: None)
+            self.assertEqual(failed, [])  # no answer before the file is taken back
+            ((entry, done),) = removing
+            await original_remove(queue, entry)
+            done.callback(None)
+        self.assertEqual(len(failed), 1)
+        self.assertEqual(failed[0].value.errno, 28)
         self.assertEqual(calls, ["one.test", "two.test"])
         self.assertEqual(queue.store.listing().entries, [])

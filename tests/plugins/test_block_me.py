@@ -80,6 +80,16 @@ class BlockMeTests(SynchronousTestCase):
             self.send(loaded, "boss@example.com", ["spam@example.com"])
         self.assertEqual(self.blocklist(loaded), "sales@pills.test\n")
 
+    def test_an_address_the_operator_took_out_can_be_blocked_again(self) -> None:
+        """Once the list has been re-read with the address in it, and the operator then
+        takes it out, forwarding the spam again appends it again."""
+        loaded = self.loaded()
+        self.send(loaded, "boss@example.com", ["spam@example.com"])
+        loaded.write("mail_from.blocklist", "sales@pills.test\n")  # (the reload sees it)
+        loaded.write("mail_from.blocklist", "")  # (the operator takes it out)
+        self.send(loaded, "boss@example.com", ["spam@example.com"])
+        self.assertEqual(self.blocklist(loaded), "sales@pills.test\n")
+
     def test_sender_not_allowed(self) -> None:
         """A sender not in block_me.senders gets 550 and nothing is blocked."""
         loaded = self.loaded()

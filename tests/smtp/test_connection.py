@@ -109,13 +109,16 @@ def test_forget_auth_on_a_fresh_connection() -> None:
 
 def test_forget_auth_drops_auth_notes() -> None:
     """forget_auth drops every note AUTH made (the password and auth_bridge's credentials
-    too, not only the first one found) and the relaying it gave."""
+    too, not only the first one found), its auth= result and the relaying it gave."""
     conn = connection()
     for key in AUTH_NOTES:
         conn.notes[key] = "x"
     conn.relaying = True
+    conn.auth_results("auth=pass (plain) smtp.auth=alice")
+    conn.auth_results("iprev=pass policy.iprev=192.0.2.10")
     forget_auth(conn)
     assert [key for key in AUTH_NOTES if key in conn.notes] == [] and not conn.relaying
+    assert conn.auth_results_list == ["iprev=pass policy.iprev=192.0.2.10"]
 
 
 def test_forget_auth_in_a_transaction_drops_the_connections_relaying_too() -> None:

@@ -245,12 +245,16 @@ class AuthStateTests(SynchronousTestCase):
         self.assertEqual(lines, ["C: AUTH PLAIN [redacted]"])
 
     def test_credentials_after_an_abandoned_auth_are_not_logged(self) -> None:
-        """An AUTH with its words split by tabs keeps its mechanism only; lines with no
-        verb the core knows that follow an AUTH (answers to an exchange the server did not
-        run: no AUTH plugin here, or one that gave up) are not shown; known commands are."""
+        """An AUTH line keeps a known mechanism name only, however its words are split
+        and whatever comes before the verb, and nothing in place of a name it does not
+        know; one-word lines that are not commands and follow an AUTH (answers to an
+        exchange the server did not run: no AUTH plugin here, or one that gave up) are not
+        shown; commands are, the core's and the plugins' (STARTTLS)."""
         s = Session()
         s.send(b"EHLO x\r\nAUTH\tPLAIN\tAGFsaWNlAHNlY3JldA==\r\n")
         s.send(b"AUTH LOGIN\r\nYWxpY2U=\r\nc2VjcmV0\r\nNOOP\r\nWHATEVER\r\n")
+        s.send(b"AUTH AGFsaWNlAHNlY3JldA==\r\nSTARTTLS\r\n")  # (no mechanism; STARTTLS)
+        s.send(b"\x00AUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n")
         lines = [m for m in s.log.messages() if m.startswith("C: ")]
         self.assertEqual(
             lines,
@@ -262,9 +266,13 @@ class AuthStateTests(SynchronousTestCase):
                 "C: [redacted: a line after AUTH]",
                 "C: NOOP",
                 "C: WHATEVER",
+                "C: AUTH [redacted]",
+                "C: STARTTLS",
+                "C: AUTH PLAIN [redacted]",
             ],
         )
-        self.assertNotIn("c2VjcmV0", " ".join(s.log.messages()))
+        for secret in ("c2VjcmV0", "AGFsaWNlAHNlY3JldA"):
+            self.assertNotIn(secret, " ".join(s.log.messages()))
 
 
 class IdleMemoryTests(SynchronousTestCase):

@@ -8,14 +8,16 @@ domain, and takes the keys it does not set from [main])::
     host=localhost
     port=25
     ;forwarding_host_pool=10.0.0.1:25, 10.0.0.2:25
-    ; STARTTLS when offered (certificate not checked); required, certificate checked
+    ; STARTTLS when offered (certificate not checked)
     ;enable_tls=false
+    ; STARTTLS required, certificate checked
     ;tls_verify=false
     ; trust roots for tls_verify (else the system's)
     ;tls_ca_file=
-    ; AUTH to the next hop (CRAM-MD5 > PLAIN > LOGIN); allowed without TLS
+    ; AUTH to the next hop (CRAM-MD5 > PLAIN > LOGIN)
     ;auth_user=
     ;auth_pass=
+    ; AUTH allowed without TLS
     ;auth_cleartext=false
     ; speak LMTP to the next hop
     ;queue=lmtp
@@ -25,7 +27,7 @@ domain, and takes the keys it does not set from [main])::
     ;enable_outbound=false
     ;check_sender=false
     ;check_recipient=false
-    ; or mail_from
+    ; the route by the recipients' domains (rcpt_to) or the sender's (mail_from)
     ;domain_selector=rcpt_to
     ;one_message_per_rcpt=false
 
