@@ -1,8 +1,9 @@
 """rcpt_to.host_list_base: the domains this server accepts mail for.
 
-Reads C{host_list} (one domain per line) and C{host_list_regex} (one regular expression per
-line, matched against the whole domain, case-insensitively), and re-reads them when they
-change. Used by rcpt_to.in_host_list; other plugins may use L{HostList} too.
+Reads C{host_list} (one domain per line; an internationalised domain matches in either
+form, U-labels or A-labels) and C{host_list_regex} (one regular expression per line, matched
+against the whole domain as given, case-insensitively), and re-reads them when they change.
+Used by rcpt_to.in_host_list; other plugins may use L{HostList} too.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ class HostList:
 
     def load(self) -> None:
         """(Re)read host_list and host_list_regex."""
-        self.domains = frozenset(d.lower().rstrip(".") for d in self._config.get_list("host_list"))
+        self.domains = frozenset(_ascii_form(d) for d in self._config.get_list("host_list"))
         patterns = []
         for text in self._config.get_list("host_list_regex"):
             try:
@@ -45,9 +46,23 @@ class HostList:
         if not isinstance(domain, str) or not domain:
             return False
         d = domain.lower().rstrip(".")
-        if d in self.domains:
+        if d in self.domains or (not d.isascii() and _ascii_form(d) in self.domains):
             return True
         return any(p.fullmatch(d) for p in self.patterns) if self.patterns else False
+
+
+def _ascii_form(domain: str) -> str:
+    """A domain lower-cased, without a trailing dot, its internationalised labels as
+    A-labels (C{bücher.example} is C{xn--bcher-kva.example}), so that a list entry and an
+    address match whichever form each was written in. A name the IDNA codec refuses stays
+    as it is."""
+    name = domain.lower().rstrip(".")
+    if name.isascii():
+        return name
+    try:
+        return name.encode("idna").decode("ascii")
+    except UnicodeError:
+        return name
 
 
 @implementer(IRegistration)

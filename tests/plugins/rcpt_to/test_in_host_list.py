@@ -37,6 +37,17 @@ class InHostListTests(SynchronousTestCase):
         self.assertTrue(txn.results.has("rcpt_to.in_host_list", "pass", "rcpt_to"))
         self.assertTrue(txn.results.has("rcpt_to.in_host_list", "msg", "rcpt!local"))
 
+    def test_an_internationalised_domain_matches_in_either_form(self) -> None:
+        """A domain listed as U-labels matches an address in A-labels, and the other way
+        round (an SMTPUTF8 client sends U-labels, another client the xn-- form)."""
+        s = self.session({"host_list": "bücher.example\nxn--mnchen-3ya.example\n"})
+        s.send("EHLO x\r\nMAIL FROM:<a@b.c> SMTPUTF8\r\n")
+        codes = s.codes(
+            "RCPT TO:<x@xn--bcher-kva.example>\r\nRCPT TO:<y@münchen.example>\r\n"
+            "RCPT TO:<z@BÜCHER.example>\r\nRCPT TO:<w@bucher.example>\r\n"
+        )
+        self.assertEqual(codes, [250, 250, 250, 550])
+
     def test_relaying_local_sender(self) -> None:
         """A relaying client sending from a local domain may send anywhere; others need relaying."""
         s = self.session({"host_list": "example.com\n"})
