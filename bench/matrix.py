@@ -1,5 +1,7 @@
 """The interleaved run: every scenario against every server back to back, the server order
-rotated per repetition (and per scenario), so the drift of a shared machine hits all alike.
+rotated per repetition (and per scenario), so the drift of a shared machine hits all alike,
+and reversed every other time, so that no server always runs right after the same one
+(with rotation alone, haraka_tw followed smtp-sink in every round but its first).
 
 Load scenarios run against one long-lived process per server (started once, warmed up with
 a few messages). The idle-connection phase starts a fresh process for every measurement, so
@@ -20,7 +22,7 @@ from bench.plan import LoadScenario, Plan
 from bench.servers import ServerProcess, make_kind
 from bench.tools import Postfix
 
-__all__ = ["listen_overflows", "rotated", "run"]
+__all__ = ["listen_overflows", "rotated", "run", "turn_order"]
 
 # haraka-maildir differs from haraka only in its queue plugin, haraka-nodes2 in running
 # the same code in two workers: an idle connection costs the same, so the idle phase skips
@@ -33,6 +35,13 @@ def rotated(items: list[str], by: int) -> list[str]:
         return items
     by %= len(items)
     return items[by:] + items[:by]
+
+
+def turn_order(items: list[str], turn: int) -> list[str]:
+    """The servers' order for round C{turn}: rotated by C{turn}, and reversed when C{turn}
+    is odd, so each server starts early and late, and follows different servers."""
+    order = rotated(items, turn)
+    return order[::-1] if turn % 2 else order
 
 
 def listen_overflows() -> int:
@@ -95,7 +104,7 @@ def run_load(
             say(f"started {key} (pid {server.pid}, port {server.port})")
         for rep in range(plan.reps):
             for i, scenario in enumerate(plan.load):
-                for key in rotated(plan.servers, rep + i):
+                for key in turn_order(plan.servers, rep + i):
                     server = servers[key]
                     sample = one_load(postfix, server, scenario, plan.load_timeout(scenario))
                     out[scenario.key]["runs"].append({"rep": rep, "server": key, **sample})

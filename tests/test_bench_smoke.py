@@ -14,6 +14,7 @@ from pathlib import Path
 from twisted.trial import unittest
 
 from bench import tools
+from bench.matrix import turn_order
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -54,3 +55,14 @@ class BenchSmokeTests(unittest.SynchronousTestCase):
             assert row is not None
             self.assertGreater(int(row.group(1).replace(",", "")), 0)
             self.assertGreater(float(row.group(2)), 0)
+
+
+def test_no_server_always_follows_the_same_one() -> None:
+    """The rounds' orders rotate, and every other one is reversed: over the rounds each
+    server follows at least two different servers, and runs early, midway and late."""
+    servers = ["haraka", "nodes2", "maildir", "twisted", "aiosmtpd", "sink"]
+    orders = [turn_order(servers, turn) for turn in range(6)]
+    for server in servers:
+        before = {order[order.index(server) - 1] for order in orders if order[0] != server}
+        assert len(before) >= 2, (server, before)
+        assert len({order.index(server) for order in orders}) >= 3, server
