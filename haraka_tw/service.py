@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import os
 import re
 import signal
 import sys
@@ -57,6 +56,7 @@ from haraka_tw.tls import (
     server_tls,
 )
 from haraka_tw.workers import AdoptedEndpoint, WorkerRole, parse_nodes
+from haraka_tw.workers.forkserver import exit_now
 from haraka_tw.workers.master import WorkerMaster
 from haraka_tw.writethrough import dispatch_without_log_context, write_through_reactor
 
@@ -92,17 +92,6 @@ def _refuse_haproxy_endpoint(entry: str) -> None:
             f"smtp.ini listen: {entry!r}: the haproxy: endpoint takes a PROXY header from "
             "any client; listen plainly and list the proxy in connection.ini [haproxy] hosts"
         )
-
-
-def _exit_with(status: int) -> None:
-    """At interpreter exit, after twistd has finished (pid file removed, log written):
-    exit with C{status}. Registered late, it runs before the exit handlers registered
-    earlier, which it skips (the standard logging module's, whose handlers have flushed
-    each record already)."""
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
-    os._exit(status)
 
 
 def _listen_failure(failure: Failure) -> str:
@@ -423,7 +412,11 @@ class HarakaService(MultiService):
             d.addBoth(stop_reactor)
             if not self._exit_status_set:
                 self._exit_status_set = True
-                atexit.register(_exit_with, 1)  # (twistd itself always exits 0)
+                # At interpreter exit, after twistd has finished (pid file removed, log
+                # written): twistd itself always exits 0. Registered late, this runs before
+                # the exit handlers registered earlier, which it skips (the standard logging
+                # module's, whose handlers have flushed each record already).
+                atexit.register(exit_now, 1)
 
     def _sighup(self, signum: int, frame: Any) -> None:
         self.reactor.callFromThread(self.reload)  # type: ignore[attr-defined]

@@ -262,8 +262,7 @@ class Courier:
         for result in report.bounced:
             rcpt = by_address[result.recipient.address]
             outcome.bounced.append((rcpt, result.enhanced or "5.0.0", _reply_text(result)))
-        self._log_refusals(hmail, _server(report.host, report.ip), report.deferred)
-        self._log_refusals(hmail, _server(report.host, report.ip), report.bounced)
+        self._log_refusals(hmail, _server(report.host, report.ip), report.deferred + report.bounced)
         return self._settle(hmail, outcome)
 
     def _log_refusals(self, hmail: HMail, server: str, results: Iterable[RcptResult]) -> None:

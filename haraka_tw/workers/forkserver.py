@@ -43,7 +43,7 @@ import types
 from collections.abc import Iterable, Sequence
 from typing import Any, NoReturn
 
-__all__ = ["ForkServer", "install_reactor", "main", "place", "preload"]
+__all__ = ["ForkServer", "exit_now", "install_reactor", "main", "place", "preload"]
 
 #: What every worker runs: imported once, here, before the privileges are dropped.
 WORKER_MODULES = (
@@ -285,10 +285,16 @@ class ForkServer:
         except BaseException:
             traceback.print_exc()
         finally:
-            for stream in (sys.stdout, sys.stderr):
-                with contextlib.suppress(Exception):
-                    stream.flush()
-            os._exit(code)
+            exit_now(code)
+
+
+def exit_now(status: int) -> NoReturn:
+    """End the process with C{status} at once (no exit handlers, no interpreter teardown),
+    what is buffered on stdout and stderr written first."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(status)
 
 
 def main() -> int:
