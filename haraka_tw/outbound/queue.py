@@ -18,7 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, DeferredList, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.threads import deferToThread
 from twisted.python.failure import Failure
@@ -100,6 +100,15 @@ class IOutboundQueue(Interface):
         @return: the readable entries, soonest next attempt first.
         """
 
+    def look() -> Deferred[Listing]:
+        """While running: read every queue file as it is now, changing nothing (no clean-up,
+        nothing set aside). A file being written by this process may show up in it before
+        the caller that wrote it has the entry: see L{writes_settled}."""
+
+    def writes_settled() -> Deferred[None]:
+        """Fire once every write under way now (add, split, reschedule) has finished and
+        the callbacks its caller had added have run."""
+
     def reschedule(
         entry: QueueEntry,
         next_attempt: float,
@@ -158,6 +167,11 @@ class ThreadRunner(Protocol):
     def __call__(self, f: Callable[[], _T], /) -> Deferred[_T]: ...
 
 
+def _pass_on(result: _T, waiter: Deferred[None]) -> _T:
+    waiter.callback(None)
+    return result
+
+
 def _defer_to_thread(f: Callable[[], _T], /) -> Deferred[_T]:
     return deferToThread(f)
 
@@ -190,6 +204,7 @@ class FileQueue:
         self._threads: ThreadRunner = threads or _defer_to_thread
         self._trash: list[tuple[Path | None, QueueEntry]] = []  # discarded, to unlink
         self._emptying = False  # a batch of them is on a thread
+        self._writes: set[Deferred[Any]] = set()  # writes on a thread, not yet finished
 
     @property
     def queue_dir(self) -> Path:
@@ -199,13 +214,39 @@ class FileQueue:
     def partition(self) -> Partition | None:
         return self.store.partition
 
+    def write(self, change: Callable[[QueueStore], _T]) -> Deferred[_T]:
+        """Run C{change(store)} on a thread as one of the writes L{writes_settled} waits for
+        (every add, split and reschedule is one; so is a bounce by the queue tools)."""
+        d = self._threads(lambda: change(self.store))
+        if not d.called:
+            self._writes.add(d)
+            d.addBoth(self._written, d)
+        return d
+
+    def _written(self, result: _T, d: Deferred[Any]) -> _T:
+        self._writes.discard(d)
+        return result
+
+    def writes_settled(self) -> Deferred[None]:
+        # A write leaves the set as it fires, before its caller's callbacks run; a waiter
+        # added now runs after them (they were added when the write began).
+        waiters: list[Deferred[None]] = []
+        for d in list(self._writes):
+            waiter: Deferred[None] = Deferred()
+            d.addBoth(_pass_on, waiter)
+            waiters.append(waiter)
+        return DeferredList(waiters).addCallback(lambda _: None)
+
     def add(
         self, todo: Todo, message_chunks: Iterable[bytes], next_attempt: float | None = None
     ) -> Deferred[QueueEntry]:
-        return self._threads(lambda: self.store.add(todo, message_chunks, next_attempt))
+        return self.write(lambda store: store.add(todo, message_chunks, next_attempt))
 
     def scan(self) -> Deferred[list[QueueEntry]]:
         return self._threads(self.store.scan)
+
+    def look(self) -> Deferred[Listing]:
+        return self._threads(self.store.listing)
 
     def reschedule(
         self,
@@ -215,10 +256,8 @@ class FileQueue:
         last_error: str | None,
         dsn_delayed_sent: bool | None = None,
     ) -> Deferred[QueueEntry]:
-        return self._threads(
-            lambda: self.store.reschedule(
-                entry, next_attempt, attempts, last_error, dsn_delayed_sent
-            )
+        return self.write(
+            lambda s: s.reschedule(entry, next_attempt, attempts, last_error, dsn_delayed_sent)
         )
 
     def split(
@@ -227,7 +266,7 @@ class FileQueue:
         recipients: Sequence[QueueRecipient],
         next_attempt: float | None = None,
     ) -> Deferred[QueueEntry]:
-        return self._threads(lambda: self.store.split(entry, recipients, next_attempt))
+        return self.write(lambda store: store.split(entry, recipients, next_attempt))
 
     def remove(self, entry: QueueEntry) -> Deferred[None]:
         """At once, in the reactor's thread: the file is renamed into trash/ (a rename, where
@@ -328,6 +367,12 @@ class MemoryQueue:
 
     def scan(self) -> Deferred[list[QueueEntry]]:
         return succeed(self.entries())
+
+    def look(self) -> Deferred[Listing]:
+        return succeed(Listing(entries=self.entries()))
+
+    def writes_settled(self) -> Deferred[None]:
+        return succeed(None)  # every write answers at once
 
     def reschedule(
         self,

@@ -174,6 +174,10 @@ class DeliveryScheduler:
     def in_flight(self, key: str) -> bool:
         return key in self._in_flight
 
+    def holds(self, key: str) -> bool:
+        """Whether the entry is waiting here or being attempted."""
+        return key in self._queued or key in self._in_flight
+
     def flush(self, domain: str | None = None) -> int:
         """Make every waiting entry (of C{domain}) due now; how many were waiting."""
         count = 0

@@ -20,13 +20,13 @@ import uuid as uuidlib
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 from email.utils import formatdate
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
-from twisted.internet.threads import deferToThread
 from twisted.python.failure import Failure
 
 from haraka_tw.config import ConfigDirectory, ConfigError
@@ -37,6 +37,7 @@ from haraka_tw.logging import HarakaLog, Level
 from haraka_tw.outbound.bounce import dsn_template
 from haraka_tw.outbound.courier import Courier, OutboundSettings
 from haraka_tw.outbound.delivery import Timeouts
+from haraka_tw.outbound.entry import Listing
 from haraka_tw.outbound.mx import MXResolver
 from haraka_tw.outbound.partition import Partition
 from haraka_tw.outbound.pool import ConnectionPool, PoolSettings
@@ -106,6 +107,7 @@ class OutboundService:
         self.pool = ConnectionPool(reactor)
         self.owner = False
         self._stopping = False
+        self._rescans = defer.DeferredLock()  # one rescan at a time
         self._started: Deferred[None] = defer.succeed(None)
         self._load()
         self.scheduler = DeliveryScheduler(
@@ -252,10 +254,64 @@ class OutboundService:
         return d.addBoth(release)
 
     def flush(self, domain: str | None = None) -> int:
-        """Retry deferred mail now (SIGHUP; C{haraka-tw queue flush})."""
+        """Retry deferred mail now (SIGHUP; C{haraka-tw queue flush}), and pick up the queue
+        files this process does not know (L{rescan})."""
         count = self.scheduler.flush(domain)
         self.log.log(Level.NOTICE, f"outbound flush{' of ' + domain if domain else ''}: {count}")
+        self.rescan(domain)
         return count
+
+    def rescan(self, domain: str | None = None) -> Deferred[int]:
+        """Read the queue directory again and schedule the files it holds that this process
+        does not (moved in while it runs: a queue brought over from another host); those
+        of C{domain} (all, if None) are due now. Fires with how many were taken.
+
+        No file is attempted twice: an id the scheduler holds or has in flight is skipped,
+        and the listing is used only once the writes under way when it was read have been
+        scheduled (L{IOutboundQueue.writes_settled}); a file gone by then was delivered or
+        renamed. Before the first scan has finished (and after L{stop}) there is nothing to
+        do: the scan takes everything. A rescan asked for while one runs comes after it.
+        """
+        return self._rescans.run(self._rescan, domain)
+
+    def _rescan(self, domain: str | None) -> Deferred[int]:
+        if not (self.owner and self.scheduler.running):
+            return defer.succeed(0)
+        d: Deferred[Any] = self.queue.look()
+        d.addCallback(lambda listing: self.queue.writes_settled().addCallback(lambda _: listing))
+        d.addCallback(self._adopt, domain)
+
+        def failed(failure: Failure) -> int:
+            self._log_failure(failure, f"re-reading {self.queue.queue_dir}")
+            return 0
+
+        return d.addErrback(failed)
+
+    def _adopt(self, listing: Listing, domain: str | None) -> int:
+        for path, why in listing.bad:
+            self.log.log(
+                Level.WARN,
+                f"outbound queue: cannot read {path.name} ({why}); left where it is",
+                origin="outbound",
+            )
+        if not self.scheduler.running:  # stopped meanwhile
+            return 0
+        taken = []
+        for entry in listing.entries:
+            if self.scheduler.holds(entry.id) or not entry.path.exists():
+                continue
+            due = domain is None or entry.todo.domain.lower() == domain.lower()
+            self.scheduler.add(entry, due=0.0 if due else None)
+            taken.append(entry.id)
+        if taken:
+            shown = ", ".join(taken[:5]) + (f" and {len(taken) - 5} more" if len(taken) > 5 else "")
+            self.log.log(
+                Level.NOTICE,
+                f"outbound queue: {len(taken)} file(s) found on re-reading"
+                f" {self.queue.queue_dir}: {shown}",
+                origin="outbound",
+            )
+        return len(taken)
 
     # -- adding mail -------------------------------------------------------------------------
 
@@ -413,7 +469,7 @@ class OutboundService:
             self.flush(args.get("domain"))
             return
         ids = set(args["ids"])
-        d = deferToThread(self.queue.store.listing)  # read-only: scan() cleans up
+        d = self.queue.look()
         d.addCallback(
             lambda listing: self._act_on(action, [e for e in listing.entries if e.id in ids])
         )
@@ -429,7 +485,8 @@ class OutboundService:
             if action == "delete":
                 self.queue.remove(entry)
             else:
-                d = deferToThread(bounce_entry, self.queue.store, entry, self.config, time.time())
+                bounce = partial(bounce_entry, entry=entry, config=self.config, now=time.time())
+                d = self.queue.write(bounce)
                 d.addCallbacks(self._schedule_report, self._bounce_failed, errbackArgs=(entry,))
 
     def _bounce_failed(self, failure: Failure, entry: QueueEntry) -> None:

@@ -18,6 +18,9 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 
+from haraka_tw.outbound.partition import partition_of
+from haraka_tw.outbound.qfile import QueueRecipient, Todo
+from haraka_tw.outbound.queue import QueueStore
 from tests.dnsserver import serve
 from tests.e2e.outbound_world import Twistd, queue_listing, wait_until
 from tests.e2e.test_outbound_restart import (
@@ -89,15 +92,28 @@ class NodesQueueTests(TwistdOutboundCase):
         found = yield wait_until(taken_over, 20, "the replacement's start-up scan")
         self.assertEqual(int(found.group(1)), by_writer[victim_pid])
 
+        # Files from another host's queue, moved in: each worker takes its partition's.
+        other = QueueStore(self.base / "other-host", log=lambda line: None)
+        moved = [f"<moved{i}@t>" for i in range(8)]
+        partitions: Counter[int] = Counter()
+        for mid in moved:
+            todo = Todo("dest.test", SENDER, [QueueRecipient("bob@dest.test")], mid, 0)
+            entry = other.add(todo, [message(mid)])
+            os.rename(entry.path, self.queue_dir / entry.filename)
+            partitions[partition_of(entry.id, 2)] += 1
         peer = self.start_peer()
         flushed = yield deferToThread(server.tool, "flush")
         self.assertEqual(flushed.returncode, 0, flushed.stderr)
         self.assertIn("asked it to flush", flushed.stdout)
-        yield wait_until(lambda: len(peer.messages) >= 12, 15, "the twelve deliveries")
+        everything = mids + moved
+        yield wait_until(lambda: len(peer.messages) >= 20, 15, "the twenty deliveries")
         yield wait_until(self.queue_empty, 5, "the queue to drain")
         yield deferLater(reactor, 1.0, lambda: None)
-        self.assertEqual(sorted(peer.ids()), sorted(mids))  # each exactly once
+        self.assertEqual(sorted(peer.ids()), sorted(everything))  # each exactly once
         for index in (0, 1):  # the master handed the request to each worker
             self.assertRegex(server.output(), rf"worker\.{index}#info\] .*queue control: flush")
+            if partitions[index]:
+                found = rf"worker\.{index}#.*{partitions[index]} file\(s\) found on re-reading"
+                yield wait_until(lambda f=found: re.search(f, server.output()), 3, "the re-read")
         code = yield server.stop()
         self.assertIn(code, CLEAN_STOP, server.output())

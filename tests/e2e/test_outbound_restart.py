@@ -7,8 +7,11 @@ running server's queue directory.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import smtplib
 import threading
+import time
 from collections import Counter
 from typing import Any
 
@@ -18,6 +21,7 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest, TestCase
 
+from haraka_tw.outbound.qfile import QueueRecipient, Todo
 from haraka_tw.outbound.queue import QueueStore
 from tests.dnsserver import serve
 from tests.e2e.outbound_world import (
@@ -230,6 +234,62 @@ class QueueToolTests(TwistdOutboundCase):
         yield wait_until(self.queue_empty, 3, "the queue to drain")
         yield deferLater(reactor, 1.0, lambda: None)
         self.assertEqual(peer.ids(), ["<keep@t>"])
+        code = yield server.stop()
+        self.assertIn(code, CLEAN_STOP, server.output())
+
+    @inlineCallbacks
+    def test_a_file_moved_into_the_queue_goes_on_the_next_flush(self) -> Deferred[None]:
+        """A queue file from elsewhere (another host's queue), renamed into the directory
+        of a running server, waits until a flush re-reads it; then it is delivered once."""
+        server = self.twistd("1h*3")
+        yield server.start(self.smtp_port)
+        peer = self.start_peer()
+        other = QueueStore(self.base / "other-host", log=lambda line: None)
+        todo = Todo(
+            domain="dest.test",
+            mail_from=SENDER,
+            rcpt_to=[QueueRecipient("bob@dest.test")],
+            uuid="MOVED",
+            queue_time=0,
+        )
+        entry = other.add(todo, [message("<moved@t>")], next_attempt=time.time() + 3600)
+        os.rename(entry.path, self.queue_dir / entry.filename)
+        yield deferLater(reactor, 1.5, lambda: None)
+        self.assertEqual(peer.messages, [])  # not read yet
+        flushed = yield deferToThread(server.tool, "flush")
+        self.assertEqual(flushed.returncode, 0, flushed.stderr)
+        yield wait_until(lambda: peer.messages, 5, "the moved-in message to go")
+        yield wait_until(self.queue_empty, 3, "the queue to drain")
+        found = f"1 file(s) found on re-reading {self.queue_dir}"
+        yield wait_until(lambda: found in server.output(), 3, "the log line")
+        yield deferLater(reactor, 1.0, lambda: None)
+        self.assertEqual(peer.ids(), ["<moved@t>"])
+        code = yield server.stop()
+        self.assertIn(code, CLEAN_STOP, server.output())
+
+    @inlineCallbacks
+    def test_flushes_while_mail_flows_deliver_each_message_once(self) -> Deferred[None]:
+        """SIGHUP (reload, flush and re-read of the queue) every 20 ms while messages are
+        queued and delivered: every message arrives, and none twice. A re-read sees files
+        just written and files in flight; it must take neither."""
+        server = self.twistd("5s*10")
+        yield server.start(self.smtp_port)
+        peer = self.start_peer()
+        mids = [f"<flow{i}@t>" for i in range(80)]
+        sending = self.send(mids)
+        proc = server.proc
+        assert proc is not None
+        while not sending.called:
+            proc.send_signal(signal.SIGHUP)
+            yield deferLater(reactor, 0.02, lambda: None)
+        yield sending
+        yield wait_until(lambda: len(peer.messages) >= len(mids), 20, "every delivery")
+        yield wait_until(self.queue_empty, 5, "the queue to drain")
+        yield deferLater(reactor, 1.0, lambda: None)
+        counts = Counter(peer.ids())
+        self.assertEqual(sorted(counts), sorted(mids))
+        self.assertEqual({m: n for m, n in counts.items() if n > 1}, {})
+        yield wait_until(lambda: server.output().count("outbound flush") > 5, 3, "the flushes")
         code = yield server.stop()
         self.assertIn(code, CLEAN_STOP, server.output())
 

@@ -240,6 +240,88 @@ def test_gone_entry(queue: IOutboundQueue) -> None:
         result(queue.split(entry, entry.todo.rcpt_to))
 
 
+def test_look_reads_without_changing(queue: IOutboundQueue) -> None:
+    """look lists what is queued now, as scan would, and settles at once when no write is
+    under way."""
+    first = result(queue.add(make_todo("one.test"), [MESSAGE]))
+    second = result(queue.add(make_todo("two.test"), [MESSAGE], next_attempt=NOW + 60))
+    listing = result(queue.look())
+    assert [e.id for e in listing.entries] == [first.id, second.id]
+    assert result(queue.writes_settled()) is None
+
+
+def test_look_leaves_an_unreadable_file_where_it_is(tmp_path: Path) -> None:
+    """A file look cannot read (perhaps still being copied in) is reported, not set aside:
+    only the start-up scan renames files."""
+    q = file_queue(tmp_path / "q")
+    q.store.ensure_dirs()
+    torn = tmp_path / "q" / QueueName.new(NOW, NOW, hostname="elsewhere").format()
+    torn.write_bytes(b"\x00\x00\x01\x00{")
+    listing = result(q.look())
+    assert listing.entries == []
+    assert [p for p, _ in listing.bad] == [torn]
+    assert torn.exists()
+
+
+class HeldThreads:
+    """A thread runner that does the work at once but fires each Deferred when the test
+    says, in the order the test chooses."""
+
+    def __init__(self) -> None:
+        self.held: list[tuple[Deferred[Any], Any]] = []
+
+    def __call__(self, f: Callable[[], T]) -> Deferred[T]:
+        d: Deferred[T] = Deferred()
+        try:
+            value: Any = f()
+        except Exception:
+            value = Failure()
+        self.held.append((d, value))
+        return d
+
+    def fire(self, index: int) -> None:
+        d, value = self.held[index]
+        if isinstance(value, Failure):
+            d.errback(value)
+        else:
+            d.callback(value)
+
+
+def test_writes_settled_fires_after_the_writers_callbacks(tmp_path: Path) -> None:
+    """A write finished on its thread whose caller has not had the entry yet keeps
+    writes_settled waiting; it fires after the callbacks the caller added."""
+    threads = HeldThreads()
+    q = FileQueue(tmp_path / "q", clock=clock_at(NOW), threads=threads, hostname="qhost")
+    order: list[str] = []
+    q.add(make_todo(), [MESSAGE]).addCallback(lambda entry: order.append("scheduled"))
+    settled = q.writes_settled().addCallback(lambda _: order.append("settled"))
+    assert order == []
+    assert len(q.store.listing().entries) == 1  # on disk, not yet handed back
+    threads.fire(0)
+    assert order == ["scheduled", "settled"]
+    result(settled)
+    order.clear()
+    result(q.writes_settled().addCallback(lambda _: order.append("nothing under way")))
+    assert order == ["nothing under way"]
+
+
+def test_a_failed_write_settles_too(tmp_path: Path) -> None:
+    """writes_settled does not wait for ever on a write that failed, nor swallow its
+    failure from the writer."""
+    entry = result(file_queue(tmp_path / "q").add(make_todo(), [MESSAGE]))
+    entry.path.unlink()
+    threads = HeldThreads()
+    q = FileQueue(tmp_path / "q", clock=clock_at(NOW), threads=threads, hostname="qhost")
+    failed: list[Failure] = []
+    q.reschedule(entry, NOW, 1, "x").addErrback(failed.append)
+    settled: list[None] = []
+    q.writes_settled().addCallback(settled.append)
+    assert settled == []
+    threads.fire(0)
+    assert settled == [None]
+    assert [f.type for f in failed] == [QueueEntryMissing]
+
+
 def test_controls(queue: IOutboundQueue) -> None:
     """Control requests come back oldest first, each once."""
     result(queue.post_control("flush", {"domain": "example.com"}))

@@ -5,6 +5,8 @@ an error that stops later ones."""
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -16,8 +18,11 @@ from twisted.trial.unittest import TestCase
 
 from haraka_tw.config import ConfigDirectory
 from haraka_tw.logging import Level
+from haraka_tw.outbound.qfile import QueueName, QueueRecipient, Todo
+from haraka_tw.outbound.store import QueueStore
 from haraka_tw.paths import default_config_dir
 from haraka_tw.server import HarakaServer
+from tests.outbound.test_queue import HeldThreads, run_now
 from tests.support import ListLog, temp_dir, write_config
 
 MESSAGE = b"From: a@x.test\r\nTo: b@one.test\r\nSubject: t\r\n\r\nbody\r\n"
@@ -119,3 +124,190 @@ class ServiceTests(TestCase):
         self.assertEqual(failed[0].value.errno, 28)
         self.assertEqual(calls, ["one.test", "two.test"])
         self.assertEqual(queue.store.listing().entries, [])
+
+
+class RescanTests(TestCase):
+    """A flush re-reads the queue directory: a file moved in while the server runs is
+    delivered without a restart, and no file is ever attempted twice."""
+
+    def setUp(self) -> None:
+        self.server, self.log, self.base = ServiceTests.server(self)  # type: ignore[arg-type]
+        self.outbound = self.server.outbound
+        self.attempts: list[str] = []
+        self.in_flight: list[Deferred[None]] = []
+        self.other = QueueStore(self.base / "elsewhere", log=lambda line: None)
+
+        def attempt(entry: Any) -> Deferred[None]:
+            self.attempts.append(entry.id)
+            self.in_flight.append(Deferred())  # in flight until the test ends
+            return self.in_flight[-1]
+
+        self.outbound.scheduler.attempt = attempt
+
+    def moved_in(self, domain: str = "one.test") -> Any:
+        """A queue file written elsewhere on the same disk and renamed into the queue."""
+        todo = Todo(
+            domain=domain,
+            mail_from="a@x.test",
+            rcpt_to=[QueueRecipient(f"b@{domain}")],
+            uuid="MOVED",
+            queue_time=0,
+        )
+        entry = self.other.add(todo, [MESSAGE], next_attempt=time.time() + 3600)
+        target = self.base / "queue" / entry.filename
+        target.parent.mkdir(mode=0o700, exist_ok=True)
+        os.rename(entry.path, target)
+        return entry
+
+    async def started(self) -> None:
+        await self.outbound.start()
+        self.addCleanup(self.outbound.stop)
+        self.addCleanup(lambda: [d.callback(None) for d in self.in_flight])  # (runs first)
+        await turn()
+
+    async def stopped(self) -> None:
+        await self.outbound.stop()
+        await turn()
+
+    async def test_a_flush_takes_a_file_moved_in_and_makes_it_due(self) -> None:
+        """Not seen until a flush; then scheduled, due now though its file says an hour,
+        and attempted once; the log names it. A second flush takes nothing more."""
+        await self.started()
+        entry = self.moved_in()
+        await deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(self.attempts, [])
+        self.outbound.flush()
+        taken = await self.outbound.rescan()  # (after the flush's own, which took it)
+        self.assertEqual(taken, 0)
+        await wait_for(lambda: self.attempts == [entry.id])
+        self.assertIn(
+            f"outbound queue: 1 file(s) found on re-reading {self.base}/queue: {entry.id}",
+            self.log.messages(Level.NOTICE),
+        )
+        self.assertEqual(await self.outbound.rescan(), 0)
+        self.assertEqual(self.attempts, [entry.id])
+
+    async def test_a_flush_of_one_domain_leaves_the_others_files_at_their_time(self) -> None:
+        """flush example.net: a moved-in file for another domain is scheduled all the same
+        (it is in the queue), at the time its name says."""
+        await self.started()
+        entry = self.moved_in("two.test")
+        self.assertEqual(await self.outbound.rescan("one.test"), 1)
+        self.assertTrue(self.outbound.scheduler.holds(entry.id))
+        await deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(self.attempts, [])
+        self.assertEqual(self.outbound.scheduler.pending(), {"two.test": 1})
+
+    async def test_a_flush_while_a_rescan_reads_is_not_lost(self) -> None:
+        """A file moved in after a rescan has read the directory is taken by the rescan of
+        the next flush, which waits for the first to finish rather than being dropped."""
+        await self.started()
+        threads = HeldThreads()
+        self.outbound.queue._threads = threads
+        taken: list[int] = []
+        self.outbound.rescan().addCallback(taken.append)  # has read: nothing there
+        entry = self.moved_in()
+        self.outbound.rescan().addCallback(taken.append)
+        self.assertEqual(len(threads.held), 1)  # one at a time
+        threads.fire(0)
+        self.assertEqual(len(threads.held), 2)
+        threads.fire(1)
+        self.assertEqual(taken, [0, 1])
+        self.assertTrue(self.outbound.scheduler.holds(entry.id))
+
+    async def test_a_file_being_written_is_left_to_its_writer(self) -> None:
+        """A new message whose file is on disk when the rescan reads, but whose writer has
+        not scheduled it yet: the rescan waits for that write, then leaves the file to it,
+        so it is attempted once."""
+        await self.started()
+        threads = HeldThreads()
+        self.outbound.queue._threads = threads
+        queued = self.outbound.send_email("a@x.test", ["b@one.test"], MESSAGE)
+        taken: list[int] = []
+        self.outbound.rescan().addCallback(taken.append)
+        threads.fire(1)  # the listing is read: it holds the new file
+        self.assertEqual(len(threads.held[1][1].entries), 1)
+        await deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(taken, [])  # waiting for the write
+        self.assertEqual(self.attempts, [])
+        threads.fire(0)  # the write is handed back: the service schedules it
+        (entry,) = await queued
+        self.assertEqual(taken, [0])
+        await wait_for(lambda: self.attempts)
+        await deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(self.attempts, [entry.id])
+
+    async def test_a_file_in_flight_or_gone_is_not_taken(self) -> None:
+        """An entry being delivered is skipped; one whose file went (delivered, or renamed
+        by a reschedule) between the listing and the adoption is skipped too."""
+        await self.started()
+        busy = self.moved_in()
+        gone = self.moved_in()
+        threads = HeldThreads()
+        self.outbound.queue._threads = threads
+        rescan = self.outbound.rescan()
+        (self.base / "queue" / gone.filename).unlink()
+        threads.fire(0)
+        self.assertEqual(await rescan, 1)
+        await wait_for(lambda: self.attempts == [busy.id])
+        self.outbound.queue._threads = run_now
+        self.assertEqual(await self.outbound.rescan(), 0)
+        await deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(self.attempts, [busy.id])
+
+    async def test_an_unreadable_file_is_logged_and_left(self) -> None:
+        """A file that does not read (still being copied in, say) is a WARN naming it and
+        stays where it is, for the next flush or the restart to judge."""
+        await self.started()
+        torn = self.base / "queue" / QueueName.new(time.time(), time.time()).format()
+        torn.write_bytes(b'\0\0\0\x10{"dom')
+        self.assertEqual(await self.outbound.rescan(), 0)
+        self.assertTrue(torn.exists())
+        (warning,) = [m for m in self.log.messages(Level.WARN) if torn.name in m]
+        self.assertIn(f"outbound queue: cannot read {torn.name} (", warning)
+        self.assertTrue(warning.endswith("); left where it is"), warning)
+
+    async def test_nothing_is_read_before_the_start_up_scan_or_after_stop(self) -> None:
+        """Before start (the scan takes everything then) and after stop, a rescan reads
+        nothing and takes nothing."""
+        self.moved_in()
+        threads = HeldThreads()
+        queue: Any = self.outbound.queue
+        real, queue._threads = queue._threads, threads
+        self.assertEqual(await self.outbound.rescan(), 0)
+        queue._threads = real
+        await self.started()
+        await self.stopped()
+        self.assertFalse(self.outbound.owner)
+        queue._threads = threads
+        self.assertEqual(await self.outbound.rescan(), 0)
+        self.assertEqual(threads.held, [])  # not read
+        self.assertEqual(self.attempts, [])
+
+    async def test_a_stop_while_the_listing_is_read_takes_nothing(self) -> None:
+        """Stopped between reading the directory and scheduling: nothing is scheduled."""
+        await self.started()
+        self.moved_in()
+        threads = HeldThreads()
+        self.outbound.queue._threads = threads
+        taken: list[int] = []
+        self.outbound.rescan().addCallback(taken.append)
+        await self.stopped()
+        threads.fire(0)
+        self.assertEqual(taken, [0])
+        self.assertEqual(self.outbound.scheduler.pending(), {})
+
+
+async def turn() -> None:
+    """Let the reactor turn once. (An await right after a Deferred fired runs inside that
+    Deferred's callbacks: a stop() awaited there would return before it has run.)"""
+    await deferLater(reactor, 0, lambda: None)
+
+
+async def wait_for(condition: Any, timeout: float = 5.0) -> None:
+    """Spin the reactor until C{condition()} holds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out")
+        await deferLater(reactor, 0.01, lambda: None)
