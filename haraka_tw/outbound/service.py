@@ -219,7 +219,7 @@ class OutboundService:
                 Level.CRIT,
                 f"outbound queue: scanning {self.queue.queue_dir} failed:"
                 f" {failure.getErrorMessage()}; new messages are delivered, the files"
-                " already there wait for a restart",
+                " already there wait for a flush or a restart",
             )
             self._run()
 

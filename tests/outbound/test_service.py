@@ -58,7 +58,7 @@ class ServiceTests(TestCase):
             log.messages(Level.CRIT),
             [
                 f"outbound queue: scanning {base}/queue failed: [Errno 5] I/O error; new"
-                " messages are delivered, the files already there wait for a restart"
+                " messages are delivered, the files already there wait for a flush or a restart"
             ],
         )
 
@@ -283,6 +283,17 @@ class RescanTests(TestCase):
         self.assertEqual(await self.outbound.rescan(), 0)
         self.assertEqual(threads.held, [])  # not read
         self.assertEqual(self.attempts, [])
+
+    async def test_after_a_failed_scan_a_flush_takes_the_files_already_there(self) -> None:
+        """The start-up scan failed (an I/O error): the files it missed go on a flush."""
+        entry = self.moved_in()
+        with mock.patch.object(
+            type(self.outbound.queue), "scan", lambda q: fail(OSError(5, "I/O error"))
+        ):
+            await self.started()
+        self.assertEqual(self.attempts, [])
+        self.assertEqual(await self.outbound.rescan(), 1)
+        await wait_for(lambda: self.attempts == [entry.id])
 
     async def test_a_stop_while_the_listing_is_read_takes_nothing(self) -> None:
         """Stopped between reading the directory and scheduling: nothing is scheduled."""
