@@ -178,8 +178,8 @@ class HarakaESMTP(Greeting, Envelope, Receiving):
         close_message = self.settings.close_message
 
         def answered(_: HookResult) -> None:
-            if close_message:  # the operator's text, sent as written
-                self._send(reply.with_text(close_message))
+            if close_message:  # the operator's text (connection.ini [message] close)
+                self._send(reply.with_text(close_message).fill(lambda n: self._field(n, "")))
             else:
                 self._send_row(reply)
             self._close()

@@ -7,6 +7,7 @@ it started with, so a reload never changes a session half-way.
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 from dataclasses import dataclass
 from typing import Any
@@ -33,9 +34,11 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 def _networks(hosts: Any) -> tuple[IPNetwork, ...]:
     """connection.ini [haproxy] hosts[]: addresses and CIDRs, IPv4 and IPv6."""
     if isinstance(hosts, str):
-        hosts = [h for h in hosts.replace(",", " ").split() if h]
+        hosts = hosts.replace(",", " ").split()
     out = []
     for host in hosts:
+        if not str(host).strip():
+            continue  # Haraka's shipped file has an empty "hosts[] =", skipped there too
         try:
             out.append(ipaddress.ip_network(str(host).strip(), strict=False))
         except ValueError:
@@ -43,6 +46,17 @@ def _networks(hosts: Any) -> tuple[IPNetwork, ...]:
                 f"connection.ini [haproxy] hosts: {host!r} is not an address or CIDR"
             ) from None
     return tuple(out)
+
+
+def _haraka_text(text: Any, prefix: str) -> str | None:
+    """connection.ini [message] helo / close: Haraka's meaning, the text after the line's
+    start (C{{me}} Hello C{{remote}}, for HELO and EHLO; C{{me}} for QUIT), so that the reply
+    begins with the domain RFC 5321 asks for. A text holding a placeholder is the whole
+    line, as written."""
+    if not text:
+        return None
+    text = str(text)
+    return text if re.search(r"\{(me|remote)\}", text) else prefix + text
 
 
 def _timeout(section: dict[str, Any], key: str, default: float) -> float:
@@ -150,7 +164,7 @@ class SessionSettings:
             clean_auth_results=bool(headers.get("clean_auth_results", True)),
             show_version=bool(headers.get("show_version", True)),
             greeting=tuple(str(g) for g in greeting),
-            helo_message=message.get("helo"),
-            close_message=message.get("close"),
+            helo_message=_haraka_text(message.get("helo"), "{me} Hello {remote}, "),
+            close_message=_haraka_text(message.get("close"), "{me} "),
             banner_chars=ini_count(uuid, "banner_chars", 6, "connection.ini [uuid]"),
         )

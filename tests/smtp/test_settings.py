@@ -69,7 +69,9 @@ def test_haraka_connection_ini(tmp_path: Path) -> None:
     assert (s.header_max_lines, s.header_max_received) == (500, 50)
     assert (s.max_bytes, s.max_line_length, s.max_data_line_length) == (1048576, 1000, 2000)
     assert s.greeting == ("mx.example.org ESMTP", "no UBE")
-    assert (s.helo_message, s.close_message, s.banner_chars) == ("Hi there", "Bye now", 0)
+    # Haraka's meaning: the text after "<me> Hello <remote>, " and "<me> "
+    assert s.helo_message == "{me} Hello {remote}, Hi there"
+    assert (s.close_message, s.banner_chars) == ("{me} Bye now", 0)
     assert s.inactivity_timeout == 60
 
 
