@@ -72,6 +72,8 @@ def _plugins(args: argparse.Namespace) -> int:
         return 1
     for loaded in server.runner.plugins:
         print(f"{loaded.name}: {', '.join(loaded.hooks())}")
+    for skipped in server.skipped_plugins:  # (smtp.ini ignore_bad_plugins)
+        print(f"{skipped.name}: NOT LOADED: {skipped.reason} ({skipped.where.rstrip(': ')})")
     return 0
 
 

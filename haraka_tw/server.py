@@ -105,6 +105,8 @@ class HarakaServer:
         except (ConfigError, ValueError) as e:
             raise StartupError(str(e)) from e
         self.smtp_ini = smtp_ini
+        #: the plugins left out under smtp.ini ignore_bad_plugins, and why
+        self.skipped_plugins: list[PluginLoadError] = []
         try:
             plugins = load_plugins(
                 names,
@@ -113,9 +115,11 @@ class HarakaServer:
                 server_notes=self.notes,
                 ignore_bad_plugins=bool(smtp_ini.get("ignore_bad_plugins")),
                 reactor=reactor,
+                where=lambda name: _where_listed(config, name),
+                skipped=self.skipped_plugins,
             )
         except PluginLoadError as e:
-            raise StartupError(f"{_where_listed(config, e.name)}{e}") from e
+            raise StartupError(str(e)) from e
         self.runner = HookRunner(plugins, reactor, self.log, plugin_timeout)
         if self.runner.has("log"):
             self.log.hook = self.runner.run_log

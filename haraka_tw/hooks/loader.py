@@ -34,12 +34,26 @@ _BUILTIN_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*([./][A-Za-z_][A-Za-z0-9_\
 
 
 class PluginLoadError(Exception):
-    """A plugin could not be found, created or registered."""
+    """A plugin could not be found, created or registered.
+
+    @ivar where: C{path:line: } of the plugins-file line naming it, when known.
+    @ivar others: more plugins that could not be found, reported with this one (each a
+        L{PluginLoadError}), so that one start shows every unknown name in the file.
+    """
 
     def __init__(self, name: str, reason: str) -> None:
         super().__init__(f"plugin {name!r} failed to load: {reason}")
         self.name = name
         self.reason = reason
+        self.where = ""
+        self.others: list[PluginLoadError] = []
+
+    def __str__(self) -> str:
+        first = f"{self.where}{self.args[0]}"
+        if not self.others:
+            return first
+        rest = "".join(f"\n  {e.where}{e.args[0]}" for e in self.others)
+        return f"{len(self.others) + 1} plugins failed to load:\n  {first}{rest}"
 
 
 @implementer(IPluginContext)
@@ -124,32 +138,60 @@ def load_plugins(
     server_notes: dict[str, Any],
     ignore_bad_plugins: bool = False,
     reactor: Any = None,
+    where: Callable[[str], str] = lambda name: "",
+    skipped: list[PluginLoadError] | None = None,
 ) -> list[LoadedPlugin]:
     """Create and register every plugin named, in order; a plugin named twice (by the
     same name, or as C{queue/discard} and C{queue.discard}: the same factory) loads once.
 
-    @raise PluginLoadError: for the first plugin that fails, unless C{ignore_bad_plugins},
-        in which case it is logged and left out.
+    Every name is looked up before any plugin is created, so a file with several unknown
+    names is reported whole, and nothing is registered when one is missing.
+
+    @param where: C{where(name)} is C{path:line: } of the line naming it, for messages.
+    @param skipped: with C{ignore_bad_plugins}, receives each plugin left out.
+    @raise PluginLoadError: unless C{ignore_bad_plugins} (then each is logged and left
+        out): for the names that cannot be found (the first, the rest in C{others}), else
+        for the first plugin that cannot be created or registered.
     """
-    loaded: list[LoadedPlugin] = []
+    found: list[tuple[str, Callable[[], object]]] = []
+    missing: list[PluginLoadError] = []
     seen: dict[object, str] = {}  # a factory -> the name it was listed under first
     for name in names:
         try:
             factory = resolve(name)
-            if factory in seen:
-                also = "" if seen[factory] == name else f" (as {seen[factory]!r})"
-                log.log(
-                    Level.WARN,
-                    f"plugin {name!r} is listed twice{also}; loaded once",
-                    origin="plugins",
-                )
-                continue
-            seen[factory] = name
+        except PluginLoadError as e:
+            missing.append(e)
+            continue
+        if factory in seen:
+            also = "" if seen[factory] == name else f" (as {seen[factory]!r})"
+            log.log(
+                Level.WARN, f"plugin {name!r} is listed twice{also}; loaded once", origin="plugins"
+            )
+            continue
+        seen[factory] = name
+        found.append((name, factory))
+
+    def failed(e: PluginLoadError) -> None:
+        e.where = where(e.name)
+        if not ignore_bad_plugins:
+            return
+        log.log(Level.ERROR, f"{e} (ignored: ignore_bad_plugins)", origin="plugins")
+        if skipped is not None:
+            skipped.append(e)
+
+    for error in missing:
+        failed(error)
+    if missing and not ignore_bad_plugins:
+        missing[0].others = missing[1:]
+        raise missing[0]
+    loaded: list[LoadedPlugin] = []
+    for name, factory in found:
+        try:
             loaded.append(_load_one(name, factory, config, log, server_notes, reactor))
         except PluginLoadError as e:
+            failed(e)
             if not ignore_bad_plugins:
                 raise
-            log.log(Level.ERROR, f"{e} (ignored: ignore_bad_plugins)", origin="plugins")
     return loaded
 
 

@@ -55,8 +55,8 @@ def _haraka_text(text: Any, prefix: str) -> str | None:
     line, as written."""
     if not text:
         return None
-    text = str(text)
-    return text if re.search(r"\{(me|remote)\}", text) else prefix + text
+    line = str(text)
+    return line if re.search(r"\{(me|remote)\}", line) else prefix + line
 
 
 def _timeout(section: dict[str, Any], key: str, default: float) -> float:

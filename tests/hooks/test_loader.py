@@ -106,6 +106,52 @@ class LoaderTests(SynchronousTestCase):
             self.assertIn(repr(name), str(ctx.exception))
             self.assertIn(words, str(ctx.exception))
 
+    def test_every_unknown_name_is_reported_at_once_and_nothing_registers(self) -> None:
+        """A plugins file brought from Haraka with several plugins this server lacks: one
+        error names them all, each where it is listed, and no plugin was registered (the
+        one listed before them included)."""
+        lines = {"sample": "plugins:1: ", "syslog": "plugins:2: ", "karma": "plugins:4: "}
+        notes: dict[str, Any] = {}
+        with self.assertRaises(PluginLoadError) as ctx:
+            load_plugins(
+                ["sample", "syslog", "queue/discard", "karma"],
+                config=self.config,
+                log=self.log,
+                server_notes=notes,
+                where=lines.__getitem__,
+            )
+        self.assertEqual(
+            str(ctx.exception).splitlines(),
+            [
+                "2 plugins failed to load:",
+                "  plugins:2: plugin 'syslog' failed to load: no such built-in plugin or"
+                " entry point",
+                "  plugins:4: plugin 'karma' failed to load: no such built-in plugin or"
+                " entry point",
+            ],
+        )
+        self.assertEqual(notes, {})  # 'sample' registers itself in the notes
+
+    def test_ignore_bad_plugins_names_the_line_and_keeps_what_was_left_out(self) -> None:
+        """Each plugin left out is an ERROR naming its line, and is handed back."""
+        skipped: list[PluginLoadError] = []
+        loaded = load_plugins(
+            ["syslog", "queue/discard", "tw_sample_plugins:Explodes"],
+            config=self.config,
+            log=self.log,
+            server_notes={},
+            ignore_bad_plugins=True,
+            where=lambda name: f"plugins:{name}: ",
+            skipped=skipped,
+        )
+        self.assertEqual([p.name for p in loaded], ["queue/discard"])
+        self.assertEqual([e.name for e in skipped], ["syslog", "tw_sample_plugins:Explodes"])
+        self.assertIn(
+            "plugins:syslog: plugin 'syslog' failed to load: no such built-in plugin or entry"
+            " point (ignored: ignore_bad_plugins)",
+            self.log.messages(),
+        )
+
     def test_ignore_bad_plugins(self) -> None:
         """With ignore_bad_plugins a bad plugin is logged and left out; the rest load."""
         loaded, _ = self.load(["no_such_plugin", "queue/discard"], ignore=True)
