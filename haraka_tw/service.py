@@ -119,6 +119,73 @@ def _one_line_startup_errors(previous: Any) -> Any:
 DEFAULT_BACKLOG = 1024
 
 
+#: smtp.ini [main] keys read (by this module, the server, the settings and twistd's tap)
+_SMTP_INI_KEYS = frozenset(
+    {
+        "listen", "port", "listen_host", "listen_backlog", "smtps_port", "nodes", "user",
+        "group", "inactivity_timeout", "data_timeout", "max_connections",
+        "graceful_shutdown", "force_shutdown_timeout", "ignore_bad_plugins", "daemonize",
+    }
+)  # fmt: skip
+
+#: Haraka's smtp.ini keys that are not read here, and what to do instead
+_SMTP_INI_ELSEWHERE = {
+    "daemon_log_file": "twistd --logfile FILE",
+    "daemon_pid_file": "twistd --pidfile FILE",
+    "public_ip": "no plugin of this release uses it",
+}
+
+
+def _warn_unread_keys(server: HarakaServer) -> None:
+    """A WARN for each smtp.ini [main] key this server does not read (a typo, or one of
+    Haraka's handled otherwise here), naming the file and line: a setting an operator
+    brought over must not be dropped without a word."""
+    smtp = server.smtp_ini
+    unread = sorted(k for k in smtp if k not in _SMTP_INI_KEYS)
+    if smtp.get("daemonize"):
+        unread.insert(0, "daemonize")
+        hints = {"daemonize": "twistd runs as a daemon unless given -n"}
+    else:
+        hints = {}
+    for key in unread:
+        hint = hints.get(key) or _SMTP_INI_ELSEWHERE.get(key) or "not a key of smtp.ini"
+        server.log.log(
+            Level.WARN, f"{_where_key(server.config, 'smtp.ini', key)}{key} is not read: {hint}"
+        )
+
+
+def _where_key(config: Any, name: str, key: str) -> str:
+    """C{path:line: } of the line setting C{key} in the top config file C{name}."""
+    path = config.path(name)
+    if path is None:
+        return f"{name}: "
+    try:
+        lines = path.read_bytes().decode("utf-8", "replace").splitlines()
+    except OSError:
+        return f"{path}: "
+    pattern = re.compile(rf"\s*{re.escape(key)}\s*(\[\])?\s*=")
+    for number, line in enumerate(lines, 1):
+        if pattern.match(line):
+            return f"{path}:{number}: "
+    return f"{path}: "
+
+
+#: where the server listens when smtp.ini names nothing (Haraka: [::0]:25)
+DEFAULT_LISTEN = "127.0.0.1:2525"
+
+
+def listen_text(smtp: dict[str, Any]) -> str:
+    """The listeners smtp.ini [main] names, as Haraka reads them: C{listen}, and before
+    it C{listen_host:port} when the older C{port} key is set (C{listen_host} defaulting
+    to C{[::0]}); L{DEFAULT_LISTEN} when there is neither."""
+    entries = [str(smtp["listen"])] if str(smtp.get("listen") or "").strip() else []
+    port = str(smtp.get("port") or "").strip()
+    if port:
+        host = str(smtp.get("listen_host") or "").strip() or "[::0]"
+        entries.insert(0, f"{host}:{port}")
+    return ",".join(entries) or DEFAULT_LISTEN
+
+
 def parse_listen(text: str, default_port: int = 25, backlog: int | None = None) -> list[str]:
     """smtp.ini C{listen} as Twisted endpoint descriptions.
 
@@ -200,7 +267,7 @@ class HarakaService(MultiService):
         if endpoints is None:
             try:
                 endpoints = parse_listen(
-                    str(smtp.get("listen", "127.0.0.1:2525")),
+                    listen_text(smtp),
                     backlog=ini_count(smtp, "listen_backlog", DEFAULT_BACKLOG, "smtp.ini")
                     or DEFAULT_BACKLOG,  # (0 means the default)
                 )
@@ -249,6 +316,8 @@ class HarakaService(MultiService):
         self.refused = False  # init_master / init_child said no
         self._exit_status_set = False  # stopped for good under twistd: the master exits 1
         self._old_sighup: Any = None
+        if worker is None:  # (a worker reads the same file: the master has said it)
+            _warn_unread_keys(server)
 
     @classmethod
     def from_directory(

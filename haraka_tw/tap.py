@@ -5,7 +5,9 @@ The ServiceMaker itself lives in twisted/plugins/haraka_tw_plugin.py.
 
 from __future__ import annotations
 
+import grp
 import os
+import pwd
 import signal
 import sys
 from typing import Any
@@ -15,7 +17,7 @@ from twisted.logger import ILogObserver
 from twisted.python import usage
 from twisted.python.logfile import LogFile
 
-from haraka_tw.logging import TwistdLogObserver
+from haraka_tw.logging import Level, TwistdLogObserver
 from haraka_tw.server import StartupError
 from haraka_tw.service import DEFAULT_BACKLOG, HarakaService, parse_listen
 
@@ -109,9 +111,55 @@ def makeService(options: Any) -> HarakaService:
         endpoints = None
         if options["listen"]:
             endpoints = parse_listen(",".join(options["listen"]), backlog=DEFAULT_BACKLOG)
-        return HarakaService.from_directory(
+        service = HarakaService.from_directory(
             options["config"], endpoints, owns_process=True, nodes=None
         )
+        _user_from_smtp_ini(options, service)
     except (StartupError, ValueError) as e:
         sys.stderr.write(f"haraka_tw: {e}\n")
         raise SystemExit(1) from e
+    return service
+
+
+def _user_from_smtp_ini(options: Any, service: HarakaService) -> None:
+    """smtp.ini C{user} and C{group}, as in Haraka: the user and group the process drops to
+    once the listeners are bound. twistd does the dropping (the same step as its C{-u} and
+    C{-g}, which win over these); they are handed to it here, where it reads them after
+    this returns. Not root: a WARN, and the process stays as it is.
+
+    @raise StartupError: for a user or group that does not exist.
+    """
+    parent = getattr(options, "parent", None)
+    smtp = service.server.smtp_ini
+    user, group = (str(smtp.get(key) or "").strip() for key in ("user", "group"))
+    if not (user or group) or not isinstance(parent, ServerOptions):
+        return
+    log = service.server.log
+    if parent.get("uid") is not None or parent.get("gid") is not None:
+        log.log(Level.NOTICE, "smtp.ini user/group not used: twistd -u/-g given")
+        return
+    uid = _lookup(user, pwd.getpwnam, "user") if user else None
+    gid = _lookup(group, grp.getgrnam, "group") if group else None
+    if os.getuid() != 0:
+        if uid not in (None, os.getuid()) or gid not in (None, os.getgid()):
+            log.log(
+                Level.WARN,
+                f"smtp.ini user={user or '-'} group={group or '-'}: not started as root,"
+                f" so staying uid {os.getuid()} gid {os.getgid()}",
+            )
+        return
+    parent["uid"], parent["gid"] = uid, gid
+    log.log(
+        Level.NOTICE,
+        f"dropping to user {user or '-'} group {group or '-'} (smtp.ini) once listening",
+    )
+
+
+def _lookup(name: str, by_name: Any, kind: str) -> int:
+    """A user or group id, from a name or a number."""
+    if name.isdigit():
+        return int(name)
+    try:
+        return int(by_name(name)[2])
+    except KeyError:
+        raise StartupError(f"smtp.ini {kind}: no {kind} named {name!r}") from None

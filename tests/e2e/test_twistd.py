@@ -103,6 +103,19 @@ class TwistdTestCase(unittest.SynchronousTestCase):
         all_files.update(files or {})
         write_config(self.config, all_files)
 
+    def spool_for_nobody(self) -> Path:
+        """For a test that drops to nobody: skip unless root; make the base readable and a
+        spool nobody can write (self.maildir in it)."""
+        if os.geteuid() != 0:
+            raise unittest.SkipTest("needs root: drops to nobody")
+        # nobody must reach the config (for reloads) and write the maildir.
+        os.chmod(self.base, 0o755)
+        spool = self.base / "spool"
+        spool.mkdir()
+        os.chmod(spool, 0o777)
+        self.maildir = spool / "maildir"
+        return spool
+
     def spool_for_nobody_on_port_25(self) -> Path:
         """For a -u nobody -g nogroup test on 127.0.0.1:25: skip unless root and the port
         is free; make the base readable and a spool nobody can write (self.maildir in it)."""
@@ -115,13 +128,7 @@ class TwistdTestCase(unittest.SynchronousTestCase):
                 probe.bind(("127.0.0.1", 25))
             except OSError as e:
                 raise unittest.SkipTest(f"127.0.0.1:25 is not free ({e})") from None
-        # nobody must reach the config (for reloads) and write the maildir.
-        os.chmod(self.base, 0o755)
-        spool = self.base / "spool"
-        spool.mkdir()
-        os.chmod(spool, 0o777)
-        self.maildir = spool / "maildir"
-        return spool
+        return self.spool_for_nobody()
 
     def spawn(self, twistd_args: Sequence[str]) -> subprocess.Popen[bytes]:
         """Start C{twistd <twistd_args> haraka --config DIR}."""
@@ -419,4 +426,69 @@ class PrivilegeDropTests(TwistdTestCase):
         self.assertTrue(stored[0].endswith(MESSAGE))
         (path,) = (self.maildir / "new").iterdir()
         self.assertEqual(path.stat().st_uid, 65534)  # written by nobody, not root
+        self.stop(proc)
+
+    def assert_runs_as_nobody(self, pid: int) -> None:
+        status = Path(f"/proc/{pid}/status").read_text()
+        uid = re.search(r"^Uid:\s+(.*)$", status, re.M)
+        gid = re.search(r"^Gid:\s+(.*)$", status, re.M)
+        assert uid is not None and gid is not None
+        self.assertEqual(uid.group(1).split(), ["65534"] * 4)
+        self.assertEqual(gid.group(1).split(), ["65534"] * 4)
+
+    def test_smtp_ini_user_and_group_are_the_ones_dropped_to(self) -> None:
+        """As root, with Haraka's smtp.ini user= and group= and no -u/-g: the listeners are
+        bound, then the process serves as that user and group, and says so."""
+        spool = self.spool_for_nobody()
+        self.configure(
+            {
+                "smtp.ini": f"[main]\nlisten=127.0.0.1:{self.port}\nuser=nobody\ngroup=nogroup\n",
+                "outbound.ini": f"[main]\nqueue_dir={spool / 'queue'}\n",
+            }
+        )
+        proc = self.start_foreground()
+        self.assert_runs_as_nobody(proc.pid)
+        self.assertEqual(self.send_message(), {}, self.output())
+        (path,) = (self.maildir / "new").iterdir()
+        self.assertEqual(path.stat().st_uid, 65534)
+        dropping = "dropping to user nobody group nogroup (smtp.ini) once listening"
+        self.assertIn(dropping, self.output())
+        self.stop(proc)
+
+
+class HarakaSmtpIniTests(TwistdTestCase):
+    """smtp.ini as an operator brings it from Haraka."""
+
+    def test_port_and_listen_host_are_read_as_haraka_reads_them(self) -> None:
+        """Haraka's older keys, with no listen=: the server listens on listen_host:port."""
+        self.configure({"smtp.ini": f"[main]\nlisten_host=127.0.0.1\nport={self.port}\n"})
+        proc = self.start_foreground()
+        self.assertEqual(self.send_message(), {}, self.output())
+        self.assertIn(f"listening on tcp:{self.port}:interface=127.0.0.1", self.output())
+        self.stop(proc)
+
+    def test_a_user_that_does_not_exist_is_one_line(self) -> None:
+        """smtp.ini user= naming no user stops start-up with a line that says so."""
+        self.configure({"smtp.ini": f"[main]\nlisten=127.0.0.1:{self.port}\nuser=nosuchuser\n"})
+        proc = self.spawn(["-n", "--pidfile="])
+        self.assertEqual(proc.wait(20), 1)
+        self.assertIn("haraka_tw: smtp.ini user: no user named 'nosuchuser'", self.output())
+        self.assertNotIn("Traceback", self.output())
+
+    def test_keys_not_read_are_a_warning_naming_the_line(self) -> None:
+        """A typo, or a Haraka key handled another way here, is a WARN with file and line
+        and what to do instead; the server starts all the same."""
+        self.configure(
+            {
+                "smtp.ini": f"[main]\nlisten=127.0.0.1:{self.port}\nlistn=127.0.0.1:25\n"
+                "daemon_log_file=/var/log/haraka.log\ndaemonize=true\n"
+            }
+        )
+        proc = self.start_foreground()
+        ini = self.config / "smtp.ini"
+        out = poll(lambda: self.output() if "daemon_log_file" in self.output() else None, 5)
+        self.assertIsNotNone(out, self.output())
+        self.assertIn(f"{ini}:5: daemonize is not read: twistd runs as a daemon unless", out)
+        self.assertIn(f"{ini}:4: daemon_log_file is not read: twistd --logfile FILE", out)
+        self.assertIn(f"{ini}:3: listn is not read: not a key of smtp.ini", out)
         self.stop(proc)
