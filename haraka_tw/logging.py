@@ -66,21 +66,25 @@ class Level(enum.IntEnum):
 
     @classmethod
     def parse(cls, text: str | int) -> Level:
-        """A level from its name (any case, WARNING accepted) or number.
+        """A level from its name (any case; WARNING, and Haraka's LOGINFO style, accepted)
+        or number.
 
         @raise ValueError: for anything else.
         """
         if isinstance(text, int):
             return cls(text)
         name = text.strip().upper()
-        if name == "WARNING":
+        if name.startswith("LOG") and name[3:] in cls.__members__:
+            name = name[3:]  # (LOGINFO, the names of Haraka's logger constants)
+        if name in ("WARNING", "LOGWARNING"):
             name = "WARN"
-        if name.isdigit():
-            return cls(int(name))
         try:
-            return cls[name]
-        except KeyError:
-            raise ValueError(f"unknown log level {text!r}") from None
+            return cls(int(name)) if name.isdigit() else cls[name]
+        except (KeyError, ValueError):
+            known = ", ".join(cls.__members__)
+            raise ValueError(
+                f"unknown log level {text!r} (one of {known}, or 0-{max(cls)})"
+            ) from None
 
 
 _TWISTED_LEVEL = {
@@ -230,7 +234,10 @@ class HarakaLog:
         """
         main = ini.get("main", {})
         if "level" in main:
-            self.level = Level.parse(main["level"])
+            try:
+                self.level = Level.parse(main["level"])
+            except ValueError as e:
+                raise ValueError(f"log.ini level: {e}") from None
         fmt = str(main.get("format", self.format) or "default").lower()
         if fmt not in FORMATS:
             raise ValueError(f"log.ini format {fmt!r} is not one of {', '.join(FORMATS)}")

@@ -202,7 +202,10 @@ class HarakaServer:
         trial.configure(self.config.get_ini("log.ini", booleans=["-main.timestamps"]))
         loglevel = self.config.get_value("loglevel", None)
         if loglevel is not None:
-            trial.level = Level.parse(loglevel)
+            try:
+                trial.level = Level.parse(loglevel)
+            except ValueError as e:
+                raise ValueError(f"{self.config.path('loglevel') or 'loglevel'}: {e}") from None
         self.log.level, self.log.format, self.log.timestamps = (
             trial.level,
             trial.format,

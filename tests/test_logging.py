@@ -94,10 +94,28 @@ def test_configure_from_log_ini() -> None:
     log, _ = capture()
     log.configure({"main": {"level": "warning", "format": "JSON", "timestamps": True}})
     assert (log.level, log.format, log.timestamps) == (Level.WARN, "json", True)
-    with pytest.raises(ValueError, match="unknown log level"):
+    with pytest.raises(ValueError, match="^log.ini level: unknown log level 'loud' "):
         log.configure({"main": {"level": "loud"}})
     with pytest.raises(ValueError, match="format"):
         log.configure({"main": {"format": "xml"}})
+
+
+def test_level_names_as_haraka_writes_them() -> None:
+    """Haraka's loglevel file takes its logger's constant names (LOGINFO) too; a name that
+    is neither says which are."""
+    assert Level.parse("LOGINFO") == Level.INFO
+    assert Level.parse("logdebug") == Level.DEBUG
+    assert Level.parse("LOGWARN") == Level.WARN
+    assert Level.parse(" protocol ") == Level.PROTOCOL
+    assert Level.parse("9") == Level.DATA
+    with pytest.raises(ValueError) as e:
+        Level.parse("LOG")
+    assert str(e.value) == (
+        "unknown log level 'LOG' (one of EMERG, ALERT, CRIT, ERROR, WARN, NOTICE, INFO,"
+        " DEBUG, PROTOCOL, DATA, or 0-9)"
+    )
+    with pytest.raises(ValueError, match="unknown log level '12'"):
+        Level.parse("12")
 
 
 def test_plugin_logger_tags_uuid() -> None:

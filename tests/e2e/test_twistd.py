@@ -492,3 +492,17 @@ class HarakaSmtpIniTests(TwistdTestCase):
         self.assertIn(f"{ini}:4: daemon_log_file is not read: twistd --logfile FILE", out)
         self.assertIn(f"{ini}:3: listn is not read: not a key of smtp.ini", out)
         self.stop(proc)
+
+    def test_a_bad_loglevel_names_its_file(self) -> None:
+        """Haraka's LOGINFO names are levels; anything else stops start-up with one line
+        naming the file and the levels there are."""
+        self.configure({"loglevel": "LOGDEBUG\n"})
+        proc = self.start_foreground()
+        self.stop(proc)
+        self.configure({"loglevel": "loud\n"})
+        proc = self.spawn(["-n", "--pidfile="])
+        self.assertEqual(proc.wait(20), 1)
+        self.assertIn(
+            f"haraka_tw: {self.config / 'loglevel'}: unknown log level 'loud' (one of EMERG,",
+            self.output(),
+        )
