@@ -94,7 +94,7 @@ def test_configure_from_log_ini() -> None:
     log, _ = capture()
     log.configure({"main": {"level": "warning", "format": "JSON", "timestamps": True}})
     assert (log.level, log.format, log.timestamps) == (Level.WARN, "json", True)
-    with pytest.raises(ValueError, match="^log.ini level: unknown log level 'loud' "):
+    with pytest.raises(ValueError, match=r"^log\.ini level: unknown log level 'loud' "):
         log.configure({"main": {"level": "loud"}})
     with pytest.raises(ValueError, match="format"):
         log.configure({"main": {"format": "xml"}})
