@@ -386,7 +386,14 @@ class Courier:
         )
         if dsn is None:
             return None
-        self._log(Level.NOTICE, hmail, f"sending a {action} report to <{todo.mail_from}>")
+        first, status, why = failed[0]
+        more = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
+        self._log(
+            Level.NOTICE,
+            hmail,
+            f"sending a {action} report to <{todo.mail_from}>: <{first.address}>"
+            f" {status} {why}{more}",
+        )
         d: Deferred[Any] = self.queue.add(envelope, [dsn])
         return d.addCallback(self.reschedule)
 

@@ -209,7 +209,11 @@ class OutboundService:
             for entry in entries:
                 self.scheduler.add(entry)
             part = f" in {self.partition}" if self.partition is not None else ""
-            self.log.log(Level.NOTICE, f"outbound queue: {len(entries)} messages waiting{part}")
+            self.log.log(
+                Level.NOTICE,
+                f"outbound queue: {len(entries)} messages waiting{part}"
+                f" (in {self.queue.queue_dir})",
+            )
             self._run()
 
         def scan_failed(failure: Failure) -> None:

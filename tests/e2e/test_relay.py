@@ -151,6 +151,8 @@ class RelayTests(TestCase):
         yield self.wait_for(lambda: len(peer.messages) == 2, timeout=15)
         refused = "] refused nobody@dest.test: 550 5.1.1 no such user"
         self.assertTrue(any(line.endswith(refused) for line in logged), logged)
+        why = "sending a failed report to <alice@client.test>: <nobody@dest.test> 5.1.1"
+        self.assertTrue(any(why in line and "no such user" in line for line in logged), logged)
         delivered = [m for m in peer.messages if m.rcpt_to == ["bob@dest.test"]]
         dsns = [m for m in peer.messages if m.rcpt_to == ["alice@client.test"]]
         self.assertEqual(len(delivered), 1)

@@ -375,9 +375,10 @@ class Forwarder:
         route: Route,
         txn: Any,
         indexes: list[int],
-        log: Callable[[str], None],
+        warn: Callable[[str], None],
     ) -> Tally:
-        """Deliver C{txn}'s message to the recipients at C{indexes} by C{route}."""
+        """Deliver C{txn}'s message to the recipients at C{indexes} by C{route}; each next
+        hop that cannot be reached is a line to C{warn}."""
         recipients = [
             Recipient(txn.rcpt_to[i].address, _rcpt_params(txn.rcpt_params, i)) for i in indexes
         ]
@@ -388,7 +389,7 @@ class Forwarder:
             try:
                 addresses = await self.addresses(endpoint)
             except MXError as e:
-                log(f"next hop {endpoint}: {e}")
+                warn(f"next hop {endpoint}: {e}")
                 last = e
                 continue
             for ip in addresses:
@@ -412,7 +413,7 @@ class Forwarder:
                         mail_params=_mail_params(txn.mail_params),
                     )
                 except DeliveryError as e:
-                    log(f"next hop {endpoint}{'' if endpoint.path else f' [{ip}]'}: {e}")
+                    warn(f"next hop {endpoint}{'' if endpoint.path else f' [{ip}]'}: {e}")
                     if e.phase in _TRY_NEXT and not e.settled:
                         last = e
                         continue
@@ -546,13 +547,14 @@ class ForwardingPlugin:
         if not groups:
             return HookResult(CONT)
 
-        def log(message: str) -> None:
-            connection.loginfo(message, self.name)
+        def warn(message: str) -> None:
+            connection.logwarn(message, self.name)
 
         tally = Tally()
         for route, indexes in groups:
-            part = await self.forwarder.hand_over(route, txn, indexes, log)
-            log(f"route {route.name} ({', '.join(map(str, route.hosts))}): {part.summary()}")
+            part = await self.forwarder.hand_over(route, txn, indexes, warn)
+            hosts = ", ".join(map(str, route.hosts))
+            connection.loginfo(f"route {route.name} ({hosts}): {part.summary()}", self.name)
             tally.merge(part)
         return await self.answer(connection, tally)
 

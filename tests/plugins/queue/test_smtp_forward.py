@@ -12,6 +12,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
 from haraka_tw.interfaces import IConnectHook
+from haraka_tw.logging import Level
 from haraka_tw.outbound.mx import MXHost
 from haraka_tw.outbound.queue import QueueEntry
 from haraka_tw.plugins.queue.smtp_forward import mx_from_url, read_routes
@@ -104,11 +105,15 @@ class ForwardTests(ForwardCase):
         """No next hop to talk to: 451 4.4.1, try again later (never a 250)."""
         peer, port = self.peer()
         await peer.stop()
-        self.server(f"[main]\nhost=127.0.0.1\nport={port}\n")
+        server = self.server(f"[main]\nhost=127.0.0.1\nport={port}\n")
+        warned: list[str] = []
+        server.log.hook = lambda c, r: (r.level == Level.WARN and warned.append(r.message)) or True
         _, _, data = await self.send(["bob@example.com"])
         assert data is not None
         self.assertEqual(data[0], 451)
         self.assertIn(b"try again later", data[1])
+        (line,) = warned  # the operator sees why, at WARN
+        self.assertIn(f"next hop 127.0.0.1:{port} [127.0.0.1]: ", line)
 
     async def test_host_pool_tried_in_order(self) -> None:
         """forwarding_host_pool: a host that is down is skipped for the next one."""
