@@ -75,6 +75,15 @@ BOOLEANS = (
 )
 #: The server notes key of the per-IP connection counts.
 COUNTS_NOTE = "limit.concurrency"
+#: the sections this plugin reads
+_SECTIONS = frozenset({"main", "concurrency", "recipients", "unrecognized_commands", "errors"})
+
+
+def _truthy(value: Any) -> bool:
+    """An ini value as Haraka takes a boolean it was not told about."""
+    return value is True or str(value).strip().lower() in ("true", "yes", "ok", "on", "1")
+
+
 DEFAULT_MAX = {"concurrency": 3, "recipients": 0, "unrecognized_commands": 10, "errors": 10}
 
 TOO_MANY_CONNECTIONS = "Too many concurrent connections"
@@ -178,13 +187,24 @@ class Plugin:
     def register(self, context: IPluginContext) -> None:
         self.name = context.name
         self.config = context.config
+        self.log = context.log
         self.counts = context.server_notes.setdefault(COUNTS_NOTE, {})
         self.load()
         context.config.on_change("limit.ini", self.load)
 
     def load(self) -> None:
-        """(Re)read limit.ini; a bad value raises and changes nothing."""
-        self.limits = Limits.from_ini(self.config.get_ini("limit.ini", booleans=BOOLEANS))
+        """(Re)read limit.ini; a bad value raises and changes nothing. A section of
+        Haraka's plugin this one lacks, turned on, is a WARN: the operator meant a limit
+        that is not enforced."""
+        ini = self.config.get_ini("limit.ini", booleans=BOOLEANS)
+        self.limits = Limits.from_ini(ini)
+        for section, values in ini.items():
+            if section not in _SECTIONS and _truthy(values.get("enabled")):
+                self.log.warn(
+                    f"limit.ini [{section}] enabled is not enforced: this limit plugin has"
+                    f" only {', '.join(sorted(_SECTIONS - {'main'}))} (Haraka's rate limits"
+                    " and history need its Redis)"
+                )
 
     def penalize(
         self, connection: Connection, code: Code, message: Any

@@ -9,6 +9,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from haraka_tw.codes import DENY
 from haraka_tw.hooks.loader import PluginLoadError
+from haraka_tw.logging import Level
 from haraka_tw.plugins.limit import COUNTS_NOTE, Limits
 from haraka_tw.smtp.connection import Connection, Local, Remote
 from tests.plugins.loading import Loaded, accepting, load, session
@@ -122,6 +123,23 @@ class LimitTests(SynchronousTestCase):
         self.assertEqual(plugin.limits.errors, 7)
         loaded.write("limit.ini", "[errors]\nenabled=true\nmax=-1\n")
         self.assertEqual(plugin.limits.errors, 7)
+
+    def test_a_haraka_section_this_plugin_lacks_is_a_warning(self) -> None:
+        """Haraka's Redis rate limits, turned on in limit.ini: a WARN says they are not
+        enforced; sections left off (Haraka's shipped file) say nothing."""
+        loaded = self.loaded(
+            "[rate_conn]\nenabled=true\n1m=5\n[rate_rcpt]\nenabled=false\n"
+            "[concurrency]\nenabled=true\n"
+        )
+        warned = loaded.log.messages(Level.WARN)
+        self.assertEqual(len(warned), 1, warned)
+        self.assertTrue(
+            warned[0].startswith(
+                "limit.ini [rate_conn] enabled is not enforced: this limit plugin has only"
+                " concurrency, errors, recipients, unrecognized_commands"
+            ),
+            warned,
+        )
 
     def test_max_unrecognized_commands(self) -> None:
         """Haraka's older plugin name: always on, its own value file (else limit.ini, else 10)."""
