@@ -8,7 +8,7 @@ plugin list itself is read at start-up only.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,9 +58,10 @@ def _check_spool_dir(path: str | None) -> None:
         raise ValueError(f"connection.ini [main] spool_dir: {path}: {probe} is not a directory")
 
 
-def _where_listed(config: ConfigDirectory, name: str) -> str:
-    """C{path:line: } of the plugins file line that names C{name}, or "" if not found."""
-    path = config.path("plugins")
+def where_in(config: ConfigDirectory, name: str, match: Callable[[str], bool]) -> str:
+    """C{path:line: } of the first line of the top config file C{name} that C{match}es;
+    C{path: } when none does, "" when there is no such file. For messages."""
+    path = config.path(name)
     if path is None:
         return ""
     try:
@@ -68,9 +69,14 @@ def _where_listed(config: ConfigDirectory, name: str) -> str:
     except OSError:
         return f"{path}: "
     for number, line in enumerate(lines, 1):
-        if line.strip() == name:
+        if match(line):
             return f"{path}:{number}: "
     return f"{path}: "
+
+
+def _where_listed(config: ConfigDirectory, name: str) -> str:
+    """C{path:line: } of the plugins file line that names C{name}, or "" if not found."""
+    return where_in(config, "plugins", lambda line: line.strip() == name)
 
 
 class StartupError(Exception):

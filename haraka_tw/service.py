@@ -24,7 +24,7 @@ import contextlib
 import re
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,7 @@ from haraka_tw.codes import Code, HookResult
 from haraka_tw.config.formats import ini_count, ini_number
 from haraka_tw.interfaces import IShutdown
 from haraka_tw.logging import Level
-from haraka_tw.server import HarakaServer, StartupError
+from haraka_tw.server import HarakaServer, StartupError, where_in
 from haraka_tw.smtp.proxy_first import ProxyFirstFactory
 from haraka_tw.tls import (
     ImplicitTLS,
@@ -60,7 +60,7 @@ from haraka_tw.workers.forkserver import exit_now
 from haraka_tw.workers.master import WorkerMaster
 from haraka_tw.writethrough import dispatch_without_log_context, write_through_reactor
 
-__all__ = ["HarakaService", "parse_listen"]
+__all__ = ["DEFAULT_LISTEN", "HarakaService", "listen_text", "parse_listen"]
 
 _HOST_PORT = re.compile(
     r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<v4>[0-9.]+|[A-Za-z0-9.\-]+|\*))?(?::(?P<port>\d+))?$"
@@ -136,6 +136,12 @@ _SMTP_INI_ELSEWHERE = {
 }
 
 
+def _sets(key: str) -> Callable[[str], bool]:
+    """Whether an ini line sets C{key} (C{key=}, C{key[]=})."""
+    pattern = re.compile(rf"\s*{re.escape(key)}\s*(\[\])?\s*=")
+    return lambda line: pattern.match(line) is not None
+
+
 def _warn_unread_keys(server: HarakaServer) -> None:
     """A WARN for each smtp.ini [main] key this server does not read (a typo, or one of
     Haraka's handled otherwise here), naming the file and line: a setting an operator
@@ -150,24 +156,9 @@ def _warn_unread_keys(server: HarakaServer) -> None:
     for key in unread:
         hint = hints.get(key) or _SMTP_INI_ELSEWHERE.get(key) or "not a key of smtp.ini"
         server.log.log(
-            Level.WARN, f"{_where_key(server.config, 'smtp.ini', key)}{key} is not read: {hint}"
+            Level.WARN,
+            f"{where_in(server.config, 'smtp.ini', _sets(key))}{key} is not read: {hint}",
         )
-
-
-def _where_key(config: Any, name: str, key: str) -> str:
-    """C{path:line: } of the line setting C{key} in the top config file C{name}."""
-    path = config.path(name)
-    if path is None:
-        return f"{name}: "
-    try:
-        lines = path.read_bytes().decode("utf-8", "replace").splitlines()
-    except OSError:
-        return f"{path}: "
-    pattern = re.compile(rf"\s*{re.escape(key)}\s*(\[\])?\s*=")
-    for number, line in enumerate(lines, 1):
-        if pattern.match(line):
-            return f"{path}:{number}: "
-    return f"{path}: "
 
 
 #: where the server listens when smtp.ini names nothing (Haraka: [::0]:25)

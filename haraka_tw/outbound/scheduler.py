@@ -124,6 +124,7 @@ class DeliveryScheduler:
         self._tick = tick
         self.retry_unsettled = retry_unsettled
         self._in_flight: dict[str, Deferred[Any]] = {}
+        self._parked: set[str] = set()  # failed by a bug: left for a restart
         self._order: list[_Domain] = []  # the domains in the order they came
         self._turn = 0  # where the next pass over them starts
 
@@ -175,8 +176,8 @@ class DeliveryScheduler:
         return key in self._in_flight
 
     def holds(self, key: str) -> bool:
-        """Whether the entry is waiting here or being attempted."""
-        return key in self._queued or key in self._in_flight
+        """Whether the entry is waiting here, being attempted, or left for a restart."""
+        return key in self._queued or key in self._in_flight or key in self._parked
 
     def flush(self, domain: str | None = None) -> int:
         """Make every waiting entry (of C{domain}) due now; how many were waiting."""
@@ -261,7 +262,8 @@ class DeliveryScheduler:
         as it was on disk: it is tried again later, not forgotten until a restart. One
         whose file is gone has nothing left. Anything else is a bug: logged with its
         traceback, and the entry waits for a restart rather than failing the same way
-        every few minutes."""
+        every few minutes (a flush's rescan leaves it too: it may have reached some of
+        its recipients)."""
         if failure.check(QueueEntryMissing, FileNotFoundError):
             self.log.log(Level.WARN, f"queue file {key} is gone: nothing left to deliver")
         elif failure.check(OSError, QueueFileError):
@@ -272,6 +274,7 @@ class DeliveryScheduler:
             )
             self.add(entry, due=self.reactor.seconds() + self.retry_unsettled)
         else:
+            self._parked.add(key)
             self.log.log(Level.CRIT, f"delivery attempt for {key} failed: {failure.getTraceback()}")
 
     def _domain(self, name: str) -> _Domain:

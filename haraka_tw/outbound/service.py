@@ -108,6 +108,8 @@ class OutboundService:
         self.owner = False
         self._stopping = False
         self._rescans = defer.DeferredLock()  # one rescan at a time
+        self._next_rescans: dict[str | None, Deferred[int]] = {}  # waiting for the lock
+        self._bouncing: set[str] = set()  # ids the queue tools are bouncing now
         self._started: Deferred[None] = defer.succeed(None)
         self._load()
         self.scheduler = DeliveryScheduler(
@@ -207,7 +209,8 @@ class OutboundService:
             if self._stopping:  # stopped while the scan ran
                 return
             for entry in entries:
-                self.scheduler.add(entry)
+                if not self.scheduler.holds(entry.id):  # (queued and started meanwhile)
+                    self.scheduler.add(entry)
             part = f" in {self.partition}" if self.partition is not None else ""
             self.log.log(
                 Level.NOTICE,
@@ -276,9 +279,16 @@ class OutboundService:
         renamed. Before the first scan has finished (and after L{stop}) there is nothing to
         do: the scan takes everything. A rescan asked for while one runs comes after it.
         """
-        return self._rescans.run(self._rescan, domain)
+        waiting = self._next_rescans.get(domain)
+        if waiting is None:  # (else a burst of flushes shares the one not yet begun)
+            waiting = self._next_rescans[domain] = Deferred()
+            self._rescans.run(self._rescan, domain).addBoth(_copy_to, waiting)
+        out: Deferred[int] = Deferred()
+        waiting.addBoth(_copy_to, out)
+        return out
 
     def _rescan(self, domain: str | None) -> Deferred[int]:
+        self._next_rescans.pop(domain, None)  # begun: a flush from now on needs another
         if not (self.owner and self.scheduler.running):
             return defer.succeed(0)
         d: Deferred[Any] = self.queue.look()
@@ -301,9 +311,21 @@ class OutboundService:
         if not self.scheduler.running:  # stopped meanwhile
             return 0
         taken = []
+        settled = time.time() - RESCAN_SETTLED
         for entry in listing.entries:
-            if self.scheduler.holds(entry.id) or not entry.path.exists():
+            if self.scheduler.holds(entry.id) or entry.id in self._bouncing:
                 continue
+            try:
+                if entry.path.stat().st_mtime > settled:
+                    self.log.log(
+                        Level.INFO,
+                        f"outbound queue: {entry.filename} changed in the last"
+                        f" {RESCAN_SETTLED:.0f}s (still being copied?): left for the next flush",
+                        origin="outbound",
+                    )
+                    continue
+            except OSError:
+                continue  # gone: delivered, or renamed by a retry
             due = domain is None or entry.todo.domain.lower() == domain.lower()
             self.scheduler.add(entry, due=0.0 if due else None)
             taken.append(entry.id)
@@ -490,7 +512,9 @@ class OutboundService:
                 self.queue.remove(entry)
             else:
                 bounce = partial(bounce_entry, entry=entry, config=self.config, now=time.time())
+                self._bouncing.add(entry.id)  # (a rescan must not take it meanwhile)
                 d = self.queue.write(bounce)
+                d.addBoth(_passing, self._bouncing.discard, entry.id)
                 d.addCallbacks(self._schedule_report, self._bounce_failed, errbackArgs=(entry,))
 
     def _bounce_failed(self, failure: Failure, entry: QueueEntry) -> None:
@@ -500,6 +524,21 @@ class OutboundService:
             origin="outbound",
         )
         self.scheduler.add(entry)
+
+
+#: seconds a file found by a rescan must have gone unchanged: one written more recently
+#: may still be being copied in (a Haraka file has no size of its own to check it by)
+RESCAN_SETTLED = 10.0
+
+
+def _copy_to(result: Any, out: Deferred[Any]) -> Any:
+    out.callback(result)
+    return result
+
+
+def _passing(result: Any, f: Callable[[str], None], arg: str) -> Any:
+    f(arg)
+    return result
 
 
 def _flush_problem(args: dict[str, Any]) -> str | None:

@@ -36,6 +36,7 @@ from twisted.internet.task import deferLater
 from zope.interface import implementer
 
 from haraka_tw.codes import CONT, DENYSOFT, DENYSOFTDISCONNECT, Code
+from haraka_tw.config.ini import is_truthy
 from haraka_tw.interfaces import (
     IConnectHook,
     IConnectInitHook,
@@ -77,11 +78,6 @@ BOOLEANS = (
 COUNTS_NOTE = "limit.concurrency"
 #: the sections this plugin reads
 _SECTIONS = frozenset({"main", "concurrency", "recipients", "unrecognized_commands", "errors"})
-
-
-def _truthy(value: Any) -> bool:
-    """An ini value as Haraka takes a boolean it was not told about."""
-    return value is True or str(value).strip().lower() in ("true", "yes", "ok", "on", "1")
 
 
 DEFAULT_MAX = {"concurrency": 3, "recipients": 0, "unrecognized_commands": 10, "errors": 10}
@@ -199,7 +195,7 @@ class Plugin:
         ini = self.config.get_ini("limit.ini", booleans=BOOLEANS)
         self.limits = Limits.from_ini(ini)
         for section, values in ini.items():
-            if section not in _SECTIONS and _truthy(values.get("enabled")):
+            if section not in _SECTIONS and is_truthy(values.get("enabled", False)):
                 self.log.warn(
                     f"limit.ini [{section}] enabled is not enforced: this limit plugin has"
                     f" only {', '.join(sorted(_SECTIONS - {'main'}))} (Haraka's rate limits"

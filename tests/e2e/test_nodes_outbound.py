@@ -10,6 +10,7 @@ import os
 import re
 import signal
 import smtplib
+import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
@@ -100,6 +101,7 @@ class NodesQueueTests(TwistdOutboundCase):
             todo = Todo("dest.test", SENDER, [QueueRecipient("bob@dest.test")], mid, 0)
             entry = other.add(todo, [message(mid)])
             os.rename(entry.path, self.queue_dir / entry.filename)
+            os.utime(self.queue_dir / entry.filename, (time.time() - 3600,) * 2)
             partitions[partition_of(entry.id, 2)] += 1
         peer = self.start_peer()
         flushed = yield deferToThread(server.tool, "flush")

@@ -253,7 +253,9 @@ class QueueToolTests(TwistdOutboundCase):
             queue_time=0,
         )
         entry = other.add(todo, [message("<moved@t>")], next_attempt=time.time() + 3600)
-        os.rename(entry.path, self.queue_dir / entry.filename)
+        moved = self.queue_dir / entry.filename
+        os.rename(entry.path, moved)  # (mv keeps the file's time: well past a copy's)
+        os.utime(moved, (time.time() - 3600, time.time() - 3600))
         yield deferLater(reactor, 1.5, lambda: None)
         self.assertEqual(peer.messages, [])  # not read yet
         flushed = yield deferToThread(server.tool, "flush")
