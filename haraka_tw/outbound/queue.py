@@ -167,8 +167,9 @@ class ThreadRunner(Protocol):
     def __call__(self, f: Callable[[], _T], /) -> Deferred[_T]: ...
 
 
-def _pass_on(result: _T, waiter: Deferred[None]) -> _T:
-    waiter.callback(None)
+def passing(result: _T, f: Callable[[Any], object], arg: Any) -> _T:
+    """A Deferred callback that calls C{f(arg)} on the way and passes the result on."""
+    f(arg)
     return result
 
 
@@ -220,12 +221,8 @@ class FileQueue:
         d = self._threads(lambda: change(self.store))
         if not d.called:
             self._writes.add(d)
-            d.addBoth(self._written, d)
+            d.addBoth(passing, self._writes.discard, d)
         return d
-
-    def _written(self, result: _T, d: Deferred[Any]) -> _T:
-        self._writes.discard(d)
-        return result
 
     def writes_settled(self) -> Deferred[None]:
         # A write leaves the set as it fires, before its caller's callbacks run; a waiter
@@ -233,7 +230,7 @@ class FileQueue:
         waiters: list[Deferred[None]] = []
         for d in list(self._writes):
             waiter: Deferred[None] = Deferred()
-            d.addBoth(_pass_on, waiter)
+            d.addBoth(passing, waiter.callback, None)
             waiters.append(waiter)
         return DeferredList(waiters).addCallback(lambda _: None)
 

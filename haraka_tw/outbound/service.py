@@ -42,7 +42,7 @@ from haraka_tw.outbound.mx import MXResolver
 from haraka_tw.outbound.partition import Partition
 from haraka_tw.outbound.pool import ConnectionPool, PoolSettings
 from haraka_tw.outbound.qfile import QueueRecipient, Todo
-from haraka_tw.outbound.queue import FileQueue, QueueEntry, queue_dir_of
+from haraka_tw.outbound.queue import FileQueue, QueueEntry, passing, queue_dir_of
 from haraka_tw.outbound.retry import RetryPolicy
 from haraka_tw.outbound.scheduler import DeliveryScheduler, DomainLimits, Limits
 
@@ -514,7 +514,7 @@ class OutboundService:
                 bounce = partial(bounce_entry, entry=entry, config=self.config, now=time.time())
                 self._bouncing.add(entry.id)  # (a rescan must not take it meanwhile)
                 d = self.queue.write(bounce)
-                d.addBoth(_passing, self._bouncing.discard, entry.id)
+                d.addBoth(passing, self._bouncing.discard, entry.id)
                 d.addCallbacks(self._schedule_report, self._bounce_failed, errbackArgs=(entry,))
 
     def _bounce_failed(self, failure: Failure, entry: QueueEntry) -> None:
@@ -533,11 +533,6 @@ RESCAN_SETTLED = 10.0
 
 def _copy_to(result: Any, out: Deferred[Any]) -> Any:
     out.callback(result)
-    return result
-
-
-def _passing(result: Any, f: Callable[[str], None], arg: str) -> Any:
-    f(arg)
     return result
 
 

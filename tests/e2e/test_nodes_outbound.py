@@ -10,7 +10,6 @@ import os
 import re
 import signal
 import smtplib
-import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
@@ -20,8 +19,6 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 
 from haraka_tw.outbound.partition import partition_of
-from haraka_tw.outbound.qfile import QueueRecipient, Todo
-from haraka_tw.outbound.queue import QueueStore
 from tests.dnsserver import serve
 from tests.e2e.outbound_world import Twistd, queue_listing, wait_until
 from tests.e2e.test_outbound_restart import (
@@ -30,6 +27,7 @@ from tests.e2e.test_outbound_restart import (
     ZONE,
     TwistdOutboundCase,
     message,
+    move_in,
 )
 
 STARTED = re.compile(r"worker (\d+) started \(pid (\d+)\)")
@@ -94,14 +92,10 @@ class NodesQueueTests(TwistdOutboundCase):
         self.assertEqual(int(found.group(1)), by_writer[victim_pid])
 
         # Files from another host's queue, moved in: each worker takes its partition's.
-        other = QueueStore(self.base / "other-host", log=lambda line: None)
         moved = [f"<moved{i}@t>" for i in range(8)]
         partitions: Counter[int] = Counter()
         for mid in moved:
-            todo = Todo("dest.test", SENDER, [QueueRecipient("bob@dest.test")], mid, 0)
-            entry = other.add(todo, [message(mid)])
-            os.rename(entry.path, self.queue_dir / entry.filename)
-            os.utime(self.queue_dir / entry.filename, (time.time() - 3600,) * 2)
+            entry = move_in(self.base / "other-host", self.queue_dir, mid)
             partitions[partition_of(entry.id, 2)] += 1
         peer = self.start_peer()
         flushed = yield deferToThread(server.tool, "flush")

@@ -13,6 +13,7 @@ import smtplib
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 from twisted.internet import reactor
@@ -22,7 +23,7 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest, TestCase
 
 from haraka_tw.outbound.qfile import QueueRecipient, Todo
-from haraka_tw.outbound.queue import QueueStore
+from haraka_tw.outbound.queue import QueueEntry, QueueStore
 from tests.dnsserver import serve
 from tests.e2e.outbound_world import (
     Twistd,
@@ -52,6 +53,18 @@ def message(mid: str) -> bytes:
         f"From: <{SENDER}>\r\nTo: <bob@dest.test>\r\nSubject: restart\r\n"
         f"Message-Id: {mid}\r\nDate: Thu, 1 Jan 2026 00:00:00 +0000\r\n\r\nHello.\r\n"
     ).encode()
+
+
+def move_in(scratch: Path, queue_dir: Path, mid: str, due_in: float = 0) -> QueueEntry:
+    """A queue file for bob@dest.test written by another host's queue in C{scratch} and
+    moved into C{queue_dir}, an hour old (mv keeps a file's time: well past a copy's)."""
+    other = QueueStore(scratch, log=lambda line: None)
+    todo = Todo("dest.test", SENDER, [QueueRecipient("bob@dest.test")], mid, 0)
+    entry = other.add(todo, [message(mid)], next_attempt=time.time() + due_in)
+    moved = queue_dir / entry.filename
+    os.rename(entry.path, moved)
+    os.utime(moved, (time.time() - 3600,) * 2)
+    return entry
 
 
 # Enough that the kill always comes mid-stream: with 60, a fast outbound side could let the
@@ -244,18 +257,7 @@ class QueueToolTests(TwistdOutboundCase):
         server = self.twistd("1h*3")
         yield server.start(self.smtp_port)
         peer = self.start_peer()
-        other = QueueStore(self.base / "other-host", log=lambda line: None)
-        todo = Todo(
-            domain="dest.test",
-            mail_from=SENDER,
-            rcpt_to=[QueueRecipient("bob@dest.test")],
-            uuid="MOVED",
-            queue_time=0,
-        )
-        entry = other.add(todo, [message("<moved@t>")], next_attempt=time.time() + 3600)
-        moved = self.queue_dir / entry.filename
-        os.rename(entry.path, moved)  # (mv keeps the file's time: well past a copy's)
-        os.utime(moved, (time.time() - 3600, time.time() - 3600))
+        move_in(self.base / "other-host", self.queue_dir, "<moved@t>", due_in=3600)
         yield deferLater(reactor, 1.5, lambda: None)
         self.assertEqual(peer.messages, [])  # not read yet
         flushed = yield deferToThread(server.tool, "flush")

@@ -414,12 +414,7 @@ class PrivilegeDropTests(TwistdTestCase):
             {"outbound.ini": f"[main]\nqueue_dir={spool / 'queue'}\n"}, listen="127.0.0.1:25"
         )
         proc = self.start_foreground(["-u", "nobody", "-g", "nogroup"], port=25)
-        status = Path(f"/proc/{proc.pid}/status").read_text()
-        uid = re.search(r"^Uid:\s+(.*)$", status, re.M)
-        gid = re.search(r"^Gid:\s+(.*)$", status, re.M)
-        assert uid is not None and gid is not None
-        self.assertEqual(uid.group(1).split(), ["65534"] * 4)
-        self.assertEqual(gid.group(1).split(), ["65534"] * 4)
+        self.assert_runs_as_nobody(proc.pid)
         self.assertEqual(self.send_message(25), {}, self.output())
         stored = self.stored()
         self.assertEqual(len(stored), 1)
