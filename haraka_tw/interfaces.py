@@ -71,6 +71,10 @@ class IPluginContext(Interface):
         "The reactor the server runs on (IReactorTime and friends): use it for timers "
         "instead of importing the global reactor, so tests can pass a task.Clock."
     )
+    resolver = Attribute(
+        "The server's L{haraka_tw.dns.Resolver} (dns.ini; answers cached for their TTL): "
+        "lookup_mx, lookup_a, lookup_aaaa, lookup_ptr, lookup_txt, each a Deferred."
+    )
 
     def set_priority(hook: str, priority: int) -> None:
         """Run this plugin's C{hook} at C{priority} (-100 first .. 100 last, default 0).

@@ -114,6 +114,10 @@ class HarakaServer:
         #: the plugins left out under smtp.ini ignore_bad_plugins, and why
         self.skipped_plugins: list[PluginLoadError] = []
         try:
+            self.resolver = Resolver.from_config(config, reactor)
+        except (ConfigError, ValueError) as e:
+            raise StartupError(str(e)) from e
+        try:
             plugins = load_plugins(
                 names,
                 config=config,
@@ -123,6 +127,7 @@ class HarakaServer:
                 reactor=reactor,
                 where=lambda name: _where_listed(config, name),
                 skipped=self.skipped_plugins,
+                resolver=self.resolver,
             )
         except PluginLoadError as e:
             raise StartupError(str(e)) from e
@@ -130,7 +135,6 @@ class HarakaServer:
         if self.runner.has("log"):
             self.log.hook = self.runner.run_log
         try:
-            self.resolver = Resolver.from_config(config, reactor)
             self.outbound = OutboundService(
                 config,
                 reactor,

@@ -67,6 +67,17 @@ class PluginContext:
     server_notes: dict[str, Any]
     reactor: Any = None
     priorities: dict[str, int] = field(default_factory=dict)
+    shared_resolver: Any = None
+
+    @property
+    def resolver(self) -> Any:
+        """The server's resolver; without one (a plugin loaded on its own), one made from
+        dns.ini on first use."""
+        if self.shared_resolver is None:
+            from haraka_tw.dns import Resolver
+
+            self.shared_resolver = Resolver.from_config(self.config, self.reactor)
+        return self.shared_resolver
 
     def set_priority(self, hook: str, priority: int) -> None:
         if hook not in HOOKS:
@@ -140,6 +151,7 @@ def load_plugins(
     reactor: Any = None,
     where: Callable[[str], str] = lambda name: "",
     skipped: list[PluginLoadError] | None = None,
+    resolver: Any = None,
 ) -> list[LoadedPlugin]:
     """Create and register every plugin named, in order; a plugin named twice (by the
     same name, or as C{queue/discard} and C{queue.discard}: the same factory) loads once.
@@ -149,6 +161,7 @@ def load_plugins(
 
     @param where: C{where(name)} is C{path:line: } of the line naming it, for messages.
     @param skipped: with C{ignore_bad_plugins}, receives each plugin left out.
+    @param resolver: the server's L{haraka_tw.dns.Resolver}, handed to every plugin.
     @raise PluginLoadError: unless C{ignore_bad_plugins} (then each is logged and left
         out): for the names that cannot be found (the first, the rest in C{others}), else
         for the first plugin that cannot be created or registered.
@@ -187,7 +200,7 @@ def load_plugins(
     loaded: list[LoadedPlugin] = []
     for name, factory in found:
         try:
-            loaded.append(_load_one(name, factory, config, log, server_notes, reactor))
+            loaded.append(_load_one(name, factory, config, log, server_notes, reactor, resolver))
         except PluginLoadError as e:
             failed(e)
             if not ignore_bad_plugins:
@@ -202,6 +215,7 @@ def _load_one(
     log: HarakaLog,
     server_notes: dict[str, Any],
     reactor: Any,
+    resolver: Any,
 ) -> LoadedPlugin:
     try:
         plugin = factory()
@@ -211,7 +225,9 @@ def _load_one(
         from twisted.internet import reactor as global_reactor
 
         reactor = global_reactor
-    context = PluginContext(name, config, log.for_origin(name), server_notes, reactor)
+    context = PluginContext(
+        name, config, log.for_origin(name), server_notes, reactor, shared_resolver=resolver
+    )
     if IRegistration.providedBy(plugin):
         try:
             plugin.register(context)
