@@ -46,7 +46,7 @@ __all__ = [
     "TwistdLogObserver",
     "emit_text",
     "format_record",
-    "is_udp_port_closed",
+    "is_udp_port_noise",
 ]
 
 
@@ -343,18 +343,19 @@ class PluginLogger:
         self._emit(Level.EMERG, message, connection, fields)
 
 
-_UDP_PORT_CLOSED = re.compile(r"\(UDP Port \d+ Closed\)")
+_UDP_PORT_NOISE = re.compile(r"\(UDP Port \d+ Closed\)|_UDPAttempt starting on \d+")
 
 
-def is_udp_port_closed(event: Mapping[str, Any]) -> bool:
-    """Whether C{event} is Twisted's legacy C{(UDP Port N Closed)} line, which it logs
-    whatever the protocol's C{noisy} says: the resolver opens a port per query, and those
-    lines would bury the log of a server doing its own DNS. The log observers drop it."""
+def is_udp_port_noise(event: Mapping[str, Any]) -> bool:
+    """Whether C{event} is one of Twisted's legacy lines for the resolver's UDP ports,
+    C{_UDPAttempt starting on N} and C{(UDP Port N Closed)}, which it logs whatever the
+    protocol's C{noisy} says: the resolver opens a port per query, and those lines would
+    bury the log of a server doing its own DNS. The log observers drop them."""
     text = event.get("log_text")
     return (
         event.get("log_namespace") == "log_legacy"
         and isinstance(text, str)
-        and _UDP_PORT_CLOSED.fullmatch(text) is not None
+        and _UDP_PORT_NOISE.fullmatch(text) is not None
     )
 
 
@@ -470,9 +471,7 @@ class TwistdLogObserver:
     unbuffered, any other stream is flushed after each write.
 
     Any other event is formatted by Twisted's own L{formatEventAsClassicLogText}, but for
-    Twisted's C{(UDP Port N Closed)}, which it writes whatever the protocol's C{noisy}
-    says: the resolver opens a port per query, and those lines would bury the log of a
-    server doing its own DNS.
+    Twisted's lines for the resolver's UDP ports (L{is_udp_port_noise}), which are dropped.
     """
 
     def __init__(
@@ -526,7 +525,7 @@ class TwistdLogObserver:
             or "log_system" in event
             or "log_failure" in event
         ):
-            if is_udp_port_closed(event):
+            if is_udp_port_noise(event):
                 return
             line = formatEventAsClassicLogText(event, formatTime=self._time)
             if not line:

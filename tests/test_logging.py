@@ -292,11 +292,13 @@ def test_a_failing_write_is_reported_once_and_never_raises(capfd: Any) -> None:
     assert "No space left on device" in reported
 
 
-def test_log_file_observer_drops_udp_port_closed() -> None:
-    """Twisted's legacy "(UDP Port N Closed)" is left out; other legacy lines are not."""
+def test_log_file_observer_drops_the_resolvers_udp_port_lines() -> None:
+    """Twisted's legacy lines for each resolver port ("_UDPAttempt starting on N",
+    "(UDP Port N Closed)") are left out; other legacy lines are not."""
     out = io.StringIO()
     observer = TwistdLogObserver(out)
-    for text in ("(UDP Port 4242 Closed)", "(TCP Port 25 Closed)"):
+    lines = ("_UDPAttempt starting on 51724", "(UDP Port 4242 Closed)", "(TCP Port 25 Closed)")
+    for text in lines:
         observer(_event(log_format="{log_text}", log_text=text, log_namespace="log_legacy"))
-    assert "UDP Port" not in out.getvalue()
+    assert "UDP" not in out.getvalue()
     assert out.getvalue().endswith("(TCP Port 25 Closed)\n")

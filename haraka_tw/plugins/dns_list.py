@@ -150,6 +150,7 @@ class _Verdict:
         self.waiting = len(zones)
         self.listed_by: list[Zone] = []
         self.allowed_by: Zone | None = None
+        self.pending: list[Deferred[None]] = []
         self.done: Deferred[_Answer] = Deferred()
 
     def add(self, lookup: _Lookup) -> None:
@@ -159,10 +160,13 @@ class _Verdict:
         decided = self.plugin.record(self.connection, lookup, self)
         if decided or self.waiting == 0:
             self.done.callback(self.outcome())
+            for pending in self.pending:  # the answers still to come change nothing
+                pending.cancel()
 
     def outcome(self) -> _Answer:
         if self.allowed_by is not None:
             self.connection.notes["dnswl"] = True
+            self.connection.notes["dnswl_zone"] = self.allowed_by.name
             self.connection.loginfo(
                 f"host [{self.connection.remote.ip}] is listed on {self.allowed_by.name}",
                 self.plugin.name,
@@ -187,6 +191,7 @@ class Plugin:
         self.timeout = 10.0
         self.backscatterer: Zone | None = None
         self._checks: LoopingCall | None = None
+        self._generation = 0  # counts (re)loads: a self-test of an older one is void
         self._checking = False  # the first self-tests since (re)loading are running
         self._waiting: list[Deferred[None]] = []  # connections waiting for them
 
@@ -216,14 +221,15 @@ class Plugin:
             raise ValueError(f"{name} [main] search must be all or first, not {search!r}")
         periodic = ini_number(main, "periodic_checks", 30, zero_ok=True, where=f"{name} [main]")
         timeout = ini_number(main, "timeout", 10, zero_ok=False, where=f"{name} [main]")
-        names = _zone_names(main.get("zones", ""))
-        names += [z.lower() for z in self.config.get_list("dnsbl.zones") if z.lower() not in names]
-        allow_legacy = [z.lower() for z in self.config.get_list("dnswl.zones")]
-        names += [z for z in allow_legacy if z not in names]
+        named = {z: f"{name} [main] zones" for z in _zone_names(main.get("zones", ""))}
+        for legacy in ("dnsbl.zones", "dnswl.zones"):
+            for zone_name in self.config.get_list(legacy):
+                named.setdefault(zone_name.lower().rstrip("."), legacy)
+        allow_legacy = {z.lower().rstrip(".") for z in self.config.get_list("dnswl.zones")}
         zones = []
-        for zone_name in names:
+        for zone_name, source in named.items():
             if not _NAME.match(zone_name):
-                raise ValueError(f"{name} [main] zones: {zone_name!r} is not a domain name")
+                raise ValueError(f"{source}: {zone_name!r} is not a domain name")
             section = ini.get(zone_name, {})
             default_type = "allow" if zone_name in allow_legacy else "block"
             zones.append(_zone(name, zone_name, section, default_type, self.log.warn))
@@ -244,6 +250,7 @@ class Plugin:
         if self._checks is not None and self._checks.running:
             self._checks.stop()
         self._checks = None
+        self._generation += 1
         if not self.periodic:
             self.active = {zone.name for zone in self.zones}
             if self.backscatterer is not None:
@@ -268,23 +275,28 @@ class Plugin:
         zones = list(self.zones)
         if self.backscatterer is not None:
             zones.append(self.backscatterer)
-        tests = [self._self_test(zone) for zone in zones]
-        return DeferredList(tests, consumeErrors=True).addCallback(lambda _: self._ready())
+        generation = self._generation
+        tests = [self._self_test(zone, generation) for zone in zones]
+        return DeferredList(tests, consumeErrors=True).addBoth(self._ready, generation)
 
-    def _ready(self) -> None:
+    def _ready(self, result: object = None, generation: int | None = None) -> None:
         """The zones are tested: let the connections that waited for it go on."""
+        if generation is not None and generation != self._generation:
+            return  # tests of a configuration since replaced
         self._checking = False
         waiting, self._waiting = self._waiting, []
         for waited in waiting:
             waited.callback(None)
 
-    def _self_test(self, zone: Zone) -> Deferred[None]:
+    def _self_test(self, zone: Zone, generation: int) -> Deferred[None]:
         listed = self._lookup(zone, "127.0.0.2")
         unlisted = (
             succeed(_Lookup(zone)) if zone.loopback_is_rejected else self._lookup(zone, "127.0.0.1")
         )
 
         def judge(outcomes: list[tuple[bool, Any]]) -> None:
+            if generation != self._generation:
+                return
             (_, positive), (_, negative) = outcomes
             if positive.error is not None:
                 problem = f"127.0.0.2 could not be looked up ({positive.error})"
@@ -364,8 +376,13 @@ class Plugin:
             return CONT
         if not self._checking:
             return self._check(connection)
-        waited: Deferred[None] = Deferred()
+        waited: Deferred[None] = Deferred(lambda d: self._waiting.remove(d))
         self._waiting.append(waited)
+
+        def still_testing(result: object, timeout: float) -> None:
+            connection.results.add(self.name, err="self-tests still running")
+
+        waited.addTimeout(self.timeout, self.clock, onTimeoutCancel=still_testing)
         return waited.addCallback(lambda _: self._check(connection))
 
     def _check(self, connection: Connection) -> _Answer | Deferred[_Answer]:
@@ -382,12 +399,15 @@ class Plugin:
             if not zones:
                 return CONT
         verdict = _Verdict(self, connection, zones)
-        pending = [self._lookup(zone, ip).addCallback(verdict.add) for zone in zones]
+        for zone in zones:
+            if verdict.done.called:
+                break
+            verdict.pending.append(self._lookup(zone, ip).addCallback(verdict.add))
         if verdict.done.called:
             return verdict.done
 
         def give_up(result: object, timeout: float) -> _Answer:
-            for lookup in pending:
+            for lookup in verdict.pending:
                 lookup.cancel()
             connection.results.add(self.name, err=f"timeout after {timeout:g} s")
             return verdict.outcome()
@@ -442,6 +462,8 @@ class Plugin:
             return CONT
 
         def judged(lookup: _Lookup) -> _Answer:
+            if lookup.error is not None:
+                connection.results.add(self.name, err=f"{zone.name}: {lookup.error}")
             if lookup.addresses is None:
                 return CONT
             connection.results.add(self.name, fail=zone.name)
@@ -452,9 +474,10 @@ class Plugin:
 
     def _allowed(self, connection: Connection, key: str) -> _Answer:
         """OK for an allow-listed client when an allow zone says C{key}."""
-        if not connection.notes.get("dnswl"):
+        allowing = connection.notes.get("dnswl_zone")
+        if allowing is None:
             return CONT
-        if any(zone.type == "allow" and getattr(zone, key) for zone in self.zones):
+        if any(zone.name == allowing and getattr(zone, key) for zone in self.zones):
             return OK
         return CONT
 

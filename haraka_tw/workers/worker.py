@@ -30,7 +30,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from haraka_tw.config import ConfigDirectory, ConfigError
-from haraka_tw.logging import GatheredWrites, Level, is_udp_port_closed
+from haraka_tw.logging import GatheredWrites, Level, is_udp_port_noise
 from haraka_tw.server import HarakaServer, StartupError
 from haraka_tw.service import HarakaService
 from haraka_tw.workers import GivenFactory, WorkerRole, refuse_connections
@@ -61,7 +61,7 @@ class LineObserver:
         self._lines = GatheredWrites(self._write, reactor, delay)
 
     def __call__(self, event: LogEvent) -> None:
-        if is_udp_port_closed(event):
+        if is_udp_port_noise(event):
             return
         text = event.get("haraka_text")  # a HarakaLog line comes formatted already
         if not isinstance(text, str) or "log_failure" in event:

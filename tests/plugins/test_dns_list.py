@@ -196,6 +196,24 @@ class DNSListTests(TestCase):
         self.assertNotIn("hijack.test", self.plugin.active)
         self.assertTrue(any("outside 127/8" in line for line in self.lines), self.lines)
 
+    @inlineCallbacks
+    def test_timeout_caps_the_check(self) -> Deferred[None]:
+        """A zone whose answer does not come within timeout is left out (recorded as an
+        error); the client is judged on the zones that answered."""
+        port = self.server(
+            "[main]\nzones=bl.test, second.test\ntimeout=0.5\n",
+            dns_timeout=5.0,
+            timeout=["4.3.2.1.second.test"],
+        )
+        yield self.self_tests_done()
+        recorded: list[dict[str, Any]] = []
+        self.plugin_results(recorded)
+        start = time.monotonic()
+        (banner,) = yield deferToThread(exchange, port, "1.2.3.4")
+        self.assertLess(time.monotonic() - start, 4)
+        self.assertEqual(banner, b"554 host [1.2.3.4] is listed on bl.test\r\n")
+        self.assertEqual(recorded[-1]["err"], ["timeout after 0.5 s"])
+
     def plugin_results(self, into: list[dict[str, Any]]) -> None:
         """Keep each connection's dns-list results as its connect hook returns."""
         check = self.plugin._check
@@ -241,8 +259,11 @@ class DNSListTests(TestCase):
         """A zone with reject=false records the hit and lets the client in."""
         port = self.server("[main]\nzones=bl.test\n[bl.test]\nreject=false\n")
         yield self.self_tests_done()
+        recorded: list[dict[str, Any]] = []
+        self.plugin_results(recorded)
         (banner,) = yield deferToThread(exchange, port, "1.2.3.4")
         self.assertEqual(banner[:4], b"220 ")
+        self.assertEqual(recorded[-1]["fail"], ["bl.test"])
 
     @inlineCallbacks
     def test_connections_wait_for_the_start_up_tests(self) -> Deferred[None]:

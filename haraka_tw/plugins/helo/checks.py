@@ -59,7 +59,7 @@ import itertools
 import re
 from typing import Any
 
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import CancelledError, Deferred, DeferredList
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -118,6 +118,14 @@ def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
         return None
 
 
+def _client_ip(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The client's address; an IPv4-mapped one (a dual-stack listener) as IPv4."""
+    address = _ip(ip)
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
 def _literal_ip(helo: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     m = _LITERAL.match(helo)
     return _ip(m[1]) if m else None
@@ -139,7 +147,7 @@ def organizational_domain(name: str | None) -> str | None:
 def is_dynamic(helo: str, ip: str) -> bool:
     """True when C{helo}'s host part (the name without its registered domain) holds the
     IPv4 address C{ip}: two adjacent octets as numbers, or its 8-digit hex form."""
-    address = _ip(ip)
+    address = _client_ip(ip)
     if not isinstance(address, ipaddress.IPv4Address):
         return False
     domain = organizational_domain(helo) or ""
@@ -276,7 +284,7 @@ class _Run:
         self.previous = previous
         self.literal = _literal_ip(helo)
         self.rdns = (connection.remote.host or "").lower().rstrip(".") or None
-        self.valid = False  # valid_hostname passed
+        self.valid: bool | None = None  # valid_hostname passed, failed, or did not judge
         self.rdns_matched = False
 
     def record(self, **fields: Any) -> None:
@@ -291,29 +299,21 @@ class _Run:
             return CONT
         return DENY, text or _TEXTS[check]
 
-    def start(self) -> _Answer | Deferred[_Answer]:
-        for check in CHECKS:
+    def start(self, first: int = 0) -> _Answer | Deferred[_Answer]:
+        """Run the checks from C{CHECKS[first]} on, until one refuses the greeting."""
+        for index in range(first, len(CHECKS)):
+            check = CHECKS[index]
             if not self.plugin.check[check]:
                 continue
-            if check == "forward_dns":
-                outcome = self.forward_dns()
-                if isinstance(outcome, Deferred):
-                    return outcome.addCallback(self._after_forward_dns)
-            else:
-                outcome = getattr(self, check)()
+            outcome: _Answer | Deferred[_Answer] = getattr(self, check)()
+            if isinstance(outcome, Deferred):
+                return outcome.addCallback(self._go_on, index + 1)
             if outcome != CONT:
                 return outcome
         return CONT
 
-    def _after_forward_dns(self, outcome: _Answer) -> _Answer:
-        if outcome != CONT:
-            return outcome
-        for check in CHECKS[CHECKS.index("forward_dns") + 1 :]:
-            if self.plugin.check[check]:
-                outcome = getattr(self, check)()
-                if outcome != CONT:
-                    return outcome
-        return CONT
+    def _go_on(self, outcome: _Answer, index: int) -> _Answer | Deferred[_Answer]:
+        return outcome if outcome != CONT else self.start(index)
 
     # -- the checks ---------------------------------------------------------------------
 
@@ -363,6 +363,7 @@ class _Run:
             return CONT
         name = self.helo.lower()
         if "." not in name:
+            self.valid = False
             return self.failed("valid_hostname", "valid_hostname(no_dot)", _NO_DOT)
         labels = name.split(".")
         tld = labels[-1]
@@ -375,6 +376,7 @@ class _Run:
             or not _TLD.match(tld)
             or tld in _RESERVED_TLDS
         ):
+            self.valid = False
             return self.failed("valid_hostname", "valid_hostname")
         self.valid = True
         self.passed("valid_hostname")
@@ -400,6 +402,9 @@ class _Run:
         if self.literal is not None:
             self.record(skip="forward_dns(literal)")
             return CONT
+        if self.valid is None:  # valid_hostname is off, or let a private name by
+            self.record(skip="forward_dns(not judged by valid_hostname)")
+            return CONT
         if not self.valid:
             return self.failed("forward_dns", "forward_dns(invalid_hostname)", _INVALID_FOR_DNS)
         resolver = self.plugin.resolver
@@ -412,10 +417,12 @@ class _Run:
         for ok, value in outcomes:
             if ok:
                 addresses.update(_ip(a) for a in value)
+            elif value.check(CancelledError):
+                value.raiseException()  # the hook timed out: no verdict
             elif value.check(NXDomain, NoAnswer) is None:
                 errors.append(value)
         self.record(ips=sorted(str(a) for a in addresses if a is not None))
-        client = _ip(self.connection.remote.ip)
+        client = _client_ip(self.connection.remote.ip)
         if client is not None and client in addresses:
             self.passed("forward_dns")
             return CONT
@@ -440,7 +447,7 @@ class _Run:
         if before.lower() == self.helo.lower():
             self.passed("host_mismatch")
             return CONT
-        label = f"host_mismatch({before} / {self.helo})"
+        label = f"host_mismatch({before[:64]} / {self.helo[:64]})"  # a reply line stays short
         return self.failed("host_mismatch", label, f"HELO host {label}")
 
     def proto_mismatch(self) -> _Answer:
@@ -455,9 +462,7 @@ class _Run:
         if literal is None:
             self.passed("literal_mismatch")
             return CONT
-        client = _ip(self.connection.remote.ip)
-        if isinstance(client, ipaddress.IPv6Address) and client.ipv4_mapped is not None:
-            client = client.ipv4_mapped
+        client = _client_ip(self.connection.remote.ip)
         mode = self.plugin.literal_mode
         if mode == 3 and (literal.is_private or literal.is_loopback):
             self.passed("literal_mismatch(private)")

@@ -49,7 +49,7 @@ import re
 from typing import Any
 
 import dns.rcode
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import CancelledError, Deferred, DeferredList
 from zope.interface import implementer
 
 from haraka_tw.codes import CONT, DENY, DENYSOFT, Code
@@ -60,8 +60,10 @@ from haraka_tw.smtp.address import Address
 from haraka_tw.smtp.connection import Connection
 from haraka_tw.smtp.replies import Reply
 
-__all__ = ["DEFAULT_BOGUS_IP", "Plugin", "is_bogus"]
+__all__ = ["DEFAULT_BOGUS_IP", "MAX_MX_HOSTS", "Plugin", "is_bogus"]
 
+#: The most preferred MX hosts looked up (a domain may list thousands: each is two queries).
+MAX_MX_HOSTS = 10
 DEFAULT_BOGUS_IP = r"^(?:0\.0\.0\.0|255\.255\.255\.255|127\.)"
 
 _NO_MX = "No MX for your FROM address"
@@ -177,18 +179,20 @@ class Plugin:
         if sender.is_null or not domain:
             transaction.results.add(self.name, skip="null host")
             return CONT
-        literal = _ip_exchange(domain) if domain.startswith("[") else None
-        if literal is not None or domain.startswith("["):
+        if domain.startswith("["):
+            literal = _ip_exchange(domain)
             if literal is not None and self.allow_mx_ip and not is_bogus(literal, self.bogus_v4):
                 transaction.results.add(self.name, **{"pass": "implicit_mx"})
                 return CONT
             transaction.results.add(self.name, fail="has_fwd_dns")
             return self._no_mx(_NO_VALID_MX)
         check = Deferred.fromCoroutine(self._check(connection, domain.rstrip(".").lower()))
-        return check.addTimeout(self.timeout, self.clock, onTimeoutCancel=self._timed_out)
 
-    def _timed_out(self, result: object, timeout: float) -> _Answer:
-        return DENYSOFT, Reply(450, "4.4.3", ("Temp. resolver error (timeout)",))
+        def timed_out(result: object, timeout: float) -> _Answer:
+            transaction.results.add(self.name, err=f"timeout after {timeout:g} s")
+            return DENYSOFT, Reply(450, "4.4.3", ("Temp. resolver error (timeout)",))
+
+        return check.addTimeout(self.timeout, self.clock, onTimeoutCancel=timed_out)
 
     async def _check(self, connection: Connection, domain: str) -> _Answer:
         results = connection.transaction.results if connection.transaction else None
@@ -213,7 +217,7 @@ class Plugin:
             text = f"Null MX: {domain} does not send mail"
             return DENY, Reply(550, "5.7.27", (text,))
         hosts: list[str] = []
-        for _, exchange in exchanges:
+        for _, exchange in sorted(exchanges)[:MAX_MX_HOSTS]:
             ip = _ip_exchange(exchange)
             if ip is None:
                 if exchange != ".":
@@ -242,6 +246,8 @@ class Plugin:
         for ok, value in outcomes:
             if ok:
                 found.good.extend(ip for ip in value if not is_bogus(ip, self.bogus_v4))
+            elif value.check(CancelledError):
+                value.raiseException()  # the check timed out: no verdict from what is left
             elif value.check(NXDomain, NoAnswer) is None:
                 found.errors.append(value.value)
         return found
