@@ -89,14 +89,9 @@ class DNSListTests(TestCase):
         server.log.hook = lambda c, r: self.lines.append(f"{r.level.name} {r.message}") or True
         return port
 
-    @inlineCallbacks
     def self_tests_done(self) -> Deferred[None]:
         """Wait until the zones' start-up self-tests are over."""
-        for _ in range(200):
-            if not self.plugin._checking:
-                return
-            yield deferLater(reactor, 0.02, lambda: None)
-        self.fail("the zones' self-tests did not finish")
+        return until(lambda: not self.plugin._checking)
 
     @inlineCallbacks
     def test_listed_client_refused_unlisted_greeted(self) -> Deferred[None]:
@@ -321,25 +316,32 @@ class PeriodicCheckTests(TestCase):
         plugin.clock = clock
         plugin.resolver.cache = None  # every test asks the nameserver
         plugin.load()
-        yield deferLater(reactor, 0.3, lambda: None)
-        self.assertEqual(plugin.active, {"bl.test"})
+        yield until(lambda: plugin.active == {"bl.test"})
         asked = len(dns.queries)
         dns.zone = DNSListPeriodic.everyone_listed()
         clock.advance(9 * 60)
         yield deferLater(reactor, 0.3, lambda: None)
         self.assertEqual(len(dns.queries), asked)
         clock.advance(60)
-        yield deferLater(reactor, 0.3, lambda: None)
+        yield until(lambda: plugin.active == set())
         self.assertGreater(len(dns.queries), asked)
-        self.assertEqual(plugin.active, set())
         dns.zone = DNSListPeriodic.everyone_listed(fixed=True)
         loaded.write("dns-list.ini", "[main]\nzones=bl.test\nperiodic_checks=20\n")
-        yield deferLater(reactor, 0.3, lambda: None)
-        self.assertEqual(plugin.active, {"bl.test"})  # tested again at once, and passed
+        yield until(lambda: plugin.active == {"bl.test"})  # tested again at once, and passed
         self.assertTrue(
             any("zone bl.test: 127.0.0.1" in line for line in loaded.log.messages()),
             loaded.log.messages(),
         )
+
+
+@inlineCallbacks
+def until(condition: Any, timeout: float = 10.0) -> Any:
+    """Wait (on the reactor) until C{condition()} holds; fail after C{timeout} seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not so after {timeout} s")
+        yield deferLater(reactor, 0.02, lambda: None)
 
 
 class DNSListPeriodic:
