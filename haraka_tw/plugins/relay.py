@@ -7,11 +7,15 @@ Four parts, each switched in relay.ini C{[relay]} (read again when it changes):
   (connect_init: after a PROXY header or XCLIENT, for the address they give). Its connect
   hook then answers OK, which skips the later connect plugins (dns-list, say): the
   operator's own hosts are not screened.
-- C{dest_domains} (off): recipients in the domains of C{relay_dest_domains.ini} are taken
-  for relaying (a backup MX, or a filter in front of Exchange): C{"action": "accept"}
-  accepts the recipient, C{"continue"} leaves it to the later rcpt plugins (accepted if
-  none refuses); C{"deny"} and unlisted domains get C{550 5.7.1 You are not allowed to
-  relay}. A client that may relay already (acl, AUTH) is not checked.
+- C{dest_domains} (off): recipients in the domains of C{relay_dest_domains.ini} with
+  C{"action": "accept"} or C{"continue"} are taken for relaying (a backup MX, or a filter
+  in front of Exchange); C{"deny"} and unlisted domains get C{550 5.7.1 You are not
+  allowed to relay}. This rcpt hook runs after the other plugins' (priority 100): a local
+  domain accepted by rcpt_to.in_host_list, or a recipient another plugin refuses, never
+  reaches it. A client that may relay already (acl, AUTH) is not checked. The client is
+  not made a relaying one for the rest of the transaction, which would let it add any
+  recipient (Haraka's plugin does); only at DATA is the message marked for the outbound
+  queue (and so for C{force_routing}).
 - C{force_routing} (on): outbound mail for a domain of C{relay_dest_domains.ini} with a
   C{"nexthop"} goes there (C{host}, C{host:port}, C{[v6]:port}, C{smtp://...},
   C{lmtp://...}) instead of the domain's MX; the C{any} key routes every other domain.
@@ -31,8 +35,11 @@ an error naming its line, never a match (a bad prefix matches every address in
 Haraka's); a recipient accepted by C{dest_domains} does not open the transaction to other
 domains (in Haraka, every later recipient is accepted); domain keys match in any case;
 a domain listed without a nexthop falls back to C{any}; switching a part on takes effect
-without a restart. Haraka's older names C{relay_acl}, C{relay_force_routing} and
-C{relay_all} are not loaded: C{relay_all} no longer relays everything in Haraka either.
+without a restart; a bad C{relay_dest_domains.ini} on reload keeps the previous domains
+without holding back a change to the other two files; C{continue} is C{accept}, as the
+check runs after the other rcpt plugins anyway. Haraka's older names C{relay_acl},
+C{relay_force_routing} and C{relay_all} are not loaded: C{relay_all} no longer relays
+everything in Haraka either.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ from __future__ import annotations
 import ipaddress
 import json
 from typing import Any
+from urllib.parse import urlsplit
 
 from zope.interface import implementer
 
@@ -47,6 +55,7 @@ from haraka_tw.codes import CONT, DENY, OK, Code
 from haraka_tw.interfaces import (
     IConnectHook,
     IConnectInitHook,
+    IDataHook,
     IGetMxHook,
     IPluginContext,
     IRcptHook,
@@ -79,9 +88,19 @@ def parse_acl(lines: list[str], where: str) -> tuple[list[_Network], list[str]]:
         if not text:
             continue
         try:
-            networks.append(ipaddress.ip_network(text, strict=False))
+            network = ipaddress.ip_network(text, strict=False)
         except ValueError:
             problems.append(f"{where}:{number}: {text!r} is not an address or network; ignored")
+            continue
+        if network.prefixlen == 0:
+            problems.append(f"{where}:{number}: {text!r} is every address; ignored (see all=)")
+        elif "/" in text and network.network_address != ipaddress.ip_address(text.split("/")[0]):
+            problems.append(
+                f"{where}:{number}: {text!r} has host bits set (a typo?); ignored,"
+                f" write {network} if that is meant"
+            )
+        else:
+            networks.append(network)
     return networks, problems
 
 
@@ -95,7 +114,7 @@ def _address(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     return address
 
 
-@implementer(IRegistration, IConnectInitHook, IConnectHook, IRcptHook, IGetMxHook)
+@implementer(IRegistration, IConnectInitHook, IConnectHook, IRcptHook, IDataHook, IGetMxHook)
 class Plugin:
     name = "relay"
 
@@ -111,20 +130,20 @@ class Plugin:
         self.name = context.name
         self.config = context.config
         self.log = context.log
+        context.set_priority("rcpt", 100)  # after the plugins that know the recipients
         self.load()
         for name in ("relay.ini", "relay_acl_allow", "relay_dest_domains.ini"):
             context.config.on_change(name, self.load)
 
     def load(self) -> None:
-        """(Re)read the three files; a bad route raises, naming the file and domain, and
-        changes nothing."""
+        """(Re)read the three files. relay.ini and the ACL are applied first; a bad route
+        then raises, naming the file and domain, and the previous routes stay."""
         ini = self.config.get_ini(
             "relay.ini",
             booleans=["+relay.acl", "+relay.force_routing", "-relay.dest_domains", "-relay.all"],
         )
         where = str(self.config.path("relay_acl_allow") or "relay_acl_allow")
         acl, problems = parse_acl(self.config.get_data("relay_acl_allow"), where)
-        domains = self._read_domains()
         for problem in problems:
             self.log.error(problem)
         relay = ini["relay"]
@@ -135,7 +154,7 @@ class Plugin:
         self.dest_domains_on = bool(relay["dest_domains"])
         self.all = bool(relay["all"])
         self.acl = acl
-        self.domains = domains
+        self.domains = self._read_domains()
 
     def _read_domains(self) -> dict[str, dict[str, Any]]:
         name = "relay_dest_domains.ini"
@@ -201,8 +220,10 @@ class Plugin:
         transaction = connection.transaction
         assert transaction is not None
         results = transaction.results
-        if connection.relaying and not transaction.notes.get(_TRANSACTION_NOTE):
+        if connection.relaying:
             results.add(self.name, skip="relay_dest_domain(relay)")
+            return CONT
+        if not recipient.domain:  # <postmaster>: the core's (RFC 5321 4.5.1)
             return CONT
         route = self.domains.get(recipient.domain.lower().rstrip("."))
         action = route.get("action") if route is not None else None
@@ -210,9 +231,19 @@ class Plugin:
             results.add(self.name, fail="relay_dest_domain")
             return DENY, _NOT_ALLOWED
         results.add(self.name, **{"pass": "relay_dest_domain"})
-        transaction.notes[_TRANSACTION_NOTE] = True
-        connection.relaying = True  # the message goes out through the outbound queue
-        return OK if action == "accept" else CONT
+        transaction.notes[_TRANSACTION_NOTE] = True  # relayed from DATA on (hook_data)
+        return OK
+
+    def hook_data(self, connection: Connection) -> _Answer:
+        """A message with recipients taken by dest_domains goes to the outbound queue.
+
+        Set only now, when no more recipients can come: relaying set at RCPT would let
+        the client add any recipient after one of a listed domain.
+        """
+        transaction = connection.transaction
+        if transaction is not None and transaction.notes.get(_TRANSACTION_NOTE):
+            connection.relaying = True
+        return CONT
 
     # -- force_routing ----------------------------------------------------------------
 
@@ -232,6 +263,8 @@ def _next_hop(text: str) -> MXHost:
     if "://" in text:
         if not text.startswith(("smtp://", "lmtp://")):
             raise ValueError(f"{text!r}: only smtp:// and lmtp:// URLs")
+        if not urlsplit(text).hostname:
+            raise ValueError(f"{text!r}: no host")
         return mx_from_url(text)
     endpoint = parse_endpoint(text)
     return MXHost(endpoint.host, 0, port=endpoint.port, from_dns=False)

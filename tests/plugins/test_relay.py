@@ -19,6 +19,7 @@ from haraka_tw.codes import DENY
 from haraka_tw.interfaces import IConnectHook
 from haraka_tw.plugins.relay import parse_acl
 from haraka_tw.server import StartupError
+from tests.plugins.loading import load
 from tests.plugins.test_dns_list import exchange
 from tests.smtp_peers import Peer, PeerScript
 from tests.support import start_server
@@ -114,44 +115,75 @@ class RelayTests(TestCase):
         self.assertEqual(got[0][:3], b"250")
 
     @inlineCallbacks
+    def test_a_listed_recipient_does_not_open_the_transaction(self) -> Deferred[None]:
+        """After a recipient of a relayed domain, one elsewhere is still refused: with
+        in_host_list and a forged local sender, and with delay_deny (both accepted it in
+        Haraka, whose plugin makes the client a relaying one)."""
+        for plugins in (
+            "rcpt_to.in_host_list\nrelay\n",
+            "relay\nrcpt_to.in_host_list\n",
+            "delay_deny\nrelay\nrcpt_to.in_host_list\n",
+        ):
+            _, port = start_server(
+                self,
+                {
+                    "plugins": plugins,
+                    "host_list": "local.example\n",
+                    "relay.ini": "[relay]\ndest_domains=true\n",
+                    "relay_dest_domains.ini": DOMAINS.replace("{peer}", "9"),
+                    "connection.ini": "[haproxy]\nhosts=127.0.0.1\n",
+                },
+            )
+            commands = ["EHLO client.example", "MAIL FROM:<x@local.example>"]
+            commands += ["RCPT TO:<a@cont.example>", "RCPT TO:<v@gmail.example>"]
+            commands += ["RCPT TO:<l@local.example>"]
+            got = yield deferToThread(exchange, port, "1.2.3.4", *commands)
+            self.assertEqual([reply[:3] for reply in got[3:]], [b"250", b"550", b"250"], plugins)
+
+    @inlineCallbacks
     def test_force_routing_sends_outbound_mail_to_the_next_hop(self) -> Deferred[None]:
-        """An ACL client's mail to a listed domain, and (through "any") to another, is
-        delivered to the nexthop, not looked up in DNS (which answers nothing here)."""
-        peer = Peer(PeerScript())
-        peer_port = peer.start()
-        self.addCleanup(peer.stop)
+        """Mail for a listed domain goes to its nexthop, for another to "any"'s (DNS
+        answers nothing here): from an ACL client, and from one whose recipient
+        dest_domains took (relayed from DATA on)."""
+        peers = [Peer(PeerScript()), Peer(PeerScript())]
+        ports = [peer.start() for peer in peers]
+        for peer in peers:
+            self.addCleanup(peer.stop)
+        domains = DOMAINS.replace("{peer}", str(ports[0]), 1).replace("{peer}", str(ports[1]))
         _, port = start_server(
             self,
             {
                 "plugins": "relay\n",
+                "relay.ini": "[relay]\ndest_domains=true\n",
                 "relay_acl_allow": ACL,
-                "relay_dest_domains.ini": DOMAINS.replace("{peer}", str(peer_port)),
+                "relay_dest_domains.ini": domains,
                 "connection.ini": "[haproxy]\nhosts=127.0.0.1\n",
-                "outbound.ini": "[main]\nqueue_dir={base}/queue\nlocal_mx_ok=true\n",
+                "outbound.ini": "[main]\nqueue_dir={base}/queue\n",
             },
         )
 
-        def send() -> Any:
+        def send(client_ip: str, recipients: list[str]) -> Any:
             with smtplib.SMTP(timeout=10) as client:  # connected by hand: PROXY first
                 client.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-                client.sock.sendall(b"PROXY TCP4 10.1.2.3 127.0.0.1 40000 25\r\n")
+                header = f"PROXY TCP4 {client_ip} 127.0.0.1 40000 25\r\n"
+                client.sock.sendall(header.encode())
                 client.getreply()
                 return client.sendmail(
-                    "a@client.example",
-                    ["bob@example.com", "carol@elsewhere.example"],
-                    b"Subject: routed\r\n\r\nbody\r\n",
+                    "a@client.example", recipients, b"Subject: routed\r\n\r\nbody\r\n"
                 )
 
-        refused = yield deferToThread(send)
+        refused = yield deferToThread(
+            send, "10.1.2.3", ["bob@example.com", "carol@elsewhere.example"]
+        )
+        self.assertEqual(refused, {})
+        refused = yield deferToThread(send, "1.2.3.4", ["dan@EXAMPLE.com"])
         self.assertEqual(refused, {})
         for _ in range(200):
-            if len(peer.messages) == 2:
+            if sum(len(peer.messages) for peer in peers) == 3:
                 break
             yield deferLater(reactor, 0.05, lambda: None)
-        self.assertEqual(
-            sorted(r for m in peer.messages for r in m.rcpt_to),
-            ["bob@example.com", "carol@elsewhere.example"],
-        )
+        got = [sorted(r.lower() for m in peer.messages for r in m.rcpt_to) for peer in peers]
+        self.assertEqual(got, [["bob@example.com", "dan@example.com"], ["carol@elsewhere.example"]])
 
     def test_bad_routes_stop_the_start(self) -> None:
         """Bad JSON, an unknown action or a bad nexthop stops start-up, naming the file
@@ -173,11 +205,35 @@ class RelayTests(TestCase):
 
 class ACLTests(SynchronousTestCase):
     def test_parse_acl(self) -> None:
-        """Networks and single addresses; comments skipped; a bad line named with its
+        """Networks and single addresses; comments skipped; a bad line, a network with
+        host bits set (a typo widens it) and one of every address are named with their
         number, never a match."""
-        networks, problems = parse_acl(ACL.splitlines(), "relay_acl_allow")
+        lines = [*ACL.splitlines(), "192.168.1.10/2", "0.0.0.0/0"]
+        networks, problems = parse_acl(lines, "relay_acl_allow")
         self.assertEqual([str(n) for n in networks], ["10.1.0.0/16", "2001:db8::1/128"])
         self.assertEqual(
             problems,
-            ["relay_acl_allow:5: 'not-an-address' is not an address or network; ignored"],
+            [
+                "relay_acl_allow:5: 'not-an-address' is not an address or network; ignored",
+                "relay_acl_allow:6: '192.168.1.10/2' has host bits set (a typo?); ignored,"
+                " write 192.0.0.0/2 if that is meant",
+                "relay_acl_allow:7: '0.0.0.0/0' is every address; ignored (see all=)",
+            ],
         )
+
+    def test_a_bad_route_on_reload_holds_back_nothing_else(self) -> None:
+        """A broken relay_dest_domains.ini keeps the previous routes, and a change to
+        relay_acl_allow made meanwhile still takes effect."""
+        loaded = load(
+            self,
+            ["relay"],
+            {
+                "relay_acl_allow": "10.1.0.0/16\n",
+                "relay_dest_domains.ini": DOMAINS.replace("{peer}", "9"),
+            },
+        )
+        plugin = loaded.plugin("relay")
+        loaded.write("relay_dest_domains.ini", "[domains]\nx.example = {broken\n")
+        loaded.write("relay_acl_allow", "10.9.0.0/16\n")
+        self.assertEqual([str(n) for n in plugin.acl], ["10.9.0.0/16"])
+        self.assertIn("example.com", plugin.domains)
