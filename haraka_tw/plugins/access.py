@@ -13,12 +13,11 @@ Two modes, both on by default (access.ini C{[check]}), as in Haraka:
     here};
   - RCPT (C{rcpt}): C{rcpt_to.access.*}: C{550 <address> That recipient is not allowed};
     with C{[rcpt] accept=true} a whitelisted recipient is accepted at once.
-- any (C{any}): C{access.domains}, domains blocked wherever they show up (the client's
-  reverse name, HELO, the MAIL and RCPT domains, the From field at the end of DATA),
-  compared by registered domain (C{mail.evil.example} is C{evil.example});
-  C{!domain} or C{!user@domain} lines are exceptions. A hit gets C{You are not welcome
-  here.} (at connect every later command gets the C{554}), or at the end of DATA
-  C{550 Email from that domain is not accepted here.}
+- any (C{any}): C{access.domains}, domains refused with their subdomains wherever they
+  show up (the client's reverse name, HELO, the MAIL and RCPT domains, the From field at
+  the end of DATA), and addresses; C{!domain} or C{!user@domain} lines are exceptions,
+  which win. A hit gets C{You are not welcome here.} (at connect every later command gets
+  the C{554}), or at the end of DATA C{550 Email from that domain is not accepted here.}
 
 A whitelist hit only stops this plugin's own blacklist checks of that phase; it accepts
 nothing by itself (but a recipient with C{rcpt.accept}). Plain lists match whole entries in
@@ -26,12 +25,12 @@ any case; C{_regex} lists match whole values (each line anchored), in any case. 
 C{;} start a comment, on a line of its own or after a plain entry. C{[deny_msg]} replaces
 the text after the address in each phase's refusal.
 
-Differences from Haraka's plugin, on purpose: client lists take CIDR networks; a regex
-that does not compile is an ERROR naming its file and line; C{access.domains} can list
-addresses to block (C{bob@example.com}), and its exceptions are honoured at the end of
-DATA too (Haraka's From check ignores C{!user@domain} and C{!host.domain}); a removed
-line stops matching when the file is read again (Haraka keeps it until a restart);
-switching a check on takes effect without a restart.
+Differences from Haraka's plugin, on purpose (docs/plugins.md lists them): client lists
+take CIDR networks and match IPv4-mapped clients; the address is judged before the reverse
+name; a regex that does not compile is an ERROR naming its file and line;
+C{access.domains} matches lines as written (not widened to a registered domain), can list
+addresses, and its exceptions hold at the end of DATA too; a removed line stops matching
+when the file is read again; switching a check on takes effect without a restart.
 """
 
 from __future__ import annotations
@@ -55,7 +54,6 @@ from haraka_tw.interfaces import (
     IRcptHook,
     IRegistration,
 )
-from haraka_tw.plugins.helo.checks import organizational_domain
 from haraka_tw.smtp.address import Address
 from haraka_tw.smtp.connection import Connection
 
@@ -83,7 +81,7 @@ _BOOLEANS = (
 )
 _NOT_WELCOME = "You are not welcome here."
 _DOMAIN_REFUSED = "Email from that domain is not accepted here."
-_COMMENT = re.compile(r"\s[#;].*$")
+_COMMENT = re.compile(r"\s+[#;].*$")
 
 _Answer = Code | tuple[Code, Any]
 _Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -98,8 +96,11 @@ class AccessList:
         self.networks: list[_Network] = []
         self.patterns: list[re.Pattern[str]] = []
 
-    def read(self, config: Any, log: Any, regex: bool = False) -> AccessList:
-        """Fill from the config file of this name; bad lines are logged and left out."""
+    def read(
+        self, config: Any, log: Any, regex: bool = False, addresses: bool = False
+    ) -> AccessList:
+        """Fill from the config file of this name; bad lines are logged and left out.
+        With C{addresses}, an IP address or a CIDR network is kept as a network."""
         where = str(config.path(self.name) or self.name)
         for number, raw in enumerate(config.get_data(self.name), 1):
             line = raw.strip()
@@ -113,10 +114,10 @@ class AccessList:
                         f"{where}:{number}: {line!r} is not a regular expression ({e}); ignored"
                     )
                 continue
-            entry = _COMMENT.sub("", line).lower()
-            if "/" in entry:
+            entry = _COMMENT.sub("", line).strip().lower()
+            if addresses and ("/" in entry or _address(entry) is not None):
                 try:
-                    self.networks.append(ipaddress.ip_network(entry, strict=True))
+                    self.networks.append(ipaddress.ip_network(_mapped(entry), strict=True))
                 except ValueError:
                     log.error(f"{where}:{number}: {entry!r} is not a network; ignored")
                 continue
@@ -131,6 +132,20 @@ class AccessList:
             address = _address(value)
             return address is not None and any(address in n for n in self.networks)
         return False
+
+    def matches_address(self, ip: str) -> bool:
+        """The client's address, in its canonical form (IPv4 for an IPv4-mapped one)."""
+        address = _address(ip)
+        return self.matches(str(address) if address is not None else ip)
+
+
+def _mapped(entry: str) -> str:
+    """An IPv4-mapped address or network as its IPv4 form (clients are matched so)."""
+    address, slash, prefix = entry.partition("/")
+    parsed = _address(address)
+    if parsed is None or parsed.version == 6 or ":" not in address:
+        return entry
+    return f"{parsed}/{int(prefix) - 96}" if slash and prefix.isdigit() else str(parsed)
 
 
 def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -178,37 +193,35 @@ class Plugin:
             booleans=_BOOLEANS,
         )
         deny_msg = dict(_DENY_MSG)
-        for phase, legacy in _LEGACY_INI.items():
-            text = self.config.get_ini(legacy).get("general", {}).get("deny_msg")
-            if text:
-                deny_msg[phase] = str(text)
         for phase, text in ini.get("deny_msg", {}).items():
             if phase in deny_msg and text:
+                deny_msg[phase] = str(text)
+        for phase, legacy in _LEGACY_INI.items():  # read after access.ini, as in Haraka
+            text = self.config.get_ini(legacy).get("general", {}).get("deny_msg")
+            if text:
                 deny_msg[phase] = str(text)
         white: dict[str, list[AccessList]] = {}
         black: dict[str, list[AccessList]] = {}
         for phase, base in _PHASES.items():
-            white[phase] = self._lists(f"{base}.whitelist")
-            black[phase] = self._lists(f"{base}.blacklist")
+            white[phase] = self._lists(f"{base}.whitelist", phase == "conn")
+            black[phase] = self._lists(f"{base}.blacklist", phase == "conn")
         black["helo"] = [AccessList("helo.checks.regexps").read(self.config, self.log, True)]
         domains_black: set[str] = set()
         domains_white: set[str] = set()
         for entry in AccessList("access.domains").read(self.config, self.log).entries:
-            if entry.startswith("!"):
-                domains_white.add(entry[1:])
-            elif "@" in entry:
-                domains_black.add(entry)
-            else:
-                domains_black.add(organizational_domain(entry) or entry)
+            exception = entry.startswith("!")
+            entry = entry.lstrip("!").rstrip(".")
+            if entry:
+                (domains_white if exception else domains_black).add(entry)
         self.check = {key: bool(ini["check"][key]) for key in self.check}
         self.rcpt_accept = bool(ini["rcpt"]["accept"])
         self.deny_msg = deny_msg
         self.white, self.black = white, black
         self.domains_black, self.domains_white = domains_black, domains_white
 
-    def _lists(self, name: str) -> list[AccessList]:
+    def _lists(self, name: str, addresses: bool) -> list[AccessList]:
         return [
-            AccessList(name).read(self.config, self.log),
+            AccessList(name).read(self.config, self.log, addresses=addresses),
             AccessList(f"{name}_regex").read(self.config, self.log, regex=True),
         ]
 
@@ -221,20 +234,41 @@ class Plugin:
         return None
 
     def hook_connect(self, connection: Connection) -> _Answer:
-        remote = connection.remote
         if self.check["conn"]:
-            values = [remote.ip, remote.host or ""]
-            hit = self._listed(self.white["conn"], values)
-            if hit is not None:
-                connection.results.add(self.name, **{"pass": hit.name}, whitelist=True)
-            else:
-                hit = self._listed(self.black["conn"], values)
-                if hit is not None:
-                    connection.results.add(self.name, fail=hit.name)
+            answer = self._client(connection)
+            if answer != CONT:
+                return answer
+        return self._any(connection, "connect", connection.remote.host)
+
+    def _client(self, connection: Connection) -> _Answer:
+        """The client by address, then by reverse name. The address comes first: a
+        reverse name is whatever the owner of the address's PTR records says, so a
+        whitelisted name must not lift a blacklisted address."""
+        remote = connection.remote
+        probes = [(True, remote.ip)] + ([(False, remote.host)] if remote.host else [])
+        for is_address, value in probes:
+            for lists, allowed in ((self.white["conn"], True), (self.black["conn"], False)):
+                for access_list in lists:
+                    if is_address:
+                        hit = access_list.matches_address(value)
+                    else:
+                        hit = access_list.matches(value)
+                    if not hit:
+                        continue
+                    if allowed:
+                        connection.results.add(self.name, **{"pass": access_list.name})
+                        connection.results.add(self.name, whitelist=True)
+                        return CONT
+                    connection.results.add(self.name, fail=access_list.name)
                     host = remote.host or "unknown"
                     return DENYDISCONNECT, f"{host} [{remote.ip}] {self.deny_msg['conn']}"
-                connection.results.add(self.name, msg="unlisted(conn)")
-        return self._any(connection, "connect", remote.host)
+        self._once(connection.results, "unlisted(conn)")
+        return CONT
+
+    def _once(self, results: Any, label: str) -> None:
+        """Record C{msg: label} unless it is there already (a session may loop)."""
+        if not results.has(self.name, "msg", label):
+            results.add(self.name, msg=label)
 
     def hook_helo(self, connection: Connection, host: str) -> _Answer:
         return self._greeting(connection, host, "helo")
@@ -247,7 +281,7 @@ class Plugin:
             if self._listed(self.black["helo"], [host]) is not None:
                 connection.results.add(self.name, fail="helo.checks.regexps")
                 return DENY, f"{host} {self.deny_msg['helo']}"
-            connection.results.add(self.name, msg="unlisted(helo)")
+            self._once(connection.results, "unlisted(helo)")
         literal = host.startswith("[") and host.endswith("]")
         return self._any(connection, hook, None if literal else host)
 
@@ -284,7 +318,7 @@ class Plugin:
         if hit is not None:
             results.add(self.name, fail=hit.name)
             return DENY, f"{value} {self.deny_msg[phase]}"
-        results.add(self.name, msg=f"unlisted({phase})")
+        self._once(results, f"unlisted({phase})")
         return CONT
 
     # -- any ----------------------------------------------------------------------------
@@ -296,7 +330,7 @@ class Plugin:
             return CONT
         verdict = self._domain_verdict(domain, address)
         if verdict is None:
-            connection.results.add(self.name, msg=f"unlisted({hook}:any)")
+            self._once(connection.results, f"unlisted({hook}:any)")
             return CONT
         if verdict == "white":
             connection.results.add(self.name, **{"pass": f"{hook}:access.domains"}, whitelist=True)
@@ -305,30 +339,40 @@ class Plugin:
         return DENY, _NOT_WELCOME
 
     def _domain_verdict(self, domain: str, address: str = "") -> str | None:
-        """ "white" for an exception, the listed entry for a blocked domain or address,
-        None for neither."""
+        """ "white" for an exception, the listed entry for a blocked domain (or one of its
+        subdomains) or address, None for neither. An IP address is no domain."""
         domain = domain.lower().rstrip(".")
+        if _address(domain.strip("[]")) is not None:
+            return None
         address = address.lower()
-        registered = organizational_domain(domain) or domain
-        if {address, domain, registered} & self.domains_white:
+        suffixes = [domain]
+        while "." in suffixes[-1]:
+            suffixes.append(suffixes[-1].partition(".")[2])
+        if address in self.domains_white or any(s in self.domains_white for s in suffixes):
             return "white"
-        for listed in (address, registered):
-            if listed and listed in self.domains_black:
-                return listed
-        return None
+        if address and address in self.domains_black:
+            return address
+        return next((s for s in suffixes if s in self.domains_black), None)
 
     def hook_data_post(self, connection: Connection) -> _Answer:
         transaction = connection.transaction
         if transaction is None or not self.check["any"] or not self.domains_black:
             return CONT
         value = transaction.header.get_decoded("From")
-        addresses = [a for _, a in getaddresses([value]) if "@" in a] if value else []
+        if not value:
+            transaction.results.add(self.name, fail="data(missing_from)")
+            return CONT
+        addresses = [a for _, a in getaddresses([value]) if "@" in a]
         if not addresses:
             transaction.results.add(self.name, fail="data(unparsable_from)")
             return CONT
         address = addresses[0]
         verdict = self._domain_verdict(address.rpartition("@")[2], address)
-        if verdict is None or verdict == "white":
+        if verdict is None:
+            self._once(connection.results, "unlisted(any)")
+            return CONT
+        if verdict == "white":
+            connection.results.add(self.name, **{"pass": "access.domains"}, whitelist=True)
             return CONT
         connection.results.add(self.name, fail=f"access.domains({verdict})", blacklist=True)
         return DENY, _DOMAIN_REFUSED
