@@ -55,7 +55,7 @@ from haraka_tw.interfaces import (
     IRegistration,
 )
 from haraka_tw.smtp.address import Address
-from haraka_tw.smtp.connection import Connection
+from haraka_tw.smtp.connection import Connection, canonical_address
 
 __all__ = ["AccessList", "Plugin"]
 
@@ -115,7 +115,7 @@ class AccessList:
                     )
                 continue
             entry = _COMMENT.sub("", line).strip().lower()
-            if addresses and ("/" in entry or _address(entry) is not None):
+            if addresses and ("/" in entry or canonical_address(entry) is not None):
                 try:
                     self.networks.append(ipaddress.ip_network(_mapped(entry), strict=True))
                 except ValueError:
@@ -129,33 +129,18 @@ class AccessList:
         if text in self.entries or any(p.fullmatch(value) for p in self.patterns):
             return True
         if self.networks:
-            address = _address(value)
+            address = canonical_address(value)
             return address is not None and any(address in n for n in self.networks)
         return False
-
-    def matches_address(self, ip: str) -> bool:
-        """The client's address, in its canonical form (IPv4 for an IPv4-mapped one)."""
-        address = _address(ip)
-        return self.matches(str(address) if address is not None else ip)
 
 
 def _mapped(entry: str) -> str:
     """An IPv4-mapped address or network as its IPv4 form (clients are matched so)."""
     address, slash, prefix = entry.partition("/")
-    parsed = _address(address)
+    parsed = canonical_address(address)
     if parsed is None or parsed.version == 6 or ":" not in address:
         return entry
     return f"{parsed}/{int(prefix) - 96}" if slash and prefix.isdigit() else str(parsed)
-
-
-def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    try:
-        address = ipaddress.ip_address(text)
-    except ValueError:
-        return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    return address
 
 
 @implementer(IRegistration, IConnectHook, IHeloHook, IEhloHook, IMailHook, IRcptHook, IDataPostHook)
@@ -245,23 +230,19 @@ class Plugin:
         reverse name is whatever the owner of the address's PTR records says, so a
         whitelisted name must not lift a blacklisted address."""
         remote = connection.remote
-        probes = [(True, remote.ip)] + ([(False, remote.host)] if remote.host else [])
-        for is_address, value in probes:
-            for lists, allowed in ((self.white["conn"], True), (self.black["conn"], False)):
-                for access_list in lists:
-                    if is_address:
-                        hit = access_list.matches_address(value)
-                    else:
-                        hit = access_list.matches(value)
-                    if not hit:
-                        continue
-                    if allowed:
-                        connection.results.add(self.name, **{"pass": access_list.name})
-                        connection.results.add(self.name, whitelist=True)
-                        return CONT
-                    connection.results.add(self.name, fail=access_list.name)
-                    host = remote.host or "unknown"
-                    return DENYDISCONNECT, f"{host} [{remote.ip}] {self.deny_msg['conn']}"
+        address = canonical_address(remote.ip)
+        probes = [str(address) if address is not None else remote.ip]
+        probes += [remote.host] if remote.host else []
+        for value in probes:
+            hit = self._listed(self.white["conn"], [value])
+            if hit is not None:
+                connection.results.add(self.name, **{"pass": hit.name}, whitelist=True)
+                return CONT
+            hit = self._listed(self.black["conn"], [value])
+            if hit is not None:
+                connection.results.add(self.name, fail=hit.name)
+                host = remote.host or "unknown"
+                return DENYDISCONNECT, f"{host} [{remote.ip}] {self.deny_msg['conn']}"
         self._once(connection.results, "unlisted(conn)")
         return CONT
 
@@ -342,7 +323,7 @@ class Plugin:
         """ "white" for an exception, the listed entry for a blocked domain (or one of its
         subdomains) or address, None for neither. An IP address is no domain."""
         domain = domain.lower().rstrip(".")
-        if _address(domain.strip("[]")) is not None:
+        if canonical_address(domain.strip("[]")) is not None:
             return None
         address = address.lower()
         suffixes = [domain]

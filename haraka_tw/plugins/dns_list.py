@@ -85,7 +85,7 @@ from haraka_tw.interfaces import (
     IShutdown,
 )
 from haraka_tw.smtp.address import Address
-from haraka_tw.smtp.connection import Connection
+from haraka_tw.smtp.connection import Connection, canonical_address
 
 __all__ = ["Plugin", "Zone", "query_name"]
 
@@ -105,12 +105,9 @@ _Answer = Code | tuple[Code, Any]
 
 def query_name(ip: str, zone: str) -> str | None:
     """The name to look C{ip} up under in C{zone}, or None if C{ip} is no address."""
-    try:
-        address = ipaddress.ip_address(ip)
-    except ValueError:
+    address = canonical_address(ip)
+    if address is None:
         return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
     if isinstance(address, ipaddress.IPv4Address):
         return ".".join(reversed(str(address).split("."))) + "." + zone
     return ".".join(reversed(address.exploded.replace(":", ""))) + "." + zone
@@ -484,11 +481,8 @@ class Plugin:
 
 def _is_ipv6(ip: str) -> bool:
     """True for an IPv6 address that is not an IPv4-mapped one."""
-    try:
-        address = ipaddress.ip_address(ip)
-    except ValueError:
-        return False
-    return isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is None
+    address = canonical_address(ip)
+    return address is not None and address.version == 6
 
 
 def _zone_names(raw: object) -> list[str]:

@@ -65,7 +65,7 @@ from haraka_tw.outbound.endpoint import parse_endpoint
 from haraka_tw.outbound.mx import MXHost
 from haraka_tw.plugins.queue.forwarding import mx_from_url
 from haraka_tw.smtp.address import Address
-from haraka_tw.smtp.connection import Connection
+from haraka_tw.smtp.connection import Connection, canonical_address
 
 __all__ = ["Plugin", "parse_acl"]
 
@@ -102,16 +102,6 @@ def parse_acl(lines: list[str], where: str) -> tuple[list[_Network], list[str]]:
         else:
             networks.append(network)
     return networks, problems
-
-
-def _address(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    try:
-        address = ipaddress.ip_address(ip)
-    except ValueError:
-        return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    return address
 
 
 @implementer(IRegistration, IConnectInitHook, IConnectHook, IRcptHook, IDataHook, IGetMxHook)
@@ -188,7 +178,7 @@ class Plugin:
     def hook_connect_init(self, connection: Connection) -> None:
         if not self.acl_on:
             return
-        address = _address(connection.remote.ip)
+        address = canonical_address(connection.remote.ip)
         if address is not None and any(address in network for network in self.acl):
             connection.relaying = True
             connection.results.add(self.name, **{"pass": "acl"})

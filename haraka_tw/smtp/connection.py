@@ -127,6 +127,21 @@ class State(enum.Enum):
     DISCONNECTED = "disconnected"
 
 
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def canonical_address(text: str) -> IPAddress | None:
+    """C{text} as an IP address, an IPv4-mapped one (a client of a dual-stack listener,
+    C{::ffff:192.0.2.1}) as IPv4; None when it is no address."""
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
 def _is_private(ip: str) -> bool:
     try:
         addr = ipaddress.ip_address(ip)

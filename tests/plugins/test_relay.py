@@ -8,9 +8,7 @@ import smtplib
 import socket
 from typing import Any
 
-from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
@@ -20,7 +18,7 @@ from haraka_tw.interfaces import IConnectHook
 from haraka_tw.plugins.relay import parse_acl
 from haraka_tw.server import StartupError
 from tests.plugins.loading import load
-from tests.plugins.test_dns_list import exchange
+from tests.plugins.test_dns_list import exchange, until
 from tests.smtp_peers import Peer, PeerScript
 from tests.support import start_server
 
@@ -178,10 +176,7 @@ class RelayTests(TestCase):
         self.assertEqual(refused, {})
         refused = yield deferToThread(send, "1.2.3.4", ["dan@EXAMPLE.com"])
         self.assertEqual(refused, {})
-        for _ in range(200):
-            if sum(len(peer.messages) for peer in peers) == 3:
-                break
-            yield deferLater(reactor, 0.05, lambda: None)
+        yield until(lambda: sum(len(peer.messages) for peer in peers) == 3)
         got = [sorted(r.lower() for m in peer.messages for r in m.rcpt_to) for peer in peers]
         self.assertEqual(got, [["bob@example.com", "dan@example.com"], ["carol@elsewhere.example"]])
 

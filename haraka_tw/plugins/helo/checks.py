@@ -66,7 +66,7 @@ from zope.interface import implementer
 from haraka_tw.codes import CONT, DENY, DENYSOFT, Code
 from haraka_tw.dns import NoAnswer, NXDomain
 from haraka_tw.interfaces import IEhloHook, IHeloHook, IPluginContext, IRegistration
-from haraka_tw.smtp.connection import Connection
+from haraka_tw.smtp.connection import Connection, canonical_address
 from haraka_tw.smtp.replies import Reply
 
 __all__ = ["CHECKS", "Plugin", "is_dynamic", "organizational_domain"]
@@ -118,14 +118,6 @@ def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
         return None
 
 
-def _client_ip(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    """The client's address; an IPv4-mapped one (a dual-stack listener) as IPv4."""
-    address = _ip(ip)
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    return address
-
-
 def _literal_ip(helo: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     m = _LITERAL.match(helo)
     return _ip(m[1]) if m else None
@@ -147,7 +139,7 @@ def organizational_domain(name: str | None) -> str | None:
 def is_dynamic(helo: str, ip: str) -> bool:
     """True when C{helo}'s host part (the name without its registered domain) holds the
     IPv4 address C{ip}: two adjacent octets as numbers, or its 8-digit hex form."""
-    address = _client_ip(ip)
+    address = canonical_address(ip)
     if not isinstance(address, ipaddress.IPv4Address):
         return False
     domain = organizational_domain(helo) or ""
@@ -422,7 +414,7 @@ class _Run:
             elif value.check(NXDomain, NoAnswer) is None:
                 errors.append(value)
         self.record(ips=sorted(str(a) for a in addresses if a is not None))
-        client = _client_ip(self.connection.remote.ip)
+        client = canonical_address(self.connection.remote.ip)
         if client is not None and client in addresses:
             self.passed("forward_dns")
             return CONT
@@ -462,7 +454,7 @@ class _Run:
         if literal is None:
             self.passed("literal_mismatch")
             return CONT
-        client = _client_ip(self.connection.remote.ip)
+        client = canonical_address(self.connection.remote.ip)
         mode = self.plugin.literal_mode
         if mode == 3 and (literal.is_private or literal.is_loopback):
             self.passed("literal_mismatch(private)")
