@@ -6,6 +6,8 @@
 - C{haraka-tw hooks}: print the hook firing order.
 - C{haraka-tw queue list|stat|show|flush|delete|bounce}: the outbound queue
   (L{haraka_tw.outbound.tools}).
+- C{haraka-tw dkim-keygen DOMAIN [-c DIR]}: a DKIM signing key for the C{dkim} plugin,
+  and the DNS record to publish (Haraka's dkim_key_gen.sh).
 """
 
 from __future__ import annotations
@@ -83,6 +85,25 @@ def _hooks(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dkim_keygen(args: argparse.Namespace) -> int:
+    from haraka_tw.plugins.dkim import write_key
+
+    config = Path(args.config) if args.config else Path.cwd()
+    try:
+        folder, _ = write_key(
+            config, args.domain, args.selector, bits=args.bits, ed25519=args.ed25519
+        )
+    except (ValueError, FileExistsError) as e:
+        print(f"haraka-tw: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"haraka-tw: {e.filename or config}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    print((folder / "dns").read_text(), end="")
+    print(f"\nthe key is in {folder}; set [sign] enabled=true in dkim.ini to sign with it")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="haraka-tw", description=__doc__.splitlines()[0] if __doc__ else None
@@ -106,6 +127,20 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_plugins)
     p = sub.add_parser("hooks", help="print the hooks in firing order")
     p.set_defaults(func=_hooks)
+    p = sub.add_parser(
+        "dkim-keygen",
+        help="make a DKIM signing key and the DNS record to publish",
+        description="Write DIR/dkim/DOMAIN/private (mode 0600), public, selector and dns (the"
+        " TXT record to publish), for the dkim plugin. An existing key is never replaced.",
+    )
+    p.add_argument("domain")
+    p.add_argument(
+        "-c", "--config", default=None, help="the config directory (default: the current one)"
+    )
+    p.add_argument("-s", "--selector", default=None, help="default: the month, e.g. nov2026")
+    p.add_argument("--bits", type=int, default=2048, help="RSA key size (default 2048)")
+    p.add_argument("--ed25519", action="store_true", help="an Ed25519 key (RFC 8463)")
+    p.set_defaults(func=_dkim_keygen)
     add_queue_parser(sub)
     args = parser.parse_args(argv)
     for stream in (sys.stdout, sys.stderr):  # (a queue file's notes may hold any bytes)

@@ -81,6 +81,11 @@ class Header:
             for _, raw in self._fields
         ]
 
+    def fields(self) -> list[tuple[str, bytes]]:
+        """Every field as (lower-case name, its raw bytes: name, colon, value as folded,
+        CRLF), top first: what a signature over the header (DKIM) reads."""
+        return list(self._fields)
+
     def get_all(self, name: str) -> list[str]:
         """Every value of C{name}, unfolded, without the trailing CRLF."""
         key = name.lower()
@@ -114,6 +119,17 @@ class Header:
     def add_end(self, name: str, value: str) -> None:
         """Add a field at the bottom."""
         self._fields.append((name.lower(), _field_bytes(name, value)))
+
+    def replace_first(self, name: str, value: str) -> None:
+        """Give the topmost field named C{name} the value C{value}, in its place; add it
+        at the top if there is none."""
+        key = name.lower()
+        fields = self._fields
+        for i, (n, _) in enumerate(fields):
+            if n == key:
+                fields[i] = (key, _field_bytes(name, value))
+                return
+        self.add(name, value)
 
     def remove(self, name: str) -> None:
         """Remove every field named C{name}."""

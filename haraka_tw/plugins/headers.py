@@ -17,7 +17,8 @@ key is on (only C{delivered_to} is on by default). In order:
 - C{delivered_to}: a Delivered-To field names one of the recipients (a mail loop);
 - C{mailing_list}: records the mailing list software; never refuses;
 - C{from_phish}: the From field names a brand of C{[phish_targets]} (look-alike digits
-  read as letters) but is not from its domain.
+  read as letters) but is not from its domain, and no DKIM signature of that domain
+  passed (the dkim plugin, listed above this one).
 
 headers.ini::
 
@@ -292,6 +293,8 @@ class Plugin:
                 continue
             if from_domain == domain or from_domain.endswith("." + domain):
                 continue
+            if _dkim_passed(transaction, domain):
+                continue
             transaction.results.add(
                 self.name,
                 msg=f"'{brand}' found when domain is '{from_domain}' instead of '{domain}'",
@@ -299,3 +302,13 @@ class Plugin:
             text = f"Phishing message appears to impersonate {domain}"
             return self._failed(transaction, "from_phish", f"from_phish({brand})", text)
         return self._passed(transaction, "from_phish")
+
+
+def _dkim_passed(transaction: Transaction, domain: str) -> bool:
+    """Whether a DKIM signature of C{domain} or a subdomain passed (the dkim plugin's
+    notes, there when it ran before this plugin at data_post)."""
+    for result in transaction.notes.get("dkim_results") or ():
+        signer = str(result.get("domain", ""))
+        if result.get("result") == "pass" and (signer == domain or signer.endswith("." + domain)):
+            return True
+    return False

@@ -39,6 +39,8 @@ class Receiving(SessionCore):
     """DATA and BDAT into the transaction, then the end-of-message checks and hooks:
     max_data_exceeded or data_post, queue or queue_outbound, queue_ok, the reply."""
 
+    _auth_results_shown = 0  # results in the Authentication-Results header added
+
     def _message_refusal(self) -> Reply | None:
         """Why DATA or a first BDAT cannot start now, or None."""
         txn = self._conn.transaction
@@ -211,10 +213,23 @@ class Receiving(SessionCore):
                 self.runner.call("max_data_exceeded", conn),
                 lambda r: self._finish_message("max_data_exceeded", r),
             )
-        results = [*conn.auth_results_list, *txn.auth_results_list]
-        if results:  # as Haraka: one header naming this host, with every plugin's result
-            txn.header.add("Authentication-Results", "; ".join([self.settings.me, *results]))
+        self._auth_results_shown = self._show_auth_results(txn, 0)
         return then(self.runner.call("data_post", conn), self._data_post_answered)
+
+    def _show_auth_results(self, txn: Transaction, shown: int) -> int:
+        """As Haraka: one Authentication-Results header naming this host, with every
+        plugin's result, on top. Made before data_post and made again after it when a
+        data_post plugin (dkim) added results; C{shown} says how many the header made
+        before holds (0: none was added). Returns how many it holds now."""
+        results = [*self._conn.auth_results_list, *txn.auth_results_list]
+        if len(results) == shown:
+            return shown
+        value = "; ".join([self.settings.me, *results])
+        if shown:
+            txn.header.replace_first("Authentication-Results", value)
+        else:
+            txn.header.add("Authentication-Results", value)
+        return len(results)
 
     def _message_refused(self, reply: Reply) -> Deferred[Any] | None:
         self._count(self._conn.msg_count, reply.code)
@@ -226,6 +241,8 @@ class Receiving(SessionCore):
         if row.then is not Then.PROCEED:
             return self._finish_message("data_post", result)
         conn = self._conn
+        if conn.transaction is not None:
+            self._show_auth_results(conn.transaction, self._auth_results_shown)
         hook = "queue_outbound" if conn.relaying else "queue"
         return then(self.runner.call(hook, conn), lambda r: self._queue_answered(hook, r))
 

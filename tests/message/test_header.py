@@ -47,6 +47,16 @@ def test_add_remove_rename() -> None:
     )
 
 
+def test_replace_first_and_fields() -> None:
+    """replace_first changes the topmost field of a name in its place (adding one on top
+    when there is none); fields() gives every field's raw bytes, top first."""
+    h = Header.parse(b"A: 1\r\nB: x\r\n  folded\r\nA: 2\r\n")
+    assert h.fields() == [("a", b"A: 1\r\n"), ("b", b"B: x\r\n  folded\r\n"), ("a", b"A: 2\r\n")]
+    h.replace_first("a", "one")
+    h.replace_first("C", "new")
+    assert h.to_bytes() == b"C: new\r\na: one\r\nB: x\r\n  folded\r\nA: 2\r\n"
+
+
 def test_added_value_cannot_inject_fields() -> None:
     """A newline inside an added value continues the field; it never starts a new one."""
     h = Header()
