@@ -39,7 +39,10 @@ policy plugin may read C{length} in the notes).
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
+import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -55,7 +58,7 @@ from twisted.internet.defer import Deferred, DeferredList
 from zope.interface import implementer
 
 from haraka_tw.codes import CONT, Code
-from haraka_tw.config.formats import ini_number
+from haraka_tw.config.formats import ini_count, ini_number
 from haraka_tw.dns import DNSError, DNSServerError, DNSTimeout, NoAnswer, NXDomain
 from haraka_tw.interfaces import (
     IDataPostHook,
@@ -70,6 +73,8 @@ from haraka_tw.smtp.connection import Connection, Transaction
 __all__ = ["Plugin", "Verdict", "signing_domain", "write_key"]
 
 BOOLEANS = ["-sign.enabled", "+sign.oversign", "+verify.enabled"]
+_COMMENT_UNSAFE = re.compile(r"[^ -'*-\[\]-~]")  # not printable ASCII, a parenthesis or a backslash
+_LDH = re.compile(r"[a-z0-9_](?:[a-z0-9_-]*[a-z0-9])?\Z")
 DEFAULT_CANONICALIZATION = "relaxed/relaxed"
 
 
@@ -94,18 +99,30 @@ class Verdict:
     identity: str = ""
     reason: str = ""
     b_prefix: str = ""
-    length: int | None = None
+    length: int | None = None  # l=: only that much of the body is signed
+    from_signed: bool = False  # every From field of the message is signed
+    testing: bool = False  # the key record says t=y (the domain is testing DKIM)
+
+    @property
+    def vouches_for_from(self) -> bool:
+        """A pass that a policy may trust for the From field: every From signed (a From
+        added above the signed one, where mail readers show it, is not), the whole body
+        signed, and the key not in testing mode."""
+        return (
+            self.result == "pass" and self.from_signed and self.length is None and not self.testing
+        )
 
     def auth_result(self) -> str:
-        """Its Authentication-Results entry (RFC 8601, header.b as RFC 6008)."""
+        """Its Authentication-Results entry (RFC 8601, header.b as RFC 6008). Every value
+        in it was checked when the signature was parsed; the reason is one of ours."""
         words = [f"dkim={self.result}"]
         if self.reason:
-            words.append(f"({self.reason})")
+            words.append(f"({_COMMENT_UNSAFE.sub('', self.reason)})")
         words += [f"header.d={self.domain or 'unknown'}", f"header.s={self.selector or 'unknown'}"]
         if self.identity:
             words.append(f"header.i={self.identity}")
         if self.b_prefix:
-            words.append(f"header.b={self.b_prefix}")
+            words.append(f'header.b="{self.b_prefix}"')
         return " ".join(words)
 
 
@@ -154,7 +171,7 @@ class Plugin:
         )
         where = f"{name} [verify]"
         timeout = ini_number(verify, "timeout", 29, zero_ok=False, where=where)
-        most = int(ini_number(verify, "max_signatures", 5, zero_ok=False, where=where))
+        most = ini_count(verify, "max_signatures", 5, where, minimum=1)
         self.sign_config = sign_config
         self.verify_enabled = bool(verify.get("enabled", True))
         self.timeout = float(timeout)
@@ -172,19 +189,21 @@ class Plugin:
         txn = connection.transaction
         if not self.sign_config.enabled or txn is None or txn.notes.get("dkim_signed"):
             return CONT
+        if not connection.relaying:  # (queue/deliver sends inbound mail to outbound too)
+            return CONT
         found = self._key_for(signing_domain(txn))
         if found is None:
             return CONT
         domain, selector, key = found
         header = txn.header
+        now = int(self.clock.seconds())
         if "Date" not in header:
-            header.add_end("Date", formatdate(localtime=True))
+            header.add_end("Date", formatdate(now, localtime=True))
         if "Message-Id" not in header:
             header.add_end("Message-Id", f"<{txn.uuid}@{self._me()}>")
         hasher = dkim.BodyHasher(self.sign_config.relaxed[1])
         for chunk in _body(txn):
             hasher.update(chunk)
-        now = int(time.time())
         expire = self.sign_config.expire
         value = dkim.sign(
             header.fields(),
@@ -205,14 +224,17 @@ class Plugin:
         return CONT
 
     def _me(self) -> str:
-        return str(self.config.get_value("me", None) or "localhost").strip()
+        return str(self.config.get_value("me", None) or socket.getfqdn() or "localhost").strip()
 
     def _key_for(self, domain: str | None) -> tuple[str, str, dkim.PrivateKey] | None:
         """(d=, selector, key) for mail from C{domain}: its own key or a parent domain's,
         else the default one; None (logged) when there is none."""
         labels = domain.split(".") if domain else []
+        folders = self._key_folders()
         for i in range(len(labels)):
             candidate = ".".join(labels[i:])
+            if candidate not in folders:
+                continue
             pem = self.config.get_binary(f"dkim/{candidate}/private")
             selector = self.config.get_list(f"dkim/{candidate}/selector")
             if pem is None and not selector:
@@ -231,6 +253,20 @@ class Plugin:
                 return self.sign_config.domain, self.sign_config.selector, key
         self.log.info(f"not signed: no key for {domain or 'an unknown sender domain'}")
         return None
+
+    def _key_folders(self) -> set[str]:
+        """The domains with a folder under dkim/ in a config directory. Listed for each
+        message signed (a folder added is used at once), so that only those are read
+        through the config cache, not every domain a sender names."""
+        found: set[str] = set()
+        for directory in self.config.directories:
+            try:
+                found.update(
+                    entry.name for entry in os.scandir(directory / "dkim") if entry.is_dir()
+                )
+            except OSError:
+                continue  # (no dkim/ there)
+        return found
 
     def _load_key(self, pem: bytes, where: str) -> dkim.PrivateKey | None:
         key = self._keys.get(pem)
@@ -260,7 +296,8 @@ class Plugin:
             connection.loginfo(
                 f"{len(found)} signatures: checking the first {self.max_signatures}", self.name
             )
-        now = time.time()
+        now = self.clock.seconds()
+        froms = sum(1 for name, _ in fields if name == "from")
         verdicts: list[Verdict | None] = []
         signatures: list[dkim.Signature] = []
         for raw in found[: self.max_signatures]:
@@ -270,7 +307,9 @@ class Plugin:
             except dkim.PermError as e:
                 verdicts.append(_unparsed(raw, str(e)))
         digests = _body_digests(txn, signatures)
-        checks = [self._check(s, fields, digests[(s.body_relaxed, s.length)]) for s in signatures]
+        checks = [
+            self._check(s, fields, digests[(s.body_relaxed, s.length)], froms) for s in signatures
+        ]
         done: Deferred[Any] = DeferredList(checks, consumeErrors=True)
 
         def record(outcomes: list[tuple[bool, Verdict]]) -> Code:
@@ -278,15 +317,17 @@ class Plugin:
             results = [v if v is not None else next(checked) for v in verdicts]
             for verdict in results:
                 self._record(txn, verdict)
-            txn.notes["dkim_results"] = [vars(v) for v in results]
+            txn.notes["dkim_results"] = [dataclasses.asdict(v) for v in results]
             return CONT
 
         return done.addCallback(record)
 
     def _check(
-        self, signature: dkim.Signature, fields: list[tuple[str, bytes]], digest: bytes
+        self, signature: dkim.Signature, fields: list[tuple[str, bytes]], digest: bytes, froms: int
     ) -> Deferred[Verdict]:
-        def verdict(result: str, reason: str = "") -> Verdict:
+        """Look up C{signature}'s key and check it (C{froms}: From fields in the message)."""
+
+        def verdict(result: str, reason: str = "", testing: bool = False) -> Verdict:
             return Verdict(
                 result,
                 signature.domain,
@@ -295,6 +336,8 @@ class Plugin:
                 reason,
                 signature.b_prefix,
                 signature.length,
+                from_signed=signature.headers.count("from") >= froms,
+                testing=testing,
             )
 
         def with_records(records: list[str]) -> Verdict:
@@ -308,8 +351,8 @@ class Plugin:
                 try:
                     dkim.verify(signature, fields, digest, record)
                 except dkim.DKIMError as e:
-                    return verdict(e.result, str(e))
-                return verdict("pass")
+                    return verdict(e.result, str(e), record.testing)
+                return verdict("pass", testing=record.testing)
             return verdict("permerror", str(error) if error else "no key for signature")
 
         def lookup_failed(failure: Any) -> Verdict:
@@ -332,9 +375,21 @@ class Plugin:
             return verdict("temperror", "internal error")
 
         lookup: Deferred[list[str]] = self.resolver.lookup_txt(signature.key_name)
-        lookup.addTimeout(self.timeout, self.clock, onTimeoutCancel=timed_out)
+        lookup.addTimeout(self._lookup_timeout(), self.clock, onTimeoutCancel=timed_out)
         checked: Deferred[Verdict] = lookup.addCallbacks(with_records, lookup_failed)
         return checked.addErrback(crashed)
+
+    def _lookup_timeout(self) -> float:
+        """[verify] timeout, kept under the hook's own limit (dkim.timeout, else
+        plugin_timeout), so a silent nameserver gives temperror, not a deferred message."""
+        budget = self.config.get_value(f"{self.name}.timeout", None)
+        if budget is None:
+            budget = self.config.get_value("plugin_timeout", 30)
+        try:
+            limit = float(budget)
+        except (TypeError, ValueError):
+            return self.timeout  # (the server has said what is wrong with it)
+        return min(self.timeout, limit - 1) if limit > 1 else self.timeout
 
     def _record(self, txn: Transaction, verdict: Verdict) -> None:
         txn.auth_results(verdict.auth_result())
@@ -357,7 +412,7 @@ def _unparsed(raw: bytes, reason: str) -> Verdict:
             tags.setdefault(name.strip(), "".join(value.split()))
 
     def safe(text: str) -> str:
-        return text if all(c.isalnum() or c in ".-_" for c in text) else ""
+        return text if _plain_domain(text.lower()) else ""
 
     return Verdict("permerror", safe(tags.get("d", "")), safe(tags.get("s", "")), reason=reason)
 
@@ -398,7 +453,8 @@ def signing_domain(txn: Transaction) -> str | None:
     """Whose mail this is, for signing (as Haraka chooses): the From field's domain; with
     several From addresses, the Sender's; else, or when C{notes["forward"]} is set, the
     envelope sender's. None when none is known."""
-    envelope = txn.mail_from.host.lower() if txn.mail_from and txn.mail_from.host else None
+    envelope = txn.mail_from.host.lower().rstrip(".") if txn.mail_from else None
+    envelope = envelope if envelope and _plain_domain(envelope) else None
     if txn.notes.get("forward"):
         return envelope
     header = txn.header
@@ -462,5 +518,5 @@ def write_key(
 
 
 def _plain_domain(domain: str) -> bool:
-    labels = domain.split(".")
-    return all(label and all(c.isalnum() or c in "-_" for c in label) for label in labels)
+    """Whether C{domain} is an ASCII DNS name (lower case): no address literal, no path."""
+    return all(_LDH.match(label) for label in domain.split("."))

@@ -305,10 +305,15 @@ class Plugin:
 
 
 def _dkim_passed(transaction: Transaction, domain: str) -> bool:
-    """Whether a DKIM signature of C{domain} or a subdomain passed (the dkim plugin's
-    notes, there when it ran before this plugin at data_post)."""
+    """Whether a DKIM signature of C{domain} or a subdomain passed and vouches for the
+    From field: every From signed (one added above a genuine signed message is not),
+    the whole body signed (no l=), the key not in testing mode. From the dkim plugin's
+    notes, there when it ran before this plugin at data_post."""
     for result in transaction.notes.get("dkim_results") or ():
         signer = str(result.get("domain", ""))
-        if result.get("result") == "pass" and (signer == domain or signer.endswith("." + domain)):
+        if signer != domain and not signer.endswith("." + domain):
+            continue
+        trusted = result.get("from_signed") and result.get("length") is None
+        if result.get("result") == "pass" and trusted and not result.get("testing"):
             return True
     return False

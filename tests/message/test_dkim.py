@@ -4,6 +4,7 @@ checked against an independent implementation (dkimpy) in each direction."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import time
 from collections.abc import Sequence
@@ -11,7 +12,7 @@ from collections.abc import Sequence
 import dkim as dkimpy
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -45,6 +46,26 @@ lstdBSa/AjB1aZsX1Dhg+lfuVIhTRuvH9TYgp2pbT3KP78dXduMhLUZKXqOhE6PU
 7qQ12OruLkg=
 -----END PRIVATE KEY-----
 """
+# A valid signature's and key record's tags, with up to four of them replaced or added:
+# values near the parsers' edge cases, so that every check is reached.
+VALUES = st.one_of(
+    st.text(max_size=12),
+    st.sampled_from(["1", "DKIM1", "rsa-sha256", "ed25519-sha256", "relaxed/simple", "\u00b2",
+                     "from:to", "@example.com", "a@x.example.com", "example.com", "dns/txt",
+                     "y:s", "email", "AAAA", "sha1", "ed25519", "12", ""]),
+)  # fmt: skip
+SIGNATURE_TAGS = {"v": "1", "a": "rsa-sha256", "d": "example.com", "s": "sel", "h": "from",
+                  "bh": "AAAA", "b": "AAAA"}  # fmt: skip
+KEY_TAGS = {"v": "DKIM1", "k": "rsa", "p": dkim.public_record(RSA_KEY).rpartition("p=")[2]}
+
+
+def mutated(base: dict[str, str]) -> st.SearchStrategy[str]:
+    names = st.sampled_from(["v", "a", "b", "bh", "c", "d", "h", "i", "l", "q", "s", "t", "x",
+                             "k", "p", "g", "n"])  # fmt: skip
+    changes = st.dictionaries(names, VALUES, max_size=4)
+    return changes.map(lambda c: "; ".join(f"{k}={v}" for k, v in {**base, **c}.items()))
+
+
 COMBINATIONS = [(True, True), (True, False), (False, True), (False, False)]
 
 
@@ -110,6 +131,14 @@ class CanonicalizationTests(SynchronousTestCase):
         self.assertEqual(dkim.body_hash([b"\r\n\r\n"], False), hashlib.sha256(b"\r\n").digest())
         self.assertEqual(dkim.body_hash([], True), hashlib.sha256(b"").digest())
         self.assertEqual(dkim.body_hash([b"x  "], True), hashlib.sha256(b"x\r\n").digest())
+
+    def test_a_body_of_empty_lines(self) -> None:
+        """200,000 empty lines before a line of text hash as they should, in both
+        canonicalizations (a search for the trailing CRLFs anchored at the end took
+        quadratic time: seconds for 16,000 lines, from any client, in the reactor)."""
+        body = b"\r\n" * 200_000 + b"x\r\n" + b"\r\n" * 3
+        for relaxed in (True, False):
+            self.assertEqual(dkim.body_hash([body], relaxed), hashlib.sha256(body[:-6]).digest())
 
     def test_length_limit(self) -> None:
         """l= hashes only that many canonical bytes."""
@@ -227,6 +256,27 @@ class SignAndVerifyTests(SynchronousTestCase):
 
 
 class RecordAndSignatureErrorTests(SynchronousTestCase):
+    @settings(max_examples=1500)
+    @given(st.one_of(st.text(max_size=300), mutated(SIGNATURE_TAGS)), mutated(KEY_TAGS))
+    def test_any_text_parses_or_is_permerror(self, signature: str, record: str) -> None:
+        """Whatever a sender puts in a DKIM-Signature field or a key record, parsing
+        either succeeds or raises PermError (never another exception)."""
+        with contextlib.suppress(dkim.PermError):
+            dkim.parse_signature(f"DKIM-Signature: {signature}\r\n".encode(), 1e9)
+        with contextlib.suppress(dkim.PermError):
+            dkim.parse_key_record(record)
+
+    def test_strict_identity_and_testing_keys(self) -> None:
+        """A key record with t=s refuses an i= in a subdomain of d=; t=y is kept for
+        policies to see."""
+        message = signed()
+        record = dkim.public_record(RSA_KEY)
+        check(message, record=record + "; t=s")
+        sub = message.replace(b"d=example.com;", b"d=example.com; i=@mail.example.com;", 1)
+        with self.assertRaisesRegex(dkim.PermError, "t=s"):
+            check(sub, record=record + "; t=s")
+        self.assertTrue(dkim.parse_key_record(record + "; t=y:s").testing)
+
     def test_key_records(self) -> None:
         """Revoked, too small, the wrong type, sha1 only and not for email are permerror."""
         small = serialization.load_pem_private_key(SMALL_PEM, password=None)
@@ -264,6 +314,10 @@ class RecordAndSignatureErrorTests(SynchronousTestCase):
             ("s=sel;", f"s=sel; t={now - 100}; x={now - 10};", "expired"),
             ("s=sel;", "s=sel; garbage;", "bad tag"),
             ("bh=AAAA", "bh=A?A", "base64"),
+            ("s=sel;", "s=sel; i=a b@example.com;", "bad i="),
+            ("s=sel;", "s=sel; t=\u00b2;", "t= is not a number"),
+            ("s=sel;", f"s=sel; t={now + 3600};", "future"),
+            ("a=rsa-sha256", "a=x) dkim=pass (", "algorithm not supported"),
         ]:
             raw = f"DKIM-Signature: {good.replace(old, new, 1)}\r\n".encode()
             with self.assertRaisesRegex(dkim.PermError, reason):

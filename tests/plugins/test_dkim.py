@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import smtplib
 import stat
+import time
 from typing import Any
 
 import dkim as dkimpy
@@ -21,6 +22,8 @@ from haraka_tw.cli import main
 from haraka_tw.codes import CONT, OK
 from haraka_tw.interfaces import IMailHook, IQueueHook, IRcptHook
 from haraka_tw.message import dkim
+from haraka_tw.message.header import Header
+from haraka_tw.plugins.dkim import Verdict
 from haraka_tw.server import StartupError
 from tests.dnsserver import serve
 from tests.plugins.test_dns_list import until
@@ -129,7 +132,8 @@ class VerifyTests(TestCase):
     @inlineCallbacks
     def test_headers_from_phish_spares_a_brands_own_signature(self) -> None:
         """A From naming a brand from another address is refused by headers' from_phish,
-        unless a DKIM signature of the brand's domain passed (dkim listed first)."""
+        unless a DKIM signature of the brand's domain passed and signed that From (dkim
+        listed first): a From added above a genuine signed message is still refused."""
         dns = serve(self, ZONE)
         _, port = start_server(
             self,
@@ -141,6 +145,13 @@ class VerifyTests(TestCase):
         )
         phish = MESSAGE.replace(b"Joe <joe@example.com>", b"Example Support <help@other.test>")
         yield deferToThread(send, port, signed_by_dkimpy(b"sel", phish))
+        # a genuine message of the brand with a From added on top, where readers show it
+        # (signed by the brand without oversigning From, so that DKIM still passes)
+        genuine = dkimpy.sign(MESSAGE, b"sel", b"example.com", PEM, include_headers=[b"from"])
+        replayed = b"From: Example <help@other.test>\r\n" + genuine + MESSAGE
+        with self.assertRaises(smtplib.SMTPDataError) as caught:
+            yield deferToThread(send, port, replayed)
+        self.assertEqual(caught.exception.smtp_code, 550)
         with self.assertRaises(smtplib.SMTPDataError) as caught:
             yield deferToThread(
                 send, port, signed_by_dkimpy(b"sel", phish).replace(b"hungry", b"x")
@@ -184,9 +195,11 @@ class SignTests(TestCase):
                 b"DKIM-Signature: v=1; a=rsa-sha256; c=relaxed/relaxed; d=example.com; s=sel;"
             )
         )
-        signature = signed.split(b"\r\n\r\n")[0].split(b"\r\nReceived:")[0]
-        for name in (b"date", b"message-id", b"from", b"subject", b"to"):
-            self.assertIn(name, signature)
+        header = Header.parse(signed.split(b"\r\n\r\n")[0] + b"\r\n")
+        self.assertEqual((header.count("Date"), header.count("Message-Id")), (1, 1))
+        listed = dkim.parse_signature(header.fields()[0][1], time.time()).headers
+        for name in ("date", "message-id", "from", "subject", "to"):
+            self.assertEqual(listed.count(name), 2, name)  # present once, oversigned once
 
         def dns(name: bytes, timeout: int = 5) -> bytes | None:
             return RECORD.encode() if name == b"sel._domainkey.example.com." else None
@@ -194,6 +207,34 @@ class SignTests(TestCase):
         self.assertTrue(dkimpy.verify(signed, dnsfunc=dns))
         self.assertFalse(dkimpy.verify(signed.replace(b"body", b"BODY"), dnsfunc=dns))
         self.assertNotIn(b"DKIM-Signature", unsigned)
+
+    @inlineCallbacks
+    def test_inbound_mail_is_never_signed(self) -> None:
+        """Mail from a client that may not relay is not signed, even when queue/deliver
+        puts it in the outbound queue (else anyone could get ``From: ceo@ourdomain``
+        signed with our key)."""
+        peer = Peer(PeerScript())
+        peer_port = peer.start()
+        self.addCleanup(peer.stop)
+        _, port = start_server(
+            self,
+            {
+                "plugins": "relay\nrcpt_to.in_host_list\ndkim\nqueue/deliver\n",
+                "relay.ini": "[relay]\nacl=true\nforce_routing=true\n",
+                "relay_acl_allow": "192.0.2.1\n",
+                "relay_dest_domains.ini": f"[domains]\nany = {NEXTHOP}\n".replace(
+                    "PORT", str(peer_port)
+                ),
+                "host_list": "mx.test\n",
+                "outbound.ini": "[main]\nqueue_dir={base}/queue\n",
+                "dkim.ini": "[sign]\nenabled=true\n",
+                "dkim/example.com/private": PEM.decode(),
+                "dkim/example.com/selector": "sel\n",
+            },
+        )
+        yield deferToThread(send, port, MESSAGE.replace(b"Date:", b"X-Date:"))
+        yield until(lambda: len(peer.messages) == 1)
+        self.assertNotIn(b"DKIM-Signature", peer.messages[0].data)
 
     def test_bad_config_stops_the_start(self) -> None:
         """A canonicalization that is not simple/relaxed stops start-up, naming dkim.ini."""
@@ -224,3 +265,14 @@ class KeygenTests(SynchronousTestCase):
         self.assertEqual(main(["dkim-keygen", "../x", "-c", str(config)]), 1)
         self.assertEqual(os.listdir(config), ["dkim"])
         self.assertEqual(os.listdir(config / "dkim"), ["example.com"])
+
+
+class VerdictTests(SynchronousTestCase):
+    def test_entry_cannot_be_forged_from_a_reason(self) -> None:
+        """A reason cannot close its comment and add a result of its own, and header.b
+        (base64, with tspecials) is quoted (RFC 8601)."""
+        verdict = Verdict("fail", "example.com", "sel", reason="x) dkim=pass (", b_prefix="a/b+=")
+        self.assertEqual(
+            verdict.auth_result(),
+            'dkim=fail (x dkim=pass ) header.d=example.com header.s=sel header.b="a/b+="',
+        )
