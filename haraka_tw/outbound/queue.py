@@ -100,10 +100,15 @@ class IOutboundQueue(Interface):
         @return: the readable entries, soonest next attempt first.
         """
 
-    def look() -> Deferred[Listing]:
+    def look(skip: Callable[[str], bool] | None = None) -> Deferred[Listing]:
         """While running: read every queue file as it is now, changing nothing (no clean-up,
         nothing set aside). A file being written by this process may show up in it before
-        the caller that wrote it has the entry: see L{writes_settled}."""
+        the caller that wrote it has the entry: see L{writes_settled}.
+
+        @param skip: called (on any thread) with each queue file's id; the files it says
+            yes to are not read (a rescan skips those it holds: reading thousands of files
+            it knows slowed their delivery by half).
+        """
 
     def writes_settled() -> Deferred[None]:
         """Fire once every write under way now (add, split, reschedule) has finished and
@@ -242,8 +247,8 @@ class FileQueue:
     def scan(self) -> Deferred[list[QueueEntry]]:
         return self._threads(self.store.scan)
 
-    def look(self) -> Deferred[Listing]:
-        return self._threads(self.store.listing)
+    def look(self, skip: Callable[[str], bool] | None = None) -> Deferred[Listing]:
+        return self._threads(lambda: self.store.listing(skip))
 
     def reschedule(
         self,
@@ -365,8 +370,8 @@ class MemoryQueue:
     def scan(self) -> Deferred[list[QueueEntry]]:
         return succeed(self.entries())
 
-    def look(self) -> Deferred[Listing]:
-        return succeed(Listing(entries=self.entries()))
+    def look(self, skip: Callable[[str], bool] | None = None) -> Deferred[Listing]:
+        return succeed(Listing(entries=[e for e in self.entries() if not (skip and skip(e.id))]))
 
     def writes_settled(self) -> Deferred[None]:
         return succeed(None)  # every write answers at once

@@ -291,7 +291,7 @@ class OutboundService:
         self._next_rescans.pop(domain, None)  # begun: a flush from now on needs another
         if not (self.owner and self.scheduler.running):
             return defer.succeed(0)
-        d: Deferred[Any] = self.queue.look()
+        d: Deferred[Any] = self.queue.look(self.scheduler.holds)
         d.addCallback(lambda listing: self.queue.writes_settled().addCallback(lambda _: listing))
         d.addCallback(self._adopt, domain)
 

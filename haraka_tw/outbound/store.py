@@ -245,8 +245,9 @@ class QueueStore:
         name = self._new_name(todo.queue_time, self.now() if next_attempt is None else next_attempt)
         return self._write_queue_file(name, todo, message_chunks)
 
-    def listing(self) -> Listing:
-        """Read every queue file without changing anything."""
+    def listing(self, skip: Callable[[str], bool] | None = None) -> Listing:
+        """Read every queue file without changing anything (those whose id C{skip} says
+        yes to are left unread and unlisted)."""
         out = Listing()
         try:
             names = sorted(os.listdir(self.dir))
@@ -260,6 +261,8 @@ class QueueStore:
                 out.set_aside.append(path)
                 continue
             if filename.startswith(_HARAKA_TMP) or not path.is_file():
+                continue
+            if skip is not None and _skipped(filename, skip):
                 continue
             try:
                 out.entries.append(self._load(path))
@@ -511,6 +514,13 @@ def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
+
+
+def _skipped(filename: str, skip: Callable[[str], bool]) -> bool:
+    try:
+        return skip(QueueName.parse(filename).id)
+    except QueueFileError:
+        return False  # (not a queue name: _load reports it)
 
 
 def _is_queue_name(filename: str) -> bool:
