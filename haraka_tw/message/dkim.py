@@ -33,6 +33,7 @@ __all__ = [
     "Signature",
     "SignatureFail",
     "algorithm_of",
+    "is_dns_name",
     "load_private_key",
     "parse_key_record",
     "parse_signature",
@@ -80,6 +81,12 @@ class SignatureFail(DKIMError):
 
 
 # -- tag lists (RFC 6376 3.2) ---------------------------------------------------------------
+
+
+def is_dns_name(text: str) -> bool:
+    """Whether C{text} is an ASCII domain name as d= and s= must be (labels of letters,
+    digits, hyphens and, but in the last, underscores): no address literal, no path."""
+    return _DOMAIN.match(text) is not None
 
 
 def parse_tags(text: str) -> dict[str, str]:
@@ -361,7 +368,7 @@ def parse_signature(raw: bytes, now: float) -> Signature:
         raise PermError("query method not supported")
     domain = tags["d"].lower().rstrip(".")
     selector = tags["s"].lower()
-    if _DOMAIN.match(domain) is None or _DOMAIN.match(selector) is None:
+    if not (is_dns_name(domain) and is_dns_name(selector)):
         raise PermError("bad d= or s=")
     headers = tuple(h.strip(" \t\r\n").lower() for h in tags["h"].split(":"))
     if "from" not in headers:

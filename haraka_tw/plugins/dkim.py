@@ -74,7 +74,6 @@ __all__ = ["Plugin", "Verdict", "signing_domain", "write_key"]
 
 BOOLEANS = ["-sign.enabled", "+sign.oversign", "+verify.enabled"]
 _COMMENT_UNSAFE = re.compile(r"[^ -'*-\[\]-~]")  # not printable ASCII, a parenthesis or a backslash
-_LDH = re.compile(r"[a-z0-9_](?:[a-z0-9_-]*[a-z0-9])?\Z")
 DEFAULT_CANONICALIZATION = "relaxed/relaxed"
 
 
@@ -412,7 +411,7 @@ def _unparsed(raw: bytes, reason: str) -> Verdict:
             tags.setdefault(name.strip(), "".join(value.split()))
 
     def safe(text: str) -> str:
-        return text if _plain_domain(text.lower()) else ""
+        return text if dkim.is_dns_name(text.lower()) else ""
 
     return Verdict("permerror", safe(tags.get("d", "")), safe(tags.get("s", "")), reason=reason)
 
@@ -454,7 +453,7 @@ def signing_domain(txn: Transaction) -> str | None:
     several From addresses, the Sender's; else, or when C{notes["forward"]} is set, the
     envelope sender's. None when none is known."""
     envelope = txn.mail_from.host.lower().rstrip(".") if txn.mail_from else None
-    envelope = envelope if envelope and _plain_domain(envelope) else None
+    envelope = envelope if envelope and dkim.is_dns_name(envelope) else None
     if txn.notes.get("forward"):
         return envelope
     header = txn.header
@@ -463,7 +462,7 @@ def signing_domain(txn: Transaction) -> str | None:
         senders = getaddresses(header.get_all("Sender"))[:1]
     for _, address in senders[:1]:
         domain = address.rpartition("@")[2].strip().lower().rstrip(".")
-        return domain if "@" in address and _plain_domain(domain) else None
+        return domain if "@" in address and dkim.is_dns_name(domain) else None
     return envelope
 
 
@@ -482,7 +481,7 @@ def write_key(
     domain = domain.strip().lower().rstrip(".")
     selector = (selector or time.strftime("%b%Y")).strip().lower()
     for what, name in (("domain", domain), ("selector", selector)):
-        if not _plain_domain(name):
+        if not dkim.is_dns_name(name):
             raise ValueError(f"{what} {name!r} is not a DNS name")
     if not ed25519 and bits < dkim.MIN_RSA_BITS:
         raise ValueError(f"an RSA key needs at least {dkim.MIN_RSA_BITS} bits")
@@ -515,8 +514,3 @@ def write_key(
         f"Check it once published: dig +short TXT {selector}._domainkey.{domain}\n"
     )
     return folder, record
-
-
-def _plain_domain(domain: str) -> bool:
-    """Whether C{domain} is an ASCII DNS name (lower case): no address literal, no path."""
-    return all(_LDH.match(label) for label in domain.split("."))

@@ -221,9 +221,10 @@ class Receiving(SessionCore):
         plugin's result, on top. Made before data_post and made again after it when a
         data_post plugin (dkim) added results; C{shown} says how many the header made
         before holds (0: none was added). Returns how many it holds now."""
-        results = [*self._conn.auth_results_list, *txn.auth_results_list]
-        if len(results) == shown:
+        conn_results = self._conn.auth_results_list
+        if len(conn_results) + len(txn.auth_results_list) == shown:
             return shown
+        results = [*conn_results, *txn.auth_results_list]
         value = "; ".join([self.settings.me, *results])
         if shown:
             txn.header.replace_first("Authentication-Results", value)

@@ -161,20 +161,18 @@ class VerifyTests(TestCase):
 
 
 class SignTests(TestCase):
-    @inlineCallbacks
-    def test_relayed_mail_is_signed_for_its_domain(self) -> None:
-        """Relayed mail from a subdomain is signed with the parent domain's key (d= the
-        parent), with Date and Message-ID added first and signed; dkimpy verifies it at
-        the next hop. Mail from a domain without a key goes unsigned."""
+    def signing_server(self, plugins: str, acl: str, **files: str) -> tuple[Peer, int]:
+        """A real SMTP peer, and a server signing for example.com (relay's ACL C{acl}),
+        routing all outbound mail to that peer."""
         peer = Peer(PeerScript())
         peer_port = peer.start()
         self.addCleanup(peer.stop)
         _, port = start_server(
             self,
             {
-                "plugins": "relay\ndkim\n",
+                "plugins": plugins,
                 "relay.ini": "[relay]\nacl=true\nforce_routing=true\n",
-                "relay_acl_allow": "127.0.0.1\n",
+                "relay_acl_allow": acl,
                 "relay_dest_domains.ini": f"[domains]\nany = {NEXTHOP}\n".replace(
                     "PORT", str(peer_port)
                 ),
@@ -182,8 +180,17 @@ class SignTests(TestCase):
                 "dkim.ini": "[sign]\nenabled=true\n",
                 "dkim/example.com/private": PEM.decode(),
                 "dkim/example.com/selector": "sel\n",
+                **files,
             },
         )
+        return peer, port
+
+    @inlineCallbacks
+    def test_relayed_mail_is_signed_for_its_domain(self) -> None:
+        """Relayed mail from a subdomain is signed with the parent domain's key (d= the
+        parent), with Date and Message-ID added first and signed; dkimpy verifies it at
+        the next hop. Mail from a domain without a key goes unsigned."""
+        peer, port = self.signing_server("relay\ndkim\n", "127.0.0.1\n")
         bare = b"From: Joe <joe@mail.example.com>\r\nTo: you@far.example\r\nSubject: hi\r\n"
         bare += b"\r\nbody\r\n"
         yield deferToThread(send, port, bare, "joe@mail.example.com")
@@ -213,25 +220,8 @@ class SignTests(TestCase):
         """Mail from a client that may not relay is not signed, even when queue/deliver
         puts it in the outbound queue (else anyone could get ``From: ceo@ourdomain``
         signed with our key)."""
-        peer = Peer(PeerScript())
-        peer_port = peer.start()
-        self.addCleanup(peer.stop)
-        _, port = start_server(
-            self,
-            {
-                "plugins": "relay\nrcpt_to.in_host_list\ndkim\nqueue/deliver\n",
-                "relay.ini": "[relay]\nacl=true\nforce_routing=true\n",
-                "relay_acl_allow": "192.0.2.1\n",
-                "relay_dest_domains.ini": f"[domains]\nany = {NEXTHOP}\n".replace(
-                    "PORT", str(peer_port)
-                ),
-                "host_list": "mx.test\n",
-                "outbound.ini": "[main]\nqueue_dir={base}/queue\n",
-                "dkim.ini": "[sign]\nenabled=true\n",
-                "dkim/example.com/private": PEM.decode(),
-                "dkim/example.com/selector": "sel\n",
-            },
-        )
+        plugins = "relay\nrcpt_to.in_host_list\ndkim\nqueue/deliver\n"
+        peer, port = self.signing_server(plugins, "192.0.2.1\n", host_list="mx.test\n")
         yield deferToThread(send, port, MESSAGE.replace(b"Date:", b"X-Date:"))
         yield until(lambda: len(peer.messages) == 1)
         self.assertNotIn(b"DKIM-Signature", peer.messages[0].data)
