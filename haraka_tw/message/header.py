@@ -116,6 +116,12 @@ class Header:
         fields = self._split if self._split is not None else self._top
         fields.insert(0, (name.lower(), _field_bytes(name, value)))
 
+    def add_on_top(self, other: Header) -> None:
+        """Put C{other}'s fields above these, in their order (the fields plugins added
+        before DATA go above the message's own, as trace fields do)."""
+        fields = self._split if self._split is not None else self._top
+        fields[0:0] = other.fields()
+
     def add_end(self, name: str, value: str) -> None:
         """Add a field at the bottom."""
         self._fields.append((name.lower(), _field_bytes(name, value)))

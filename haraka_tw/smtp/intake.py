@@ -176,6 +176,8 @@ class MessageIntake:
         if self._settings.add_received and self._received:
             header.add("Received", self._received)
         txn = self.transaction
+        if len(txn.header):  # fields plugins added before DATA (spf's Received-SPF at MAIL)
+            header.add_on_top(txn.header)
         txn.header = header
         if txn.parse_body:
             rewriter = None

@@ -646,6 +646,26 @@ class OrderAndDefectTests(SynchronousTestCase):
             b"\r\nOriginal-Authentication-Results: forged; pass\r\nSubject: t\r\n\r\nbody\r\n", msg
         )
 
+    def test_fields_added_before_data_are_kept(self) -> None:
+        """Header fields a plugin adds at MAIL or RCPT (before the message exists) are in
+        the stored message, above the Received field, in the order added."""
+        stored: list[bytes] = []
+
+        def mail(c: Any, sender: Any, params: Any) -> Any:
+            c.transaction.add_leading_header("X-Second", "at mail")
+            c.transaction.add_leading_header("X-First", "at mail")
+
+        def rcpt(c: Any, recipient: Any, params: Any) -> Any:
+            c.transaction.add_header("X-Third", "at rcpt")
+
+        early = ("early", plugin_with({"mail": mail, "rcpt": rcpt}))
+        s = Session([early, storing(stored)])
+        s.send(ENVELOPE + b"DATA\r\n")
+        s.send(b"Subject: t\r\n\r\nbody\r\n.\r\n")
+        head = stored[0].split(b"\r\n\r\n")[0]
+        names = [line.split(b":")[0] for line in head.split(b"\r\n") if line[:1] not in b" \t"]
+        self.assertEqual(names, [b"X-First", b"X-Second", b"X-Third", b"Received", b"Subject"])
+
     def test_a_body_that_cannot_be_stored_gets_451(self) -> None:
         """A spool write that fails (here the spool directory is a file's child) is a
         451 4.3.0 at the end of data, logged; the session goes on and no hook queues it."""
