@@ -125,6 +125,7 @@ _SMTP_INI_KEYS = frozenset(
         "listen", "port", "listen_host", "listen_backlog", "smtps_port", "nodes", "user",
         "group", "inactivity_timeout", "data_timeout", "max_connections",
         "graceful_shutdown", "force_shutdown_timeout", "ignore_bad_plugins", "daemonize",
+        "public_ip",
     }
 )  # fmt: skip
 
@@ -132,7 +133,6 @@ _SMTP_INI_KEYS = frozenset(
 _SMTP_INI_ELSEWHERE = {
     "daemon_log_file": "twistd --logfile FILE",
     "daemon_pid_file": "twistd --pidfile FILE",
-    "public_ip": "no plugin of this release uses it",
 }
 
 

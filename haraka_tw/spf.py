@@ -355,6 +355,11 @@ class Checker:
     async def _check_host(self, query: _Query, domain: str) -> Outcome:
         domain = domain.lower()
         domain = domain[:-1] if domain.endswith(".") else domain
+        if not domain.isascii():  # an internationalised name is checked as A-labels
+            try:
+                domain = domain.encode("idna").decode("ascii")
+            except UnicodeError:
+                return Outcome(NONE, domain, problem="not a host name")
         if not is_host_name(domain):
             return Outcome(NONE, domain, problem="not a host name")
         try:

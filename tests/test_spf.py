@@ -147,8 +147,12 @@ class ParseTests(SynchronousTestCase):
         kinds = [(m.kind, m.result, m.cidr4, m.cidr6) for m in record.mechanisms]
         self.assertEqual(
             kinds,
-            [("ip4", "pass", 32, 128), ("a", "fail", 28, 64), ("mx", "softfail", 32, 128)]
-            + [("all", "neutral", 32, 128)],
+            [
+                ("ip4", "pass", 32, 128),
+                ("a", "fail", 28, 64),
+                ("mx", "softfail", 32, 128),
+                ("all", "neutral", 32, 128),
+            ],
         )
 
     def test_syntax_errors(self) -> None:

@@ -32,7 +32,14 @@ from haraka_tw.codes import CONT_RESULT, Code, HookResult, normalise
 from haraka_tw.interfaces import HOOKS
 from haraka_tw.logging import HarakaLog, Level
 
-__all__ = ["AFTER_DISCONNECT_HOOKS", "RUN_ALL_HOOKS", "HookRunner", "LoadedPlugin", "then"]
+__all__ = [
+    "AFTER_DISCONNECT_HOOKS",
+    "RUN_ALL_HOOKS",
+    "HookRunner",
+    "LoadedPlugin",
+    "then",
+    "under_hook_limit",
+]
 
 # Every plugin runs and results are ignored. capabilities is here too (Haraka stops its chain
 # at the first OK, which hides later plugins' keywords).
@@ -47,6 +54,21 @@ _CONT = CONT_RESULT
 _PLAIN_ANSWERS = frozenset({type(None), Code, HookResult, tuple, int, str})
 _T = TypeVar("_T")
 _R = TypeVar("_R")
+
+
+def under_hook_limit(config: Any, plugin: str, wanted: float) -> float:
+    """C{wanted} seconds, cut to one second under the limit the runner puts on C{plugin}'s
+    hooks (C{<plugin>.timeout}, else C{plugin_timeout}), so that the plugin's own timer
+    fires first and it answers as it means to (a DNS timeout as temperror), not with the
+    runner's DENYSOFT "plugin timeout"."""
+    budget = config.get_value(f"{plugin}.timeout", None)
+    if budget is None:
+        budget = config.get_value("plugin_timeout", DEFAULT_TIMEOUT)
+    try:
+        limit = float(budget)
+    except (TypeError, ValueError):
+        return wanted  # (the server has said what is wrong with it)
+    return min(wanted, limit - 1) if limit > 1 else wanted
 
 
 @dataclass

@@ -60,6 +60,7 @@ from zope.interface import implementer
 from haraka_tw.codes import CONT, Code
 from haraka_tw.config.formats import ini_count, ini_number
 from haraka_tw.dns import DNSError, DNSServerError, DNSTimeout, NoAnswer, NXDomain
+from haraka_tw.hooks.runner import under_hook_limit
 from haraka_tw.interfaces import (
     IDataPostHook,
     IPluginContext,
@@ -374,21 +375,13 @@ class Plugin:
             return verdict("temperror", "internal error")
 
         lookup: Deferred[list[str]] = self.resolver.lookup_txt(signature.key_name)
-        lookup.addTimeout(self._lookup_timeout(), self.clock, onTimeoutCancel=timed_out)
+        lookup.addTimeout(
+            under_hook_limit(self.config, self.name, self.timeout),
+            self.clock,
+            onTimeoutCancel=timed_out,
+        )
         checked: Deferred[Verdict] = lookup.addCallbacks(with_records, lookup_failed)
         return checked.addErrback(crashed)
-
-    def _lookup_timeout(self) -> float:
-        """[verify] timeout, kept under the hook's own limit (dkim.timeout, else
-        plugin_timeout), so a silent nameserver gives temperror, not a deferred message."""
-        budget = self.config.get_value(f"{self.name}.timeout", None)
-        if budget is None:
-            budget = self.config.get_value("plugin_timeout", 30)
-        try:
-            limit = float(budget)
-        except (TypeError, ValueError):
-            return self.timeout  # (the server has said what is wrong with it)
-        return min(self.timeout, limit - 1) if limit > 1 else self.timeout
 
     def _record(self, txn: Transaction, verdict: Verdict) -> None:
         txn.auth_results(verdict.auth_result())

@@ -17,8 +17,9 @@ key is on (only C{delivered_to} is on by default). In order:
 - C{delivered_to}: a Delivered-To field names one of the recipients (a mail loop);
 - C{mailing_list}: records the mailing list software; never refuses;
 - C{from_phish}: the From field names a brand of C{[phish_targets]} (look-alike digits
-  read as letters) but is not from its domain, and no DKIM signature of that domain
-  passed (the dkim plugin, listed above this one).
+  read as letters) but is not from its domain, no DKIM signature of that domain passed
+  (the dkim plugin, listed above this one) and the envelope sender is not of that domain
+  with an SPF pass (the spf plugin).
 
 headers.ini::
 
@@ -293,7 +294,7 @@ class Plugin:
                 continue
             if from_domain == domain or from_domain.endswith("." + domain):
                 continue
-            if _dkim_passed(transaction, domain):
+            if _dkim_passed(transaction, domain) or _spf_passed(transaction, domain):
                 continue
             transaction.results.add(
                 self.name,
@@ -302,6 +303,16 @@ class Plugin:
             text = f"Phishing message appears to impersonate {domain}"
             return self._failed(transaction, "from_phish", f"from_phish({brand})", text)
         return self._passed(transaction, "from_phish")
+
+
+def _spf_passed(transaction: Transaction, domain: str) -> bool:
+    """Whether the envelope sender's domain is C{domain} (or under it) and passed SPF:
+    the mail came from a host the brand names as its own. From the spf plugin's notes."""
+    outcome = transaction.notes.get("spf")
+    signer = str(getattr(outcome, "domain", ""))
+    return getattr(outcome, "result", None) == "pass" and (
+        signer == domain or signer.endswith("." + domain)
+    )
 
 
 def _dkim_passed(transaction: Transaction, domain: str) -> bool:
