@@ -70,10 +70,11 @@ _DOMAIN_CIDR = re.compile(r"(?::(?P<domain>.+?))?(?P<v4>/[0-9]+)?(?P<v6>//[0-9]+
 _CIDR = re.compile(r"/(0|[1-9][0-9]*)\Z")
 _MACRO = re.compile(r"%(?:\{([slodiphcrtvSLODIPHCRTV])([0-9]*)(r?)([-.+,/_=]*)\}|([%_-]))")
 _LITERAL = re.compile(r"[!-$&-~]+")  # visible characters but "%"
-_TOPLABEL = re.compile(
-    r"\.(?:[A-Za-z0-9]*[A-Za-z][A-Za-z0-9]*|[A-Za-z0-9]+-[A-Za-z0-9-]*[A-Za-z0-9])\.?\Z"
-)
-_LABEL = re.compile(r"[^.]{1,63}\Z")
+_ALNUM = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
+_HOST_LABEL = re.compile(r"[!-\-/-~]{1,63}\Z")  # a checked domain's: visible ASCII but the dot
+_LABEL = re.compile(r"[^.]{1,63}\Z")  # a name looked up (a macro may put a space in it)
+_EXPLANATION_TEXT = re.compile(r"[ !-$&-~]+")  # an explanation's literal text: spaces too
+MAX_RECORD = 4096
 _EXPLANATION_ONLY = frozenset("crt")
 
 
@@ -128,10 +129,13 @@ class MacroString:
 
     tokens: tuple[_Token, ...]
     text: str
+    ends_in_macro: bool = False  # the last item is a macro (or %%, %_, %-), not literal text
 
 
 @dataclass(frozen=True)
 class Mechanism:
+    """One directive of a record: what a match gives, and what it matches."""
+
     result: str  # what a match gives: pass, fail, softfail or neutral
     kind: str  # all, include, a, mx, ptr, ip4, ip6, exists
     target: MacroString | None = None
@@ -143,6 +147,8 @@ class Mechanism:
 
 @dataclass(frozen=True)
 class Record:
+    """A parsed record: its directives in order, and its redirect= and exp= targets."""
+
     mechanisms: tuple[Mechanism, ...]
     redirect: MacroString | None = None
     explanation: MacroString | None = None
@@ -153,11 +159,14 @@ def parse_macro_string(text: str, *, explanation: bool = False) -> MacroString:
     C{%{r}} and C{%{t}} are allowed only in an explanation."""
     tokens: list[_Token] = []
     at = 0
+    ends_in_macro = False
+    literals = _EXPLANATION_TEXT if explanation else _LITERAL
     while at < len(text):
-        literal = _LITERAL.match(text, at) if not explanation else _explanation_literal(text, at)
+        literal = literals.match(text, at)
         if literal:
             tokens.append(literal.group())
             at = literal.end()
+            ends_in_macro = False
             continue
         macro = _MACRO.match(text, at)
         if macro is None:
@@ -174,12 +183,21 @@ def parse_macro_string(text: str, *, explanation: bool = False) -> MacroString:
             keep = int(digits) if digits else 0
             tokens.append(_Macro(lower, keep, bool(reverse), delimiters or ".", letter.isupper()))
         at = macro.end()
-    return MacroString(tuple(tokens), text)
+        ends_in_macro = True
+    return MacroString(tuple(tokens), text, ends_in_macro)
 
 
-def _explanation_literal(text: str, at: int) -> re.Match[str] | None:
-    """An explanation's text may hold spaces too (it is a TXT record's text)."""
-    return re.compile(r"[ !-$&-~]+").match(text, at)
+def _ends_in_toplabel(text: str) -> bool:
+    """Whether C{text} ends in C{"." toplabel ["."]} (7.1): a label of letters, digits
+    and inner hyphens, not all digits. (Checked by hand: a regular expression for it
+    backtracks for seconds over a long label that fails.)"""
+    text = text[:-1] if text.endswith(".") else text
+    _, dot, label = text.rpartition(".")
+    if not dot or not label or not set(label) <= _ALNUM | {"-"}:
+        return False
+    if "-" in label:
+        return label[0] != "-" and label[-1] != "-"
+    return not label.isdigit()
 
 
 def parse_domain_spec(text: str) -> MacroString:
@@ -187,9 +205,7 @@ def parse_domain_spec(text: str) -> MacroString:
     spec = parse_macro_string(text)
     if not spec.tokens:
         raise PermError("empty domain")
-    last = spec.tokens[-1]
-    ends_in_macro = isinstance(last, _Macro) or text.endswith(("%%", "%_", "%-"))
-    if not ends_in_macro and not _TOPLABEL.search(text):
+    if not spec.ends_in_macro and not _ends_in_toplabel(text):
         raise PermError(f"{text!r} does not end in a top-level domain name")
     return spec
 
@@ -236,6 +252,8 @@ def _mechanism(term: str) -> Mechanism:
         most = 32 if kind == "ip4" else 128
         prefix = _cidr("/" + length if slash else None, most, term)
         try:
+            if "%" in address:  # (Python takes an IPv6 zone; the RFC's grammar does not)
+                raise ValueError(address)
             ip = ipaddress.ip_address(address)
         except ValueError:
             raise PermError(f"bad address in {term!r}") from None
@@ -247,7 +265,10 @@ def _mechanism(term: str) -> Mechanism:
 
 
 def parse_record(text: str) -> Record:
-    """A record that starts with C{v=spf1}, parsed; PermError on any syntax error."""
+    """A record that starts with C{v=spf1}, parsed; PermError on any syntax error, and
+    on a record longer than C{MAX_RECORD} characters (a TXT record may be 64 KB)."""
+    if len(text) > MAX_RECORD:
+        raise PermError(f"record longer than {MAX_RECORD} characters")
     terms = text.split(" ")
     if terms[0].lower() != "v=spf1":
         raise PermError("not an SPF record")
@@ -276,14 +297,14 @@ def is_spf_record(text: str) -> bool:
 
 
 def is_host_name(domain: str) -> bool:
-    """A domain SPF can check (4.3): two labels at least, each of 1-63 characters, at
-    most 253 characters without the final dot."""
+    """A domain SPF can check (4.3): two labels at least, each of 1-63 visible ASCII
+    characters, at most 253 characters without the final dot."""
     name = domain[:-1] if domain.endswith(".") else domain
     labels = name.split(".")
     return (
         len(labels) > 1
         and len(name) <= MAX_NAME
-        and all(_LABEL.match(label) for label in labels)
+        and all(_HOST_LABEL.match(label) for label in labels)
         and not name.startswith("[")
     )
 
@@ -304,7 +325,7 @@ class _Query:
         self.helo = helo
         self.lookups = 0
         self.voids = 0
-        self.validated: str | None = None
+        self.validated: list[str] | None = None  # the client's validated names (%{p})
 
     def count_lookup(self, term: str) -> None:
         self.lookups += 1
@@ -550,11 +571,11 @@ class Checker:
         """The client's validated name (C{%{p}}): one equal to C{domain}, else one under
         it, else any; "unknown" without one."""
         if query.validated is None:
-            names = await self._validated_names(query, None, count_void=False)
-            chosen = next((n for n in names if n == domain), None)
-            chosen = chosen or next((n for n in names if n.endswith("." + domain)), None)
-            query.validated = chosen or (names[0] if names else "unknown")
-        return query.validated
+            query.validated = await self._validated_names(query, None, count_void=False)
+        names = query.validated
+        chosen = next((n for n in names if n == domain), None)
+        chosen = chosen or next((n for n in names if n.endswith("." + domain)), None)
+        return chosen or (names[0] if names else "unknown")
 
     async def _explain(self, query: _Query, spec: MacroString, domain: str) -> str:
         """The text an exp= modifier points to, expanded; empty when it cannot be had."""

@@ -4,10 +4,13 @@ DNS server on loopback, and the parser byte by byte."""
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 from typing import Any
 
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -171,9 +174,35 @@ class ParseTests(SynchronousTestCase):
             "v=spf1 exists:%{c}.example",
             "v=spf1 -all.",
             "v=spf1 foo=%abc",
+            "v=spf1 a:example.com%%-",
+            "v=spf1 ip6:2001:db8::%eth0/32",
+            "v=spf1 " + "ip4:192.0.2.1 " * 300,
         ]:
             with self.assertRaises(spf.PermError, msg=text):
                 spf.parse_record(text)
+
+    def test_a_long_bad_label_is_refused_at_once(self) -> None:
+        """A domain ending in a long label that is no top label (a TXT record may be
+        64 KB) is refused in linear time: a regular expression took a minute over it."""
+        started = time.monotonic()
+        for n in (2_000, 4_000):
+            with self.assertRaises(spf.PermError):
+                spf.parse_record("v=spf1 a:x." + "a" * n + "! -all")
+            with self.assertRaises(spf.PermError):
+                spf.parse_domain_spec("x." + "a" * 60_000 + "!")
+        self.assertLess(time.monotonic() - started, 1.0)
+
+    @settings(max_examples=1500, deadline=None)
+    @given(
+        st.text(alphabet="v=spf1 :/%{}.-+~?_allinclude4ip6mxptrexistsredirectexp0123456789ablrdv")
+    )
+    def test_any_text_parses_or_is_permerror(self, text: str) -> None:
+        """Whatever the record says, parsing gives a Record or raises PermError."""
+        try:
+            record = spf.parse_record("v=spf1 " + text)
+        except spf.PermError:
+            return
+        self.assertIsInstance(record, spf.Record)
 
     def test_unknown_modifier(self) -> None:
         """An unknown but well-formed modifier is ignored."""

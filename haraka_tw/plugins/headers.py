@@ -308,6 +308,8 @@ class Plugin:
 def _spf_passed(transaction: Transaction, domain: str) -> bool:
     """Whether the envelope sender's domain is C{domain} (or under it) and passed SPF:
     the mail came from a host the brand names as its own. From the spf plugin's notes."""
+    if transaction.mail_from is None or transaction.mail_from.is_null:
+        return False  # (for <>, the outcome is the HELO name's)
     outcome = transaction.notes.get("spf")
     signer = str(getattr(outcome, "domain", ""))
     return getattr(outcome, "result", None) == "pass" and (

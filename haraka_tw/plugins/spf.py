@@ -75,7 +75,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -83,7 +83,14 @@ from haraka_tw import spf
 from haraka_tw.codes import CONT, DENY, DENYSOFT, Code
 from haraka_tw.config.formats import ini_number
 from haraka_tw.hooks.runner import under_hook_limit
-from haraka_tw.interfaces import IEhloHook, IHeloHook, IMailHook, IPluginContext, IRegistration
+from haraka_tw.interfaces import (
+    IDisconnectHook,
+    IEhloHook,
+    IHeloHook,
+    IMailHook,
+    IPluginContext,
+    IRegistration,
+)
 from haraka_tw.logging import Level
 from haraka_tw.smtp.address import Address
 from haraka_tw.smtp.connection import Connection
@@ -125,6 +132,18 @@ _EXPLANATION_MOST = 200
 _WHY = "http://www.open-spf.org/Why"
 
 
+@dataclass
+class _HeloCheck:
+    """The check of the name a client greeted with: under way, then its outcome."""
+
+    host: str
+    running: Deferred[spf.Outcome]
+    outcome: spf.Outcome | None = None
+
+
+_HELO_CHECK = "spf_helo_check"  # connection note: the _HeloCheck
+
+
 @dataclass(frozen=True)
 class Policy:
     """What to refuse (C{"mfrom_fail"}, ...) and defer (C{"helo_temperror"}, ...)."""
@@ -136,6 +155,8 @@ class Policy:
 
 @dataclass(frozen=True)
 class Settings:
+    """spf.ini (and smtp.ini public_ip), as read."""
+
     lookup_timeout: float = 29.0
     context: str = "sender"
     skip_relaying: bool = False
@@ -205,14 +226,14 @@ def received_spf(
         f"identity={scope}",
     ]
     if outcome.mechanism and outcome.mechanism != "default":
-        pairs.append(f"mechanism={_value(outcome.mechanism)}")
+        pairs.append(f"mechanism={_value(_REPLY_UNSAFE.sub('', outcome.mechanism))}")
     if outcome.problem and outcome.result in (spf.TEMPERROR, spf.PERMERROR):
         pairs.append(f"problem={_value(_REPLY_UNSAFE.sub('', outcome.problem))}")
     comment = _comment(outcome, receiver, identity, ip)
     return f"{outcome.result} ({comment})\n\t" + ";\n\t".join(pairs) + ";"
 
 
-@implementer(IRegistration, IHeloHook, IEhloHook, IMailHook)
+@implementer(IRegistration, IHeloHook, IEhloHook, IMailHook, IDisconnectHook)
 class Plugin:
     name = "spf"
 
@@ -267,6 +288,8 @@ class Plugin:
         """Why this client is not checked, or None. A relaying client on a private
         address is checked at MAIL with C{context=myself}, as this server."""
         settings = self.settings
+        if not connection.remote.ip:  # (a unix socket listener)
+            return "no_ip"
         if settings.skip_relaying and connection.relaying:
             return "relay"
         if settings.skip_auth and connection.notes.get("auth_user"):
@@ -277,25 +300,33 @@ class Plugin:
             return "private_ip"
         return None
 
-    def _timed(self, check: Deferred[spf.Outcome], domain: str) -> Deferred[spf.Outcome]:
-        """C{check}, given up after C{lookup_timeout} (under the hook's limit): temperror."""
-
-        def timed_out(_: object, timeout: float) -> spf.Outcome:
-            return spf.Outcome(spf.TEMPERROR, domain, problem=f"lookups took over {timeout:g} s")
-
-        timeout = under_hook_limit(self.config, self.name, self.settings.lookup_timeout)
-        return check.addTimeout(timeout, self.clock, onTimeoutCancel=timed_out)
+    def _deadline(self) -> float:
+        """Seconds for one identity's check: lookup_timeout, under the hook's limit."""
+        return under_hook_limit(self.config, self.name, self.settings.lookup_timeout)
 
     # -- HELO ---------------------------------------------------------------------------
 
     def hook_helo(self, connection: Connection, host: str) -> Code:
+        """Start checking the HELO identity; the greeting is answered at once."""
         return self._greeted(connection, host)
 
     def hook_ehlo(self, connection: Connection, host: str) -> Code:
+        """Start checking the HELO identity; the greeting is answered at once."""
         return self._greeted(connection, host)
 
+    def hook_disconnect(self, connection: Connection) -> Code:
+        """Stop a HELO check still under way: nobody will read it."""
+        self._forget_helo(connection)
+        return CONT
+
     def _greeted(self, connection: Connection, host: str) -> Code:
-        """Start checking the HELO identity; MAIL FROM waits for it if it must."""
+        """Check the HELO identity in the background (MAIL FROM waits for it if it
+        must). An EHLO repeating the name (after STARTTLS) keeps the check made; another
+        name stops it and starts another: one check at a time per connection."""
+        previous = connection.notes.get(_HELO_CHECK)
+        if previous is not None and previous.host == host:
+            return CONT
+        self._forget_helo(connection)
         skip = self._skip(connection, helo=True)
         if skip is not None:
             connection.results.add(self.name, skip=f"helo({skip})")
@@ -303,43 +334,49 @@ class Plugin:
         if _LITERAL.match(host):
             connection.results.add(self.name, skip="helo(ip_literal)")
             return CONT
-        pending = connection.notes.get("spf_helo_check")
-        if pending is not None and pending[0] == host:
-            return CONT  # (EHLO again after STARTTLS: the same name)
-        connection.notes["spf_helo"] = None
-        check = self._timed(
-            self._checker(connection).check_host(connection.remote.ip, host, "", host), host
-        )
+        check = self._checker(connection).check_host(connection.remote.ip, host, "", host)
+
+        def timed_out(_: object, timeout: float) -> spf.Outcome:
+            return spf.Outcome(spf.TEMPERROR, host, problem=f"lookups took over {timeout:g} s")
 
         def checked(outcome: spf.Outcome) -> spf.Outcome:
-            if connection.notes.get("spf_helo_check") is entry:
-                connection.notes["spf_helo"] = outcome
-                connection.results.add(
-                    self.name, scope="helo", result=HARAKA_NAMES[outcome.result], domain=host
-                )
-                if outcome.result == spf.PASS:
-                    connection.results.add(self.name, **{"pass": host})
-                self._log(connection, "helo", outcome, f"postmaster@{host}")
+            helo.outcome = outcome
+            connection.notes["spf_helo"] = outcome
+            connection.results.add(
+                self.name, scope="helo", result=HARAKA_NAMES[outcome.result], domain=host
+            )
+            if outcome.result == spf.PASS:
+                connection.results.add(self.name, **{"pass": host})
+            self._log(connection, "helo", outcome, f"postmaster@{host}")
             return outcome
 
-        entry = (host, check)
-        connection.notes["spf_helo_check"] = entry
+        helo = _HeloCheck(host, check)
+        connection.notes[_HELO_CHECK] = helo
+        check.addTimeout(self._deadline(), self.clock, onTimeoutCancel=timed_out)
         check.addCallback(checked).addErrback(self._crashed, connection)
         return CONT
 
+    @staticmethod
+    def _forget_helo(connection: Connection) -> None:
+        """Cancel the HELO check (if still under way) and forget its outcome."""
+        previous = connection.notes.pop(_HELO_CHECK, None)
+        connection.notes.pop("spf_helo", None)
+        if previous is not None:
+            previous.running.cancel()
+
     def _helo_outcome(self, connection: Connection) -> Deferred[spf.Outcome | None] | None:
-        """The HELO identity's outcome, when it is checked (waiting for it if still
-        under way); None when it is not."""
-        entry = connection.notes.get("spf_helo_check")
-        if entry is None or entry[0] != connection.hello.host:
+        """The HELO identity's outcome, when the name greeted with is being checked
+        (waiting for it if still under way); None when it is not."""
+        helo = connection.notes.get(_HELO_CHECK)
+        if helo is None or helo.host != connection.hello.host:
             return None
         done: Deferred[spf.Outcome | None] = Deferred()
 
         def finished(result: object) -> object:
-            done.callback(connection.notes.get("spf_helo"))
+            done.callback(helo.outcome)
             return result
 
-        entry[1].addBoth(finished)
+        helo.running.addBoth(finished)
         return done
 
     # -- MAIL ---------------------------------------------------------------------------
@@ -347,6 +384,8 @@ class Plugin:
     def hook_mail(
         self, connection: Connection, sender: Address, params: dict[str, str | None]
     ) -> Code | Deferred[Any]:
+        """Check the sender's domain (for <>, take the HELO name's outcome); record,
+        and refuse or defer as spf.ini says."""
         txn = connection.transaction
         if txn is None:
             return CONT
@@ -368,26 +407,29 @@ class Plugin:
         return check.addCallback(self._judge_sender, connection, address)
 
     def _check_sender(self, connection: Connection, domain: str, address: str) -> Deferred[Any]:
-        """The MAIL FROM identity's outcome, and the address it was checked for."""
+        """The MAIL FROM identity's outcome and the address checked, within one
+        lookup_timeout (a second check as this server included)."""
         helo = connection.hello.host or ""
         ip = connection.remote.ip
-        checking = self._timed(
-            self._checker(connection).check_host(ip, domain, address, helo), domain
-        )
-        settings = self.settings
-        if not (connection.relaying and settings.context == "myself"):
-            return checking.addCallback(lambda outcome: (outcome, ip))
+        public_ip = self.settings.public_ip
+        as_myself = connection.relaying and self.settings.context == "myself"
+        checker = self._checker(connection)
 
-        def as_ourselves(outcome: spf.Outcome) -> Any:
-            if outcome.result == spf.PASS:
+        async def check() -> tuple[spf.Outcome, str]:
+            outcome = await checker.check_host(ip, domain, address, helo)
+            if not as_myself or outcome.result not in (spf.FAIL, spf.SOFTFAIL, spf.NEUTRAL):
                 return outcome, ip
-            if settings.public_ip is None:
+            if public_ip is None:
                 self.log.warn("[relay] context=myself, but smtp.ini [main] public_ip is unset")
                 return outcome, ip
-            again = self._checker(connection).check_host(settings.public_ip, domain, address, helo)
-            return self._timed(again, domain).addCallback(lambda o: (o, settings.public_ip))
+            return await checker.check_host(public_ip, domain, address, helo), public_ip
 
-        return checking.addCallback(as_ourselves)
+        def timed_out(_: object, timeout: float) -> tuple[spf.Outcome, str]:
+            problem = f"lookups took over {timeout:g} s"
+            return spf.Outcome(spf.TEMPERROR, domain, problem=problem), ip
+
+        checking = Deferred.fromCoroutine(check())
+        return checking.addTimeout(self._deadline(), self.clock, onTimeoutCancel=timed_out)
 
     def _judge_sender(self, checked: Any, connection: Connection, address: str) -> Any:
         outcome, ip = checked
@@ -429,10 +471,10 @@ class Plugin:
         assert txn is not None
         helo = connection.hello.host or ""
         receiver = self._receiver(connection)
-        helo_outcome = connection.notes.get("spf_helo")
-        if isinstance(helo_outcome, spf.Outcome):
+        checked = connection.notes.get(_HELO_CHECK)
+        if checked is not None and checked.host == helo and checked.outcome is not None:
             value = received_spf(
-                helo_outcome,
+                checked.outcome,
                 scope="helo",
                 ip=connection.remote.ip,
                 sender=sender,
@@ -484,4 +526,6 @@ class Plugin:
         )
 
     def _crashed(self, failure: Failure, connection: Connection) -> None:
+        if failure.check(CancelledError):  # (a new greeting, or the client gone)
+            return
         connection.log(Level.ERROR, f"HELO check failed: {failure.value!r}", origin=self.name)

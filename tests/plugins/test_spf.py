@@ -206,6 +206,26 @@ class SPFTests(TestCase):
         )
 
     @inlineCallbacks
+    def test_a_new_greeting_replaces_the_check(self) -> Deferred[None]:
+        """A second EHLO with another name stops the first name's check (still waiting on
+        a silent nameserver) and checks the new one; a greeting that is not checked (an
+        address literal) leaves no result of the name before it in the message."""
+        port = self.server("[main]\nlookup_timeout=3\n[deny]\nhelo_fail=true\n")
+        started = time.monotonic()
+        commands = ["EHLO slowhelo.example", "EHLO mail.example.com", "MAIL FROM:<>"]
+        replies = yield deferToThread(exchange, port, "1.2.3.4", *commands)
+        self.assertEqual(replies[3][:3], b"250")
+        self.assertLess(time.monotonic() - started, 2)
+        commands = ["EHLO mail.example.com", "EHLO [1.2.3.4]", "MAIL FROM:<joe@example.com>"]
+        commands += ["RCPT TO:<you@mx.test>", "DATA", MESSAGE]
+        replies = yield deferToThread(exchange, port, "1.2.3.4", *commands)
+        self.assertEqual(replies[-1][:3], b"250")
+        header, _, _, conn_results = KEPT[0]
+        self.assertEqual(header.count(b"Received-SPF:"), 1)
+        self.assertIn(b"identity=mailfrom", header)
+        self.assertEqual(conn_results["skip"], ["helo(ip_literal)"])
+
+    @inlineCallbacks
     def test_clients_not_checked(self) -> Deferred[None]:
         """A client on a private address, and with [skip] relaying a relaying one, is
         not checked: no Received-SPF, the skip recorded; an address-literal greeting is
@@ -257,6 +277,10 @@ class SPFTests(TestCase):
         for ip, code in (("1.2.3.4", b"250"), ("5.6.7.8", b"550")):
             replies = yield deferToThread(exchange, port, ip, *commands, "DATA", phish)
             self.assertEqual(replies[-1][:3], code, replies[-1])
+        # a bounce (<>) from a host its HELO name designates is no mail of the brand's
+        commands = ["EHLO mail.example.com", "MAIL FROM:<>", "RCPT TO:<you@mx.test>"]
+        replies = yield deferToThread(exchange, port, "1.2.3.4", *commands, "DATA", phish)
+        self.assertEqual(replies[-1][:3], b"550", replies[-1])
 
     def test_bad_settings_stop_start_up(self) -> None:
         """A [relay] context other than sender or myself, or a public_ip that is not an
