@@ -62,6 +62,7 @@ from haraka_tw.interfaces import (
     IRegistration,
 )
 from haraka_tw.logging import Level
+from haraka_tw.plugins.rcpt_to.host_list_base import HostList, ascii_form
 from haraka_tw.smtp.address import Address, AddressError, parse_path
 from haraka_tw.smtp.connection import Connection, Transaction
 
@@ -69,7 +70,6 @@ __all__ = ["Plugin", "Rule", "load_rules"]
 
 _ACTIONS = ("alias", "drop")
 _PENDING = "aliases"  # transaction note: [(recipient, rule)], applied at DATA
-_APPLIED = "aliases_applied"
 _DROPPED = "aliases_dropped"
 
 
@@ -97,9 +97,17 @@ def _target(item: Any, where: str) -> str:
     return text
 
 
+def _lookup_key(key: str) -> str:
+    """A key as looked up: lower case, its domain (after @) as A-labels."""
+    local, at, domain = key.strip().lower().rpartition("@")
+    return f"{local}@{ascii_form(domain)}" if at else domain
+
+
 def load_rules(table: Any, name: str = "aliases.json") -> dict[str, Rule]:
-    """The rules of an aliases table, keyed as looked up (lower case); ValueError naming
-    the file and key for anything that is not a rule."""
+    """The rules of an aliases table, keyed as looked up (lower case, domains as
+    A-labels); ValueError naming the file and key for anything that is not a rule. A key
+    whose value is null or false is no rule (as in Haraka: it can undo a key of a lower
+    config directory)."""
     if table is None:
         return {}
     if not isinstance(table, dict):
@@ -107,6 +115,10 @@ def load_rules(table: Any, name: str = "aliases.json") -> dict[str, Rule]:
     rules: dict[str, Rule] = {}
     for key, value in table.items():
         where = f"{name} {key!r}"
+        if value is None or value is False:
+            continue
+        if not isinstance(key, str):
+            raise ValueError(f"{where}: a key is an address, a local part, @domain or *")
         if not isinstance(value, dict):
             raise ValueError(f"{where}: a rule is an object with an action, not {value!r}")
         action = value.get("action")
@@ -120,7 +132,7 @@ def load_rules(table: Any, name: str = "aliases.json") -> dict[str, Rule]:
             if not isinstance(items, list) or not items:
                 raise ValueError(f'{where}: an alias needs "to": an address or a list of them')
             targets = tuple(_target(item, where) for item in items)
-        lookup = key.strip().lower()
+        lookup = _lookup_key(key)
         if lookup in rules:
             raise ValueError(f"{where}: the same key as {rules[lookup].key!r}")
         rules[lookup] = Rule(key, action, targets)
@@ -140,11 +152,13 @@ class Plugin:
 
     def __init__(self) -> None:
         self.rules: dict[str, Rule] = {}
+        self.local_domains: Any = ()
 
     def register(self, context: IPluginContext) -> None:
         self.name = context.name
         self.config = context.config
         self.log = context.log
+        self.local_domains = HostList(context.config, context.log)
         self.load()
         context.config.on_change("aliases.json", self.load)
         context.config.on_change("aliases", self.load)
@@ -159,12 +173,14 @@ class Plugin:
         self.rules = load_rules(table, name)
 
     def find(self, recipient: Address, *, relaying: bool = False) -> Rule | None:
-        """The rule for C{recipient}: the first key of the six that exists. Keys without
-        a domain are not tried for a relaying client's recipients."""
-        local, domain = recipient.local.lower(), recipient.domain.lower()
+        """The rule for C{recipient}: the first key of the six that exists. For a
+        relaying client, the keys without a domain are tried only for recipients in the
+        local domains (host_list, host_list_regex): mail it sends elsewhere keeps its
+        recipients."""
+        local, domain = recipient.local.lower(), ascii_form(recipient.domain)
         prefix = _prefix(local)
         keys = [f"{local}@{domain}", f"{prefix}@{domain}", f"@{domain}"]
-        if not relaying:
+        if not relaying or domain in self.local_domains:
             keys = [keys[0], local, keys[1], prefix, keys[2], "*"]
         for key in keys:
             rule = self.rules.get(key)
@@ -176,7 +192,7 @@ class Plugin:
         self, connection: Connection, recipient: Address, params: dict[str, str | None]
     ) -> Code:
         txn = connection.transaction
-        if txn is None or not self.rules or not recipient.domain:
+        if txn is None or not self.rules or not recipient.domain:  # (not a bare <postmaster>)
             return CONT
         rule = self.find(recipient, relaying=connection.relaying)
         if rule is not None:
@@ -201,23 +217,24 @@ class Plugin:
         if txn is None:
             return CONT
         self._apply(connection, txn)
-        if not txn.rcpt_to and txn.notes.get(_DROPPED):
+        if not txn.rcpt_to and txn.notes.get(_DROPPED):  # (a note: a bool, kept in queue files)
             connection.log(Level.INFO, "every recipient dropped: message discarded", self.name)
             return OK
         return CONT
 
     def _apply(self, connection: Connection, txn: Transaction) -> None:
         """Rewrite the accepted recipients by their rules, once."""
-        pending = txn.notes.get(_PENDING)
-        if not pending or txn.notes.get(_APPLIED):
+        pending = txn.notes.pop(_PENDING, None)
+        if not pending:
             return
-        txn.notes[_APPLIED] = True
         rules = {id(recipient): rule for recipient, rule in pending}
         # targets already among the recipients kept as they are, or added, are not added
         present = {_identity(r) for r in txn.rcpt_to if id(r) not in rules}
         recipients: list[Address] = []
         all_params: list[dict[str, str | None]] = []
-        for recipient, params in zip(txn.rcpt_to, txn.rcpt_params, strict=True):
+        # (a plugin may have added recipients without parameters, as Haraka's do)
+        params_of = txn.rcpt_params + [{}] * (len(txn.rcpt_to) - len(txn.rcpt_params))
+        for recipient, params in zip(txn.rcpt_to, params_of, strict=False):
             rule = rules.get(id(recipient))
             if rule is None:
                 recipients.append(recipient)
@@ -250,4 +267,4 @@ def _address(target: str, domain: str) -> Address:
 
 
 def _identity(address: Address) -> tuple[str, str]:
-    return address.local, address.domain.lower()
+    return address.local.lower(), ascii_form(address.domain)

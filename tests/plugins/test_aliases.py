@@ -11,10 +11,11 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
-from haraka_tw.codes import OK
-from haraka_tw.interfaces import IQueueHook, IQueueOutboundHook
+from haraka_tw.codes import CONT, OK
+from haraka_tw.interfaces import IQueueHook, IQueueOutboundHook, IRcptOkHook
 from haraka_tw.plugins.aliases import load_rules
 from haraka_tw.server import StartupError
+from haraka_tw.smtp.address import Address
 from tests.plugins.test_dns_list import exchange
 from tests.support import start_server
 
@@ -44,6 +45,18 @@ class Keep:
     hook_queue_outbound = hook_queue
 
 
+@implementer(IRcptOkHook)
+class Archive:
+    """Test plugin: adds archive@example.com to the envelope at the first accepted
+    recipient, without parameters (as a Haraka plugin would)."""
+
+    def hook_rcpt_ok(self, connection: Any, recipient: Any) -> Any:
+        txn = connection.transaction
+        if not any(r.local == "archive" for r in txn.rcpt_to):
+            txn.rcpt_to.append(Address("archive", "example.com"))
+        return CONT
+
+
 def send(port: int, recipients: list[str]) -> list[str]:
     """Send one message to C{recipients} from 192.0.2.80 (a PROXY header); the refused
     ones."""
@@ -55,17 +68,16 @@ def send(port: int, recipients: list[str]) -> list[str]:
 
 
 class AliasesTests(TestCase):
-    def server(self, table: Any, name: str = "aliases.json", **files: str) -> int:
+    def server(self, table: Any, name: str = "aliases.json", plugins: str = "") -> int:
         QUEUED.clear()
         _, port = start_server(
             self,
             {
-                "plugins": f"relay\naliases\nrcpt_to.in_host_list\n{__name__}:Keep\n",
+                "plugins": f"relay\naliases\nrcpt_to.in_host_list\n{plugins}{__name__}:Keep\n",
                 name: json.dumps(table),
-                "host_list": "example.com\nold.example.com\n",
+                "host_list": "example.com\nold.example.com\nb\u00fccher.example\n",
                 "connection.ini": "[haproxy]\nhosts=127.0.0.1\n",
                 "relay_acl_allow": "10.1.0.0/16\n",
-                **files,
             },
         )
         return port
@@ -123,10 +135,10 @@ class AliasesTests(TestCase):
         gave."""
         port = self.server(TABLE)
         refused = yield deferToThread(
-            send, port, ["carl@elsewhere.example", "carl@example.com", "c1@example.com"]
+            send, port, ["bob@elsewhere.example", "carl@example.com", "C1@example.com"]
         )
-        self.assertEqual(refused, ["carl@elsewhere.example"])
-        self.assertEqual(sorted(QUEUED[0][0]), ["c1@example.com", "c2@example.com"])
+        self.assertEqual(refused, ["bob@elsewhere.example"])
+        self.assertEqual(sorted(QUEUED[0][0]), ["C1@example.com", "c2@example.com"])
         got = yield deferToThread(
             exchange,
             port,
@@ -141,12 +153,14 @@ class AliasesTests(TestCase):
     @inlineCallbacks
     def test_keys_without_domain_spare_outgoing_mail(self) -> Deferred[None]:
         """For a relaying client, * and the local-part keys do not touch recipients
-        elsewhere; whole addresses and domains are still rewritten."""
+        elsewhere, but do rewrite those in the local domains; whole addresses and domains
+        are rewritten everywhere."""
         port = self.server(WITH_CATCHALL)
         commands = [
             "EHLO laptop.example",
             "MAIL FROM:<joe@example.com>",
             "RCPT TO:<bob@friend.example>",
+            "RCPT TO:<bob@example.com>",
             "RCPT TO:<ann@example.com>",
             "RCPT TO:<zed@old.example.com>",
             "DATA",
@@ -155,8 +169,41 @@ class AliasesTests(TestCase):
         got = yield deferToThread(exchange, port, "10.1.2.3", *commands)
         self.assertEqual(got[-1][:3], b"250")
         self.assertEqual(
-            QUEUED[0][0], ["bob@friend.example", "ann.smith@example.com", "desk@example.com"]
+            QUEUED[0][0],
+            [
+                "bob@friend.example",
+                "robert@example.com",
+                "ann.smith@example.com",
+                "desk@example.com",
+            ],
         )
+
+    @inlineCallbacks
+    def test_recipients_added_by_another_plugin(self) -> Deferred[None]:
+        """A recipient another plugin adds without parameters (as Haraka's plugins do)
+        stays, and the rules still apply to the others; an internationalised domain
+        matches a key written in A-labels; a key set to null is no rule."""
+        table = {
+            **TABLE,
+            "@xn--bcher-kva.example": {"action": "alias", "to": "books@example.com"},
+            "bob": None,
+        }
+        port = self.server(table, plugins=f"{__name__}:Archive\n")
+        yield deferToThread(
+            send, port, ["noreply@example.com", "carl@example.com", "bob@example.com"]
+        )
+        self.assertEqual(
+            QUEUED[0][0],
+            ["archive@example.com", "c1@example.com", "c2@example.com", "bob@example.com"],
+        )
+        recipients = ["kurt@b\u00fccher.example"]
+        commands = ["EHLO client.example", "MAIL FROM:<joe@sender.example> SMTPUTF8"]
+        commands += [f"RCPT TO:<{r}>" for r in recipients]
+        replies = yield deferToThread(
+            exchange, port, "192.0.2.80", *commands, "DATA", "Subject: a\r\n\r\nb\r\n."
+        )
+        self.assertEqual(replies[-1][:3], b"250")
+        self.assertEqual(QUEUED[1][0], ["archive@example.com", "books@example.com"])
 
     @inlineCallbacks
     def test_older_file_name(self) -> Deferred[None]:

@@ -15,7 +15,7 @@ from zope.interface import implementer
 
 from haraka_tw.interfaces import IPluginContext, IRegistration
 
-__all__ = ["HostList", "Plugin"]
+__all__ = ["HostList", "Plugin", "ascii_form"]
 
 
 class HostList:
@@ -32,7 +32,7 @@ class HostList:
 
     def load(self) -> None:
         """(Re)read host_list and host_list_regex."""
-        self.domains = frozenset(_ascii_form(d) for d in self._config.get_list("host_list"))
+        self.domains = frozenset(ascii_form(d) for d in self._config.get_list("host_list"))
         patterns = []
         for text in self._config.get_list("host_list_regex"):
             try:
@@ -46,12 +46,12 @@ class HostList:
         if not isinstance(domain, str) or not domain:
             return False
         d = domain.lower().rstrip(".")
-        if d in self.domains or (not d.isascii() and _ascii_form(d) in self.domains):
+        if d in self.domains or (not d.isascii() and ascii_form(d) in self.domains):
             return True
         return any(p.fullmatch(d) for p in self.patterns) if self.patterns else False
 
 
-def _ascii_form(domain: str) -> str:
+def ascii_form(domain: str) -> str:
     """A domain lower-cased, without a trailing dot, its internationalised labels as
     A-labels (C{bücher.example} is C{xn--bcher-kva.example}), so that a list entry and an
     address match whichever form each was written in. A name the IDNA codec refuses stays
