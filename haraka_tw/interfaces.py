@@ -99,7 +99,8 @@ class IShutdown(Interface):
     """A plugin with something to stop (timers, connections) when the server stops."""
 
     def shutdown() -> None:
-        """Called once when the service stops, after the listeners have closed."""
+        """Called once when the service stops, after the listeners have closed, the
+        sessions have ended and outbound delivery has stopped."""
 
 
 # -- Connection phase -------------------------------------------------------------------

@@ -7,10 +7,10 @@ array; a Redis error reply fails it with L{RedisError}. Commands are pipelined o
 connection and answered in order.
 
 The client never makes a caller wait on a Redis that is away: while it is not connected,
-a command fails at once with L{RedisUnavailable} (and a new connection is tried, at most
-once per C{retry} seconds), and a command unanswered after C{timeout} seconds fails with
-it too and closes the connection, whose stream can no longer be trusted. Each plugin
-decides what Redis being away means for mail (greylist lets it through).
+a command fails at once with L{RedisUnavailable} (a new connection is tried every C{retry}
+seconds meanwhile), and a command unanswered after C{timeout} seconds fails with it too
+and closes the connection, whose stream can no longer be trusted. Each plugin decides what
+Redis being away means for mail (greylist defers, unless told to accept).
 
 L{shared_client} gives the plugins of one server one client, made from redis.ini::
 
@@ -39,10 +39,13 @@ from twisted.python.failure import Failure
 from haraka_tw.config.formats import ini_number
 
 __all__ = [
+    "INCOMPLETE",
     "RedisClient",
     "RedisError",
     "RedisProtocolError",
     "RedisUnavailable",
+    "ReplyReader",
+    "client_from_config",
     "encode_command",
     "parse_reply",
     "shared_client",
@@ -50,6 +53,10 @@ __all__ = [
 
 MAX_DEPTH = 8  # nested arrays in one reply
 MAX_BULK = 64 * 1024 * 1024
+MAX_ITEMS = 10_000_000
+MAX_LINE = 64 * 1024
+_INCOMPLETE = INCOMPLETE = object()  # parse_reply: the reply is not all there yet
+_OPENED = object()
 
 
 class RedisError(Exception):
@@ -78,49 +85,93 @@ def encode_command(args: Sequence[str | bytes | int | float]) -> bytes:
     return b"".join(out)
 
 
-def parse_reply(buf: bytes | bytearray, at: int = 0, depth: int = 0) -> tuple[Any, int] | None:
-    """One reply from C{buf} at C{at}: (value, where the next one starts), or None when
-    the reply is not all there yet. An error reply is a L{RedisError} value (not
-    raised); bytes that are not RESP raise L{RedisProtocolError}."""
-    end = buf.find(b"\r\n", at)
-    if end < 0:
-        if len(buf) - at > 64 * 1024:
-            raise RedisProtocolError("a reply line longer than 64 KB")
-        return None
-    kind, line = buf[at : at + 1], bytes(buf[at + 1 : end])
-    after = end + 2
-    if kind == b"+":
-        return line.decode("utf-8", "replace"), after
-    if kind == b"-":
-        return RedisError(line.decode("utf-8", "replace")), after
-    if kind == b":":
-        return _integer(line), after
-    if kind == b"$":
-        size = _integer(line)
-        if size == -1:
-            return None, after
-        if not 0 <= size <= MAX_BULK:
-            raise RedisProtocolError(f"bulk string of {size} bytes")
-        if len(buf) < after + size + 2:
-            return None
-        if buf[after + size : after + size + 2] != b"\r\n":
-            raise RedisProtocolError("bulk string not ended by CRLF")
-        return bytes(buf[after : after + size]), after + size + 2
-    if kind == b"*":
-        count = _integer(line)
-        if count == -1:
-            return None, after
-        if count < 0 or depth >= MAX_DEPTH:
-            raise RedisProtocolError(f"array of {count} at depth {depth}")
-        items = []
-        for _ in range(count):
-            parsed = parse_reply(buf, after, depth + 1)
-            if parsed is None:
+class ReplyReader:
+    """Replies parsed from a byte stream as it arrives, each byte read once (an array
+    split over many reads is not parsed again from its start). L{feed} returns the
+    replies completed: an error reply is a L{RedisError} value; bytes that are not RESP
+    raise L{RedisProtocolError}."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self._at = 0
+        self._open: list[tuple[int, list[Any]]] = []  # arrays begun: (items wanted, items)
+
+    def feed(self, data: bytes) -> list[Any]:
+        self._buffer += data
+        replies = []
+        while True:
+            value = self._element()
+            if value is _INCOMPLETE:
+                break
+            if value is _OPENED:
+                continue
+            while self._open:  # put the value in the innermost array; close full ones
+                wanted, items = self._open[-1]
+                items.append(value)
+                if len(items) < wanted:
+                    break
+                self._open.pop()
+                value = items
+            else:
+                replies.append(value)
+        if self._at:
+            del self._buffer[: self._at]
+            self._at = 0
+        return replies
+
+    @property
+    def pending(self) -> bool:
+        """Whether part of a reply has been read."""
+        return bool(self._buffer) or bool(self._open)
+
+    def _element(self) -> Any:
+        """One element at the read position: a value, _OPENED (an array began), or
+        _INCOMPLETE (wait for more bytes)."""
+        buf, at = self._buffer, self._at
+        end = buf.find(b"\r\n", at)
+        if end < 0:
+            if len(buf) - at > MAX_LINE:
+                raise RedisProtocolError(f"a reply line longer than {MAX_LINE} bytes")
+            return _INCOMPLETE
+        kind, line = buf[at : at + 1], bytes(buf[at + 1 : end])
+        after = end + 2
+        if kind == b"$":
+            size = _integer(line)
+            if size == -1:
+                self._at = after
                 return None
-            item, after = parsed
-            items.append(item)
-        return items, after
-    raise RedisProtocolError(f"unknown reply type {bytes(kind)!r}")
+            if not 0 <= size <= MAX_BULK:
+                raise RedisProtocolError(f"bulk string of {size} bytes")
+            if len(buf) < after + size + 2:
+                return _INCOMPLETE
+            if buf[after + size : after + size + 2] != b"\r\n":
+                raise RedisProtocolError("bulk string not ended by CRLF")
+            self._at = after + size + 2
+            return bytes(buf[after : after + size])
+        self._at = after
+        if kind == b"+":
+            return line.decode("utf-8", "replace")
+        if kind == b"-":
+            return RedisError(line.decode("utf-8", "replace"))
+        if kind == b":":
+            return _integer(line)
+        if kind == b"*":
+            count = _integer(line)
+            if count == -1:
+                return None
+            if not 0 <= count <= MAX_ITEMS or len(self._open) >= MAX_DEPTH:
+                raise RedisProtocolError(f"array of {count} at depth {len(self._open)}")
+            if count == 0:
+                return []
+            self._open.append((count, []))
+            return _OPENED
+        raise RedisProtocolError(f"unknown reply type {bytes(kind)!r}")
+
+
+def parse_reply(data: bytes) -> Any:
+    """The first reply in C{data}, or L{INCOMPLETE} when it is not all there."""
+    replies = ReplyReader().feed(data)
+    return replies[0] if replies else _INCOMPLETE
 
 
 def _integer(line: bytes) -> int:
@@ -136,7 +187,7 @@ class _RedisProtocol(Protocol):
     def __init__(self, client: RedisClient) -> None:
         self.client = client
         self.pending: deque[tuple[Deferred[Any], IDelayedCall | None]] = deque()
-        self.buffer = bytearray()
+        self.reader = ReplyReader()
         self.gone = False
 
     def send(self, args: Sequence[str | bytes | int | float], timeout: float) -> Deferred[Any]:
@@ -153,27 +204,22 @@ class _RedisProtocol(Protocol):
         self._drop(RedisUnavailable(f"no reply from Redis in {self.client.timeout:g} s"))
 
     def dataReceived(self, data: bytes) -> None:
-        self.buffer += data
-        at = 0
         try:
-            while self.pending:
-                parsed = parse_reply(self.buffer, at)
-                if parsed is None:
-                    break
-                value, at = parsed
-                reply, timer = self.pending.popleft()
-                if timer is not None and timer.active():
-                    timer.cancel()
-                if isinstance(value, RedisError):
-                    reply.errback(Failure(value))
-                else:
-                    reply.callback(value)
+            replies = self.reader.feed(data)
         except RedisProtocolError as e:
             self._drop(RedisUnavailable(f"Redis sent what is not RESP: {e}"))
             return
-        del self.buffer[:at]
-        if self.buffer and not self.pending:
-            self._drop(RedisUnavailable("Redis sent a reply nobody asked for"))
+        for value in replies:
+            if not self.pending:
+                self._drop(RedisUnavailable("Redis sent a reply nobody asked for"))
+                return
+            reply, timer = self.pending.popleft()
+            if timer is not None and timer.active():
+                timer.cancel()
+            if isinstance(value, RedisError):
+                reply.errback(Failure(value))
+            else:
+                reply.callback(value)
 
     def _drop(self, error: Exception) -> None:
         """Fail every command waiting and close: the reply stream is out of step."""
@@ -220,6 +266,7 @@ class RedisClient:
         self._waiters: list[Deferred[None]] = []
         self._last_try = float("-inf")
         self._closed = False
+        self._next_try: IDelayedCall | None = None
         self.last_error = ""
 
     @property
@@ -260,6 +307,7 @@ class RedisClient:
             self.last_error = f"cannot reach Redis at {self.host}:{self.port}: " + (
                 result.getErrorMessage()
             )
+            self._try_again()
             for waiter in waiters:
                 waiter.errback(result)
         else:
@@ -288,10 +336,25 @@ class RedisClient:
         if self._protocol is protocol:
             self._protocol = None
             self.last_error = f"connection to Redis at {self.host}:{self.port} lost"
+            self._try_again()
+
+    def _try_again(self) -> None:
+        """Connect again in C{retry} seconds (so Redis back is used before the next
+        command needs it), unless closed or already planned."""
+        if self._closed or (self._next_try is not None and self._next_try.active()):
+            return
+
+        def attempt() -> None:
+            self._next_try = None
+            self.connect().addErrback(lambda _: None)
+
+        self._next_try = self.clock.callLater(self.retry, attempt)
 
     def close(self) -> None:
         """Close the connection; commands fail from now on."""
         self._closed = True
+        if self._next_try is not None and self._next_try.active():
+            self._next_try.cancel()
         if self._connecting is not None:
             self._connecting.cancel()
         protocol, self._protocol = self._protocol, None
@@ -307,6 +370,11 @@ def client_from_config(
     ini = config.get_ini("redis.ini")
     settings = {**ini.get("opts", {}), **ini.get("server", {}), **(overrides or {})}
     where = where or "redis.ini [server]"
+    for key in ("path", "tls", "socket"):
+        if settings.get(key):
+            raise ValueError(f"{where}: {key} is not supported (TCP to host:port only)")
+    if settings.get("ip") and not settings.get("host"):  # (Haraka's older name)
+        settings["host"] = settings["ip"]
     port = ini_number(settings, "port", 6379, zero_ok=False, where=where)
     if "database" in settings and "db" not in settings:  # (Haraka's name for it)
         settings["db"] = settings["database"]

@@ -500,21 +500,26 @@ class HarakaService(MultiService):
         if self._old_sighup is not None:
             signal.signal(signal.SIGHUP, self._old_sighup)
             self._old_sighup = None
+        ports, self.ports = self.ports, []
+        stopped = [defer.maybeDeferred(p.stopListening) for p in ports]
+        d: Deferred[Any] = defer.gatherResults(stopped, consumeErrors=True)
+        if self.master is not None:  # its copies closed: once the workers close theirs,
+            master = self.master  # connections are refused
+            return d.addCallback(lambda _: master.stop()).addBoth(self._shut_plugins)
+        d.addCallback(lambda _: self._drain())
+        d.addCallback(lambda _: self.server.outbound.stop())
+        return d.addBoth(self._shut_plugins)
+
+    def _shut_plugins(self, result: Any) -> Any:
+        """Stop the plugins' timers and connections (Redis), once no session or delivery
+        can use them any more."""
         for loaded in self.server.runner.plugins:
             if IShutdown.providedBy(loaded.plugin):
                 try:
                     loaded.plugin.shutdown()
                 except Exception as e:
                     self.server.log.log(Level.ERROR, f"shutdown failed: {e!r}", origin=loaded.name)
-        ports, self.ports = self.ports, []
-        stopped = [defer.maybeDeferred(p.stopListening) for p in ports]
-        d: Deferred[Any] = defer.gatherResults(stopped, consumeErrors=True)
-        if self.master is not None:  # its copies closed: once the workers close theirs,
-            master = self.master  # connections are refused
-            return d.addCallback(lambda _: master.stop())
-        d.addCallback(lambda _: self._drain())
-        d.addCallback(lambda _: self.server.outbound.stop())
-        return d
+        return result
 
     def _drain(self) -> Deferred[None]:
         sessions = self.server.factory.sessions

@@ -52,12 +52,12 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredList
 from zope.interface import implementer
 
 from haraka_tw.codes import CONT, DENYSOFT
 from haraka_tw.config.formats import ini_number
-from haraka_tw.interfaces import IPluginContext, IRcptOkHook, IRegistration
+from haraka_tw.interfaces import IPluginContext, IRcptOkHook, IRegistration, IShutdown
 from haraka_tw.logging import Level
 from haraka_tw.plugins.helo.checks import is_dynamic, organizational_domain
 from haraka_tw.redis import (
@@ -68,10 +68,10 @@ from haraka_tw.redis import (
     shared_client,
 )
 from haraka_tw.smtp.address import Address
-from haraka_tw.smtp.connection import Connection
+from haraka_tw.smtp.connection import Connection, canonical_address
 from haraka_tw.smtp.replies import Reply
 
-__all__ = ["Plugin", "Settings", "host_id"]
+__all__ = ["Plugin", "Settings", "host_id", "white_id"]
 
 BOOLEANS = ["+skip.dnswlorg", "+skip.mailspikewl"]
 DEFAULT_TEXT = "Greylisted. Please come back later."
@@ -135,26 +135,36 @@ def read_settings(ini: Any, name: str = "greylist.ini") -> Settings:
 
 
 def host_id(ip: str, confirmed_name: str | None, dynamic_domains: tuple[str, ...] = ()) -> str:
-    """The host a client counts as: from its forward-confirmed reverse name, the name
-    without its first label, down to the organisational domain (C{mx1.mail.example.com}
-    -> C{mail.example.com}, C{mail.example.com} -> C{example.com}), unless the name looks
-    dynamic; else the client's IPv4 /24 or IPv6 /64."""
+    """The host a client's tries are counted for: from its forward-confirmed reverse name,
+    the name without its first label, down to the organisational domain
+    (C{mx1.mail.example.com} -> C{mail.example.com}, C{mail.example.com} -> C{example.com}),
+    unless the name looks dynamic; else the client's IPv4 /24 or IPv6 /64 (a pool of
+    servers may retry from another address)."""
+    address = canonical_address(ip)
+    if address is None:
+        raise ValueError(f"{ip!r} is not an IP address")
     if confirmed_name:
         name = confirmed_name.lower().rstrip(".")
         domain = organizational_domain(name)
-        dynamic = is_dynamic(name, ip) or any(
+        dynamic = is_dynamic(name, str(address)) or any(
             name == d or name.endswith("." + d) for d in dynamic_domains
         )
-        address = ipaddress.ip_address(ip)
-        if isinstance(address, ipaddress.IPv4Address) and str(int(address)) in name:
+        if address.version == 4 and str(int(address)) in name:
             dynamic = True  # (the address as one decimal number)
         if domain and not dynamic:
             host_part = name[: -len(domain) - 1] if name != domain else ""
             labels = host_part.split(".")[1:] if host_part else []
             return ".".join([*labels, domain])
-    address = ipaddress.ip_address(ip)
     prefix = 24 if address.version == 4 else 64
     return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False))
+
+
+def white_id(ip: str, host: str) -> str:
+    """The white list's key for a host: a named host as itself, a network as the one
+    address that passed (one server retrying does not white list its neighbours)."""
+    if "/" not in host:
+        return host
+    return str(canonical_address(ip))
 
 
 def _escape(part: str) -> str:
@@ -162,7 +172,7 @@ def _escape(part: str) -> str:
     return part.replace("%", "%25").replace(":", "%3a")
 
 
-@implementer(IRegistration, IRcptOkHook)
+@implementer(IRegistration, IRcptOkHook, IShutdown)
 class Plugin:
     name = "greylist"
 
@@ -191,6 +201,7 @@ class Plugin:
         self.settings = read_settings(self.config.get_ini("greylist.ini", booleans=BOOLEANS))
 
     def shutdown(self) -> None:
+        """Close the Redis connection (the sessions have ended)."""
         if self.redis is not None:
             self.redis.close()
 
@@ -215,9 +226,9 @@ class Plugin:
         settings = self.settings
         if connection.relaying:
             return "relaying"
-        if connection.remote.is_private or not connection.remote.ip:
+        ip = canonical_address(connection.remote.ip)
+        if ip is None or connection.remote.is_private:
             return "private-ip"
-        ip = ipaddress.ip_address(connection.remote.ip)
         if any(ip in network for network in settings.ip_whitelist):
             return "config-whitelist(ip)"
         if not sender.is_null and (
@@ -244,11 +255,9 @@ class Plugin:
         moment = self.clock.seconds()  # (compared as is; stored in whole seconds)
         now = int(moment)
         settings, redis = self.settings, self.redis
-        white = f"white:{_escape(host)}"
-        if await redis.execute("EXISTS", white):
-            await redis.execute("HINCRBY", white, "tried", 1)
-            await redis.execute("HSET", white, "updated", now)
-            await redis.execute("EXPIRE", white, settings.white)
+        white = f"white:{_escape(white_id(connection.remote.ip, host))}"
+        if await redis.execute("EXPIRE", white, settings.white):  # (1: it is there)
+            await self._atomically(["HINCRBY", white, "tried", 1], ["HSET", white, "updated", now])
             txn.results.add(self.name, **{"pass": "whitelisted"}, stage="rcpt", host=host)
             return CONT
         who = sender.address.lower() if not sender.is_null else "<>"
@@ -256,45 +265,62 @@ class Plugin:
         record = _numbers(await redis.execute("HGETALL", grey))
         created = record.get("created")
         if created is not None and created + settings.black < moment <= created + settings.grey:
-            await redis.execute(
-                "HSET", white, "first_connect", created, "whitelisted", now, "updated", now,
-                "lifetime", settings.white, "tried_when_greylisted", record.get("tried", 1),
-                "tried", 1,
+            await self._atomically(
+                ["HSET", white, "first_connect", created, "whitelisted", now, "updated", now,
+                 "lifetime", settings.white, "tried_when_greylisted", record.get("tried", 1),
+                 "tried", 1],
+                ["EXPIRE", white, settings.white],
             )  # fmt: skip
-            await redis.execute("EXPIRE", white, settings.white)
             txn.results.add(self.name, **{"pass": "whitelisted"}, stage="rcpt", host=host)
             self._log(connection, f"host {host} retried after {now - created} s: white listed")
             return CONT
         if created is None or moment > created + settings.grey:
-            await redis.execute(
-                "HSET", grey, "created", now, "updated", now, "lifetime", settings.grey,
-                "tried", 1,
+            await self._atomically(
+                ["HSET", grey, "created", now, "updated", now, "lifetime", settings.grey,
+                 "tried", 1],
+                ["EXPIRE", grey, settings.grey],
             )  # fmt: skip
-            await redis.execute("EXPIRE", grey, settings.grey)
         else:
-            await redis.execute("HINCRBY", grey, "tried", 1)
-            await redis.execute("HSET", grey, "updated", now)
+            await self._atomically(["HINCRBY", grey, "tried", 1], ["HSET", grey, "updated", now])
         txn.results.add(self.name, fail="greylisted", stage="rcpt", host=host)
         return DENYSOFT, Reply(451, "4.7.1", (settings.text,))
+
+    async def _atomically(self, *commands: list[Any]) -> list[Any]:
+        """C{commands} in one MULTI/EXEC, sent together (so a key is never written
+        without its expiry); their replies, or the first error among them."""
+        assert self.redis is not None
+        sent = [self.redis.execute("MULTI")]
+        sent += [self.redis.execute(*command) for command in commands]
+        sent.append(self.redis.execute("EXEC"))
+        outcomes = await DeferredList(sent, consumeErrors=True)
+        for ok, value in outcomes:
+            if not ok:
+                value.raiseException()
+        replies = list(outcomes[-1][1] or [])
+        for reply in replies:
+            if isinstance(reply, RedisError):
+                raise reply
+        return replies
 
     async def _host(self, connection: Connection) -> str:
         """The client's host id, worked out once per connection (a forward lookup of its
         reverse name)."""
-        known = connection.notes.get(_HOST_NOTE)
-        if known:
-            return str(known)
         ip, name = connection.remote.ip, connection.remote.host
+        known = connection.notes.get(_HOST_NOTE)
+        if known and known[0] == ip:  # (XCLIENT may have named another client since)
+            return str(known[1])
         confirmed = None
-        if name and "." in name:
-            lookup = self.resolver.lookup_a if ":" not in ip else self.resolver.lookup_aaaa
+        address = canonical_address(ip)
+        if name and "." in name and address is not None:
+            lookup = self.resolver.lookup_a if address.version == 4 else self.resolver.lookup_aaaa
             try:
                 addresses = await lookup(name)
             except Exception:  # (no forward name, or DNS trouble: fall back to the network)
                 addresses = []
-            if any(ipaddress.ip_address(a) == ipaddress.ip_address(ip) for a in addresses):
+            if any(canonical_address(a) == address for a in addresses):
                 confirmed = name
         host = host_id(ip, confirmed, self.settings.dynamic_domains)
-        connection.notes[_HOST_NOTE] = host
+        connection.notes[_HOST_NOTE] = (ip, host)
         return host
 
     def _backend_failed(self, failure: Any, connection: Connection) -> Any:

@@ -12,13 +12,13 @@ from typing import Any
 
 from zope.interface import implementer
 
-from haraka_tw.interfaces import IPluginContext, IRegistration
+from haraka_tw.interfaces import IPluginContext, IRegistration, IShutdown
 from haraka_tw.redis import RedisClient, shared_client
 
 __all__ = ["Plugin"]
 
 
-@implementer(IRegistration)
+@implementer(IRegistration, IShutdown)
 class Plugin:
     name = "redis"
 
@@ -40,5 +40,6 @@ class Plugin:
         client.connect().addCallbacks(answered, failed)
 
     def shutdown(self) -> None:
+        """Close the connection (the sessions have ended)."""
         if self.client is not None:
             self.client.close()

@@ -13,6 +13,7 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from haraka_tw.interfaces import IShutdown
 from haraka_tw.plugins.greylist import host_id
 from haraka_tw.redis import RedisClient
 from haraka_tw.server import StartupError
@@ -56,7 +57,7 @@ class GreylistTests(TestCase):
             },
         )
         for loaded in server.runner.plugins:
-            if hasattr(loaded.plugin, "shutdown"):
+            if IShutdown.providedBy(loaded.plugin):
                 self.addCleanup(loaded.plugin.shutdown)  # as the service does when it stops
         return port
 
@@ -73,20 +74,28 @@ class GreylistTests(TestCase):
     @inlineCallbacks
     def test_a_retry_after_the_black_period_passes(self) -> Deferred[None]:
         """A new host is deferred (451 4.7.1), and again before the black period ends;
-        after it, the retry passes and white lists the host's network: another sender
-        from another address of it passes at once. The state is in Redis."""
+        after it, the retry passes, also from another address of the network (a pool of
+        servers), and white lists that address: another sender from it passes at once,
+        but not from a neighbour. The state is in Redis, with its expiries."""
         port = self.server()
         first = yield deferToThread(rcpt, port, "1.2.3.4")
         self.assertEqual(first, b"451 4.7.1 Greylisted. Please come back later.\r\n")
         again = yield deferToThread(rcpt, port, "1.2.3.4")
         self.assertEqual(again[:3], b"451")
         yield deferLater(reactor, 1.2, lambda: None)
-        passed = yield deferToThread(rcpt, port, "1.2.3.4")
+        passed = yield deferToThread(rcpt, port, "1.2.3.77")
         self.assertEqual(passed[:3], b"250")
         other = yield deferToThread(rcpt, port, "1.2.3.77", "ann@else.example", "me@example.com")
         self.assertEqual(other[:3], b"250")
-        ttl = yield self.redis_command("TTL", "white:1.2.3.0/24")
+        neighbour = yield deferToThread(
+            rcpt, port, "1.2.3.99", "ann@else.example", "me@example.com"
+        )
+        self.assertEqual(neighbour[:3], b"451")
+        ttl = yield self.redis_command("TTL", "white:1.2.3.77")
         self.assertTrue(3500 < ttl <= 3600, ttl)
+        keys = yield self.redis_command("KEYS", "*")
+        for key in keys:
+            self.assertGreater((yield self.redis_command("TTL", key)), 0, key)
         record = yield self.redis_command(
             "HGETALL", "grey:1.2.3.0/24:joe@sender.example:you@example.com"
         )
@@ -97,15 +106,19 @@ class GreylistTests(TestCase):
     def test_hosts_named_by_their_confirmed_reverse_name(self) -> Deferred[None]:
         """A client whose reverse name resolves back to it counts as that name's domain
         (mx1.mail.example.net: mail.example.net); one whose name does not, as its
-        network."""
+        network (an IPv4-mapped address as IPv4, IPv6 by its /64)."""
         port = self.server()
         yield deferToThread(rcpt, port, "5.6.7.8")
         yield deferToThread(rcpt, port, "5.6.7.9")
+        yield deferToThread(rcpt, port, "::ffff:9.9.9.9")  # (an IPv4 client of a [::] listener)
+        yield deferToThread(rcpt, port, "2a00:1450:4001:7::99")
         keys = yield self.redis_command("KEYS", "grey:*")
         self.assertEqual(
             sorted(keys),
             [
+                b"grey:2a00%3a1450%3a4001%3a7%3a%3a/64:joe@sender.example:you@example.com",
                 b"grey:5.6.7.0/24:joe@sender.example:you@example.com",
+                b"grey:9.9.9.0/24:joe@sender.example:you@example.com",
                 b"grey:mail.example.net:joe@sender.example:you@example.com",
             ],
         )
