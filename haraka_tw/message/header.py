@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from email.header import decode_header, make_header
 
-__all__ = ["Header", "HeaderCollector"]
+__all__ = ["Header", "HeaderCollector", "auth_results_value"]
 
 # RFC 5322 ftext (printable ASCII but ":"), then ":"; spaces or tabs before the colon are
 # the obsolete syntax (4.5) that readers still accept, so they must not hide a field from
@@ -21,6 +21,17 @@ _BAD_NAME = re.compile(r"[:\r\n ]")
 _UNFOLDED_LINE = re.compile(r"\n(?![ \t])")  # a newline whose next line would start a field
 # Complete header lines: a field (a name as _FIELD_NAME, then anything) or a continuation.
 _FIELD_LINES = re.compile(rb"(?:" + _NAME_AND_COLON + rb"[^\n]*\n|[ \t][^\n]*\n)*")
+
+
+_TOKEN = re.compile(r"[A-Za-z0-9!#$%&'*+\-.^_`{|}~]+\Z")  # an RFC 2045 token
+
+
+def auth_results_value(text: str) -> str:
+    """A property value for an Authentication-Results entry (RFC 8601): a token as it
+    is, anything else (an IPv6 address, a value with spaces) as a quoted-string."""
+    if _TOKEN.match(text):
+        return text
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 class Header:

@@ -72,7 +72,6 @@ from haraka_tw.smtp.replies import Reply
 __all__ = ["MAX_HOPS", "Plugin", "message_ids", "relay_addresses"]
 
 MAX_HOPS = 10  # addresses of a returned message checked with SPF
-_CHECKS = ("single_recipient", "empty_return_path", "bounce_spf", "non_local_msgid")
 _CHECK_DEFAULTS = {
     "single_recipient": True,
     "empty_return_path": False,
@@ -131,6 +130,15 @@ def _returned_fields(body: Body | None) -> Iterator[tuple[str, str]]:
             yield from _fields_in_text(part.bodytext)
 
 
+def _returned_as_attachment(body: Body | None) -> bool:
+    """Whether the bounce carries the returned message as an attachment (not read)."""
+    return body is not None and any(
+        part.kind is PartKind.ATTACHMENT
+        and (part.content_type.startswith("message/") or part.content_type.endswith("-headers"))
+        for part in body.walk()
+    )
+
+
 def message_ids(body: Body | None) -> list[str]:
     """The domains of the Message-IDs of the message a bounce returns, in order."""
     found = []
@@ -177,6 +185,8 @@ class Plugin:
         self.clock = context.reactor
         self.resolver = context.resolver
         self.local_domains = HostList(context.config, context.log)
+        # before headers, which removes an inbound message's Return-Path (as Haraka's -5)
+        context.set_priority("data_post", -5)
         self.load()
         for name in ("bounce.ini", "bounce_bad_rcpt", "bounce_allowed_msgid_domains"):
             context.config.on_change(name, self.load)
@@ -210,7 +220,7 @@ class Plugin:
         """Note whether this is a bounce; refuse it with C{reject.all_bounces}."""
         txn = self._bounce(connection)
         if connection.transaction is not None:
-            connection.transaction.results.add(self.name, isa="yes" if txn else "no")
+            connection.transaction.results.add(self.name, isa="yes" if sender.is_null else "no")
         if txn is None or not self.reject["all_bounces"]:
             return CONT
         txn.results.add(self.name, fail="bounces_accepted", msg="Bounces not accepted here")
@@ -287,6 +297,9 @@ class Plugin:
         if not self.check["non_local_msgid"] or txn.body is None:
             return None
         domains = message_ids(txn.body)
+        if not domains and _returned_as_attachment(txn.body):
+            txn.results.add(self.name, skip="Message-ID", msg="returned message is an attachment")
+            return None
         if not domains:
             txn.results.add(self.name, fail="Message-ID")
             text = "bounce without Message-ID in headers, I didn't send it"
@@ -304,7 +317,9 @@ class Plugin:
         return None
 
     async def _bounce_spf(self, txn: Transaction) -> Any:
-        addresses = relay_addresses(txn.body)[:MAX_HOPS]
+        addresses = relay_addresses(txn.body)
+        cut = len(addresses) > MAX_HOPS
+        addresses = addresses[:MAX_HOPS]
         if not addresses:
             txn.results.add(self.name, skip="bounce_spf", msg="no IP addresses found in message")
             return CONT
@@ -318,6 +333,9 @@ class Plugin:
             if outcome.result in (spf.NONE, spf.TEMPERROR, spf.PERMERROR):
                 txn.results.add(self.name, skip="bounce_spf", msg=f"SPF returned {outcome.result}")
                 return CONT
+        if cut:  # (our own hop may be among those not checked)
+            txn.results.add(self.name, skip="bounce_spf", msg=f"more than {MAX_HOPS} hops")
+            return CONT
         txn.results.add(self.name, fail="bounce_spf", msg="invalid bounce (spoofed sender)")
         if self.reject["bounce_spf"]:
             return DENY, Reply(550, "5.7.1", ("Invalid bounce (spoofed sender)",))

@@ -39,7 +39,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import CancelledError, Deferred, DeferredList
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from haraka_tw.codes import CONT, DENY, DENYSOFT, Code
@@ -47,6 +48,7 @@ from haraka_tw.config.formats import ini_number
 from haraka_tw.dns import DNSError, NoAnswer, NXDomain
 from haraka_tw.hooks.runner import under_hook_limit
 from haraka_tw.interfaces import IDataPostHook, ILookupRdnsHook, IPluginContext, IRegistration
+from haraka_tw.message.header import auth_results_value
 from haraka_tw.plugins.helo.checks import is_dynamic, organizational_domain
 from haraka_tw.smtp.connection import Connection, canonical_address
 from haraka_tw.smtp.replies import Reply
@@ -110,21 +112,26 @@ class Plugin:
     def hook_lookup_rdns(self, connection: Connection) -> Any:
         """Look the client up both ways; refuse it only as [reject] says."""
         results = connection.results
-        client = canonical_address(connection.remote.ip)
-        if client is None or connection.remote.is_private:
-            results.add(self.name, skip="private_ip")
-            return CONT
+        # (after XCLIENT this runs again, for another client: nothing of the one before)
+        results.reset(self.name)
+        entries = connection.auth_results_list
+        entries[:] = [entry for entry in entries if not entry.startswith("iprev=")]
         for key, empty in (
             ("fcrdns", []), ("invalid_tlds", []), ("other_ips", []), ("ptr_names", []),
             ("ptr_name_to_ip", {}), ("has_rdns", False), ("ptr_name_has_ips", False),
             ("ptr_multidomain", False), ("generic_rdns", False),
         ):  # fmt: skip
             results.add(self.name, **{key: empty})
+        client = canonical_address(connection.remote.ip)
+        if client is None or connection.remote.is_private:
+            results.add(self.name, skip="private_ip")
+            return CONT
         check = Deferred.fromCoroutine(self._check(connection, client))
+        policy = f"policy.iprev={auth_results_value(str(client))}"
 
         def timed_out(_: object, timeout: float) -> Any:
             results.add(self.name, err="timeout")
-            connection.auth_results("iprev=temperror (timeout)")
+            connection.auth_results(f"iprev=temperror {policy} (timeout)")
             if self._rejects(connection, "no_rdns"):
                 return DENYSOFT, Reply(421, "4.7.0", (f"client [{client}] rDNS lookup timeout",))
             return CONT
@@ -138,20 +145,21 @@ class Plugin:
 
     async def _check(self, connection: Connection, client: Any) -> Any:
         results, ip = connection.results, str(client)
+        policy = f"policy.iprev={auth_results_value(ip)}"
         try:
             names = await self.resolver.lookup_ptr(ip)
         except (NXDomain, NoAnswer):
             names = []
         except DNSError as e:
             results.add(self.name, err=f"PTR: {e}")
-            connection.auth_results(f"iprev=temperror policy.iprev={ip}")
+            connection.auth_results(f"iprev=temperror {policy}")
             if self._rejects(connection, "no_rdns"):
                 text = f"client [{ip}] rDNS lookup error"
                 return DENYSOFT, Reply(421, "4.7.0", (text,))
             return CONT
         if not names:
             results.add(self.name, fail="has_rdns")
-            connection.auth_results(f"iprev=permerror policy.iprev={ip}")
+            connection.auth_results(f"iprev=permerror {policy}")
             if self._rejects(connection, "no_rdns"):
                 return DENY, Reply(554, "5.7.1", (f"client [{ip}] rejected; no rDNS",))
             return CONT
@@ -167,6 +175,8 @@ class Plugin:
                 return DENY, Reply(554, "5.7.1", (text,))
         lookups = [self._addresses(name, client.version) for name in checked]
         answers = await DeferredList(lookups, consumeErrors=True)
+        if any(isinstance(found, Failure) and found.check(CancelledError) for _, found in answers):
+            raise CancelledError()  # (timed out: the timeout has answered)
         return self._judge(connection, client, checked, answers)
 
     def _addresses(self, name: str, version: int) -> Deferred[list[str]]:
@@ -217,17 +227,17 @@ class Plugin:
             if client.version == 4 and is_generic_rdns(name, ip):
                 results.add(self.name, generic_rdns=True)
                 if self._rejects(connection, "generic_rdns"):
-                    text = (
-                        f"client {name} [{ip}] rejected; generic rDNS, please use your ISP's relay"
-                    )
+                    text = f"client {name} [{ip}] rejected; generic rDNS, use your ISP's relay"
                     return DENY, Reply(554, "5.7.1", (text,))
         results.add(self.name, ptr_name_to_ip=to_ip, fcrdns=confirmed)
         verdict = "pass" if exact else "temperror" if failed else "fail"
         name = f" ({confirmed[0]})" if exact else ""
-        connection.auth_results(f"iprev={verdict} policy.iprev={ip}{name}")
+        connection.auth_results(f"iprev={verdict} policy.iprev={auth_results_value(ip)}{name}")
         if not confirmed:
             results.add(self.name, fail="fcrdns")
             if self._rejects(connection, "no_fcrdns"):
+                if failed:  # (a lookup failed: it may match later)
+                    return DENYSOFT, Reply(421, "4.7.0", ("no FCrDNS match found (DNS error)",))
                 return DENY, Reply(554, "5.7.1", ("Sorry, no FCrDNS match found",))
         return CONT
 

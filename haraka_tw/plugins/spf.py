@@ -92,6 +92,7 @@ from haraka_tw.interfaces import (
     IRegistration,
 )
 from haraka_tw.logging import Level
+from haraka_tw.message.header import auth_results_value
 from haraka_tw.smtp.address import Address
 from haraka_tw.smtp.connection import Connection
 from haraka_tw.smtp.replies import Reply
@@ -179,13 +180,6 @@ def _policy(ini: Any, deny: str, defer: str) -> Policy:
 def _value(text: str) -> str:
     """A Received-SPF value: a dot-atom as it is, anything else a quoted-string."""
     if _DOT_ATOM.match(text):
-        return text
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def _ar_value(text: str) -> str:
-    """An Authentication-Results property value: a token, else a quoted-string."""
-    if _TOKEN.match(text):
         return text
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
@@ -444,7 +438,7 @@ class Plugin:
         if outcome.result == spf.PASS:
             txn.results.add(self.name, **{"pass": outcome.domain})
         self._add_fields(connection, address, (outcome, ip))
-        txn.auth_results(f"spf={outcome.result} smtp.mailfrom={_ar_value(outcome.domain)}")
+        txn.auth_results(f"spf={outcome.result} smtp.mailfrom={auth_results_value(outcome.domain)}")
         self._log(connection, "mfrom", outcome, address)
         return self._answer(connection, "mfrom", outcome, f"sender <{address}>", address)
 
@@ -459,7 +453,7 @@ class Plugin:
         txn.notes["spf"] = outcome
         txn.notes["spf_mail_result"] = HARAKA_NAMES[outcome.result]
         self._add_fields(connection, "", None)
-        txn.auth_results(f"spf={outcome.result} smtp.helo={_ar_value(helo)}")
+        txn.auth_results(f"spf={outcome.result} smtp.helo={auth_results_value(helo)}")
         return self._answer(connection, "helo", outcome, f"sender <> via {helo}", helo)
 
     def _add_fields(

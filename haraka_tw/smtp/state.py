@@ -100,6 +100,10 @@ class Results:
         held = entry[key]
         return value in held if isinstance(held, list) else bool(held == value)
 
+    def reset(self, plugin: str) -> None:
+        """Forget everything recorded for C{plugin} (a new client, after XCLIENT)."""
+        self._by_plugin.pop(plugin, None)
+
     def collate(self, plugin: str) -> str:
         """A one-line summary, for logs."""
         entry = self._by_plugin.get(plugin) or {}

@@ -55,18 +55,17 @@ class Keep:
 
 
 class BounceTests(TestCase):
-    def server(self, ini: str = "", **files: str) -> int:
+    def server(self, ini: str = "", plugins: str = "bounce\n") -> int:
         dns = serve(self, ZONE)
         KEPT.clear()
         _, port = start_server(
             self,
             {
-                "plugins": f"bounce\nrcpt_to.in_host_list\n{__name__}:Keep\n",
+                "plugins": f"{plugins}rcpt_to.in_host_list\n{__name__}:Keep\n",
                 "bounce.ini": ini,
                 "host_list": "example.com\n",
                 "bounce_bad_rcpt": "noreply@example.com\n",
                 "dns.ini": f"[main]\nnameservers=127.0.0.1:{dns.port}\ntimeout=2\nattempts=1\n",
-                **files,
             },
         )
         return port
@@ -139,13 +138,15 @@ class BounceTests(TestCase):
     @inlineCallbacks
     def test_return_path(self) -> Deferred[None]:
         """With [reject] empty_return_path, a Return-Path of <> passes and an address is
-        refused (RFC 3834)."""
-        port = self.server("[reject]\nempty_return_path=true\n")
-        ok = yield self.bounce(port, b"Return-Path: <>\r\n" + dsn("1.2.3.4", "a@example.com"))
-        self.assertEqual(ok[0], 250)
+        refused (RFC 3834), also with headers (which removes Return-Path) listed first."""
+        ini = "[reject]\nempty_return_path=true\n"
         bad = b"Return-Path: <x@far.example>\r\n" + dsn("1.2.3.4", "a@example.com")
-        got = yield self.bounce(port, bad)
-        self.assertEqual(got, (550, b"5.7.1 bounce with non-empty Return-Path (RFC 3834)"))
+        for plugins in ("bounce\n", "headers\nbounce\n"):
+            port = self.server(ini, plugins)
+            ok = yield self.bounce(port, b"Return-Path: <>\r\n" + dsn("1.2.3.4", "a@example.com"))
+            self.assertEqual(ok[0], 250)
+            got = yield self.bounce(port, bad)
+            self.assertEqual(got, (550, b"5.7.1 bounce with non-empty Return-Path (RFC 3834)"))
 
 
 class ExtractTests(SynchronousTestCase):

@@ -43,13 +43,14 @@ class Keep:
 
 
 class FCrDNSTests(TestCase):
-    def server(self, ini: str = "") -> int:
+    def server(self, ini: str = "", plugins: str = "") -> int:
         dns = serve(self, ZONE, servfail=["broken.example.com"])
         KEPT.clear()
         _, port = start_server(
             self,
             {
-                "plugins": f"fcrdns\nrcpt_to.in_host_list\n{__name__}:Keep\n",
+                "plugins": f"{plugins}fcrdns\nrcpt_to.in_host_list\n{__name__}:Keep\n",
+                "xclient.hosts": "1.2.3.4\n",
                 "fcrdns.ini": ini,
                 "host_list": "example.com\n",
                 "connection.ini": "[haproxy]\nhosts=127.0.0.1\n",
@@ -86,9 +87,9 @@ class FCrDNSTests(TestCase):
 
     @inlineCallbacks
     def test_refusals_when_configured(self) -> Deferred[None]:
-        """With every [reject] key on: no name is 554, no confirming name is 554, a name
-        without a top-level domain is 554, a generic name is 554, a failing forward
-        lookup is no match; a confirmed client is greeted."""
+        """With every [reject] key on: no name, no confirming name, a name without a
+        top-level domain and a generic name are 554; no match with a forward lookup that
+        failed is 421 (it may match later); a confirmed client is greeted."""
         port = self.server(
             "[reject]\nno_rdns=true\nno_fcrdns=true\ninvalid_tld=true\ngeneric_rdns=true\n"
         )
@@ -103,7 +104,29 @@ class FCrDNSTests(TestCase):
         self.assertIn(
             "c-1-2-3-8.pool.isp.example [1.2.3.8] rejected; generic rDNS", banners["1.2.3.8"]
         )
-        self.assertEqual(banners["1.2.3.9"], "554 Sorry, no FCrDNS match found\r\n")
+        self.assertEqual(banners["1.2.3.9"], "421 no FCrDNS match found (DNS error)\r\n")
+
+    @inlineCallbacks
+    def test_xclient_starts_afresh(self) -> Deferred[None]:
+        """After XCLIENT names another client, nothing of the first is in the message:
+        one iprev entry, for the new address (IPv6 quoted, as RFC 8601 wants)."""
+        port = self.server(plugins="xclient\n")
+        commands = [
+            "EHLO front.example",
+            "XCLIENT ADDR=IPv6:2a00:1450:4001::99",
+            "EHLO client.example",
+            "MAIL FROM:<a@b.example>",
+            "RCPT TO:<you@example.com>",
+            "DATA",
+            "Subject: hi\r\n\r\nbody\r\n.",
+        ]
+        replies = yield deferToThread(exchange, port, "1.2.3.4", *commands)
+        self.assertEqual(replies[-1][:3], b"250", replies)
+        header, results = KEPT[0]
+        self.assertEqual(header.count(b"; iprev="), 1, header)
+        self.assertIn(b'iprev=permerror policy.iprev="2a00:1450:4001::99"', header)
+        self.assertNotIn(b"X-Haraka-FCrDNS", header)
+        self.assertEqual((results["pass"], results["fcrdns"]), ([], []))
 
     @inlineCallbacks
     def test_private_clients_not_looked_up(self) -> Deferred[None]:
