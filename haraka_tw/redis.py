@@ -55,7 +55,7 @@ MAX_DEPTH = 8  # nested arrays in one reply
 MAX_BULK = 64 * 1024 * 1024
 MAX_ITEMS = 10_000_000
 MAX_LINE = 64 * 1024
-_INCOMPLETE = INCOMPLETE = object()  # parse_reply: the reply is not all there yet
+INCOMPLETE = object()  # the reply is not all there yet
 _OPENED = object()
 
 
@@ -101,7 +101,7 @@ class ReplyReader:
         replies = []
         while True:
             value = self._element()
-            if value is _INCOMPLETE:
+            if value is INCOMPLETE:
                 break
             if value is _OPENED:
                 continue
@@ -126,13 +126,13 @@ class ReplyReader:
 
     def _element(self) -> Any:
         """One element at the read position: a value, _OPENED (an array began), or
-        _INCOMPLETE (wait for more bytes)."""
+        INCOMPLETE (wait for more bytes)."""
         buf, at = self._buffer, self._at
         end = buf.find(b"\r\n", at)
         if end < 0:
             if len(buf) - at > MAX_LINE:
                 raise RedisProtocolError(f"a reply line longer than {MAX_LINE} bytes")
-            return _INCOMPLETE
+            return INCOMPLETE
         kind, line = buf[at : at + 1], bytes(buf[at + 1 : end])
         after = end + 2
         if kind == b"$":
@@ -143,7 +143,7 @@ class ReplyReader:
             if not 0 <= size <= MAX_BULK:
                 raise RedisProtocolError(f"bulk string of {size} bytes")
             if len(buf) < after + size + 2:
-                return _INCOMPLETE
+                return INCOMPLETE
             if buf[after + size : after + size + 2] != b"\r\n":
                 raise RedisProtocolError("bulk string not ended by CRLF")
             self._at = after + size + 2
@@ -171,7 +171,7 @@ class ReplyReader:
 def parse_reply(data: bytes) -> Any:
     """The first reply in C{data}, or L{INCOMPLETE} when it is not all there."""
     replies = ReplyReader().feed(data)
-    return replies[0] if replies else _INCOMPLETE
+    return replies[0] if replies else INCOMPLETE
 
 
 def _integer(line: bytes) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from email.header import decode_header, make_header
 
-__all__ = ["Header", "HeaderCollector", "auth_results_value"]
+__all__ = ["Header", "HeaderCollector", "auth_results_value", "comment_text"]
 
 # RFC 5322 ftext (printable ASCII but ":"), then ":"; spaces or tabs before the colon are
 # the obsolete syntax (4.5) that readers still accept, so they must not hide a field from
@@ -32,6 +32,15 @@ def auth_results_value(text: str) -> str:
     if _TOKEN.match(text):
         return text
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+_COMMENT_UNSAFE = re.compile(r"[^ -'*-\[\]-~]")  # not printable ASCII, a parenthesis or backslash
+
+
+def comment_text(text: str) -> str:
+    """C{text} fit to stand inside a header comment, C{(...)}: only printable ASCII, no
+    parenthesis or backslash (so no value can end the comment or the field)."""
+    return _COMMENT_UNSAFE.sub("", text)
 
 
 class Header:

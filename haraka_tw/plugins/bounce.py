@@ -91,7 +91,7 @@ BOOLEANS = [
     "-check.reject_all",
     *(f"{'+' if on else '-'}reject.{key}" for key, on in _REJECT_DEFAULTS.items()),
 ]
-_FIELD = re.compile(rb"^(received|message-id)[ \t]*:", re.IGNORECASE)
+_FIELD = re.compile(r"^(received|message-id)[ \t]*:", re.IGNORECASE | re.ASCII)
 _BRACKETED = re.compile(r"[\[(](?:IPv6:)?([0-9A-Fa-f:.]{7,45})[\])]", re.IGNORECASE)
 _MSGID = re.compile(r"<[^<>@\s]+@([^<>@\s]+)>")
 
@@ -107,9 +107,9 @@ def _fields_in_text(text: str) -> Iterator[tuple[str, str]]:
         if name:
             yield name, value
             name = ""
-        match = _FIELD.match(line.encode("utf-8", "replace"))
+        match = _FIELD.match(line)
         if match:
-            name = match.group(1).decode().lower()
+            name = match.group(1).lower()
             value = line[match.end() :].strip()
     if name:
         yield name, value

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import socket
 import time
 from collections.abc import Iterator
@@ -69,12 +68,12 @@ from haraka_tw.interfaces import (
     IRegistration,
 )
 from haraka_tw.message import dkim
+from haraka_tw.message.header import comment_text
 from haraka_tw.smtp.connection import Connection, Transaction
 
 __all__ = ["Plugin", "Verdict", "signing_domain", "write_key"]
 
 BOOLEANS = ["-sign.enabled", "+sign.oversign", "+verify.enabled"]
-_COMMENT_UNSAFE = re.compile(r"[^ -'*-\[\]-~]")  # not printable ASCII, a parenthesis or a backslash
 DEFAULT_CANONICALIZATION = "relaxed/relaxed"
 
 
@@ -117,7 +116,7 @@ class Verdict:
         in it was checked when the signature was parsed; the reason is one of ours."""
         words = [f"dkim={self.result}"]
         if self.reason:
-            words.append(f"({_COMMENT_UNSAFE.sub('', self.reason)})")
+            words.append(f"({comment_text(self.reason)})")
         words += [f"header.d={self.domain or 'unknown'}", f"header.s={self.selector or 'unknown'}"]
         if self.identity:
             words.append(f"header.i={self.identity}")

@@ -36,7 +36,6 @@ fcrdns.ini::
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred, DeferredList
@@ -49,7 +48,11 @@ from haraka_tw.dns import DNSError, NoAnswer, NXDomain
 from haraka_tw.hooks.runner import under_hook_limit
 from haraka_tw.interfaces import IDataPostHook, ILookupRdnsHook, IPluginContext, IRegistration
 from haraka_tw.message.header import auth_results_value
-from haraka_tw.plugins.helo.checks import is_dynamic, organizational_domain
+from haraka_tw.plugins.helo.checks import (
+    has_top_level_domain,
+    is_dynamic,
+    organizational_domain,
+)
 from haraka_tw.smtp.connection import Connection, canonical_address
 from haraka_tw.smtp.replies import Reply
 
@@ -62,7 +65,6 @@ BOOLEANS = [
     "-reject.invalid_tld",
     "-reject.generic_rdns",
 ]
-_TLD = re.compile(r"^(?:[a-z]{2,63}|xn--[a-z0-9-]{1,59})$")
 _STATIC = ("static", "business")
 _HEADERS = ("X-Haraka-FCrDNS", "X-Haraka-rDNS-OtherIPs")
 
@@ -76,11 +78,6 @@ def is_generic_rdns(name: str, ip: str) -> bool:
     domain = organizational_domain(name) or ""
     host_part = name.lower()[: -len(domain) - 1] if domain else name.lower()
     return not any(word in host_part for word in _STATIC)
-
-
-def _has_tld(name: str) -> bool:
-    labels = name.lower().rstrip(".").split(".")
-    return len(labels) > 1 and all(labels) and _TLD.match(labels[-1]) is not None
 
 
 @implementer(IRegistration, ILookupRdnsHook, IDataPostHook)
@@ -164,7 +161,7 @@ class Plugin:
                 return DENY, Reply(554, "5.7.1", (f"client [{ip}] rejected; no rDNS",))
             return CONT
         results.add(self.name, ptr_names=names, has_rdns=True)
-        checked = [n for n in names[:MAX_NAMES] if _has_tld(n)]
+        checked = [n for n in names[:MAX_NAMES] if has_top_level_domain(n)]
         for name in names[:MAX_NAMES]:
             if name in checked:
                 continue

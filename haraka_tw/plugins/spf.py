@@ -92,7 +92,7 @@ from haraka_tw.interfaces import (
     IRegistration,
 )
 from haraka_tw.logging import Level
-from haraka_tw.message.header import auth_results_value
+from haraka_tw.message.header import auth_results_value, comment_text
 from haraka_tw.smtp.address import Address
 from haraka_tw.smtp.connection import Connection
 from haraka_tw.smtp.replies import Reply
@@ -127,7 +127,6 @@ BOOLEANS = [
 _LITERAL = re.compile(r"^\[[^\]]*\]$")
 _TOKEN = re.compile(r"[A-Za-z0-9!#$%&'*+\-.^_`{|}~]+\Z")  # an RFC 2045 token
 _DOT_ATOM = re.compile(r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+(?:\.[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+)*\Z")
-_COMMENT_UNSAFE = re.compile(r"[^ -'*-\[\]-~]")  # not printable ASCII, a parenthesis or backslash
 _REPLY_UNSAFE = re.compile(r"[^ -~]")
 _EXPLANATION_MOST = 200
 _WHY = "http://www.open-spf.org/Why"
@@ -195,7 +194,7 @@ def _comment(outcome: spf.Outcome, receiver: str, identity: str, ip: str) -> str
         spf.TEMPERROR: f"error in processing during lookup of {who}",
         spf.PERMERROR: f"permanent error in processing {who}",
     }[outcome.result]
-    return _COMMENT_UNSAFE.sub("", f"{receiver}: {text}")
+    return comment_text(f"{receiver}: {text}")
 
 
 def received_spf(

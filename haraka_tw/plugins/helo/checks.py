@@ -69,7 +69,7 @@ from haraka_tw.interfaces import IEhloHook, IHeloHook, IPluginContext, IRegistra
 from haraka_tw.smtp.connection import Connection, canonical_address
 from haraka_tw.smtp.replies import Reply
 
-__all__ = ["CHECKS", "Plugin", "is_dynamic", "organizational_domain"]
+__all__ = ["CHECKS", "Plugin", "has_top_level_domain", "is_dynamic", "organizational_domain"]
 
 CHECKS = (
     "match_re",
@@ -121,6 +121,13 @@ def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
 def _literal_ip(helo: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     m = _LITERAL.match(helo)
     return _ip(m[1]) if m else None
+
+
+def has_top_level_domain(name: str) -> bool:
+    """Whether C{name} has two labels or more and ends in a top-level domain of letters
+    (or C{xn--}); no public suffix list is read."""
+    labels = name.lower().rstrip(".").split(".")
+    return len(labels) > 1 and all(labels) and _TLD.match(labels[-1]) is not None
 
 
 def organizational_domain(name: str | None) -> str | None:
