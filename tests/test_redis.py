@@ -22,7 +22,9 @@ from haraka_tw.redis import (
     encode_command,
     parse_reply,
 )
+from haraka_tw.server import StartupError
 from tests.redis_server import start_redis
+from tests.support import start_server
 
 
 class ClientTests(TestCase):
@@ -98,6 +100,26 @@ class ClientTests(TestCase):
         with self.assertRaises(RedisError):
             yield client.connect()
         self.assertFalse(client.connected)
+
+
+class ConfigTests(TestCase):
+    def test_a_unix_socket_or_tls_stops_start_up(self) -> None:
+        """redis.ini (or greylist.ini [redis]) naming a unix socket path or TLS, which the
+        client cannot do, stops start-up naming the file and key, rather than quietly
+        connecting to 127.0.0.1:6379 in the clear."""
+        for files, words in (
+            ({"redis.ini": "[server]\npath=/run/redis.sock\n"}, "redis.ini [server]: path"),
+            ({"redis.ini": "[server]\ntls=true\n"}, "redis.ini [server]: tls"),
+            ({"redis.ini": "[opts]\ntls=true\n"}, "redis.ini [server]: tls"),
+            (
+                {"plugins": "greylist\n", "greylist.ini": "[redis]\npath=/run/redis.sock\n"},
+                "greylist.ini [redis]: path",
+            ),
+        ):
+            with self.assertRaises(StartupError, msg=files) as raised:
+                start_server(self, {"plugins": "redis\n", **files})
+            self.assertIn(words, str(raised.exception))
+            self.assertIn("is not supported", str(raised.exception))
 
 
 class ParseTests(SynchronousTestCase):

@@ -6,6 +6,7 @@ import re
 import smtplib
 import socket
 from pathlib import Path
+from typing import Any
 
 import pytest
 from twisted.internet import reactor
@@ -14,7 +15,10 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
+from zope.interface import implementer
 
+from haraka_tw.codes import DENYSOFT, OK
+from haraka_tw.interfaces import IRcptHook, IShutdown
 from haraka_tw.server import HarakaServer, StartupError
 from haraka_tw.service import HarakaService, parse_listen
 from haraka_tw.workers import available_cpus
@@ -75,6 +79,22 @@ def test_listen_errors_name_the_entry() -> None:
             parse_listen(bad)
 
 
+@implementer(IRcptHook, IShutdown)
+class Closing:
+    """Test plugin: takes recipients until it is shut down (as greylist needs its Redis
+    connection), and notes how many sessions were still open then."""
+
+    def __init__(self) -> None:
+        self.sessions: set[object] = set()
+        self.open_at_shutdown: list[int] = []
+
+    def hook_rcpt(self, connection: Any, recipient: Any, params: Any) -> Any:
+        return DENYSOFT if self.open_at_shutdown else OK
+
+    def shutdown(self) -> None:
+        self.open_at_shutdown.append(len(self.sessions))
+
+
 class GracefulStopTests(TestCase):
     @inlineCallbacks
     def test_stop_lets_open_session_finish_then_closes(self) -> Deferred[None]:
@@ -112,6 +132,42 @@ class GracefulStopTests(TestCase):
         self.assertEqual((code, text), (421, b"4.3.2 server shutting down, closing connection"))
         with pytest.raises((smtplib.SMTPServerDisconnected, OSError)):
             yield deferToThread(client.noop)
+        client.close()
+
+    @inlineCallbacks
+    def test_plugins_shut_down_after_the_sessions_end(self) -> Deferred[None]:
+        """A plugin's shutdown() runs once the open session has ended, not when the
+        stop begins: the session is still served by working plugins (their Redis
+        connection, say) while it drains."""
+        base = temp_dir(self)
+        conf = write_config(
+            base / "c",
+            {
+                "smtp.ini": "[main]\nforce_shutdown_timeout=5\n",
+                "plugins": f"{__name__}:Closing\n",
+                "me": "mx.test\n",
+            },
+        )
+        server = HarakaServer.from_directory(conf, reactor)
+        service = HarakaService(
+            server, ["tcp:0:interface=127.0.0.1"], watch_interval=0, handle_sighup=False
+        )
+        service.startService()
+        (plugin,) = [loaded.plugin for loaded in server.runner.plugins]
+        plugin.sessions = server.factory.sessions
+        port = service.ports[0].getHost().port
+        client = yield deferToThread(smtplib.SMTP, "127.0.0.1", port, timeout=5)
+        stopping = service.stopService()
+        yield deferLater(reactor, 0.1, lambda: None)
+        self.assertEqual(plugin.open_at_shutdown, [])
+        yield deferToThread(client.ehlo, "c.test")
+        yield deferToThread(client.mail, "joe@example.com")
+        code, _ = yield deferToThread(client.rcpt, "you@example.com")
+        self.assertEqual(code, 250)
+        code, _ = yield deferToThread(client.quit)  # (the session ends: the drain is over)
+        self.assertEqual(code, 221)
+        yield stopping
+        self.assertEqual(plugin.open_at_shutdown, [0])
         client.close()
 
 

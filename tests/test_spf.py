@@ -12,7 +12,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet import reactor
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from haraka_tw import spf
@@ -215,3 +215,33 @@ class ParseTests(SynchronousTestCase):
         self.assertTrue(spf.is_host_name("mail.example.com."))
         for name in ["localhost", "a..example", "[192.0.2.1]", "x" * 64 + ".example"]:
             self.assertFalse(spf.is_host_name(name), name)
+
+
+class MacroTests(TestCase):
+    """Macros expanded against records served by a real DNS server on loopback."""
+
+    @inlineCallbacks
+    def test_p_is_chosen_for_each_domain(self) -> Deferred[None]:
+        """%{p} is the client's validated name in (or under) the domain whose record is
+        being evaluated: a.one.example in one.example's record, b.two.example in the
+        record one.example includes (the first domain's choice was kept for all)."""
+        zone = """
+one.example.            300 IN TXT "v=spf1 exists:%{p}.allowed.example include:two.example -all"
+two.example.            300 IN TXT "v=spf1 exists:%{p}.allowed.example -all"
+4.3.2.1.in-addr.arpa.   300 IN PTR a.one.example.
+4.3.2.1.in-addr.arpa.   300 IN PTR b.two.example.
+a.one.example.          300 IN A   1.2.3.4
+b.two.example.          300 IN A   1.2.3.4
+b.two.example.allowed.example. 300 IN A 127.0.0.2
+"""
+        server = DNSServer(zone)
+        port = server.start(reactor)
+        self.addCleanup(server.stop)
+        resolver = Resolver(reactor, [("127.0.0.1", port)], timeout=1.0, attempts=1)
+        outcome = yield spf.Checker(resolver).check_host(
+            "1.2.3.4", "one.example", "joe@one.example"
+        )
+        self.assertEqual((outcome.result, outcome.mechanism), ("pass", "include:two.example"))
+        asked = [name for _, name, kind, _ in server.queries if kind == "A"]
+        self.assertIn("a.one.example.allowed.example.", asked)
+        self.assertIn("b.two.example.allowed.example.", asked)

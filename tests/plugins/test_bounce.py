@@ -23,16 +23,31 @@ ZONE = 'example.com. 300 IN TXT "v=spf1 ip4:1.2.3.0/24 -all"\n'
 KEPT: list[Any] = []
 
 
-def dsn(received_ip: str, message_id: str, *, rfc822_headers: bool = False) -> bytes:
+def dsn(
+    received_ip: str,
+    message_id: str,
+    *,
+    rfc822_headers: bool = False,
+    relays: tuple[str, ...] = (),
+    attachment: bool = False,
+) -> bytes:
     """A bounce (multipart/report) returning a message that left from C{received_ip}
-    with Message-ID C{message_id}, as message/rfc822 or as text/rfc822-headers."""
-    original = (
+    with Message-ID C{message_id}, as message/rfc822 or as text/rfc822-headers; C{relays}
+    are later hops it passed (the last first); C{attachment} sends it as one
+    (Content-Disposition: attachment)."""
+    hops = "".join(
+        f"Received: from relay{n} ([{ip}]) by next{n}.far.example\r\n"
+        for n, ip in enumerate(relays)
+    )
+    original = hops + (
         f"Received: from mail.example.com (mail.example.com\r\n"
         f"\t[{received_ip}]) by mx.far.example with ESMTP id 1\r\n"
         f"Received: from laptop ([10.0.0.5]) by mail.example.com\r\n"
         f"Message-ID: <{message_id}>\r\nFrom: ann@example.com\r\nSubject: hello\r\n"
     )
     kind = "text/rfc822-headers" if rfc822_headers else "message/rfc822"
+    if attachment:
+        kind += '\r\nContent-Disposition: attachment; filename="original.eml"'
     return (
         "From: MAILER-DAEMON@far.example\r\nTo: ann@example.com\r\nSubject: Undelivered\r\n"
         "MIME-Version: 1.0\r\n"
@@ -120,6 +135,34 @@ class BounceTests(TestCase):
         got = yield self.bounce(port, spoofed)
         self.assertEqual(got[0], 250)
         self.assertEqual(KEPT[0]["fail"], ["Message-ID non-local domain", "bounce_spf"])
+
+    @inlineCallbacks
+    def test_more_hops_than_checked_is_a_skip(self) -> Deferred[None]:
+        """A returned message with more than 10 public hops, the first 10 not allowed by
+        our SPF record, is no spoofed bounce: the oldest hop (ours) is not checked, so
+        bounce_spf is skipped, not failed, and [reject] bounce_spf lets it through."""
+        relays = tuple(f"5.6.7.{n}" for n in range(1, 11))
+        port = self.server("[reject]\nbounce_spf=true\n")
+        got = yield self.bounce(port, dsn("1.2.3.4", "abc@example.com", relays=relays))
+        self.assertEqual(got[0], 250, got)
+        self.assertEqual(KEPT[0]["fail"], [])
+        self.assertEqual(KEPT[0]["skip"], ["bounce_spf"])
+        self.assertIn("more than 10 hops", KEPT[0]["msg"])
+
+    @inlineCallbacks
+    def test_a_returned_message_sent_as_an_attachment_is_a_skip(self) -> Deferred[None]:
+        """A bounce that attaches the returned message (Content-Disposition: attachment),
+        in either form, which is not read, is no bounce without a Message-ID: the check
+        is skipped, and [reject] non_local_msgid lets it through."""
+        port = self.server("[reject]\nnon_local_msgid=true\nbounce_spf=true\n")
+        for form in (False, True):
+            message = dsn("1.2.3.4", "abc@example.com", rfc822_headers=form, attachment=True)
+            got = yield self.bounce(port, message)
+            self.assertEqual(got[0], 250, got)
+        for results in KEPT:
+            self.assertEqual(results["fail"], [])
+            self.assertEqual(results["skip"], ["Message-ID", "bounce_spf"])
+            self.assertIn("returned message is an attachment", results["msg"])
 
     @inlineCallbacks
     def test_envelope_checks(self) -> Deferred[None]:

@@ -28,6 +28,7 @@ elsewhere.example.net.     300 IN A   192.0.2.50
 8.3.2.1.in-addr.arpa.      300 IN PTR c-1-2-3-8.pool.isp.example.
 c-1-2-3-8.pool.isp.example. 300 IN A  1.2.3.8
 9.3.2.1.in-addr.arpa.      300 IN PTR broken.example.com.
+10.3.2.1.in-addr.arpa.     300 IN PTR silent.example.com.
 """
 KEPT: list[tuple[bytes, Any]] = []
 
@@ -44,7 +45,7 @@ class Keep:
 
 class FCrDNSTests(TestCase):
     def server(self, ini: str = "", plugins: str = "") -> int:
-        dns = serve(self, ZONE, servfail=["broken.example.com"])
+        dns = serve(self, ZONE, servfail=["broken.example.com"], timeout=["silent.example.com"])
         KEPT.clear()
         _, port = start_server(
             self,
@@ -105,6 +106,20 @@ class FCrDNSTests(TestCase):
             "c-1-2-3-8.pool.isp.example [1.2.3.8] rejected; generic rDNS", banners["1.2.3.8"]
         )
         self.assertEqual(banners["1.2.3.9"], "421 no FCrDNS match found (DNS error)\r\n")
+
+    @inlineCallbacks
+    def test_a_timeout_stops_the_check(self) -> Deferred[None]:
+        """A forward lookup still unanswered at fcrdns.ini's timeout ends the check: the
+        client is greeted, the timeout is recorded with one iprev=temperror entry, and
+        nothing of the cancelled lookup (no fail, no second iprev entry) follows."""
+        port = self.server("[main]\ntimeout=0.5\n[reject]\nno_fcrdns=true\n")
+        replies = yield self.send(port, "1.2.3.10")
+        self.assertEqual([r[:3] for r in replies], [b"220", b"250", b"250", b"250", b"354", b"250"])
+        header, results = KEPT[0]
+        self.assertEqual(header.count(b"; iprev="), 1, header)
+        self.assertIn(b"; iprev=temperror policy.iprev=1.2.3.10 (timeout)\r\n", header)
+        self.assertEqual((results["err"], results["fail"]), (["timeout"], []))
+        self.assertEqual(results["fcrdns"], [])
 
     @inlineCallbacks
     def test_xclient_starts_afresh(self) -> Deferred[None]:

@@ -124,6 +124,28 @@ class GreylistTests(TestCase):
         )
 
     @inlineCallbacks
+    def test_a_client_named_by_xclient_counts_as_its_own_host(self) -> Deferred[None]:
+        """After XCLIENT names another client on the same connection, that client's
+        tries are counted for its own host (mail.example.net), not for the host of the
+        address before it (1.2.3.0/24)."""
+        plugins = "relay\nxclient\ndns-list\ngreylist\nrcpt_to.in_host_list\nqueue/discard\n"
+        port = self.server(plugins=plugins, **{"xclient.hosts": "1.2.3.4\n"})
+        transaction = ["MAIL FROM:<joe@sender.example>", "RCPT TO:<you@example.com>", "RSET"]
+        commands = ["EHLO front.example", *transaction]
+        commands += ["XCLIENT ADDR=5.6.7.8", "EHLO client.example", *transaction]
+        replies = yield deferToThread(exchange, port, "1.2.3.4", *commands)
+        codes = [reply[:3] for reply in replies]
+        self.assertEqual((codes[3], codes[5], codes[8]), (b"451", b"220", b"451"), replies)
+        keys = yield self.redis_command("KEYS", "grey:*")
+        self.assertEqual(
+            sorted(keys),
+            [
+                b"grey:1.2.3.0/24:joe@sender.example:you@example.com",
+                b"grey:mail.example.net:joe@sender.example:you@example.com",
+            ],
+        )
+
+    @inlineCallbacks
     def test_clients_not_greylisted(self) -> Deferred[None]:
         """Relaying clients, private addresses and the white lists in greylist.ini pass
         at once, without touching Redis."""

@@ -3,9 +3,11 @@ against SPF records held by a real DNS server on loopback, and what reaches the 
 
 from __future__ import annotations
 
+import socket
 import time
 from typing import Any
 
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -14,11 +16,12 @@ from zope.interface import implementer
 from haraka_tw import spf
 from haraka_tw.codes import OK
 from haraka_tw.interfaces import IQueueHook, IQueueOutboundHook, IRcptHook
+from haraka_tw.logging import Level
 from haraka_tw.plugins.spf import received_spf
 from haraka_tw.server import StartupError
 from tests.dnsserver import serve
 from tests.plugins.test_dns_list import exchange
-from tests.support import start_server
+from tests.support import WireClient, start_server, temp_dir
 
 ZONE = """
 example.com.          300 IN TXT "v=spf1 ip4:1.2.3.0/24 -all"
@@ -31,9 +34,31 @@ broken.example.       300 IN TXT "v=spf1 ip4:1.2.3.4/33"
 servfail.example.     300 IN TXT "v=spf1 -all"
 slow.example.         300 IN TXT "v=spf1 -all"
 slowhelo.example.     300 IN TXT "v=spf1 -all"
+relayed.example.      300 IN TXT "v=spf1 ptr ip4:1.2.3.77 -all"
+3.2.1.10.in-addr.arpa. 300 IN PTR laptop.slowname.example.
+77.3.2.1.in-addr.arpa. 300 IN PTR mx.slowname.example.
 """
 KEPT: list[tuple[bytes, Any, Any, Any]] = []
 MESSAGE = "Subject: spf\r\n\r\nbody\r\n."
+
+
+class UnixClient(WireClient):
+    """A L{WireClient} on a unix socket: a client without an IP address."""
+
+    def __init__(self, path: str, timeout: float = 10.0) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(path)
+        self.timeout = timeout
+        self._buf = bytearray()
+        self.banner = self.reply()
+
+
+def unix_exchange(path: str, *commands: str) -> list[bytes]:
+    """Connect to the unix socket C{path} and send C{commands}: the banner and the reply
+    to each."""
+    with UnixClient(path) as client:
+        return [client.banner] + [client.command(c) for c in commands]
 
 
 @implementer(IRcptHook, IQueueHook, IQueueOutboundHook)
@@ -60,22 +85,35 @@ class Keep:
 
 
 class SPFTests(TestCase):
-    def server(self, ini: str = "", files: dict[str, str] | None = None, plugins: str = "") -> int:
+    def server(
+        self,
+        ini: str = "",
+        files: dict[str, str] | None = None,
+        plugins: str = "",
+        dns_timeout: float = 5,
+    ) -> int:
         dns = serve(
             self,
             ZONE,
             servfail=["servfail.example"],
-            timeout=["slow.example", "slowhelo.example"],
+            timeout=[
+                "slow.example",
+                "slowhelo.example",
+                "laptop.slowname.example",
+                "mx.slowname.example",
+            ],
         )
         KEPT.clear()
         config = {
             "plugins": f"relay\nspf\n{plugins}tests.plugins.test_spf:Keep\n",
             "spf.ini": ini,
             "connection.ini": "[haproxy]\nhosts=127.0.0.1\n",
-            "dns.ini": f"[main]\nnameservers=127.0.0.1:{dns.port}\ntimeout=5\nattempts=1\n",
+            "dns.ini": (
+                f"[main]\nnameservers=127.0.0.1:{dns.port}\ntimeout={dns_timeout:g}\nattempts=1\n"
+            ),
         }
         config.update(files or {})
-        _, port = start_server(self, config)
+        self.haraka, port = start_server(self, config)
         return port
 
     def send(self, port: int, ip: str, helo: str, sender: str) -> Deferred[list[bytes]]:
@@ -249,6 +287,34 @@ class SPFTests(TestCase):
         self.assertEqual(conn_results["skip"], ["helo(ip_literal)"])
 
     @inlineCallbacks
+    def test_a_client_without_an_ip_is_not_checked(self) -> Deferred[None]:
+        """A client of a unix socket listener has no address to check: neither its
+        greeting nor its sender is looked up (no_ip), nothing fails, and its mail is
+        accepted."""
+        self.server("[deny]\nmfrom_fail=true\nhelo_fail=true\n")
+        path = str(temp_dir(self) / "smtp.sock")
+        listener = reactor.listenUNIX(path, self.haraka.factory)  # type: ignore[attr-defined]
+        self.addCleanup(listener.stopListening)
+        errors: list[str] = []
+
+        def keep_errors(connection: Any, record: Any) -> bool:
+            if record.level <= Level.ERROR:
+                errors.append(record.message)
+            return True
+
+        self.haraka.log.hook = keep_errors
+        commands = ["EHLO mail.example.com", "MAIL FROM:<joe@fail.example>"]
+        commands += ["RCPT TO:<you@mx.test>", "DATA", MESSAGE]
+        replies = yield deferToThread(unix_exchange, path, *commands)
+        self.assertEqual([r[:3] for r in replies], [b"220", b"250", b"250", b"250", b"354", b"250"])
+        header, outcome, results, conn_results = KEPT[0]
+        self.assertNotIn(b"Received-SPF", header)
+        self.assertIsNone(outcome)
+        self.assertEqual(errors, [])
+        self.assertEqual(results["skip"], ["host(no_ip)"])
+        self.assertEqual(conn_results["skip"], ["helo(no_ip)"])
+
+    @inlineCallbacks
     def test_relayed_mail_checked_as_sent_from_here(self) -> Deferred[None]:
         """With [relay] context=myself, a relaying client on a private address whose own
         address does not pass is checked as smtp.ini public_ip, which the field names."""
@@ -261,6 +327,25 @@ class SPFTests(TestCase):
         header, outcome, _, _ = KEPT[0]
         self.assertEqual(outcome.result, "pass")
         self.assertIn(b"client-ip=1.2.3.77;", header)
+
+    @inlineCallbacks
+    def test_relayed_mail_checked_within_one_lookup_timeout(self) -> Deferred[None]:
+        """With [relay] context=myself, the client's check and the second one as
+        public_ip share one lookup_timeout: each takes 0.5 s (a ptr name whose address
+        never comes) and would pass on its own within 0.8 s, but both together are
+        temperror at 0.8 s, for the client's address."""
+        port = self.server(
+            "[main]\nlookup_timeout=0.8\n[relay]\ncontext=myself\n",
+            {"relay_acl_allow": "10.1.0.0/16\n", "smtp.ini": "[main]\npublic_ip=1.2.3.77\n"},
+            dns_timeout=0.5,
+        )
+        replies = yield self.send(port, "10.1.2.3", "laptop.example", "joe@relayed.example")
+        self.assertEqual(replies[-1][:3], b"250")
+        header, outcome, _, _ = KEPT[0]
+        self.assertEqual(
+            (outcome.result, outcome.problem), ("temperror", "lookups took over 0.8 s")
+        )
+        self.assertIn(b"client-ip=10.1.2.3;", header)
 
     @inlineCallbacks
     def test_headers_from_phish_spares_the_brands_own_hosts(self) -> None:
