@@ -58,7 +58,8 @@ _R = TypeVar("_R")
 
 def under_hook_limit(config: Any, plugin: str, wanted: float) -> float:
     """C{wanted} seconds, cut to one second under the limit the runner puts on C{plugin}'s
-    hooks (C{<plugin>.timeout}, else C{plugin_timeout}), so that the plugin's own timer
+    hooks (C{<plugin>.timeout}, else C{plugin_timeout}; half a limit of a second or
+    less), so that the plugin's own timer
     fires first and it answers as it means to (a DNS timeout as temperror), not with the
     runner's DENYSOFT "plugin timeout"."""
     budget = config.get_value(f"{plugin}.timeout", None)
@@ -68,7 +69,9 @@ def under_hook_limit(config: Any, plugin: str, wanted: float) -> float:
         limit = float(budget)
     except (TypeError, ValueError):
         return wanted  # (the server has said what is wrong with it)
-    return min(wanted, limit - 1) if limit > 1 else wanted
+    if limit > 1:
+        return min(wanted, limit - 1)
+    return min(wanted, limit / 2) if limit > 0 else wanted  # (0: no limit)
 
 
 @dataclass

@@ -6,8 +6,8 @@ put on top, as Haraka sends it) goes to spamd as a C{HEADERS} request
 (L{haraka_tw.spamd}); from the header spamd sends back, the C{X-Spam-*} fields are added
 to the message, below its own. Then:
 
-  - a score at or above C{reject_threshold} (C{relay_reject_threshold} for a relaying
-    client, when set) is refused: C{550 5.7.1 spam score exceeded threshold};
+  - a score at or above C{reject_threshold} is refused (C{550 5.7.1 spam score exceeded
+    threshold}), and a relaying client's at or above C{relay_reject_threshold} too;
   - else a score at or above C{munge_subject_threshold} puts C{subject_prefix} before the
     Subject;
   - spam (by spamd's own threshold) gets C{Precedence: junk}.
@@ -30,8 +30,9 @@ Done otherwise than Haraka's plugin, where it was wrong:
     256 KB, within one time limit, which is kept a second under the hook's timeout (so
     C{[defer]} decides, not the runner's "plugin timeout");
   - every C{X-Spam-*} field the client sent is renamed (C{old_headers_action=rename}) or
-    dropped, not only those spamd sends back: a forged C{X-Spam-Flag: YES} on ham no
-    longer survives; each field is renamed in its place, one by one;
+    dropped, not only those spamd sends back, and also when the message is not scanned
+    or spamd fails: a forged C{X-Spam-Flag} never passes for a verdict; each field is
+    renamed in its place, one by one;
   - C{modern_status_syntax} is a boolean (Haraka took C{false} for on); C{User} is sent
     only when it is printable ASCII without spaces, else C{default};
   - C{spamd_user=all-recipients}, which Haraka never implemented (it then passed the
@@ -68,11 +69,9 @@ threshold is set unless given.
 
 from __future__ import annotations
 
-import itertools
 import math
 import re
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -82,8 +81,10 @@ from zope.interface import implementer
 from haraka_tw import spamd
 from haraka_tw.codes import CONT, DENY, DENYSOFT
 from haraka_tw.config.formats import ini_number
+from haraka_tw.exchange import Address, chained
 from haraka_tw.hooks.runner import under_hook_limit
 from haraka_tw.interfaces import IDataPostHook, IPluginContext, IRegistration
+from haraka_tw.plugins.content_scan import CHECK_BOOLEANS, client_skips
 from haraka_tw.smtp.connection import Connection, Transaction
 from haraka_tw.smtp.replies import Reply
 
@@ -92,10 +93,7 @@ __all__ = ["BOOLEANS", "INI", "Plugin", "Settings", "read_settings", "tests_of"]
 INI = "spamassassin.ini"
 BOOLEANS = [
     "+main.add_headers",
-    "+check.authenticated",
-    "+check.private_ip",
-    "+check.local_ip",
-    "+check.relay",
+    *CHECK_BOOLEANS,
     "-defer.error",
     "-defer.connect_timeout",
     "-defer.scan_timeout",
@@ -103,12 +101,12 @@ BOOLEANS = [
 _USER = re.compile(r"^[\x21-\x7e]{1,256}$")
 _TESTS = re.compile(r"\btests=((?:(?!autolearn)\S)*)")
 _OLD_ACTIONS = ("rename", "drop", "keep")
-_LOCAL_SPAMD = spamd.SpamdAddress("127.0.0.1")
+_LOCAL_SPAMD = spamd.parse_address("127.0.0.1")
 
 
 @dataclass(frozen=True)
 class Settings:
-    address: spamd.SpamdAddress = _LOCAL_SPAMD
+    address: Address = _LOCAL_SPAMD
     user: str = "default"
     max_size: int = 500_000
     reject_threshold: float | None = None
@@ -121,14 +119,8 @@ class Settings:
     auth_header: str = "X-Haraka-Relay"
     connect_timeout: float = 30.0
     results_timeout: float = 300.0
-    check: tuple[tuple[str, bool], ...] = ()
-    defer: tuple[tuple[str, bool], ...] = ()
-
-    def checks(self, key: str) -> bool:
-        return dict(self.check).get(key, True)
-
-    def defers(self, key: str) -> bool:
-        return dict(self.defer).get(key, False)
+    check: dict[str, bool] = field(default_factory=dict)
+    defer: dict[str, bool] = field(default_factory=dict)
 
 
 def _threshold(main: dict[str, Any], key: str) -> float | None:
@@ -181,10 +173,10 @@ def read_settings(ini: dict[str, dict[str, Any]]) -> Settings:
         modern_status_syntax=_flag(main.get("modern_status_syntax", False)),
         add_headers=bool(main.get("add_headers", True)),
         auth_header=auth_header,
-        connect_timeout=ini_number(main, "connect_timeout", 30, zero_ok=False, where=where),
-        results_timeout=ini_number(main, "results_timeout", 300, zero_ok=False, where=where),
-        check=tuple((k, bool(v)) for k, v in ini.get("check", {}).items()),
-        defer=tuple((k, bool(v)) for k, v in ini.get("defer", {}).items()),
+        connect_timeout=ini_number(main, "connect_timeout", 30, zero_ok=True, where=where) or 30,
+        results_timeout=ini_number(main, "results_timeout", 300, zero_ok=True, where=where) or 300,
+        check={key: bool(value) for key, value in ini.get("check", {}).items()},
+        defer={key: bool(value) for key, value in ini.get("defer", {}).items()},
     )
 
 
@@ -224,65 +216,60 @@ class Plugin:
 
     def hook_data_post(self, connection: Connection) -> Any:
         txn = connection.transaction
-        if txn is None or self._skipped(connection, txn):
+        if txn is None:
             return CONT
-        settings = self.settings
+        settings = self.settings  # (this message's, whatever a reload does meanwhile)
+        # The client's own X-Spam-* fields go first, whether the message is scanned or
+        # not: a forged "X-Spam-Flag: NO" must not pass for our verdict.
+        _old_headers(txn, settings.old_headers_action)
+        if self._skipped(connection, txn, settings):
+            return CONT
         # a client's own relay marker would tell SpamAssassin it is one of ours
         txn.remove_header(settings.auth_header)
-        prefix = self._prefix(connection, txn).encode("utf-8")
+        prefix = self._prefix(connection, txn, settings).encode("utf-8")
         stream = txn.message_stream
         timeout = under_hook_limit(self.config, self.name, settings.results_timeout)
-        started = time.monotonic()
+        started = self.reactor.seconds()
         asked = spamd.check(
             self.reactor,
             settings.address,
-            itertools.chain((prefix,), stream.chunks()),
+            chained(prefix, stream.chunks()),
             len(prefix) + stream.size,
             command="HEADERS",
-            user=self._user(txn),
+            user=self._user(txn, settings),
             timeout=timeout,
             connect_timeout=min(settings.connect_timeout, timeout),
+            # a HEADERS reply holds the whole header, which the client chose the size of
+            limit=len(stream.header.to_bytes()) + spamd.MAX_REPLY,
         )
         answered: Deferred[Any] = asked.addCallbacks(
-            lambda reply: self._judge(connection, txn, reply, started),
-            lambda failure: self._failed(connection, txn, failure),
+            lambda reply: self._judge(connection, txn, settings, reply, started),
+            lambda failure: self._failed(connection, txn, settings, failure),
         )
         return answered
 
-    def _skipped(self, connection: Connection, txn: Transaction) -> bool:
+    def _skipped(self, connection: Connection, txn: Transaction, settings: Settings) -> bool:
         """Record every reason not to scan; whether there is one."""
-        settings = self.settings
         reasons = []
         if txn.data_bytes > settings.max_size:
             reasons.append(f"size {txn.data_bytes} exceeds max: {settings.max_size}")
-        if not settings.checks("authenticated") and connection.notes.get("auth_user"):
-            reasons.append("authed")
-        if not settings.checks("relay") and connection.relaying:
-            reasons.append("relay")
-        remote = connection.remote
-        if not settings.checks("local_ip") and remote.is_local:
-            reasons.append("local_ip")
-        if (
-            not settings.checks("private_ip")
-            and remote.is_private
-            and not (settings.checks("local_ip") and remote.is_local)
-        ):
-            reasons.append("private_ip")
+        reasons += client_skips(connection, settings.check)
         for reason in reasons:
             txn.results.add(self.name, skip=reason)
         return bool(reasons)
 
-    def _prefix(self, connection: Connection, txn: Transaction) -> str:
+    @staticmethod
+    def _prefix(connection: Connection, txn: Transaction, settings: Settings) -> str:
         """The fields put on top of the message for SpamAssassin's rules."""
         sender = txn.mail_from.address if txn.mail_from is not None else ""
         lines = [f"X-Envelope-From: {sender}", f"X-Haraka-UUID: {txn.uuid}"]
         if connection.relaying:
-            lines.append(f"{self.settings.auth_header}: true")
+            lines.append(f"{settings.auth_header}: true")
         return "".join(line + "\r\n" for line in lines)
 
-    def _user(self, txn: Transaction) -> str:
+    def _user(self, txn: Transaction, settings: Settings) -> str:
         """spamd's User: a plugin's C{spamd_user} note, else the setting."""
-        user = str(txn.notes.get("spamd_user") or self.settings.user)
+        user = str(txn.notes.get("spamd_user") or settings.user)
         if user == "first-recipient":
             user = txn.rcpt_to[0].address if txn.rcpt_to else "default"
         if not _USER.match(user):
@@ -290,10 +277,12 @@ class Plugin:
             return "default"
         return user
 
-    def _failed(self, connection: Connection, txn: Transaction, failure: Failure) -> Any:
+    def _failed(
+        self, connection: Connection, txn: Transaction, settings: Settings, failure: Failure
+    ) -> Any:
         error = failure.value
         if not isinstance(error, spamd.SpamdError):
-            return failure  # a bug: the runner logs it
+            return failure  # cancelled by the runner, or a bug: the runner answers
         txn.results.add(self.name, err=str(error))
         connection.logwarn(f"message not scored: {error}", self)
         if isinstance(error, spamd.SpamdTimeout):
@@ -304,34 +293,39 @@ class Plugin:
             )
         else:
             key, text = "error", "spamd scan error"
-        if self.settings.defers(key):
+        if settings.defer.get(key, False):
             return DENYSOFT, text
         return CONT
 
     def _judge(
-        self, connection: Connection, txn: Transaction, reply: spamd.SpamdReply, started: float
+        self,
+        connection: Connection,
+        txn: Transaction,
+        settings: Settings,
+        reply: spamd.SpamdReply,
+        started: float,
     ) -> Any:
-        if connection.transaction is not txn:
-            return CONT  # the client has gone
-        settings = self.settings
+        if connection.remote.closed or connection.transaction is not txn:
+            return CONT  # the client has gone: nothing is queued
         fields = [
             (name[len("X-Spam-") :], value)
             for name, value in reply.header_fields()
             if name.lower().startswith("x-spam-") and len(name) > len("X-Spam-")
         ]
         tests = tests_of({name.lower(): value for name, value in fields})
-        by_name = {name.lower(): " ".join(value.split()) for name, value in fields}
         reject = settings.reject_threshold
         if connection.relaying and settings.relay_reject_threshold is not None:
             reject = settings.relay_reject_threshold
         status = "Yes" if reply.is_spam else "No"
+        took = round(self.reactor.seconds() - started, 3)
         txn.notes.spamassassin = {
             "flag": reply.is_spam,
             "score": reply.score,
             "reqd": reply.threshold,
             "tests": tests,
-            "headers": by_name,
+            "headers": {name: " ".join(value.split()) for name, value in fields},
         }
+        connection.results.add(self.name, time=took, flag=reply.is_spam)
         txn.results.add(
             self.name,
             flag=reply.is_spam,
@@ -339,13 +333,12 @@ class Plugin:
             required=reply.threshold,
             reject=reject,
             tests=tests,
-            time=round(time.monotonic() - started, 3),
+            time=took,
             human=(
                 f"status={status}, score={reply.score}, required={reply.threshold},"
                 f' reject={reject}, tests="{tests or ""}"'
             ),
         )
-        self._old_headers(txn)
         if reply.is_spam:
             txn.remove_header("Precedence")
             txn.add_header("Precedence", "junk")
@@ -360,29 +353,40 @@ class Plugin:
             f"status={status} score={reply.score} required={reply.threshold} tests={tests or '-'}",
             self,
         )
-        if reject is not None and reply.score >= reject:
-            which = "relay threshold" if reject is not settings.reject_threshold else "threshold"
-            return DENY, Reply(550, "5.7.1", (f"spam score exceeded {which}",))
+        refusal = _refusal(settings, connection.relaying, reply.score)
+        if refusal is not None:
+            return DENY, Reply(550, "5.7.1", (refusal,))
         munge = settings.munge_subject_threshold
         if munge is not None and reply.score >= munge:
-            self._munge_subject(txn)
+            _munge_subject(txn, settings.subject_prefix)
         return CONT
 
-    def _old_headers(self, txn: Transaction) -> None:
-        """The client's own X-Spam-* fields: renamed to X-Old-Spam-*, dropped, or kept."""
-        action = self.settings.old_headers_action
-        if action == "keep":
-            return
-        header = txn.header
-        for name in dict.fromkeys(n for n in header.names() if n.lower().startswith("x-spam-")):
-            if action == "drop":
-                header.remove(name)
-            else:
-                header.rename(name, "X-Old-Spam-" + name[len("X-Spam-") :])
 
-    def _munge_subject(self, txn: Transaction) -> None:
-        prefix = self.settings.subject_prefix
-        subject = txn.header.get_all("Subject")
-        if subject and subject[0].startswith(prefix):
-            return
-        txn.header.replace_first("Subject", f"{prefix} {subject[0]}" if subject else prefix)
+def _refusal(settings: Settings, relaying: bool, score: float) -> str | None:
+    """Why a message of C{score} is refused, or None: a relaying client's by
+    relay_reject_threshold first, then everyone's by reject_threshold (as Haraka)."""
+    relay = settings.relay_reject_threshold
+    if relaying and relay is not None and score >= relay:
+        return "spam score exceeded relay threshold"
+    if settings.reject_threshold is not None and score >= settings.reject_threshold:
+        return "spam score exceeded threshold"
+    return None
+
+
+def _old_headers(txn: Transaction, action: str) -> None:
+    """The client's own X-Spam-* fields: renamed to X-Old-Spam-*, dropped, or kept."""
+    if action == "keep":
+        return
+    header = txn.header
+    for name in dict.fromkeys(n for n in header.names() if n.lower().startswith("x-spam-")):
+        if action == "drop":
+            header.remove(name)
+        else:
+            header.rename(name, "X-Old-Spam-" + name[len("X-Spam-") :])
+
+
+def _munge_subject(txn: Transaction, prefix: str) -> None:
+    subject = txn.header.get_all("Subject")
+    if subject and subject[0].startswith(prefix):
+        return
+    txn.header.replace_first("Subject", f"{prefix} {subject[0]}" if subject else prefix)

@@ -4,21 +4,25 @@ give at will (an error status, a reply too long or too slow, fields that try to 
 
 from __future__ import annotations
 
+import os
+import shutil
 import smtplib
+import tempfile
 from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.threads import deferToThread
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
 from haraka_tw import spamd
-from haraka_tw.codes import OK
-from haraka_tw.interfaces import IQueueHook
+from haraka_tw.codes import CONT, OK
+from haraka_tw.interfaces import IConnectHook, IQueueHook, IQueueOutboundHook
 from haraka_tw.server import StartupError
 from tests.spamd_server import SpamdServer
+from tests.standin import StandIn
+from tests.standin import stand_in as make_stand_in
 from tests.support import free_port, start_server
 
 GTUBE = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
@@ -33,7 +37,7 @@ def message(body: str = "Hello, see you at noon.", *, extra: str = "") -> bytes:
     ).encode()
 
 
-@implementer(IQueueHook)
+@implementer(IQueueHook, IQueueOutboundHook)
 class Keep:
     """Test plugin: keeps each message as queued, and its spamassassin results."""
 
@@ -41,6 +45,17 @@ class Keep:
         txn = connection.transaction
         KEPT.append((txn.message_stream.get_bytes(), txn.results.get("spamassassin")))
         return OK
+
+    hook_queue_outbound = hook_queue
+
+
+@implementer(IConnectHook)
+class Relaying:
+    """Test plugin: every client may relay (as an ACL or AUTH would let it)."""
+
+    def hook_connect(self, connection: Any) -> Any:
+        connection.relaying = True
+        return CONT
 
 
 def send(port: int, data: bytes) -> Deferred[tuple[int, bytes]]:
@@ -61,12 +76,12 @@ def header_of(data: bytes) -> str:
     return data.split(b"\r\n\r\n", 1)[0].decode()
 
 
-def server(case: TestCase, ini: str, **files: str) -> int:
+def server(case: TestCase, ini: str, plugins: str = "", **files: str) -> int:
     KEPT.clear()
     _, port = start_server(
         case,
         {
-            "plugins": f"spamassassin\nrcpt_to.in_host_list\n{__name__}:Keep\n",
+            "plugins": f"{plugins}spamassassin\nrcpt_to.in_host_list\n{__name__}:Keep\n",
             "spamassassin.ini": ini,
             "host_list": "example.com\n",
             **files,
@@ -165,39 +180,17 @@ class RealSpamdTests(TestCase):
         self.assertIn("X-Spam-Status", header)
 
 
-class Stand_in(Protocol):
-    """A spamd that reads a request and answers as its factory says."""
-
-    def connectionMade(self) -> None:
-        self.buffer = b""
-        self.factory.connections += 1  # type: ignore[attr-defined]
-
-    def dataReceived(self, data: bytes) -> None:
-        self.buffer += data
-        head, sep, body = self.buffer.partition(b"\r\n\r\n")
-        if not sep:
-            return
-        length = int(head.lower().split(b"content-length: ", 1)[1].split(b"\r\n")[0])
-        if len(body) < length:
-            return
-        factory: Any = self.factory
-        factory.requests.append(self.buffer)
-        if factory.answer is None:
-            return  # never answers
-        assert self.transport is not None
-        self.transport.write(factory.answer)
-        self.transport.loseConnection()
+def spamd_request_complete(request: bytes) -> bool:
+    """Whether a spamd request has its header and Content-length bytes of message."""
+    head, sep, body = request.partition(b"\r\n\r\n")
+    if not sep:
+        return False
+    return len(body) >= int(head.lower().split(b"content-length: ", 1)[1].split(b"\r\n")[0])
 
 
-def stand_in(case: TestCase, answer: bytes | None) -> Any:
-    factory = Factory.forProtocol(Stand_in)
-    factory.answer = answer  # type: ignore[attr-defined]
-    factory.requests = []  # type: ignore[attr-defined]
-    factory.connections = 0  # type: ignore[attr-defined]
-    port = reactor.listenTCP(0, factory, interface="127.0.0.1")  # type: ignore[attr-defined]
-    case.addCleanup(port.stopListening)
-    factory.port = port.getHost().port  # type: ignore[attr-defined]
-    return factory
+def stand_in(case: TestCase, answer: bytes | None) -> StandIn:
+    """A stand-in spamd answering C{answer} (never, for None)."""
+    return make_stand_in(case, answer, spamd_request_complete)
 
 
 def ok(body: bytes, spam: str = "False ; 2.5 / 5.0") -> bytes:
@@ -266,7 +259,7 @@ class StandInTests(TestCase):
         answers = {
             b"SPAMD/1.0 76 Bad header line: (Content-Length mismatch)\r\n": "76 Bad header",
             b"SPAMD/1.1 0 EX_OK\r\nContent-length: 0\r\n\r\n": "no Spam line",
-            ok(b"X-Spam-Level: " + b"*" * (spamd.MAX_REPLY + 10) + b"\r\n\r\n"): "longer than",
+            ok(b"X-Spam-Level: " + b"*" * (spamd.MAX_REPLY + 4096) + b"\r\n\r\n"): "longer than",
         }
         for answer, error in answers.items():
             fake = stand_in(self, answer)
@@ -300,10 +293,103 @@ class StandInTests(TestCase):
 
     @inlineCallbacks
     def test_no_spamd_is_a_scan_error(self) -> Deferred[None]:
-        """Nothing listening: spamd scan error when deferring on errors, else on."""
-        port = server(self, f"spamd_socket=127.0.0.1:{free_port()}\n[defer]\nerror=true\n")
+        """Nothing listening: spamd scan error when deferring on errors, else on, with a
+        forged X-Spam-Flag renamed all the same (it must not pass for our verdict)."""
+        dead = free_port()
+        port = server(self, f"spamd_socket=127.0.0.1:{dead}\n[defer]\nerror=true\n")
         got = yield send(port, message())
         self.assertEqual(got, (450, b"4.7.1 spamd scan error"))
+        port = server(self, f"spamd_socket=127.0.0.1:{dead}\n")
+        got = yield send(port, message(extra="X-Spam-Flag: NO\r\n"))
+        self.assertEqual(got[0], 250)
+        data, results = KEPT[0]
+        assert results is not None
+        self.assertIn("cannot reach spamd at 127.0.0.1:", results["err"][0])
+        self.assertIn("\r\nX-Old-Spam-Flag: NO", header_of(data))
+
+    @inlineCallbacks
+    def test_the_scan_ends_under_the_hook_timeout(self) -> Deferred[None]:
+        """With results_timeout longer than the hook's own timeout (spamassassin.timeout),
+        the scan ends a second under it: spamd scan timeout as [defer] says, not the
+        runner's "plugin timeout"; the connection to spamd is closed (trial would
+        report it left open)."""
+        fake = stand_in(self, None)
+        ini = f"spamd_socket=127.0.0.1:{fake.port}\n[defer]\nscan_timeout=true\n"
+        port = server(self, ini, **{"spamassassin.timeout": "2"})
+        started = reactor.seconds()  # type: ignore[attr-defined]
+        got = yield send(port, message())
+        self.assertEqual(got, (450, b"4.7.1 spamd scan timeout"))
+        self.assertLess(reactor.seconds() - started, 1.9)  # type: ignore[attr-defined]
+
+    @inlineCallbacks
+    def test_headers_large_or_absent_and_spooled_messages(self) -> Deferred[None]:
+        """A header of 300 KB (spamd echoes it) is scored, not cut off as too long a
+        reply; a message without header fields and a message spooled to a file
+        (spool_after=0) reach spamd whole."""
+        pad = "".join(f"X-Pad-{n}: {'a' * 990}\r\n" for n in range(300))
+        echo = ok(b"X-Spam-Status: No, score=1.0\r\n" + pad.encode() + b"\r\n", "False ; 1.0 / 5.0")
+        fake = stand_in(self, echo)
+        port = server(self, f"spamd_socket=127.0.0.1:{fake.port}\n")
+        yield send(port, message(extra=pad))
+        results = KEPT[0][1]
+        assert results is not None
+        self.assertEqual((results.get("score"), results["err"]), (1.0, []))
+        files = {"connection.ini": "[main]\nspool_after=0\n[headers]\nadd_received=false\n"}
+        fake = stand_in(self, ok(b"\r\n", "False ; 1.0 / 5.0"))
+        port = server(self, f"spamd_socket=127.0.0.1:{fake.port}\n", **files)
+        yield send(port, b"\r\nno header at all\r\n")
+        results = KEPT[0][1]
+        assert results is not None
+        self.assertEqual(results.get("score"), 1.0, results)
+        self.assertTrue(fake.requests[-1].endswith(b"\r\n\r\nno header at all\r\n"))
+
+    @inlineCallbacks
+    def test_relaying_clients(self) -> Deferred[None]:
+        """A relaying client's message carries the relay marker to spamd and is judged
+        by relay_reject_threshold first, then by reject_threshold, as in Haraka."""
+        ini = "relay_reject_threshold=3\nreject_threshold=10\n"
+        for score, reply in (
+            ("2.0", (250, b"")),
+            ("4.0", (550, b"5.7.1 spam score exceeded relay threshold")),
+        ):
+            fake = stand_in(self, ok(b"\r\n", f"False ; {score} / 5.0"))
+            plugins = f"{__name__}:Relaying\n"
+            port = server(self, f"spamd_socket=127.0.0.1:{fake.port}\n{ini}", plugins)
+            got = yield send(port, message())
+            self.assertEqual(got, reply)
+            self.assertIn(b"\r\nX-Haraka-Relay: true\r\n", fake.requests[0])
+        fake = stand_in(self, ok(b"\r\n", "True ; 12.0 / 5.0"))
+        port = server(
+            self,
+            f"spamd_socket=127.0.0.1:{fake.port}\nreject_threshold=10\nrelay_reject_threshold=15\n",
+            f"{__name__}:Relaying\n",
+        )
+        got = yield send(port, message())
+        self.assertEqual(got, (550, b"5.7.1 spam score exceeded threshold"))
+
+    @inlineCallbacks
+    def test_settings_that_shape_the_request_and_the_fields(self) -> Deferred[None]:
+        """spamd over a Unix socket; a User that is not one word is sent as default;
+        add_headers=false adds no X-Spam field (Precedence still marks spam);
+        old_headers_action=keep leaves the client's."""
+        directory = tempfile.mkdtemp(prefix="spamd-")  # (a short path: sun_path is 108 bytes)
+        self.addCleanup(shutil.rmtree, directory, True)
+        path = os.path.join(directory, "spamd.sock")
+        fake = make_stand_in(
+            self,
+            ok(b"X-Spam-Flag: YES\r\n\r\n", "True ; 9.0 / 5.0"),
+            spamd_request_complete,
+            unix=path,
+        )
+        ini = f"spamd_socket={path}\nspamd_user=bob smith\nadd_headers=false\n"
+        ini += "old_headers_action=keep\n"
+        port = server(self, ini)
+        yield send(port, message(extra="X-Spam-Level: **\r\n"))
+        self.assertIn(b"\r\nUser: default\r\n", fake.requests[0])
+        header = header_of(KEPT[0][0])
+        self.assertIn("\r\nX-Spam-Level: **\r\n", header)
+        self.assertNotIn("X-Spam-Flag", header)
+        self.assertIn("\r\nPrecedence: junk", header)
 
     @inlineCallbacks
     def test_skips_ask_nothing(self) -> Deferred[None]:
@@ -336,29 +422,3 @@ class ConfigTests(TestCase):
             with self.assertRaises(StartupError) as caught:
                 server(self, ini)
             self.assertIn(named, str(caught.exception))
-
-
-class ParseTests(SynchronousTestCase):
-    def test_addresses(self) -> None:
-        self.assertEqual(spamd.parse_address("spam.example"), spamd.SpamdAddress("spam.example"))
-        self.assertEqual(spamd.parse_address("10.0.0.1:7830").port, 7830)
-        self.assertEqual(spamd.parse_address("[::1]:7830"), spamd.SpamdAddress("::1", 7830))
-        self.assertEqual(spamd.parse_address("::1"), spamd.SpamdAddress("::1"))
-        self.assertEqual(spamd.parse_address("/run/spamd.sock").path, "/run/spamd.sock")
-        self.assertEqual(str(spamd.parse_address("[::1]:7830")), "[::1]:7830")
-        for bad in ("", "host:port", "host:70000", "a b"):
-            self.assertRaises(ValueError, spamd.parse_address, bad)
-
-    def test_replies(self) -> None:
-        reply = spamd.parse_reply(ok(b"SYM_A,SYM_B", "True ; 15 / 5.0"))
-        self.assertEqual((reply.is_spam, reply.score, reply.threshold), (True, 15.0, 5.0))
-        self.assertEqual(reply.symbols(), ["SYM_A", "SYM_B"])
-        for bad, why in (
-            (b"HTTP/1.0 200 OK\r\n\r\n", "not SPAMD"),
-            (b"SPAMD/1.1 0 EX_OK\r\nSpam: maybe\r\n\r\n", "not understood"),
-            (b"SPAMD/1.1 0 EX_OK\r\nContent-length: 10\r\nSpam: True ; 1 / 5\r\n\r\nab", "cut"),
-            (b"SPAMD/1.1 0 EX_OK\r\nSpam: True ; 1 / 5\r\n", "ended before"),
-        ):
-            with self.assertRaises(spamd.SpamdError) as caught:
-                spamd.parse_reply(bad)
-            self.assertIn(why, str(caught.exception))
