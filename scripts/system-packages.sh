@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the tests use as real peers (HAProxy for the PROXY protocol,
 # swaks as an SMTP client, openssl for TLS probes, redis-server for the plugins that keep
-# shared state, spamd for spamassassin), when they are missing and we are root.
+# shared state, spamd and clamd for the content scanners), when they are missing and we are root.
 # Without root the tests that need a missing tool are reported as skipped, with the reason.
 set -euo pipefail
 need=()
@@ -11,6 +11,8 @@ command -v openssl >/dev/null 2>&1 || need+=(openssl)
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 # spamd (SpamAssassin) for the spamassassin plugin's tests; its rules ship in the package
 [ -x /usr/sbin/spamd ] || command -v spamd >/dev/null 2>&1 || need+=(spamd)
+# clamd (ClamAV) for the clamd plugin's tests, which bring their own signatures
+[ -x /usr/sbin/clamd ] || command -v clamd >/dev/null 2>&1 || need+=(clamav-daemon)
 # swaks speaks TLS through these Perl modules
 perl -MIO::Socket::SSL -e 1 >/dev/null 2>&1 || need+=(libio-socket-ssl-perl libnet-ssleay-perl)
 [ ${#need[@]} -eq 0 ] && exit 0

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import tempfile
 import unittest
+from typing import IO
 
 from tests.support import free_port, wait_for_port
 
@@ -30,6 +31,7 @@ class SpamdServer:
         self.port = free_port()
         self.directory = tempfile.mkdtemp(prefix="spamd-test-")
         self.process: subprocess.Popen[bytes] | None = None
+        self.log: IO[bytes] | None = None
 
     def start(self) -> SpamdServer:
         argv = [self.path, "--local", f"--listen=127.0.0.1:{self.port}", "--allowed-ips=127.0.0.1"]
@@ -41,7 +43,11 @@ class SpamdServer:
         self.process = subprocess.Popen(
             argv, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
         )
-        wait_for_port(self.port, timeout=60, alive=self._alive)
+        try:
+            wait_for_port(self.port, timeout=60, alive=self._alive)
+        except BaseException:
+            self.stop()  # (tearDownClass does not run when setUpClass fails)
+            raise
         return self
 
     def _alive(self) -> None:
@@ -61,5 +67,6 @@ class SpamdServer:
                 self.process.kill()
                 self.process.wait(10)
         self.process = None
-        self.log.close()
+        if self.log is not None:
+            self.log.close()
         shutil.rmtree(self.directory, ignore_errors=True)
