@@ -23,7 +23,7 @@ from typing import Any
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint, connectProtocol
-from twisted.internet.error import TimeoutError
+from twisted.internet.error import ConnectingCancelledError, ConnectionDone, TimeoutError
 from twisted.internet.interfaces import IPullProducer, IStreamClientEndpoint
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
@@ -31,8 +31,10 @@ from zope.interface import implementer
 
 __all__ = [
     "Address",
+    "RequestUnreadable",
     "ServiceError",
     "ServiceTimeout",
+    "ServiceUnreachable",
     "chained",
     "exchange",
     "parse_address",
@@ -43,6 +45,14 @@ _HOST_PORT = re.compile(r"^(?:\[([0-9A-Fa-f:.]+)\]|([^:\[\]\s/]+))(?::(\d{1,5}))
 
 class ServiceError(Exception):
     """The service could not be asked, or its answer is not one."""
+
+
+class ServiceUnreachable(ServiceError):
+    """No connection could be made (refused, no route, no such host)."""
+
+
+class RequestUnreadable(ServiceError):
+    """The request could not be read (the spool file): no fault of the service's."""
 
 
 class ServiceTimeout(ServiceError):
@@ -134,7 +144,7 @@ class _Sender:
             while piece == b"":  # (an empty write would not ask for the next piece)
                 piece = next(self.pieces, None)
         except Exception as e:  # (the spool file could not be read)
-            self.protocol.give_up(ServiceError(f"reading the message failed: {e}"))
+            self.protocol.give_up(RequestUnreadable(f"reading the message failed: {e}"))
             return
         if piece is None:
             transport.unregisterProducer()
@@ -189,6 +199,10 @@ class _Exchange(Protocol):
             return
         if self.error is not None:
             self.done.errback(self.error)
+        elif not self.buffer and not reason.check(ConnectionDone):
+            self.done.errback(
+                ServiceError(f"{self.name} hung up without answering: {reason.getErrorMessage()}")
+            )
         else:
             self.done.callback(bytes(self.buffer))
 
@@ -224,13 +238,13 @@ def exchange(
             return failure
         if protocol.error is not None:
             raise protocol.error
-        if failure.check(defer.CancelledError):
-            return failure  # cancelled by the caller: not a verdict on the service
+        if failure.check(defer.CancelledError, ConnectingCancelledError):
+            raise defer.CancelledError()  # by the caller: not a verdict on the service
         if failure.check(TimeoutError):
             raise ServiceTimeout(
                 f"{name} at {address} took no connection within {connect_timeout:g} s", True
             )
-        raise ServiceError(f"cannot reach {name} at {address}: {failure.getErrorMessage()}")
+        raise ServiceUnreachable(f"cannot reach {name} at {address}: {failure.getErrorMessage()}")
 
     def over(result: Any) -> Any:
         if timer.active():

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
+from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -104,3 +106,35 @@ class ExchangeTests(TestCase):
         yield self.assertFailure(d, CancelledError)
         self.assertEqual(closed, [True])
         yield deferLater(reactor, 0.05, lambda: None)
+
+
+class _Hanging(Address):
+    """An address whose connection attempt never ends until cancelled (as a SYN that
+    gets no answer), and is cancelled as Twisted's endpoints are."""
+
+    def endpoint(self, reactor: object, timeout: float) -> Any:
+        class Endpoint:
+            def connect(self, factory: object) -> Deferred[None]:
+                return Deferred(lambda d: d.errback(ConnectingCancelledError(None)))
+
+        return Endpoint()
+
+
+class ConnectingTests(TestCase):
+    @inlineCallbacks
+    def test_cancel_while_connecting(self) -> Deferred[None]:
+        """Cancelled while still connecting: CancelledError, not a verdict on the service
+        (a caller trying hosts in turn must stop, not take the next one)."""
+        d = exchange(reactor, _Hanging(), [b"."], name="x", limit=10, timeout=5, connect_timeout=5)
+        yield deferLater(reactor, 0.05, lambda: None)
+        d.cancel()
+        yield self.assertFailure(d, CancelledError)
+
+    @inlineCallbacks
+    def test_no_connection_in_time(self) -> Deferred[None]:
+        """No connection within the time limit: ServiceTimeout, while connecting."""
+        d = exchange(
+            reactor, _Hanging(), [b"."], name="x", limit=10, timeout=0.2, connect_timeout=5
+        )
+        error = yield self.assertFailure(d, ServiceTimeout)
+        self.assertTrue(error.connecting)

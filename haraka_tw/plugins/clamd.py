@@ -23,35 +23,24 @@ private addresses.
 
 clamd.excludes: one signature name per line, C{*} and C{?} as wildcards over the whole
 name, or C{/regex/} (searched); any case. A name that matches is let through (with the
-field); a C{!} before the pattern makes it refused even so, and is looked at first.
+field); a C{!} before the pattern makes it refused even so (unless C{[reject] virus} is
+off), and is looked at before the categories.
 
 Done otherwise than Haraka's plugin: C{max_size} is compared with what clamd receives
 (the Received line, the header as it is now, the body), not the bytes of DATA; every
 wildcard of a pattern counts (Haraka's only the first) and a wildcard pattern matches
 the whole name (Haraka's only its end); C{!/regex/} works (Haraka kept the closing slash,
-so it never matched); with every category turned off, they are all let through (Haraka
-then refused them all); C{[reject] virus=false} still adds the field, and a timeout
-moves on to the next host while time is left; C{check.relay} and
-C{only_with_attachment} are booleans (Haraka read C{false} as on); a signature name is
-printable ASCII (anything else is C{?}) before it goes into a reply or a field.
+so it never matched); a C{!} exclude refuses a name its category would let through;
+with every category turned off, they are all let through (Haraka then refused them
+all); C{[reject] virus=false} still adds the field; C{timeout} bounds the whole scan
+(Haraka's is the time clamd may stay silent), and a host that is unreachable or answers
+with an error is followed by the next while time is left (one that stays silent uses
+it up); clamd's size-limit answer is a C{skip} (Haraka records an C{err}); C{check.relay}
+and C{only_with_attachment} are booleans (Haraka read C{false} as on); a signature name
+is cut to the characters 0x21-0x7E (anything else is C{?}) before it goes into a reply or
+a field; the replies carry enhanced status codes (5.7.1, 4.7.1).
 
-clamd.ini::
-
-    [main]
-    clamd_socket=localhost:3310     ; hosts in turn: host:port, [IPv6]:port, /path
-    ;randomize_host_order=false
-    ;timeout=30                     ; seconds for the whole scan (all hosts)
-    ;connect_timeout=10             ; seconds to connect to one host
-    ;max_size=26214400
-    ;only_with_attachments=false
-    [reject]
-    ;virus=true
-    ;error=true
-    ;Phishing=false                 ; Heuristics.Phishing.* let through
-    ;Broken.Executable=true  Structured=true  Encrypted=true  PUA=true  OLE2=true
-    ;Safebrowsing=true  UNOFFICIAL=true
-    [check]
-    ;authenticated=true  private_ip=true  local_ip=true  relay=true
+The keys, with their defaults, are in the shipped etc/clamd.ini and docs/plugins.md.
 """
 
 from __future__ import annotations
@@ -67,7 +56,13 @@ from zope.interface import implementer
 from haraka_tw import clamd
 from haraka_tw.codes import CONT, DENY, DENYSOFT
 from haraka_tw.config.formats import ini_number
-from haraka_tw.exchange import Address, ServiceError, ServiceTimeout
+from haraka_tw.exchange import (
+    Address,
+    RequestUnreadable,
+    ServiceError,
+    ServiceTimeout,
+    ServiceUnreachable,
+)
 from haraka_tw.hooks.runner import under_hook_limit
 from haraka_tw.interfaces import IDataHook, IDataPostHook, IPluginContext, IRegistration
 from haraka_tw.plugins.content_scan import CHECK_BOOLEANS, client_skips
@@ -153,7 +148,7 @@ class Settings:
     def let_through(self, name: str) -> bool:
         """Whether C{name} is of a category C{[reject]} lets through, and of none it
         refuses (as Haraka reads them: C{Heuristics.Phishing.X.UNOFFICIAL} is refused
-        while C{UNOFFICIAL} is)."""
+        while C{UNOFFICIAL} is on)."""
         kinds = [self.reject.get(key, on) for key, (p, on) in CATEGORIES.items() if p.search(name)]
         return bool(kinds) and not any(kinds)
 
@@ -163,7 +158,8 @@ def read_settings(ini: dict[str, dict[str, Any]], excludes: list[str]) -> Settin
     main = ini["main"]
     where = f"{INI} [main]"
     hosts = []
-    for text in re.split(r"[,; ]+", str(main.get("clamd_socket") or "localhost:3310").strip()):
+    listed = str(main.get("clamd_socket") or "localhost:3310")
+    for text in filter(None, re.split(r"[,; ]+", listed)):  # (a trailing comma adds none)
         try:
             hosts.append(clamd.parse_address(text))
         except ValueError as e:
@@ -173,8 +169,8 @@ def read_settings(ini: dict[str, dict[str, Any]], excludes: list[str]) -> Settin
     return Settings(
         hosts=tuple(hosts),
         randomize=bool(main.get("randomize_host_order")),
-        timeout=ini_number(main, "timeout", 30, zero_ok=False, where=where),
-        connect_timeout=ini_number(main, "connect_timeout", 10, zero_ok=False, where=where),
+        timeout=ini_number(main, "timeout", 30, zero_ok=True, where=where) or 30,
+        connect_timeout=ini_number(main, "connect_timeout", 10, zero_ok=True, where=where) or 10,
         max_size=int(ini_number(main, "max_size", 26_214_400, zero_ok=False, where=where)),
         only_with_attachments=bool(only),
         reject={key: bool(value) for key, value in ini.get("reject", {}).items()},
@@ -209,9 +205,10 @@ class Plugin:
     def hook_data(self, connection: Connection) -> Any:
         txn = connection.transaction
         if txn is not None and self.settings.only_with_attachments:
+            txn.notes.clamd_attachments = False  # (data_post skips only when this is here)
 
             def found(info: Any) -> None:
-                txn.notes.clamd_found_attachment = True
+                txn.notes.clamd_attachments = True
 
             txn.attachment_hooks(found)
         return CONT
@@ -220,10 +217,9 @@ class Plugin:
         txn = connection.transaction
         if txn is None:
             return CONT
-        settings = self.settings
+        settings = self.settings  # (this message's, whatever a reload does meanwhile)
         reasons = client_skips(connection, settings.check)
-        wants_attachment = settings.only_with_attachments and not reasons
-        if wants_attachment and not txn.notes.get("clamd_found_attachment"):
+        if not reasons and txn.notes.get("clamd_attachments") is False:
             reasons.append("no attachments")
         size = clamd.request_size(txn.message_stream.size)
         if not reasons and size > settings.max_size:
@@ -239,14 +235,20 @@ class Plugin:
             self.config, self.name, settings.timeout
         )
         answered: Deferred[Any] = Deferred.fromCoroutine(
-            self._scan(connection, txn, hosts, deadline)
+            self._scan(connection, txn, settings, hosts, deadline)
         )
         return answered
 
     async def _scan(
-        self, connection: Connection, txn: Transaction, hosts: list[Address], deadline: float
+        self,
+        connection: Connection,
+        txn: Transaction,
+        settings: Settings,
+        hosts: list[Address],
+        deadline: float,
     ) -> Any:
-        settings = self.settings
+        """Ask each host in turn until one answers, while time is left. (A cancel, the
+        runner's own timeout, ends it: CancelledError is no ServiceError.)"""
         error: ServiceError | None = None
         for address in hosts:
             left = deadline - self.reactor.seconds()
@@ -260,22 +262,33 @@ class Plugin:
                     timeout=left,
                     connect_timeout=min(settings.connect_timeout, left),
                 )
+            except RequestUnreadable as e:
+                error = e
+                connection.logerror(f"{e}", self)
+                break  # (no host can read what we cannot)
             except ServiceError as e:
                 error = e
                 connection.logwarn(f"{e}", self)
                 continue
-            return self._judge(connection, txn, answer)
-        text = "Error connecting to virus scanner"
+            return self._judge(connection, txn, settings, answer)
         if isinstance(error, ServiceTimeout) and not error.connecting:
             text = "Virus scanner timed out"
-        elif error is not None and not str(error).startswith("cannot reach"):
+        elif error is None or isinstance(error, (ServiceUnreachable, ServiceTimeout)):
+            text = "Error connecting to virus scanner"
+        else:
             text = "Error running virus scanner"
         txn.results.add(self.name, err=str(error) if error else "no time left to connect")
         return (DENYSOFT, text) if settings.reject.get("error", True) else CONT
 
-    def _judge(self, connection: Connection, txn: Transaction, answer: clamd.ClamdAnswer) -> Any:
-        if connection.transaction is not txn:
-            return CONT  # the client has gone
+    def _judge(
+        self,
+        connection: Connection,
+        txn: Transaction,
+        settings: Settings,
+        answer: clamd.ClamdAnswer,
+    ) -> Any:
+        if connection.remote.closed:
+            return CONT  # the client has gone: nothing is queued
         if answer.size_limit:
             txn.results.add(
                 self.name,
@@ -288,10 +301,9 @@ class Plugin:
             txn.results.add(self.name, **{"pass": "clean"})
             return CONT
         txn.results.add(self.name, fail=virus)
-        settings = self.settings
-        refuse = settings.excludes.verdict(virus)
+        refuse = settings.reject.get("virus", True) and settings.excludes.verdict(virus)
         if refuse is None:
-            refuse = settings.reject.get("virus", True) and not settings.let_through(virus)
+            refuse = not settings.let_through(virus)
         if not refuse:
             connection.logwarn(f"{virus} found, let through", self)
             txn.add_header(_FIELD, virus)

@@ -15,7 +15,6 @@ from zope.interface import implementer
 
 from haraka_tw import clamd
 from haraka_tw.codes import OK
-from haraka_tw.exchange import ServiceError
 from haraka_tw.interfaces import IQueueHook
 from haraka_tw.plugins.clamd import Excludes
 from haraka_tw.server import StartupError
@@ -141,16 +140,18 @@ class RealClamdTests(TestCase):
     @inlineCallbacks
     def test_categories_and_excludes_let_through_with_a_field(self) -> Deferred[None]:
         """[reject] UNOFFICIAL=false lets an unofficial signature through, with
-        X-Haraka-Virus; a Phishing one then too (Phishing is let through by default);
-        an exclude with wildcards (any case) lets one through; a ! exclude refuses it
-        even when its category is let through."""
+        X-Haraka-Virus; a Phishing one then too (Phishing is let through by default),
+        but not with Phishing=true; an exclude with wildcards (any case) lets one
+        through; a ! exclude refuses it even when its category is let through, unless
+        [reject] virus is off, which lets everything through with the field."""
         port = self.server("[reject]\nUNOFFICIAL=false\n")
         for text in (EICAR, PHISH):
             got = yield send(port, message(attached=text))
             self.assertEqual(got[0], 250, got)
         found = [header_of(data).rsplit("X-Haraka-Virus: ", 1)[1] for data, _ in KEPT]
         self.assertEqual(found, [VIRUS, "Heuristics.Phishing.Haraka-Test.UNOFFICIAL"])
-        port = self.server("[reject]\nPhishing=true\n", **{"clamd.excludes": "haraka-*-eicar.*\n"})
+        ini = "[reject]\nPhishing=true\nUNOFFICIAL=false\n"
+        port = self.server(ini, **{"clamd.excludes": "haraka-*-eicar.*\n"})
         got = yield send(port, message(attached=EICAR))
         self.assertEqual(got[0], 250, got)
         got = yield send(port, message(attached=PHISH))
@@ -158,6 +159,10 @@ class RealClamdTests(TestCase):
         port = self.server("[reject]\nUNOFFICIAL=false\n", **{"clamd.excludes": "!/EICAR/\n"})
         got = yield send(port, message(attached=EICAR))
         self.assertEqual(got[0], 550, got)
+        port = self.server("[reject]\nvirus=false\n", **{"clamd.excludes": "!/EICAR/\n"})
+        got = yield send(port, message(attached=EICAR))
+        self.assertEqual(got[0], 250, got)
+        self.assertIn(f"\r\nX-Haraka-Virus: {VIRUS}", header_of(KEPT[0][0]))
 
     @inlineCallbacks
     def test_only_with_attachments(self) -> Deferred[None]:
@@ -174,10 +179,14 @@ class RealClamdTests(TestCase):
 
     @inlineCallbacks
     def test_hosts_tried_in_turn(self) -> Deferred[None]:
-        """A dead host first: the next one scans."""
-        port = self.server(f"clamd_socket=127.0.0.1:{free_port()}, 127.0.0.1:{self.clamd.port}\n")
-        got = yield send(port, message(attached=EICAR))
-        self.assertEqual(got[0], 550)
+        """A dead host first, or one that answers with an error: the next one scans
+        (a message of several 64 KB chunks here), and a trailing comma adds no host."""
+        error = fake_clamd(self, b"stream: Can't allocate memory ERROR\0")
+        for first in (f"127.0.0.1:{free_port()}", f"127.0.0.1:{error.port}"):
+            port = self.server(f"clamd_socket={first}, 127.0.0.1:{self.clamd.port},\n")
+            got = yield send(port, message("x" * 200_000, attached=EICAR))
+            self.assertEqual(got[0], 550)
+        self.assertEqual(error.connections, 1)
 
 
 class StandInTests(TestCase):
@@ -244,23 +253,13 @@ class StandInTests(TestCase):
 
 
 class UnitTests(SynchronousTestCase):
-    def test_answers(self) -> None:
-        """OK, FOUND (with ExtendedDetectionInfo's hash and size dropped), the size
-        limit; an ERROR or anything else is a ServiceError."""
-        self.assertTrue(clamd.parse_answer(b"stream: OK\0").clean)
-        self.assertEqual(clamd.parse_answer(b"stream: Eicar-Sig FOUND\0").virus, "Eicar-Sig")
-        found = clamd.parse_answer(b"stream: Eicar-Sig(44d88612fea8a8f36de82e1278abb02f:68) FOUND")
-        self.assertEqual(found.virus, "Eicar-Sig")
-        self.assertTrue(clamd.parse_answer(b"INSTREAM size limit exceeded. ERROR\0").size_limit)
-        for bad in (b"stream: lstat() failed ERROR\0", b"", b"UNKNOWN COMMAND\0"):
-            self.assertRaises(ServiceError, clamd.parse_answer, bad)
-
     def test_excludes(self) -> None:
         """Wildcards over the whole name, every one of them, any case; /regex/ searched;
         ! first; a bad regex names its line."""
-        excludes = Excludes.parse(["*.Test.*-?", "/phish/", "!Bad.*"])
+        excludes = Excludes.parse(["*.Test.*-?", "/phish/", "!Bad.*", "Win.*"])
         self.assertIs(excludes.verdict("Win.Test.EICAR-1"), False)
         self.assertIsNone(excludes.verdict("X.Win.Test.EICAR-12"))
+        self.assertIsNone(excludes.verdict("X.Win.y"))
         self.assertIs(excludes.verdict("Heuristics.PHISHING.x"), False)
         self.assertIs(excludes.verdict("bad.Test.x-1"), True)
         with self.assertRaises(ValueError) as caught:
