@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import smtplib
 import socket
 import subprocess
 import sys
@@ -23,8 +24,10 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.internet.threads import deferToThread
 from zope.interface import implementer
 
 from haraka_tw.codes import CONT
@@ -152,6 +155,23 @@ class Session:
 def reply_codes(text: str) -> list[int]:
     """Codes of the final lines of each reply in C{text}."""
     return [int(line[:3]) for line in text.split("\r\n") if len(line) >= 4 and line[3] == " "]
+
+
+def data_reply(
+    port: int, sender: str, recipients: list[str], data: bytes
+) -> Deferred[tuple[int, bytes]]:
+    """Send C{data} with smtplib (in a thread); the code and text of the reply to the end
+    of DATA, or of the command refused before it."""
+
+    def run() -> tuple[int, bytes]:
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+            try:
+                client.sendmail(sender, recipients, data)
+            except smtplib.SMTPResponseException as e:
+                return e.smtp_code, e.smtp_error
+        return 250, b""
+
+    return deferToThread(run)
 
 
 def write_config(directory: Path, files: Mapping[str, str]) -> Path:

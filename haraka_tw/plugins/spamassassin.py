@@ -81,6 +81,7 @@ from zope.interface import implementer
 from haraka_tw import spamd
 from haraka_tw.codes import CONT, DENY, DENYSOFT
 from haraka_tw.config.formats import ini_number
+from haraka_tw.config.ini import is_truthy
 from haraka_tw.exchange import Address, chained
 from haraka_tw.hooks.runner import under_hook_limit
 from haraka_tw.interfaces import IDataPostHook, IPluginContext, IRegistration
@@ -137,10 +138,6 @@ def _threshold(main: dict[str, Any], key: str) -> float | None:
     return number or None
 
 
-def _flag(value: Any) -> bool:
-    return str(value).strip().lower() in ("1", "true", "yes", "on", "ok", "enabled")
-
-
 def read_settings(ini: dict[str, dict[str, Any]]) -> Settings:
     """spamassassin.ini's settings; ValueError naming the file and key for a bad value."""
     main = ini["main"]
@@ -170,7 +167,7 @@ def read_settings(ini: dict[str, dict[str, Any]]) -> Settings:
         munge_subject_threshold=_threshold(main, "munge_subject_threshold"),
         subject_prefix=str(main.get("subject_prefix") or "*** SPAM ***"),
         old_headers_action=action,
-        modern_status_syntax=_flag(main.get("modern_status_syntax", False)),
+        modern_status_syntax=is_truthy(main.get("modern_status_syntax", False)),
         add_headers=bool(main.get("add_headers", True)),
         auth_header=auth_header,
         connect_timeout=ini_number(main, "connect_timeout", 30, zero_ok=True, where=where) or 30,

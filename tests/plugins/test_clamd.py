@@ -4,12 +4,10 @@ give at will (an error, a size limit, silence, a name with control characters)."
 
 from __future__ import annotations
 
-import smtplib
 import struct
 from typing import Any
 
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
@@ -20,7 +18,7 @@ from haraka_tw.plugins.clamd import Excludes
 from haraka_tw.server import StartupError
 from tests.clamd_server import EICAR, PHISH, ClamdServer
 from tests.standin import StandIn, stand_in
-from tests.support import free_port, start_server
+from tests.support import data_reply, free_port, start_server
 
 KEPT: list[tuple[bytes, dict[str, Any] | None]] = []
 VIRUS = "Haraka-Test-EICAR.UNOFFICIAL"
@@ -51,16 +49,7 @@ def message(text: str = "See you at noon.", *, attached: str | None = None) -> b
 
 def send(port: int, data: bytes) -> Deferred[tuple[int, bytes]]:
     """Send C{data} to bob@example.com; the reply to the end of DATA."""
-
-    def run() -> tuple[int, bytes]:
-        with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
-            try:
-                client.sendmail("ann@sender.example", ["bob@example.com"], data)
-            except smtplib.SMTPResponseException as e:
-                return e.smtp_code, e.smtp_error
-        return 250, b""
-
-    return deferToThread(run)
+    return data_reply(port, "ann@sender.example", ["bob@example.com"], data)
 
 
 def server(case: TestCase, ini: str, **files: str) -> int:

@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import smtplib
 import tempfile
 from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
@@ -23,7 +21,7 @@ from haraka_tw.server import StartupError
 from tests.spamd_server import SpamdServer
 from tests.standin import StandIn
 from tests.standin import stand_in as make_stand_in
-from tests.support import free_port, start_server
+from tests.support import data_reply, free_port, start_server
 
 GTUBE = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
 KEPT: list[tuple[bytes, dict[str, Any] | None]] = []
@@ -60,16 +58,7 @@ class Relaying:
 
 def send(port: int, data: bytes) -> Deferred[tuple[int, bytes]]:
     """Send C{data} to bob@example.com; the reply to the end of DATA."""
-
-    def run() -> tuple[int, bytes]:
-        with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
-            try:
-                client.sendmail("ann@sender.example", ["bob@example.com"], data)
-            except smtplib.SMTPResponseException as e:
-                return e.smtp_code, e.smtp_error
-        return 250, b""
-
-    return deferToThread(run)
+    return data_reply(port, "ann@sender.example", ["bob@example.com"], data)
 
 
 def header_of(data: bytes) -> str:
