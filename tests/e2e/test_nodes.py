@@ -25,7 +25,7 @@ from zope.interface import implementer
 from haraka_tw.codes import DENY, Code
 from haraka_tw.interfaces import IInitChildHook
 from haraka_tw.paths import default_config_dir
-from tests.e2e.test_twistd import MESSAGE, TwistdTestCase, is_running, poll, rcpt_code
+from tests.e2e.test_twistd import MESSAGE, TwistdTestCase, ids, is_running, poll, rcpt_code
 from tests.support import free_port, write_config
 from tests.tls_certs import pki
 
@@ -60,15 +60,6 @@ def readable_by_nobody(path: Path) -> bool:
         check=False,
     )
     return probe.returncode == 0
-
-
-def ids(pid: int) -> tuple[list[str], list[str]]:
-    """The Uid and Gid lines of C{pid}'s status."""
-    status = Path(f"/proc/{pid}/status").read_text()
-    uid = re.search(r"^Uid:\s+(.*)$", status, re.M)
-    gid = re.search(r"^Gid:\s+(.*)$", status, re.M)
-    assert uid is not None and gid is not None
-    return uid.group(1).split(), gid.group(1).split()
 
 
 class NodesTestCase(TwistdTestCase):

@@ -43,6 +43,15 @@ MESSAGE = b"From: <alice@x.test>\r\nTo: <bob@example.com>\r\nSubject: hello\r\n\
 CLEAN_STOP = frozenset({0, -signal.SIGTERM})
 
 
+def ids(pid: int) -> tuple[list[str], list[str]]:
+    """The Uid and Gid lines of C{pid}'s status (real, effective, saved, filesystem)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    uid = re.search(r"^Uid:\s+(.*)$", status, re.M)
+    gid = re.search(r"^Gid:\s+(.*)$", status, re.M)
+    assert uid is not None and gid is not None
+    return uid.group(1).split(), gid.group(1).split()
+
+
 def poll(condition: Callable[[], Any], timeout: float, step: float = 0.05) -> Any:
     """Call C{condition} until it returns something true; that value, or None at timeout."""
     deadline = time.monotonic() + timeout
@@ -424,12 +433,13 @@ class PrivilegeDropTests(TwistdTestCase):
         self.stop(proc)
 
     def assert_runs_as_nobody(self, pid: int) -> None:
-        status = Path(f"/proc/{pid}/status").read_text()
-        uid = re.search(r"^Uid:\s+(.*)$", status, re.M)
-        gid = re.search(r"^Gid:\s+(.*)$", status, re.M)
-        assert uid is not None and gid is not None
-        self.assertEqual(uid.group(1).split(), ["65534"] * 4)
-        self.assertEqual(gid.group(1).split(), ["65534"] * 4)
+        """Real, effective, saved and filesystem uid and gid all nobody's. The port answers
+        from listen(), a moment before twistd drops (before the reactor runs, so no client is
+        served as root): on a loaded machine that moment is seen, so the drop is waited for."""
+        poll(lambda: ids(pid)[0] != ["0"] * 4 or None, 10)
+        uids, gids = ids(pid)
+        self.assertEqual(uids, ["65534"] * 4)
+        self.assertEqual(gids, ["65534"] * 4)
 
     def test_smtp_ini_user_and_group_are_the_ones_dropped_to(self) -> None:
         """As root, with Haraka's smtp.ini user= and group= and no -u/-g: the listeners are
