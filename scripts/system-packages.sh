@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the tests use as real peers (HAProxy for the PROXY protocol,
 # swaks as an SMTP client, openssl for TLS probes, redis-server for the plugins that keep
-# shared state, spamd and clamd for the content scanners), when they are missing and we are root.
+# shared state, spamd and clamd for the content scanners, bsdtar for the attachment
+# plugin), when they are missing and we are root.
 # Without root the tests that need a missing tool are reported as skipped, with the reason.
 set -euo pipefail
 need=()
@@ -13,6 +14,8 @@ command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 [ -x /usr/sbin/spamd ] || command -v spamd >/dev/null 2>&1 || need+=(spamd)
 # clamd (ClamAV) for the clamd plugin's tests, which bring their own signatures
 [ -x /usr/sbin/clamd ] || command -v clamd >/dev/null 2>&1 || need+=(clamav-daemon)
+# bsdtar (libarchive) for the attachment plugin, which looks into archives with it
+command -v bsdtar >/dev/null 2>&1 || need+=(libarchive-tools)
 # swaks speaks TLS through these Perl modules
 perl -MIO::Socket::SSL -e 1 >/dev/null 2>&1 || need+=(libio-socket-ssl-perl libnet-ssleay-perl)
 [ ${#need[@]} -eq 0 ] && exit 0
