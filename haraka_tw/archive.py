@@ -11,13 +11,15 @@ C{outer.zip/inner.zip/evil.exe}.
 One L{Budget} is shared by everything inspected for a message: names listed, bytes
 decompressed, and a deadline. Past one of them, or past C{max_depth} (the outermost
 archive is level 0), inspection stops with the matching L{ArchiveError}; the names found
-so far are on it. A nested archive bsdtar cannot read, and an archive it lists but
-cannot read through, are noted in C{budget.unreadable}, and the rest is looked into all
-the same; one it cannot list at all is L{Unreadable}.
+so far are on it. An archive, at any level, that bsdtar cannot list, read through or
+extract a member of is L{Unreadable} (a name too long, or one shared by two nested
+archives, too: neither could be looked into alone); a lone compressed file
+(C{invoice.exe.gz}, no archive to bsdtar) holds the name its own name gives.
 
-bsdtar runs one process at a time, with no terminal (its stdin is closed, and
-C{--passphrase} is given so that it never asks for one), C{LANG=C}, in C{workdir}; it is
-killed the moment a bound is passed or the inspection is cancelled.
+bsdtar runs one process at a time for a message, and no more than C{budget.slots} for
+all of them, with no terminal (its stdin is closed, and C{--passphrase} is given so that
+it never asks for one), C{LC_ALL=C.UTF-8} (so that any name is listed), in C{workdir}; it
+is killed the moment a bound is passed or the inspection is cancelled.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredSemaphore
 from twisted.internet.error import ProcessDone
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
@@ -39,6 +41,7 @@ __all__ = [
     "ArchiveError",
     "Budget",
     "Encrypted",
+    "Failed",
     "TimedOut",
     "TooDeep",
     "TooLarge",
@@ -48,8 +51,18 @@ __all__ = [
     "looks_like_archive",
 ]
 
-#: bsdtar's stderr for a member it cannot decrypt (zip, 7z, rar)
-_ENCRYPTED = re.compile(rb"passphrase|encrypt", re.IGNORECASE)
+#: bsdtar's words for a member it cannot decrypt (zip, 7z, rar), as libarchive puts them
+_ENCRYPTED = re.compile(
+    rb": (Incorrect passphrase|Passphrase required for this entry|Encryption is not supported"
+    rb"|RAR encryption support unavailable|The \S+ is encrypted, but currently not supported"
+    rb"|encryption not supported|Too many incorrect passphrases)"
+)
+#: bsdtar's words for a file that is no archive it knows (a lone gzip file)
+_UNKNOWN_FORMAT = b"Unrecognized archive format"
+#: extensions of a lone compressed file, whose name without them is what it holds
+COMPRESSED = frozenset({"gz", "z", "bz2", "xz", "lz", "zst", "lzma"})
+#: the longest name taken from a listing (as in a path on Linux): longer is unreadable
+MAX_NAME = 4096
 #: what is kept of bsdtar's stderr, for the log
 _STDERR_KEPT = 2048
 #: the longest listing read, whatever the count of names (a name is at most a few KB)
@@ -103,6 +116,10 @@ class TimedOut(ArchiveError):
     """The deadline passed."""
 
 
+class Failed(ArchiveError):
+    """Ours, not the archive's: bsdtar could not be run, or a file not written."""
+
+
 @dataclass
 class Budget:
     """What every archive of one message may use between them. C{deadline} is on the
@@ -114,16 +131,17 @@ class Budget:
     max_depth: int
     extensions: frozenset[str] = field(default_factory=frozenset)
     allow_encrypted: bool = False
+    #: bsdtar processes that may run at once, shared by every message (None: no bound)
+    slots: DeferredSemaphore | None = None
     entries_used: int = 0
     bytes_used: int = 0
-    #: what could not be read, and why, in the order met
-    unreadable: list[str] = field(default_factory=list)
 
 
 def extension(name: str) -> str:
     """The lower-cased extension of the last part of C{name} (C{"a/b.ZIP"}: C{"zip"}),
-    after the trailing dots and spaces Windows ignores; C{""} for none."""
-    base = name.replace("\\", "/").rsplit("/", 1)[-1].rstrip(". \t")
+    up to a NUL (where a C program's name ends), after the trailing dots and spaces
+    Windows ignores; C{""} for none."""
+    base = name.split("\0", 1)[0].replace("\\", "/").rsplit("/", 1)[-1].rstrip(". \t")
     stem, dot, ext = base.rpartition(".")
     return ext.lower() if dot and stem else ""
 
@@ -165,14 +183,29 @@ async def _inspect(
 ) -> None:
     if depth >= budget.max_depth:
         raise TooDeep(f"{label}: archives nested more than {budget.max_depth} deep")
-    names = await _list(reactor, bsdtar, path, label, budget, workdir)
+    names, run = await _list(reactor, bsdtar, path, label, budget, workdir)
     found.extend(f"{label}/{name}" for name in names)
+    if run.failed:
+        if _UNKNOWN_FORMAT in run.stderr and extension(label) in COMPRESSED:
+            # a lone compressed file (notes.txt.gz): what it holds is named by its name
+            stem = label.replace("\\", "/").rsplit("/", 1)[-1].rstrip(". \t")
+            found.append(f"{label}/{stem.rsplit('.', 1)[0]}")
+            return
+        if _ENCRYPTED.search(run.stderr):
+            if budget.allow_encrypted:
+                return  # (nothing more can be read of it)
+            raise Encrypted(f"{label}: it is encrypted")
+        raise Unreadable(f"{label}: bsdtar could not list it: {run.said}")
     encrypted = await _read_through(reactor, bsdtar, path, label, budget, workdir)
     if encrypted and not budget.allow_encrypted:
         raise Encrypted(f"{label}: a member is encrypted")
-    for index, name in enumerate(names):
-        if name.endswith("/") or extension(name) not in budget.extensions:
-            continue
+    inner_archives = [
+        name for name in names if not name.endswith("/") and extension(name) in budget.extensions
+    ]
+    for index, name in enumerate(inner_archives):
+        if names.count(name) > 1:
+            # (bsdtar would give all of them as one: none can be looked into alone)
+            raise Unreadable(f"{label}/{name}: more than one member has this name")
         inner = workdir / f"{path.name}.{index}"
         try:
             if await _extract(reactor, bsdtar, path, name, inner, label, budget, workdir):
@@ -180,43 +213,42 @@ async def _inspect(
             await _inspect(
                 reactor, bsdtar, inner, f"{label}/{name}", budget, workdir, depth + 1, found
             )
-        except Unreadable as e:
-            budget.unreadable.append(str(e))
         finally:
             inner.unlink(missing_ok=True)
 
 
 async def _list(
     reactor: Any, bsdtar: str, path: Path, label: str, budget: Budget, workdir: Path
-) -> list[str]:
+) -> tuple[list[str], _Run]:
+    """The names bsdtar lists (those it gave before failing too), and how it ended."""
     listing = bytearray()
+    lines = 0
 
     def take(data: bytes) -> bool:
+        nonlocal lines
         listing.extend(data)
-        count = listing.count(b"\n")
-        if budget.entries_used + count > budget.entries:
+        lines += data.count(b"\n")
+        if budget.entries_used + lines > budget.entries:
             raise TooMany(f"{label}: more than {budget.entries} names in its archives")
         return len(listing) <= _LISTING_LIMIT
 
     run = await _run(reactor, [bsdtar, "-tf", str(path)], take, budget, label, workdir)
     if run.cut_short:
         raise Unreadable(f"{label}: its listing is over {_LISTING_LIMIT} bytes")
-    if run.failed:
-        raise (Encrypted if _ENCRYPTED.search(run.stderr) else Unreadable)(
-            f"{label}: bsdtar could not list it: {run.said}"
-        )
     names = [
         line.decode("utf-8", "replace") for line in bytes(listing).splitlines() if line.strip()
     ]
     budget.entries_used += len(names)
-    return names
+    for name in names:
+        if len(name) > MAX_NAME:
+            raise Unreadable(f"{label}: a name is over {MAX_NAME} characters")
+    return names, run
 
 
 async def _read_through(
     reactor: Any, bsdtar: str, path: Path, label: str, budget: Budget, workdir: Path
 ) -> bool:
-    """Decompress every member, counting the bytes; whether one is encrypted. (Another
-    failure is noted in C{budget.unreadable}.)"""
+    """Decompress every member, counting the bytes; whether one is encrypted."""
 
     def count(data: bytes) -> bool:
         budget.bytes_used += len(data)
@@ -224,12 +256,11 @@ async def _read_through(
             raise TooLarge(f"{label}: over {budget.bytes} bytes decompressed")
         return True
 
-    args = [bsdtar, "-xOf", str(path)]
-    run = await _run(reactor, args, count, budget, label, workdir)
+    run = await _run(reactor, [bsdtar, "-xOf", str(path)], count, budget, label, workdir)
     if run.failed and _ENCRYPTED.search(run.stderr):
         return True
     if run.failed:
-        budget.unreadable.append(f"{label}: bsdtar could not read it through: {run.said}")
+        raise Unreadable(f"{label}: bsdtar could not read it through: {run.said}")
     return False
 
 
@@ -248,7 +279,12 @@ async def _extract(
     with open(into, "wb") as out:
 
         def write(data: bytes) -> bool:
-            out.write(data)
+            if out.closed:  # (cancelled meanwhile)
+                return False
+            try:
+                out.write(data)
+            except OSError as e:
+                raise Failed(f"{label}/{name}: cannot write it out: {e}") from None
             return True
 
         args = [bsdtar, "-xOf", str(path), "--", pattern_for(name)]
@@ -281,30 +317,55 @@ async def _run(
     workdir: Path,
 ) -> _Run:
     """Run bsdtar with C{args}, handing its output to C{take} (which returns False to
-    stop reading, or raises to stop inspecting), until it ends or the deadline."""
+    stop reading, or raises to stop inspecting), until it ends or the deadline. It waits
+    for one of C{budget.slots} first, if given (all connections' bsdtar share them)."""
+    if budget.slots is not None:
+        await budget.slots.acquire()
+    try:
+        return await _spawn(reactor, args, take, budget, label, workdir)
+    finally:
+        if budget.slots is not None:
+            budget.slots.release()
+
+
+async def _spawn(
+    reactor: Any,
+    args: list[str],
+    take: Callable[[bytes], bool],
+    budget: Budget,
+    label: str,
+    workdir: Path,
+) -> _Run:
     left = budget.deadline - reactor.seconds()
     if left <= 0:
         raise TimedOut(f"{label}: no time left to look into it")
     args = [args[0], "--passphrase", "not-the-password", *args[1:]]
     proto = _Bsdtar(take)
-    reactor.spawnProcess(
-        proto,
-        args[0],
-        args,
-        env={"LANG": "C", "PATH": os.defpath},
-        path=str(workdir),
-        childFDs={0: "w", 1: "r", 2: "r"},
-    )
+    try:
+        reactor.spawnProcess(
+            proto,
+            args[0],
+            args,
+            env={"LC_ALL": "C.UTF-8", "PATH": os.defpath},
+            path=str(workdir),
+            childFDs={0: "w", 1: "r", 2: "r"},
+        )
+    except OSError as e:
+        raise Failed(f"{label}: cannot run bsdtar: {e}") from None
     timer = reactor.callLater(left, proto.kill, TimedOut(f"{label}: timed out"))
-
-    def stop_timer(result: Any) -> Any:
-        if timer.active():
-            timer.cancel()
-        return result
-
     # (cancelled, it kills the process; what the process then says is not waited for)
     ended: Deferred[_Run] = Deferred(canceller=lambda _: proto.kill())
-    proto.done.addBoth(stop_timer).chainDeferred(ended)
+
+    def settle(result: Any) -> None:
+        if timer.active():
+            timer.cancel()
+        if not ended.called:
+            if isinstance(result, Failure):
+                ended.errback(result)
+            else:
+                ended.callback(result)
+
+    proto.done.addBoth(settle)
     return await ended
 
 

@@ -28,18 +28,22 @@ temporary file on the way. At data_post, the first of these refuses the message
      depth}), more than C{max_total_entries} names (C{Message contains an archive whose
      entry count exceeds the limit}), more than C{max_total_bytes} decompressed
      (C{Message contains an archive whose decompressed size exceeds the limit}), an
-     encrypted member unless C{allow_encrypted} (C{Message contains encrypted archive});
-     then step 1 for the names inside, and a name matching
+     encrypted member unless C{allow_encrypted} (C{Message contains encrypted archive}),
+     an archive bsdtar cannot list, read through or extract a member of, unless
+     C{allow_unreadable} (C{Message contains an archive that cannot be read}); then
+     step 1 for the names inside, and a name matching
      attachment.archive.filename.regex (C{Message contains unacceptable attachment
      (<archive>/<name>)}).
 
 Archives are looked into only when no earlier step has refused the message, one bsdtar
-at a time, all within C{timeout} (kept a second under the hook's). Past it, or when a
-temporary file cannot be written: C{450 4.7.1 Error unpacking archive}, except to a
-relaying client (whose mail goes on, as in Haraka). An archive bsdtar cannot read
-(corrupt, or a lone compressed file, C{x.gz}) goes on, with an C{err} in the results. Without
-bsdtar on the PATH (or in /usr/local/bin, /usr/bin, /bin), archives are not looked into,
-which start-up and each message's results say.
+at a time (and no more at once, for all messages, than there are cores), all within
+C{timeout} (kept a second under the hook's). Past it, or when a temporary file cannot be
+written: C{450 4.7.1 Error unpacking archive}, except to a relaying client, whose mail is
+judged by the names found so far (as in Haraka). A lone compressed file
+(C{invoice.exe.gz}) holds the name its own name gives (C{invoice.exe}). Without bsdtar on
+the PATH (or in /usr/local/bin, /usr/bin, /bin), archives are not looked into, which
+start-up and each message's results say. A message that ends before data_post has its
+files removed at reset_transaction.
 
 Done otherwise than Haraka's plugin: an encrypted archive is refused (Haraka meant to:
 its test never matched bsdtar's words), and C{[archive] allow_encrypted} lets it through
@@ -48,10 +52,13 @@ level 0, as Haraka's 1.2 counts); the decompressed size counts every member, not
 archives in it, and a member is never written out beyond it; a name in an archive is
 extracted by its exact name (Haraka's was read as a pattern); a trailing dot or space
 (which Windows drops) does not hide an extension; empty items in C{disallowed_extensions}
-are left out, and the others matched as written (not as patterns); the content types
-are those of every part at any depth; an archive is known by its first bytes too;
-an archive that cannot be read, and a timeout, are told apart; the steps that need no
-bsdtar come first, so a refusal never waits for one; the shipped
+are left out, and the others matched as written (not as patterns); a name is read up to
+a NUL; the content types are those of every part at any depth; an archive is known by its
+first bytes too; names in any script are listed (Haraka's C{LANG=C} made bsdtar give up
+on the archive); an archive that cannot be read is refused, not passed unseen, and told
+apart from a timeout; the steps that need no bsdtar come first, so a refusal never waits
+for one; C{attachment_count} is the attachments seen (Haraka's counts archives still
+being unpacked, 0 by data_post); the shipped
 C{disallowed_extensions} leaves out C{zip} (Haraka's refuses every zip).
 """
 
@@ -67,14 +74,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredSemaphore
 from zope.interface import implementer
 
 from haraka_tw import archive
 from haraka_tw.codes import CONT, DENY, DENYSOFT
-from haraka_tw.config.formats import ini_number
+from haraka_tw.config.formats import ini_count, ini_number
 from haraka_tw.hooks.runner import under_hook_limit
-from haraka_tw.interfaces import IDataHook, IDataPostHook, IPluginContext, IRegistration
+from haraka_tw.interfaces import (
+    IDataHook,
+    IDataPostHook,
+    IPluginContext,
+    IRegistration,
+    IResetTransactionHook,
+)
 from haraka_tw.message.body import AttachmentInfo
 from haraka_tw.smtp.connection import Connection, Transaction
 
@@ -87,7 +100,12 @@ LISTS = {
     "ctype": "attachment.ctype.regex",
     "archive": "attachment.archive.filename.regex",
 }
-BOOLEANS = ["-archive.allow_encrypted", "-main.allow_encrypted_archives", "+archive.by_content"]
+BOOLEANS = [
+    "-archive.allow_encrypted",
+    "-main.allow_encrypted_archives",
+    "-archive.allow_unreadable",
+    "+archive.by_content",
+]
 _ARCHIVE_EXTENSIONS = "zip tar tgz taz z gz rar 7z"
 #: Haraka's shipped list, but for zip
 DISALLOWED = (
@@ -119,6 +137,7 @@ class Settings:
     max_total_bytes: int = 104_857_600
     max_total_entries: int = 1000
     allow_encrypted: bool = False
+    allow_unreadable: bool = False
     patterns: dict[str, tuple[re.Pattern[str], ...]] = field(default_factory=dict)
 
 
@@ -138,16 +157,13 @@ def read_settings(ini: dict[str, dict[str, Any]]) -> Settings:
         ),
         extensions=frozenset(e.lstrip(".") for e in _items(extensions)),
         by_content=bool(section.get("by_content", True)),
-        max_depth=int(ini_number(depth_from, depth_key, 10, zero_ok=False, where=where)),
-        max_total_bytes=int(
-            ini_number(section, "max_total_bytes", 104_857_600, zero_ok=False, where=where)
-        ),
-        max_total_entries=int(
-            ini_number(section, "max_total_entries", 1000, zero_ok=False, where=where)
-        ),
+        max_depth=ini_count(depth_from, depth_key, 10, where, minimum=1),
+        max_total_bytes=ini_count(section, "max_total_bytes", 104_857_600, where, minimum=1),
+        max_total_entries=ini_count(section, "max_total_entries", 1000, where, minimum=1),
         allow_encrypted=bool(
             section.get("allow_encrypted") or main.get("allow_encrypted_archives")
         ),
+        allow_unreadable=bool(section.get("allow_unreadable")),
     )
 
 
@@ -243,13 +259,15 @@ class _Scan:
             self._finalizer()
 
 
-@implementer(IRegistration, IDataHook, IDataPostHook)
+@implementer(IRegistration, IDataHook, IDataPostHook, IResetTransactionHook)
 class Plugin:
     name = "attachment"
 
     def __init__(self) -> None:
         self.settings = Settings()
         self.bsdtar: str | None = None
+        #: bsdtar processes at once, for all messages: one per core
+        self.slots = DeferredSemaphore(os.cpu_count() or 1)
         self._scans: weakref.WeakKeyDictionary[Transaction, _Scan] = weakref.WeakKeyDictionary()
 
     def register(self, context: IPluginContext) -> None:
@@ -295,6 +313,15 @@ class Plugin:
         txn.attachment_hooks(lambda info: _Attachment(scan, info))
         return CONT
 
+    def hook_reset_transaction(self, connection: Connection) -> Any:
+        """A message that ends before data_post (refused by an earlier plugin, cut off,
+        too large): its files go now."""
+        txn = connection.transaction
+        scan = self._scans.pop(txn, None) if txn is not None else None
+        if scan is not None:
+            scan.clean()
+        return CONT
+
     def hook_data_post(self, connection: Connection) -> Any:
         txn = connection.transaction
         scan = self._scans.pop(txn, None) if txn is not None else None
@@ -305,12 +332,11 @@ class Plugin:
         except BaseException:
             scan.clean()
             raise
+        if answer is None and scan.failed is not None:
+            answer = self._unpack_error(connection, txn, scan.failed)
         if answer is not None or not scan.archives:
             scan.clean()
             return answer or CONT
-        if scan.failed is not None:
-            scan.clean()
-            return self._unpack_error(connection, txn, scan.failed)
         if self.bsdtar is None:
             scan.clean()
             txn.results.add(self.name, skip="archives not looked into: no bsdtar")
@@ -380,6 +406,7 @@ class Plugin:
             max_depth=settings.max_depth,
             extensions=settings.extensions,
             allow_encrypted=settings.allow_encrypted,
+            slots=self.slots,
         )
         names: list[str] = txn.notes["attachment_archive_files"]
         for attachment in scan.archives:
@@ -391,19 +418,27 @@ class Plugin:
                 )
             except archive.Unreadable as e:
                 names += e.names
-                budget.unreadable.append(str(e))
-            except archive.TimedOut as e:
-                return self._unpack_error(connection, txn, str(e))
+                txn.results.add(self.name, err=str(e))
+                if not settings.allow_unreadable:
+                    connection.loginfo(f"refused: {e}", self)
+                    return DENY, _UNREADABLE
+                connection.logwarn(f"not looked into: {e}", self)
+            except (archive.TimedOut, archive.Failed) as e:
+                names += e.names
+                answer = self._unpack_error(connection, txn, str(e))
+                if answer is not CONT:
+                    return answer
+                break  # (a relaying client: the names found so far are checked)
             except archive.ArchiveError as e:
                 names += e.names
                 connection.loginfo(f"refused: {e}", self)
                 txn.results.add(self.name, fail=str(e))
                 return DENY, _REFUSALS[type(e)]
             except OSError as e:
-                return self._unpack_error(connection, txn, f"{label}: {e}")
-        for why in budget.unreadable:
-            connection.logwarn(f"not looked into: {why}", self)
-            txn.results.add(self.name, err=why)
+                answer = self._unpack_error(connection, txn, f"{label}: {e}")
+                if answer is not CONT:
+                    return answer
+                break
         if connection.remote.closed:
             return CONT  # the client has gone: nothing is queued
         refusal = self._disallowed(names, settings)
@@ -419,9 +454,11 @@ class Plugin:
         return CONT
 
     def _unpack_error(self, connection: Connection, txn: Transaction, why: str) -> Any:
+        """450 for a failure of ours (time, a file, bsdtar not run); CONT for a relaying
+        client, whose message is then judged by what was found (as in Haraka)."""
         txn.results.add(self.name, err=why)
         if connection.relaying:
-            connection.logwarn(f"{why}; relaying, so let through", self)
+            connection.logwarn(f"{why}; relaying, so not deferred", self)
             return CONT
         connection.logwarn(why, self)
         return DENYSOFT, "Error unpacking archive"
@@ -433,6 +470,7 @@ _REFUSALS: dict[type[archive.ArchiveError], str] = {
     archive.TooLarge: "Message contains an archive whose decompressed size exceeds the limit",
     archive.Encrypted: "Message contains encrypted archive",
 }
+_UNREADABLE = "Message contains an archive that cannot be read"
 
 
 def _first_match(
