@@ -333,7 +333,9 @@ class Plugin:
             scan.clean()
             raise
         if answer is None and scan.failed is not None:
-            answer = self._unpack_error(connection, txn, scan.failed)
+            deferred = self._unpack_error(connection, txn, scan.failed)
+            if deferred is not CONT:  # (a relaying client's other archives are looked into)
+                answer = deferred
         if answer is not None or not scan.archives:
             scan.clean()
             return answer or CONT
