@@ -131,8 +131,8 @@ class Budget:
     max_depth: int
     extensions: frozenset[str] = field(default_factory=frozenset)
     allow_encrypted: bool = False
-    #: bsdtar processes that may run at once, shared by every message (None: no bound)
-    slots: DeferredSemaphore | None = None
+    #: bsdtar processes that may run at once; share one among messages to bound them all
+    slots: DeferredSemaphore = field(default_factory=lambda: DeferredSemaphore(1))
     entries_used: int = 0
     bytes_used: int = 0
 
@@ -317,26 +317,24 @@ async def _run(
     workdir: Path,
 ) -> _Run:
     """Run bsdtar with C{args}, handing its output to C{take} (which returns False to
-    stop reading, or raises to stop inspecting), until it ends or the deadline. It waits
-    for one of C{budget.slots} first, if given (all connections' bsdtar share them)."""
-    if budget.slots is not None:
-        await budget.slots.acquire()
+    stop reading, or raises to stop inspecting), until it ends or the deadline, once one
+    of C{budget.slots} is free."""
+    await budget.slots.acquire()
     try:
-        return await _spawn(reactor, args, take, budget, label, workdir)
+        return await _spawn(reactor, args, take, budget.deadline, label, workdir)
     finally:
-        if budget.slots is not None:
-            budget.slots.release()
+        budget.slots.release()
 
 
 async def _spawn(
     reactor: Any,
     args: list[str],
     take: Callable[[bytes], bool],
-    budget: Budget,
+    deadline: float,
     label: str,
     workdir: Path,
 ) -> _Run:
-    left = budget.deadline - reactor.seconds()
+    left = deadline - reactor.seconds()
     if left <= 0:
         raise TimedOut(f"{label}: no time left to look into it")
     args = [args[0], "--passphrase", "not-the-password", *args[1:]]
