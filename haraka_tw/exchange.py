@@ -1,8 +1,9 @@
 """One request, one answer, over a stream socket: how content scanners are asked.
 
-spamd and clamd both take a connection, read a request (a few lines, then the message),
-answer, and close. L{exchange} does that part for both (L{haraka_tw.spamd},
-L{haraka_tw.clamd}): it connects within C{connect_timeout}, writes the request's pieces a
+spamd, clamd and rspamd (asked with C{Connection: close}) all take a connection, read a
+request (a few lines, then the message), answer, and close. L{exchange} does that part
+for them (L{haraka_tw.spamd}, L{haraka_tw.clamd}, L{haraka_tw.rspamd}): it connects
+within C{connect_timeout} (over TLS if asked), writes the request's pieces a
 chunk at a time as the socket takes them (a pull producer, so a spooled message is never
 copied whole into the transport's buffer), reads the answer to at most C{limit} bytes, and
 gives it once the peer closes, all within C{timeout}. A peer that answers and closes while
@@ -22,9 +23,18 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint, connectProtocol
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    UNIXClientEndpoint,
+    connectProtocol,
+    wrapClientTLS,
+)
 from twisted.internet.error import ConnectingCancelledError, ConnectionDone, TimeoutError
-from twisted.internet.interfaces import IPullProducer, IStreamClientEndpoint
+from twisted.internet.interfaces import (
+    IOpenSSLClientConnectionCreator,
+    IPullProducer,
+    IStreamClientEndpoint,
+)
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -216,10 +226,13 @@ def exchange(
     limit: int,
     timeout: float,
     connect_timeout: float,
+    tls: IOpenSSLClientConnectionCreator | None = None,
 ) -> Deferred[bytes]:
     """Send C{request} (its pieces in order) to the service C{name} at C{address}; its
     answer, read until it closes the connection. ServiceTimeout past C{timeout} seconds
-    in all (or C{connect_timeout} to connect), ServiceError for anything else."""
+    in all (or C{connect_timeout} to connect), ServiceError for anything else. With
+    C{tls}, the connection is TLS from its first byte (a failed handshake or certificate
+    check is a ServiceError)."""
     protocol = _Exchange(iter(request), limit, name)
 
     def too_slow() -> None:
@@ -253,6 +266,9 @@ def exchange(
         return result
 
     timer = reactor.callLater(timeout, too_slow)
-    connecting = connectProtocol(address.endpoint(reactor, connect_timeout), protocol)
+    endpoint = address.endpoint(reactor, connect_timeout)
+    if tls is not None:
+        endpoint = wrapClientTLS(tls, endpoint)
+    connecting = connectProtocol(endpoint, protocol)
     answer: Deferred[bytes] = connecting.addCallback(lambda _: protocol.done)
     return answer.addErrback(unreachable).addBoth(over)

@@ -157,10 +157,21 @@ class Header:
                 return
         self.add(name, value)
 
-    def remove(self, name: str) -> None:
-        """Remove every field named C{name}."""
+    def insert(self, index: int, name: str, value: str) -> None:
+        """Add a field at position C{index} of the whole header (0: the top; past the end:
+        the bottom), as a milter's "insert header" places it."""
+        self._fields.insert(max(index, 0), (name.lower(), _field_bytes(name, value)))
+
+    def remove(self, name: str, which: int = 0) -> None:
+        """Remove every field named C{name}; with C{which}, only that one of them, as a
+        milter counts: 1 the first, -1 the last (none if there are not so many)."""
         key = name.lower()
-        self._fields = [(n, raw) for n, raw in self._fields if n != key]
+        if not which:
+            self._fields = [(n, raw) for n, raw in self._fields if n != key]
+            return
+        places = [i for i, (n, _) in enumerate(self._fields) if n == key]
+        if -len(places) <= (which - 1 if which > 0 else which) < len(places):
+            del self._fields[places[which - 1 if which > 0 else which]]
 
     def rename(self, name: str, new_name: str) -> None:
         """Rename every field C{name} to C{new_name}, keeping its value and place."""

@@ -20,6 +20,7 @@ from OpenSSL import SSL
 from service_identity.pyopenssl import verify_hostname, verify_ip_address
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from haraka_tw.outbound.delivery import TLSPolicy
@@ -63,6 +64,11 @@ class ClientTLS:
             connection.set_tlsext_host_name(self._sni)
         return connection
 
+    def in_handshake(self) -> IOpenSSLClientConnectionCreator:
+        """These connections with L{check} made at the end of the handshake, a failure
+        failing it: for a client (a scanner's) that does not call C{check} itself."""
+        return _CheckedInHandshake(self)
+
     def check(self, connection: SSL.Connection) -> None:
         """After the handshake: the certificate must name the server (when verifying).
 
@@ -74,6 +80,25 @@ class ClientTLS:
             verify_ip_address(connection, self.servername)
         else:
             verify_hostname(connection, self.servername)
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _CheckedInHandshake:
+    def __init__(self, tls: ClientTLS) -> None:
+        self.tls = tls
+
+    def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        connection = self.tls.clientConnectionForTLS(tlsProtocol)
+        connection.set_info_callback(self._handshaking)
+        return connection
+
+    def _handshaking(self, connection: SSL.Connection, where: int, _: int) -> None:
+        if not where & SSL.SSL_CB_HANDSHAKE_DONE:
+            return
+        try:
+            self.tls.check(connection)
+        except Exception:
+            connection.get_app_data().failVerification(Failure())
 
 
 def _context(policy: TLSPolicy) -> SSL.Context:

@@ -47,6 +47,22 @@ def test_add_remove_rename() -> None:
     )
 
 
+def test_remove_one_and_insert_as_a_milter_counts() -> None:
+    """remove(name, which) drops only the field it names (1 the first, -1 the last, none
+    past the count); insert(index, ...) puts a field at that place of the whole header
+    (0 the top, past the end the bottom)."""
+    h = Header.parse(b"A: 1\r\nB: x\r\nA: 2\r\nA: 3\r\n")
+    h.remove("a", 1)
+    h.remove("A", -1)
+    h.remove("a", 5)
+    h.remove("a", -5)
+    assert h.to_bytes() == b"B: x\r\nA: 2\r\n"
+    h.insert(0, "Top", "t")
+    h.insert(2, "Mid", "m")
+    h.insert(99, "End", "e")
+    assert h.to_bytes() == b"Top: t\r\nB: x\r\nMid: m\r\nA: 2\r\nEnd: e\r\n"
+
+
 def test_replace_first_and_fields() -> None:
     """replace_first changes the topmost field of a name in its place (adding one on top
     when there is none); fields() gives every field's raw bytes, top first."""
