@@ -37,7 +37,7 @@ class AnswerTests(SynchronousTestCase):
             (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "malformed"),
             (b"HTTP/1.1 404 Not Found\r\n\r\nnope", "rspamd answered 404 Not Found"),
             (b"HTTP/1.1 200 OK\r\n\r\nnull", "answer is empty"),
-            (b"HTTP/1.1 200 OK\r\n\r\n\"x\"", "not a JSON object"),
+            (b'HTTP/1.1 200 OK\r\n\r\n"x"', "not a JSON object"),
             (b"ICAP/1.0 200 OK\r\n\r\n{}", "not HTTP"),
         ):
             with self.assertRaises(RspamdError) as caught:

@@ -344,9 +344,7 @@ class StandInTests(TestCase):
         gtube = {"action": "reject", "score": 15.0, "symbols": {}}
         stand = fake(self, gtube)
         logged_in = f"{__name__}:LoggedIn\n"
-        port = server(
-            self, f"host=127.0.0.1\nport={stand.port}\n{SCANNED}", logged_in
-        )
+        port = server(self, f"host=127.0.0.1\nport={stand.port}\n{SCANNED}", logged_in)
         got = yield send(port, message())
         self.assertEqual(got[0], 250)
         self.assertEqual(KEPT[0][1]["skip"], ["authed"])  # type: ignore[index]
@@ -390,7 +388,9 @@ class StandInTests(TestCase):
         header = header_of(KEPT[0][0])
         lines = header.split("\r\n")
         self.assertEqual(lines[0], "X-Spamd-Result: default: False [-2.70 / 15.00]")
-        self.assertEqual(lines[1:3], ["DKIM-Signature: v=1; a=rsa-sha256; d=example.com;", "\tb=abc"])
+        self.assertEqual(
+            lines[1:3], ["DKIM-Signature: v=1; a=rsa-sha256; d=example.com;", "\tb=abc"]
+        )
         self.assertEqual(re.findall(r"X-Two: (\d)", header), ["2"])
         self.assertEqual(re.findall(r"X-Three: (\d)", header), ["1"])
         self.assertNotIn("X-All", header)
