@@ -93,6 +93,11 @@ def _body(answer: bytes) -> tuple[int, str, bytes]:
         if len(rest) < length:
             raise RspamdError(f"rspamd's answer was cut short ({len(rest)} of {length} bytes)")
         rest = rest[:length]
+    if fields.get("compression"):
+        raise RspamdError(f"rspamd's answer is compressed ({fields['compression'][:20]})")
+    offset = fields.get("message-offset")  # (the body_block flag: the message after JSON)
+    if offset is not None and offset.isdigit():
+        rest = rest[: int(offset)]
     reason = (status.group(2) or b"").decode("latin-1")
     return int(status.group(1)), reason, rest
 
@@ -125,7 +130,7 @@ def parse_answer(answer: bytes) -> dict[str, Any]:
     status, reason, body = _body(answer)
     try:
         data = json.loads(body) if body.strip() else None
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:  # (nesting deeper than Python's stack)
         if status != 200:
             raise RspamdError(f"rspamd answered {status} {reason}".rstrip()) from None
         raise RspamdError(f"rspamd's answer is not JSON: {e}") from None

@@ -27,6 +27,15 @@ class AnswerTests(SynchronousTestCase):
         for answer in (by_length, chunked, to_the_end):
             self.assertEqual(parse_answer(answer), {"action": "no action", "score": 0.5})
 
+    def test_the_message_after_the_verdict_is_left(self) -> None:
+        """With the body_block flag rspamd puts the message after its JSON, and says where
+        in Message-Offset: the verdict is read up to there."""
+        answer = b"HTTP/1.1 200 OK\r\nMessage-Offset: %d\r\n\r\n%sSubject: x\r\n\r\nhi" % (
+            len(VERDICT),
+            VERDICT,
+        )
+        self.assertEqual(parse_answer(answer)["action"], "no action")
+
     def test_what_is_no_verdict(self) -> None:
         for answer, said in (
             (b"", "closed the connection without answering"),
@@ -39,6 +48,8 @@ class AnswerTests(SynchronousTestCase):
             (b"HTTP/1.1 200 OK\r\n\r\nnull", "answer is empty"),
             (b'HTTP/1.1 200 OK\r\n\r\n"x"', "not a JSON object"),
             (b"ICAP/1.0 200 OK\r\n\r\n{}", "not HTTP"),
+            (b"HTTP/1.1 200 OK\r\n\r\n" + b"[" * 100_000, "not JSON"),
+            (b"HTTP/1.1 200 OK\r\nCompression: zstd\r\n\r\n(\xb5/\xfd", "is compressed (zstd)"),
         ):
             with self.assertRaises(RspamdError) as caught:
                 parse_answer(answer)

@@ -8,6 +8,7 @@ Adding or removing fields changes only the fields concerned.
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from email.header import decode_header, make_header
 
 __all__ = ["Header", "HeaderCollector", "auth_results_value", "comment_text"]
@@ -162,16 +163,18 @@ class Header:
         the bottom), as a milter's "insert header" places it."""
         self._fields.insert(max(index, 0), (name.lower(), _field_bytes(name, value)))
 
-    def remove(self, name: str, which: int = 0) -> None:
-        """Remove every field named C{name}; with C{which}, only that one of them, as a
-        milter counts: 1 the first, -1 the last (none if there are not so many)."""
+    def remove(self, name: str, which: int | Collection[int] = 0) -> None:
+        """Remove every field named C{name}; with C{which}, only those of them it names,
+        as a milter counts: 1 the first, -1 the last (none past the count), 0 all."""
         key = name.lower()
-        if not which:
+        whiches = [which] if isinstance(which, int) else list(which)
+        if 0 in whiches:
             self._fields = [(n, raw) for n, raw in self._fields if n != key]
             return
         places = [i for i, (n, _) in enumerate(self._fields) if n == key]
-        if -len(places) <= (which - 1 if which > 0 else which) < len(places):
-            del self._fields[places[which - 1 if which > 0 else which]]
+        count = len(places)
+        doomed = {places[w - 1 if w > 0 else w] for w in whiches if -count <= w <= count}
+        self._fields = [field for i, field in enumerate(self._fields) if i not in doomed]
 
     def rename(self, name: str, new_name: str) -> None:
         """Rename every field C{name} to C{new_name}, keeping its value and place."""

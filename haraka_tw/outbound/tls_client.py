@@ -25,7 +25,7 @@ from zope.interface import implementer
 
 from haraka_tw.outbound.delivery import TLSPolicy
 
-__all__ = ["ClientTLS", "client_tls", "is_ip"]
+__all__ = ["ClientTLS", "client_context", "client_tls", "is_ip"]
 
 _VERSIONS = {
     "TLSv1": SSL.TLS1_VERSION,
@@ -101,7 +101,8 @@ class _CheckedInHandshake:
             connection.get_app_data().failVerification(Failure())
 
 
-def _context(policy: TLSPolicy) -> SSL.Context:
+def client_context(policy: TLSPolicy) -> SSL.Context:
+    """A new OpenSSL context for client connections under C{policy} (its files read now)."""
     try:
         version = _VERSIONS[policy.min_version]
     except KeyError:
@@ -132,4 +133,4 @@ def client_tls(policy: TLSPolicy, servername: str) -> ClientTLS:
     @raise ValueError: for an unknown C{min_version}.
     @raise OpenSSL.SSL.Error: for a C{ca_file} or client certificate that cannot be used.
     """
-    return ClientTLS(_context(policy), servername, policy.verifying)
+    return ClientTLS(client_context(policy), servername, policy.verifying)

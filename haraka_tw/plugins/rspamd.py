@@ -40,7 +40,11 @@ Done otherwise than Haraka's plugin, where it was wrong:
     into the template as it is (Haraka's expanded C{$&} in it);
   - every value rspamd gives is made safe before it is used: a header value has no line
     that could end the header, a non-ASCII one is RFC 2047 encoded, a field name that is
-    not one is skipped, and a reply's text is printable ASCII;
+    not one is skipped, and a reply's text is printable ASCII; a verdict asking for more
+    (a value over L{MAX_VALUE}, a word no header line holds, over L{MAX_ADDED} fields)
+    is not followed at all: every edit is worked out before the message is touched;
+  - a request header of a name is sent once ([request_headers] over [auth] over the
+    rest), as rspamd reads only the first;
   - the replies carry enhanced status codes (5.7.1, 4.7.1), also for C{[defer]}.
 
 The keys, with their defaults, are in docs/plugins.md and the shipped etc/rspamd.ini.
@@ -49,10 +53,12 @@ The keys, with their defaults, are in docs/plugins.md and the shipped etc/rspamd
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import math
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.header import Header as EncodedHeader
 from typing import Any
@@ -68,13 +74,24 @@ from haraka_tw.config.formats import ini_number
 from haraka_tw.exchange import Address, ServiceError, ServiceTimeout, parse_address
 from haraka_tw.hooks.runner import under_hook_limit
 from haraka_tw.interfaces import IDataPostHook, IPluginContext, IRegistration
+from haraka_tw.message.header import Header
 from haraka_tw.outbound.delivery import TLSPolicy
-from haraka_tw.outbound.tls_client import client_tls
+from haraka_tw.outbound.tls_client import ClientTLS, client_context
 from haraka_tw.plugins.content_scan import client_skips
 from haraka_tw.smtp.connection import Connection, Transaction
 from haraka_tw.smtp.replies import Reply
 
-__all__ = ["BOOLEANS", "FLAGS", "INI", "Plugin", "Settings", "read_settings", "spambar"]
+__all__ = [
+    "BOOLEANS",
+    "FLAGS",
+    "INI",
+    "MAX_ADDED",
+    "MAX_VALUE",
+    "Plugin",
+    "Settings",
+    "read_settings",
+    "spambar",
+]
 
 INI = "rspamd.ini"
 #: [request] booleans that each add their name to the Flags header, in this order
@@ -127,6 +144,9 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 _NOT_PRINTABLE = re.compile(r"[^ -~]")
 _LOCAL_RSPAMD = Address("localhost", 11333)
 _MAX_BAR = 100  # (a score of thousands would make a field no line could hold)
+#: the most characters of one value rspamd may give for a field, and fields it may add
+MAX_VALUE = 16 * 1024
+MAX_ADDED = 100
 
 
 @dataclass(frozen=True)
@@ -179,7 +199,11 @@ def _tls(ini: dict[str, dict[str, Any]], host: str) -> IOpenSSLClientConnectionC
         client_key=files["key_file"],
     )
     try:
-        return client_tls(policy, _text(section, "servername", host)).in_handshake()
+        # (made anew, not the outbound side's cached one: a reload reads the files again)
+        tls = ClientTLS(
+            client_context(policy), _text(section, "servername", host), policy.verifying
+        )
+        return tls.in_handshake()
     except Exception as e:  # (OpenSSL's errors for a file that is no certificate or key)
         raise ValueError(f"{INI} [tls]: the certificates or key cannot be used: {e}") from None
 
@@ -212,7 +236,13 @@ def _request_headers(ini: dict[str, dict[str, Any]]) -> tuple[list[tuple[str, st
     for key, _ in leading + trailing:
         if not _TOKEN.match(key):
             raise ValueError(f"{INI}: {key!r} is not an HTTP header name")
-    return [h for h in leading if h[1]], [h for h in trailing if h[1]]
+    # (rspamd would compress its answer, which there is nothing here to read)
+    if "zstd" in (flag.lower() for flag in flags):
+        raise ValueError(f"{INI} [request]: the zstd flag is not supported")
+    # One header of each name (rspamd reads the first): [request_headers] over [auth],
+    # both over [request].
+    last = {key.lower(): (key, value) for key, value in trailing if value}
+    return [h for h in leading if h[1] and h[0].lower() not in last], list(last.values())
 
 
 def read_settings(ini: dict[str, dict[str, Any]]) -> Settings:
@@ -301,14 +331,25 @@ def _number(value: Any) -> str:
 def _field_value(name: str, value: Any) -> str:
     """rspamd's C{value} fit to be the field C{name}'s: no control characters, no line of
     white space alone (which would end the header), a non-ASCII value RFC 2047 encoded;
-    rspamd's own folding kept where the lines are short enough."""
-    text = _CONTROL.sub(" ", str(value).replace("\r\n", "\n").replace("\r", "\n"))
+    rspamd's own folding kept where the lines are short enough.
+
+    @raise ValueError: for a value over L{MAX_VALUE} characters, or one with a word too
+        long for a line of a header (998 characters)."""
+    text = str(value)
+    if len(text) > MAX_VALUE:
+        raise ValueError(f"a value of {len(text)} characters for {name}")
+    # (a value read from the message holds its 8-bit bytes as surrogates)
+    text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    text = _CONTROL.sub(" ", text.replace("\r\n", "\n").replace("\r", "\n"))
     lines = [line for line in text.split("\n") if line.strip()]
-    if text.isascii() and all(len(line) < 900 for line in lines):
-        return "\n".join(lines)
-    unfolded = " ".join(" ".join(lines).split())
-    charset = "us-ascii" if unfolded.isascii() else "utf-8"
-    return EncodedHeader(unfolded, charset, header_name=name).encode(linesep="\n")
+    if not (text.isascii() and all(len(line) < 900 for line in lines)):
+        unfolded = " ".join(" ".join(lines).split())
+        charset = "us-ascii" if unfolded.isascii() else "utf-8"
+        encoded = EncodedHeader(unfolded, charset, header_name=name).encode(linesep="\n")
+        lines = encoded.split("\n")
+    if any(len(line) > 990 - len(name) for line in lines):
+        raise ValueError(f"a word of the value for {name} is too long for a header line")
+    return "\n".join(lines)
 
 
 def _reply_text(text: Any) -> str:
@@ -418,39 +459,59 @@ class Plugin:
     ) -> Any:
         if connection.remote.closed or connection.transaction is not txn:
             return CONT  # the client has gone: nothing is queued
+        try:
+            # Everything is worked out before the message is touched: a verdict that
+            # cannot be followed leaves it as it was, and is an error like any other.
+            answer, edits = self._follow(connection, txn, settings, verdict)
+        except Exception as e:
+            return self._failed(
+                connection, txn, settings, Failure(ServiceError(f"unusable verdict: {e!r}"))
+            )
+        self._record(txn, verdict, round(self.reactor.seconds() - started, 3))
+        for edit in edits:
+            edit(txn.header)
+        return answer
+
+    def _follow(
+        self,
+        connection: Connection,
+        txn: Transaction,
+        settings: Settings,
+        verdict: dict[str, Any],
+    ) -> tuple[Any, list[Callable[[Header], None]]]:
+        """The answer to give and the edits to make, as rspamd's C{verdict} says."""
         action = verdict.get("action")
         action = action if isinstance(action, str) else None
-        self._record(txn, verdict, round(self.reactor.seconds() - started, 3))
         messages = verdict.get("messages")
         said = messages.get("smtp_message") if isinstance(messages, dict) else None
         said = _reply_text(said) if said and settings.smtp_message else ""
         connection.loginfo(
-            f"action={action} score={_number(verdict.get('score'))}"
-            f" required={_number(verdict.get('required_score'))}",
+            f"action={_reply_text(action)} score={_reply_text(_number(verdict.get('score')))}"
+            f" required={_reply_text(_number(verdict.get('required_score')))}",
             self,
         )
+        edits: list[Callable[[Header], None]] = []
         if action == "rewrite subject" and settings.rewrite_subject:
-            self._rewrite_subject(txn, settings, verdict.get("subject"))
+            edits += _new_subject(txn, settings, verdict.get("subject"))
         if action == "soft reject" and settings.soft_reject:
-            return DENYSOFT, Reply(451, "4.7.1", (said or settings.soft_reject_message,))
+            return (DENYSOFT, Reply(451, "4.7.1", (said or settings.soft_reject_message,))), []
         if action == "reject":
             authed = bool(connection.notes.get("auth_user"))
             if settings.reject_authenticated if authed else settings.reject_spam:
-                return DENY, Reply(550, "5.7.1", (said or settings.reject_message,))
+                return (DENY, Reply(550, "5.7.1", (said or settings.reject_message,))), []
         milter = verdict.get("milter")
-        if settings.milter and isinstance(milter, dict):
-            self._milter_removals(txn, milter.get("remove_headers"))
+        milter = milter if settings.milter and isinstance(milter, dict) else {}
+        edits += self._removals(milter.get("remove_headers"))
         signature = verdict.get("dkim-signature")
         if settings.dkim and signature:
             for value in reversed(signature if isinstance(signature, list) else [signature]):
-                txn.add_leading_header("DKIM-Signature", _field_value("DKIM-Signature", value))
-        if settings.milter and isinstance(milter, dict):
-            self._milter_additions(txn, milter.get("add_headers"))
+                edits.append(_add("DKIM-Signature", _field_value("DKIM-Signature", value), 0))
+        edits += self._additions(milter.get("add_headers"))
         if settings.add_headers == "always" or (
             settings.add_headers == "sometimes" and action in _SPAM_ACTIONS
         ):
-            self._add_fields(txn, settings, verdict)
-        return CONT
+            edits += _our_fields(settings, verdict)
+        return CONT, edits
 
     def _record(self, txn: Transaction, verdict: dict[str, Any], took: float) -> None:
         """The verdict in the results, with Haraka's keys."""
@@ -469,37 +530,27 @@ class Plugin:
         found["symbols"] = symbols if isinstance(symbols, dict) else {}
         txn.results.add(self.name, **found)
 
-    @staticmethod
-    def _rewrite_subject(txn: Transaction, settings: Settings, given: Any) -> None:
-        """The Subject as rspamd wrote it, else C{subject} around the old one."""
-        old = txn.header.get_all("Subject")
-        if isinstance(given, str) and given.strip():
-            subject = given
-        else:
-            subject = settings.subject.replace("%s", old[0] if old else "", 1)
-        txn.header.remove("Subject")
-        txn.add_header("Subject", _field_value("Subject", subject))
-
-    def _milter_removals(self, txn: Transaction, removals: Any) -> None:
-        """rspamd's C{remove_headers}: {name: which} (0 every field of the name, 1 the
-        first, -1 the last)."""
-        if not isinstance(removals, dict):
-            return
-        for name, which in removals.items():
-            if not _FIELD_NAME.match(str(name)):
-                self.log.warn(f"milter remove_headers: {name!r} is not a field name")
+    def _removals(self, removals: Any) -> list[Callable[[Header], None]]:
+        """rspamd's C{remove_headers}: {name: which}, C{which} as a milter counts (0 every
+        field of the name, 1 the first, -1 the last) or a list of such; any other
+        C{which} removes nothing."""
+        edits: list[Callable[[Header], None]] = []
+        for name, which in removals.items() if isinstance(removals, dict) else ():
+            whiches = which if isinstance(which, list) else [which]
+            if not _FIELD_NAME.match(str(name)) or not all(map(_is_int, whiches)):
+                self.log.warn(f"milter remove_headers: {str(name)[:100]!r}: {which!r} ignored")
                 continue
-            index = which if isinstance(which, int) and not isinstance(which, bool) else 0
-            txn.header.remove(str(name), index)
+            edits.append(functools.partial(Header.remove, name=str(name), which=whiches))
+        return edits
 
-    def _milter_additions(self, txn: Transaction, additions: Any) -> None:
+    def _additions(self, additions: Any) -> list[Callable[[Header], None]]:
         """rspamd's C{add_headers}: {name: value, or {value, order}, or a list of them};
-        a field with an C{order} goes at that place (0: the top), others at the end."""
-        if not isinstance(additions, dict):
-            return
-        for name, given in additions.items():
+        a field with an C{order} goes at that place (0: the top), others at the end. At
+        most L{MAX_ADDED} fields."""
+        edits: list[Callable[[Header], None]] = []
+        for name, given in additions.items() if isinstance(additions, dict) else ():
             if not _FIELD_NAME.match(str(name)):
-                self.log.warn(f"milter add_headers: {name!r} is not a field name")
+                self.log.warn(f"milter add_headers: {str(name)[:100]!r} is not a field name")
                 continue
             for entry in given if isinstance(given, list) else [given]:
                 order = None
@@ -508,27 +559,55 @@ class Plugin:
                     entry = entry.get("value")
                 if entry is None:
                     continue
-                value = _field_value(str(name), entry)
-                if isinstance(order, int) and not isinstance(order, bool) and order >= 0:
-                    txn.header.insert(order, str(name), value)
-                else:
-                    txn.add_header(str(name), value)
+                if len(edits) == MAX_ADDED:
+                    raise ValueError(f"more than {MAX_ADDED} fields to add")
+                where = order if isinstance(order, int) and _is_int(order) and order >= 0 else None
+                edits.append(_add(str(name), _field_value(str(name), entry), where))
+        return edits
 
-    @staticmethod
-    def _add_fields(txn: Transaction, settings: Settings, verdict: dict[str, Any]) -> None:
-        """The [header] fields: the bar, the report of symbols that scored, the score."""
-        score = verdict.get("score")
-        symbols = verdict.get("symbols")
-        report = " ".join(
-            f"{name}({_number(symbol.get('score'))})"
-            for name, symbol in (symbols.items() if isinstance(symbols, dict) else ())
-            if isinstance(symbol, dict) and symbol.get("score")
-        )
-        values = {
-            "bar": spambar(score, settings.spambar),
-            "report": report,
-            "score": _number(score) if score is not None else "",
-        }
-        for key, name in settings.fields.items():
-            txn.remove_header(name)
-            txn.add_header(name, _field_value(name, values[key]))
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _add(name: str, value: str, where: int | None) -> Callable[[Header], None]:
+    """An edit adding the field C{name} at C{where} (0: the top), or at the end (None)."""
+    if where is None:
+        return functools.partial(Header.add_end, name=name, value=value)
+    return lambda header: header.insert(min(where, len(header)), name, value)
+
+
+def _new_subject(
+    txn: Transaction, settings: Settings, given: Any
+) -> list[Callable[[Header], None]]:
+    """The edits that make the Subject as rspamd wrote it, else C{subject} around the old
+    one (as it is: nothing in it is read as a pattern)."""
+    if isinstance(given, str) and given.strip():
+        subject = given
+    else:
+        old = txn.header.get_all("Subject")
+        subject = settings.subject.replace("%s", old[0] if old else "", 1)
+    value = _field_value("Subject", subject)
+    return [functools.partial(Header.remove, name="Subject"), _add("Subject", value, None)]
+
+
+def _our_fields(settings: Settings, verdict: dict[str, Any]) -> list[Callable[[Header], None]]:
+    """The edits that put the [header] fields: the bar, the report of the symbols that
+    scored, the score; each in place of the message's own field of its name."""
+    score = verdict.get("score")
+    symbols = verdict.get("symbols")
+    report = " ".join(
+        f"{name}({_number(symbol.get('score'))})"
+        for name, symbol in (symbols.items() if isinstance(symbols, dict) else ())
+        if isinstance(symbol, dict) and symbol.get("score")
+    )
+    values = {
+        "bar": spambar(score, settings.spambar),
+        "report": report,
+        "score": _number(score) if score is not None else "",
+    }
+    edits: list[Callable[[Header], None]] = []
+    for key, name in settings.fields.items():
+        edits.append(functools.partial(Header.remove, name=name))
+        edits.append(_add(name, _field_value(name, values[key]), None))
+    return edits

@@ -17,7 +17,7 @@ from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
 from haraka_tw.codes import CONT, OK
-from haraka_tw.interfaces import IConnectHook, IQueueHook, IQueueOutboundHook
+from haraka_tw.interfaces import IConnectHook, IMailHook, IQueueHook, IQueueOutboundHook
 from haraka_tw.server import StartupError
 from tests.rspamd_server import GTUBE, RspamdServer
 from tests.standin import StandIn, stand_in
@@ -46,6 +46,17 @@ class Keep:
         return OK
 
     hook_queue_outbound = hook_queue
+
+
+@implementer(IMailHook)
+class SpfSays:
+    """Test plugin: the spf plugin's result for the sender is C{result}."""
+
+    result = "Pass"
+
+    def hook_mail(self, connection: Any, sender: Any, params: Any) -> Any:
+        connection.transaction.results.add("spf", scope="mfrom", result=self.result)
+        return CONT
 
 
 @implementer(IConnectHook)
@@ -99,8 +110,7 @@ class RealRspamdTests(TestCase):
 
     @inlineCallbacks
     def test_gtube_is_refused_with_rspamds_message(self) -> Deferred[None]:
-        """rspamd says reject for GTUBE: 550 5.7.1 with its smtp_message; the verdict is in
-        the results."""
+        """rspamd says reject for GTUBE: 550 5.7.1 with its smtp_message."""
         port = self.server()
         got = yield send(port, message(GTUBE))
         self.assertEqual(got, (550, b"5.7.1 Gtube pattern"))
@@ -215,22 +225,29 @@ NO_ACTION = {"action": "no action", "score": 0.5, "required_score": 15.0, "symbo
 
 
 class StandInTests(TestCase):
-    def serve(self, stand: StandIn, ini: str = "", check: str = SCANNED, **files: str) -> int:
-        return server(self, f"host=127.0.0.1\nport={stand.port}\n{ini}{check}", **files)
+    def serve(
+        self, stand: StandIn, ini: str = "", check: str = SCANNED, plugins: str = "", **files: str
+    ) -> int:
+        main = f"host=127.0.0.1\nport={stand.port}\n"
+        return server(self, f"{main}{ini}{check}", plugins, **files)
 
     @inlineCallbacks
     def test_request_as_rspamd_reads_it(self) -> Deferred[None]:
         """POST /checkv2 with the exact Content-Length and Connection: close; the
         envelope in rspamd's headers (a Rcpt per recipient, Deliver-To only for one);
-        [request] headers before it, [auth] and [request_headers] after it (replacing
-        the envelope's header of the same name); the message as it is queued."""
+        [request] headers before it, [auth] and [request_headers] after it (one header
+        of a name, as rspamd reads only the first: [request_headers] over [auth], both
+        over [request] and the envelope); the spf plugin's result as the JSON rspamd
+        reads; the message as it is queued."""
         stand = fake(self, NO_ACTION)
         ini = (
             "[request]\nsettings_id=inbound\npass_all=true\nflags=ext_urls, milter\n"
-            "milter=true\nzstd=true\n[auth]\nbasic_user=haraka\nbasic_pass=s3cret\n"
-            "[request_headers]\nIP=192.0.2.7\nMTA-Name=mx.test\n"
+            "milter=true\ngroups=true\n[auth]\nbasic_user=haraka\nbasic_pass=s3cret\n"
+            "header=X-Key\nvalue=1\n"
+            "[request_headers]\nIP=192.0.2.7\nMTA-Name=mx.test\nX-Key=2\nsettings-id=outbound\n"
         )
-        port = self.serve(stand, ini)
+        port = self.serve(stand, ini, plugins=f"{__name__}:SpfSays\n")
+        SpfSays.result = "Pass"
         got = yield send(port, message(), ("bob@example.com", "carol@example.com"))
         self.assertEqual(got[0], 250)
         request = stand.requests[0]
@@ -240,8 +257,11 @@ class StandInTests(TestCase):
         self.assertIn(("Content-Length", str(len(sent))), fields)
         self.assertIn(("Connection", "close"), fields)
         names = [name for name, _ in fields]
-        self.assertEqual(names[names.index("Settings-ID") :][:3], ["Settings-ID", "Pass", "Flags"])
-        self.assertIn(("Flags", "ext_urls,milter,zstd"), fields)
+        self.assertEqual(names[:4], ["Host", "Connection", "Content-Length", "Pass"])
+        self.assertIn(("Flags", "ext_urls,milter,groups"), fields)
+        self.assertEqual([v for n, v in fields if n.lower() == "settings-id"], ["outbound"])
+        self.assertEqual([v for n, v in fields if n == "X-Key"], ["2"])
+        self.assertIn(("SPF", '{"result": "pass"}'), fields)
         self.assertIn(("Helo", "[127.0.0.1]"), fields)
         self.assertIn(("From", "ann@sender.example"), fields)
         self.assertEqual(
@@ -250,13 +270,15 @@ class StandInTests(TestCase):
         self.assertNotIn("Deliver-To", names)
         self.assertEqual([v for n, v in fields if n == "IP"], ["192.0.2.7"])
         self.assertIn(("Authorization", "Basic aGFyYWthOnMzY3JldA=="), fields)
-        self.assertEqual(names[-3:], ["Authorization", "IP", "MTA-Name"])
+        self.assertEqual(names[-5:], ["Authorization", "X-Key", "IP", "MTA-Name", "settings-id"])
         self.assertTrue(sent.startswith(b"Received: from "), sent[:40])
         self.assertTrue(sent.endswith(b"\r\n\r\nHello, see you at noon.\r\n"))
         self.assertEqual(KEPT[0][1]["action"], "no action")  # type: ignore[index]
+        SpfSays.result = "TempError"  # (rspamd then checks for itself)
         got = yield send(port, message())
         fields = head_fields(stand.requests[1])
         self.assertIn(("Deliver-To", "bob@example.com"), fields)
+        self.assertNotIn("SPF", [name for name, _ in fields])
         queue_id = [v for n, v in fields if n == "Queue-Id"]
         self.assertEqual(len(queue_id), 1)
         self.assertRegex(queue_id[0], r"^[0-9A-F-]{36}\.1$")
@@ -403,6 +425,80 @@ class StandInTests(TestCase):
         self.assertIn("\r\nX-Rspamd-Report: A(-2.7)\r\nX-Rspamd-Score: -2.7", header)
 
     @inlineCallbacks
+    def test_a_verdict_that_cannot_be_followed_changes_nothing(self) -> Deferred[None]:
+        """A verdict asking for a field value over 16 KB, a word no header line can hold,
+        or more than 100 fields: nothing of it is done (not even the edits it asked for
+        before), the error is in the results, and [defer] error decides."""
+        removal = {"remove_headers": {"Subject": 0}}
+        for milter, error in (
+            ({**removal, "add_headers": {"X-Big": "a " * 9000}}, "a value of 18000"),
+            ({**removal, "add_headers": {"X-Word": "a" * 2000}}, "too long for a header"),
+            ({**removal, "add_headers": {"X-Many": ["v"] * 101}}, "more than 100 fields"),
+        ):
+            verdict = {"action": "add header", "score": 7.0, "symbols": {}, "milter": milter}
+            stand = fake(self, verdict)
+            port = self.serve(stand)
+            got = yield send(port, message())
+            self.assertEqual(got[0], 250)
+            data, results = KEPT[0]
+            assert results is not None
+            self.assertIn(error, results["err"][0])
+            self.assertNotIn("action", results)
+            header = header_of(data)
+            self.assertIn("\r\nSubject: lunch\r\n", header)
+            self.assertNotIn("X-Rspamd", header)
+            port = self.serve(stand, "[defer]\nerror=true\n")
+            got = yield send(port, message())
+            self.assertEqual(got, (450, b"4.7.1 Rspamd scan error"))
+
+    @inlineCallbacks
+    def test_odd_milter_indexes_and_orders(self) -> Deferred[None]:
+        """A remove_headers index that is no whole number (1.0, "1", true, null) removes
+        nothing, where a list of them removes each; an order past the end, however large,
+        puts the field at the end; a negative one, or one that is no number, too."""
+        verdict = {
+            "action": "no action",
+            "symbols": {},
+            "milter": {
+                "remove_headers": {
+                    "Subject": 1.0, "From": "1", "To": True, "Date": None, "X-A": [1, -1],
+                },
+                "add_headers": {
+                    "X-Far": {"value": "far", "order": 10**30},
+                    "X-Neg": {"value": "neg", "order": -1},
+                    "X-Str": {"value": "str", "order": "0"},
+                },
+            },
+        }  # fmt: skip
+        port = self.serve(fake(self, verdict))
+        got = yield send(port, message(extra="X-A: 1\r\nX-A: 2\r\nX-A: 3\r\n"))
+        self.assertEqual(got[0], 250)
+        header = header_of(KEPT[0][0])
+        for kept in ("Subject: lunch", "From: Ann", "To: Bob", "Date: Sat", "X-A: 2"):
+            self.assertIn(f"\r\n{kept}", header)
+        self.assertNotIn("X-A: 1", header)
+        self.assertNotIn("X-A: 3", header)
+        self.assertTrue(header.endswith("\r\nX-Far: far\r\nX-Neg: neg\r\nX-Str: str"), header)
+
+    @inlineCallbacks
+    def test_subject_template_with_an_8bit_subject(self) -> Deferred[None]:
+        """rewrite subject without rspamd's own subject: [main] subject with the old one
+        in place of %s, as it is ($& stays $&); an 8-bit Subject the client sent raw
+        comes out encoded, with U+FFFD for the bytes that are not UTF-8."""
+        verdict = {"action": "rewrite subject", "score": 6.0, "symbols": {}}
+        port = self.serve(fake(self, verdict), "subject=[SUSPECT] %s\n")
+        raw = message().replace(b"Subject: lunch", b"Subject: 50% off $& caf\xe9")
+        got = yield send(port, raw)
+        self.assertEqual(got[0], 250)
+        subjects = re.findall(r"\r\nSubject: ([^\r]*)", header_of(KEPT[0][0]))
+        self.assertEqual(len(subjects), 1)
+        from email.header import decode_header, make_header
+
+        self.assertEqual(
+            str(make_header(decode_header(subjects[0]))), "[SUSPECT] 50% off $& caf\ufffd"
+        )
+
+    @inlineCallbacks
     def test_unix_socket(self) -> Deferred[None]:
         """unix_socket: the same request over a Unix socket (Host: localhost)."""
         path = os.path.join(temp_dir(self), "rspamd.sock")
@@ -449,6 +545,8 @@ class ConfigTests(TestCase):
             ("[header]\nbar=X Bar\n", "[header] bar: 'X Bar' is not a header field name"),
             ("[request_headers]\nBad:Name=1\n", "is not an HTTP header name"),
             ("scheme=https\n[tls]\nca_file=/nonexistent.pem\n", "[tls] ca_file: cannot read"),
+            ("[request]\nzstd=true\n", "the zstd flag is not supported"),
+            ("[request]\nflags=ZSTD\n", "the zstd flag is not supported"),
         ):
             with self.assertRaises(StartupError) as caught:
                 server(self, ini)
