@@ -132,6 +132,7 @@ class SyslogSocket:
         self.sock: socket.socket | None = None
         self.error: str | None = None  # why the socket cannot be reached, while it cannot
         self.dropped = 0  # lines syslog had no room for
+        self.full = False  # whether it had no room for the last one
         self._next_try = 0.0
         self.hostname = socket.gethostname().split(".")[0] or "-"
 
@@ -175,13 +176,16 @@ class SyslogSocket:
         assert self.sock is not None
         try:
             self.sock.send(data)
+            self.full = False
             return True
         except BlockingIOError:
             self.dropped += 1
+            self.full = True
             return True
         except OSError as e:
             if e.errno in (errno.ENOBUFS, errno.EMSGSIZE):
                 self.dropped += 1
+                self.full = True
                 return True
             # (the daemon restarted, or went away: connect again when it is time)
             self.close()
@@ -203,6 +207,8 @@ class Plugin:
         self.settings = Settings()
         self.socket: SyslogSocket | None = None
         self._reported: str | None = None
+        self._dropped = 0  # lines dropped, as last reported
+        self._dropped_at = -60.0
 
     def register(self, context: IPluginContext) -> None:
         self.name = context.name
@@ -237,8 +243,16 @@ class Plugin:
         return OK if sent and settings.always_ok else CONT
 
     def _report(self, sock: SyslogSocket) -> None:
-        """Say once when syslog cannot be reached, and once when it can again (this log
+        """Say once when syslog cannot be reached, and once when it can again; and, when it
+        takes lines again (at most once a minute), how many it had no room for (this log
         hook is not called for its own lines: they go to the server's output)."""
+        if (
+            sock.dropped > self._dropped
+            and not sock.full
+            and time.monotonic() >= self._dropped_at + 60
+        ):
+            self.log.warn(f"syslog had no room for {sock.dropped - self._dropped} lines")
+            self._dropped, self._dropped_at = sock.dropped, time.monotonic()
         if sock.error == self._reported:
             return
         if sock.error is not None:

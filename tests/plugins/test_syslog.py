@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import time
 from typing import Any
 
 from twisted.internet import reactor
@@ -143,6 +144,27 @@ class SyslogTests(TestCase):
         self.assertIn("[test] third", "\n".join(received(sock)))
         self.assertNotIn("[test] third", "\n".join(ours))
         self.assertEqual(len([line for line in ours if "reached again" in line]), 1)
+
+    def test_a_full_syslog_is_not_waited_for(self) -> None:
+        """A daemon that reads nothing: once its queue is full the lines are dropped at
+        once (the server is not held up); when it takes lines again, a WARN says how many
+        it had no room for."""
+        sock, where = syslog_socket(self)
+        ours = output(self)
+        haraka, _ = server(self, f"[general]\nsocket={where}\nalways_ok=true\n")
+        started = time.monotonic()
+        for n in range(3000):
+            haraka.log.log(Level.INFO, f"line {n}", origin="test")
+        self.assertLess(time.monotonic() - started, 5)
+        got = len(received(sock))
+        self.assertEqual([line for line in ours if "no room" in line], [])
+        haraka.log.log(Level.INFO, "after", origin="test")
+        self.assertEqual(len(received(sock)), 1)
+        dropped = [line for line in ours if "syslog had no room for" in line]
+        self.assertEqual(len(dropped), 1, ours[-3:])
+        count = re.search(r"no room for (\d+) lines", dropped[0])
+        assert count is not None
+        self.assertEqual(got + int(count.group(1)), 3000)
 
     @inlineCallbacks
     def test_udp_server(self) -> Deferred[None]:
