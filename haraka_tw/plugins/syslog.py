@@ -17,7 +17,9 @@ again at most once a second; the first failure and the return are logged.
 Done otherwise than Haraka's plugin: a bad C{facility} stops start-up (Haraka fell back
 to MAIL); the shipped file's keys are the ones read (Haraka's shipped C{pid=} and
 C{odelay=}, while it read C{log_pid} and C{log_odelay}: both names are read here); a line
-is cut to C{max_length} bytes; lines are not lost while syslog is away.
+is cut to C{max_length} bytes; lines are not lost while the local socket is away (over
+UDP nothing says whether a line arrived: a refusal the network reports is counted);
+a syslog server over UDP can be set.
 
 syslog.ini::
 
@@ -28,7 +30,7 @@ syslog.ini::
     log_pid=true         ; (or pid=) the process id after the tag
     always_ok=false      ; true: to syslog only
     ;socket=/dev/log     ; or address:port (UDP), [IPv6]:port
-    ;max_length=8192     ; bytes of a line (longer ones are cut)
+    ;max_length=8192     ; bytes of a datagram, 64 to 65000 (longer lines are cut)
     ;format=             ; default, logfmt or json; log.ini's if unset
 
 C{log_odelay}, C{log_cons}, C{log_ndelay} and C{log_nowait} (C library options) are
@@ -75,6 +77,8 @@ FACILITIES = {
 }
 BOOLEANS = ["-general.always_ok"]
 _RETRY = 1.0  # seconds between attempts to reach a socket that failed
+#: the longest datagram sent (UDP's limit is 65,507 bytes; a Unix socket takes this)
+MAX_LENGTH = 65000
 _TAG = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-/")
 
 
@@ -116,7 +120,7 @@ def read_settings(ini: dict[str, dict[str, Any]], log_format: str) -> Settings:
         pid=True if pid is None else is_truthy(pid),
         always_ok=bool(general.get("always_ok", False)),
         socket=target,
-        max_length=max(int(length), 64),
+        max_length=min(max(int(length), 64), MAX_LENGTH),
         format=fmt,
     )
 
@@ -131,7 +135,7 @@ class SyslogSocket:
         self.clock = clock
         self.sock: socket.socket | None = None
         self.error: str | None = None  # why the socket cannot be reached, while it cannot
-        self.dropped = 0  # lines syslog had no room for
+        self.dropped = 0  # lines syslog did not take: no room, or refused over UDP
         self.full = False  # whether it had no room for the last one
         self._next_try = 0.0
         self.hostname = socket.gethostname().split(".")[0] or "-"
@@ -170,7 +174,9 @@ class SyslogSocket:
         return True
 
     def send(self, data: bytes) -> bool:
-        """Send one datagram; whether syslog has it (or had no room, counted)."""
+        """Send one datagram; whether it went (or syslog had no room, counted). Over UDP
+        a line "went" whether or not anything listens: a refusal the network reports
+        later is counted as a line not taken, and nothing else is known."""
         if self.sock is None and not self._connect():
             return False
         assert self.sock is not None
@@ -183,9 +189,15 @@ class SyslogSocket:
             self.full = True
             return True
         except OSError as e:
-            if e.errno in (errno.ENOBUFS, errno.EMSGSIZE):
+            if e.errno == errno.ENOBUFS:
                 self.dropped += 1
                 self.full = True
+                return True
+            if e.errno == errno.EMSGSIZE:
+                return False  # (too long for the socket: the server's output has it)
+            if self.remote and e.errno == errno.ECONNREFUSED:
+                self.dropped += 1  # (an earlier line was refused: nothing listens)
+                self.full = False
                 return True
             # (the daemon restarted, or went away: connect again when it is time)
             self.close()
@@ -216,6 +228,7 @@ class Plugin:
         self.log = context.log
         self.load()
         context.config.on_change(INI, self.load)
+        context.config.on_change("log.ini", self.load)  # (its format, when ours has none)
 
     def load(self) -> None:
         """(Re)read syslog.ini; a bad value raises, naming it, and changes nothing."""
@@ -225,6 +238,7 @@ class Plugin:
             if self.socket is not None:
                 self.socket.close()
             self.socket = SyslogSocket(settings.socket)
+            self._dropped, self._dropped_at = 0, -60.0
         self.settings = settings
 
     def hook_log(self, connection: Any, record: LogRecord) -> Code:
@@ -234,11 +248,16 @@ class Plugin:
         text = format_record(record, settings.format)
         # (one line per datagram: a newline in it would read as another message)
         line = text.replace("\r", "\\r").replace("\n", "\\n").encode("utf-8", "replace")
-        stamp = time.strftime("%b %d %H:%M:%S", time.localtime(record.time or time.time()))
+        when = time.localtime(record.time or time.time())
+        # (as the C library writes it: the day padded with a space, "Nov  1")
+        stamp = f"{time.strftime('%b', when)} {when.tm_mday:2d} {time.strftime('%H:%M:%S', when)}"
         tag = f"{settings.name}[{os.getpid()}]" if settings.pid else settings.name
         host = f" {sock.hostname}" if sock.remote else ""
         head = f"<{settings.facility * 8 + severity}>{stamp}{host} {tag}: ".encode()
-        sent = sock.send((head + line)[: settings.max_length])
+        datagram = (head + line)[: settings.max_length]
+        if len(head) + len(line) > settings.max_length:  # (not in the middle of a character)
+            datagram = datagram.decode("utf-8", "ignore").encode("utf-8")
+        sent = sock.send(datagram)
         self._report(sock)
         return OK if sent and settings.always_ok else CONT
 
@@ -251,7 +270,8 @@ class Plugin:
             and not sock.full
             and time.monotonic() >= self._dropped_at + 60
         ):
-            self.log.warn(f"syslog had no room for {sock.dropped - self._dropped} lines")
+            lost = sock.dropped - self._dropped
+            self.log.warn(f"syslog did not take {lost} lines (no room, or refused over UDP)")
             self._dropped, self._dropped_at = sock.dropped, time.monotonic()
         if sock.error == self._reported:
             return
