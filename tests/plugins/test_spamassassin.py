@@ -97,7 +97,7 @@ class RealSpamdTests(TestCase):
 
     @inlineCallbacks
     def test_gtube_refused_over_the_threshold(self) -> Deferred[None]:
-        """GTUBE scores 1,000 and more: refused at reject_threshold with 550 5.7.1, and
+        """GTUBE scores about 1,000: refused at reject_threshold with 550 5.7.1, and
         nothing is queued."""
         port = self.server("reject_threshold=10\n")
         got = yield send(port, message(GTUBE))
@@ -144,7 +144,9 @@ class RealSpamdTests(TestCase):
         self.assertIn("X-Spam-Status: Yes, hits=", header)
         assert results is not None
         self.assertIs(results["flag"], True)
-        self.assertGreaterEqual(results["score"], 1000)
+        # GTUBE's 1,000, give or take the other rules' points: some depend on the hour
+        # (the test message's Date is fixed), and CI once saw 999.0.
+        self.assertGreater(results["score"], 900)
         self.assertIn("GTUBE", results["tests"].split(","))
 
     @inlineCallbacks
