@@ -108,14 +108,14 @@ def test_plugins_reports_every_missing_plugin_with_its_line(tmp_path: Path) -> N
     """A plugins file from Haraka naming plugins this server lacks: all of them in one run,
     each with its line, and no traceback."""
     plugins = tmp_path / "plugins"
-    plugins.write_text("# from Haraka\nsyslog\nqueue/discard\nkarma\n")
+    plugins.write_text("# from Haraka\nwatch\nqueue/discard\nkarma\n")
     proc = subprocess.run(
         [str(HARAKA_TW), "plugins", "-c", str(tmp_path)], capture_output=True, text=True
     )
     assert proc.returncode == 1
     assert proc.stderr.splitlines() == [
         "haraka-tw: 2 plugins failed to load:",
-        f"  {plugins}:2: plugin 'syslog' failed to load: no such built-in plugin or entry point",
+        f"  {plugins}:2: plugin 'watch' failed to load: no such built-in plugin or entry point",
         f"  {plugins}:4: plugin 'karma' failed to load: no such built-in plugin or entry point",
     ]
 
@@ -124,7 +124,7 @@ def test_plugins_lists_what_ignore_bad_plugins_left_out(tmp_path: Path) -> None:
     """With smtp.ini ignore_bad_plugins the tool lists the plugins that load and, marked,
     the ones left out, so the check shows what the server would run without."""
     plugins = tmp_path / "plugins"
-    plugins.write_text("syslog\nqueue/discard\n")
+    plugins.write_text("watch\nqueue/discard\n")
     (tmp_path / "smtp.ini").write_text("[main]\nignore_bad_plugins=true\n")
     proc = subprocess.run(
         [str(HARAKA_TW), "plugins", "-c", str(tmp_path)], capture_output=True, text=True
@@ -132,5 +132,5 @@ def test_plugins_lists_what_ignore_bad_plugins_left_out(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines()[-2:] == [
         "queue/discard: queue, queue_outbound",
-        f"syslog: NOT LOADED: no such built-in plugin or entry point ({plugins}:1)",
+        f"watch: NOT LOADED: no such built-in plugin or entry point ({plugins}:1)",
     ]

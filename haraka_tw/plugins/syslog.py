@@ -54,7 +54,7 @@ from haraka_tw.codes import CONT, OK, Code
 from haraka_tw.config.formats import ini_number
 from haraka_tw.config.ini import is_truthy
 from haraka_tw.exchange import parse_address
-from haraka_tw.interfaces import ILogHook, IPluginContext, IRegistration
+from haraka_tw.interfaces import ILogHook, IPluginContext, IRegistration, IShutdown
 from haraka_tw.logging import FORMATS, Level, LogRecord, format_record
 
 __all__ = ["BOOLEANS", "FACILITIES", "INI", "Plugin", "Settings", "read_settings"]
@@ -211,7 +211,7 @@ class SyslogSocket:
             self.sock = None
 
 
-@implementer(IRegistration, ILogHook)
+@implementer(IRegistration, ILogHook, IShutdown)
 class Plugin:
     name = "syslog"
 
@@ -241,9 +241,16 @@ class Plugin:
             self._dropped, self._dropped_at = 0, -60.0
         self.settings = settings
 
+    def shutdown(self) -> None:
+        """Close the socket; later lines go to the server's own output."""
+        if self.socket is not None:
+            self.socket.close()
+            self.socket = None
+
     def hook_log(self, connection: Any, record: LogRecord) -> Code:
         settings, sock = self.settings, self.socket
-        assert sock is not None
+        if sock is None:
+            return CONT  # (shut down)
         severity = min(int(record.level), int(Level.DEBUG))
         text = format_record(record, settings.format)
         # (one line per datagram: a newline in it would read as another message)

@@ -110,11 +110,11 @@ class LoaderTests(SynchronousTestCase):
         """A plugins file brought from Haraka with several plugins this server lacks: one
         error names them all, each where it is listed, and no plugin was registered (the
         one listed before them included)."""
-        lines = {"sample": "plugins:1: ", "syslog": "plugins:2: ", "karma": "plugins:4: "}
+        lines = {"sample": "plugins:1: ", "watch": "plugins:2: ", "karma": "plugins:4: "}
         notes: dict[str, Any] = {}
         with self.assertRaises(PluginLoadError) as ctx:
             load_plugins(
-                ["sample", "syslog", "queue/discard", "karma"],
+                ["sample", "watch", "queue/discard", "karma"],
                 config=self.config,
                 log=self.log,
                 server_notes=notes,
@@ -124,7 +124,7 @@ class LoaderTests(SynchronousTestCase):
             str(ctx.exception).splitlines(),
             [
                 "2 plugins failed to load:",
-                "  plugins:2: plugin 'syslog' failed to load: no such built-in plugin or"
+                "  plugins:2: plugin 'watch' failed to load: no such built-in plugin or"
                 " entry point",
                 "  plugins:4: plugin 'karma' failed to load: no such built-in plugin or"
                 " entry point",
@@ -136,7 +136,7 @@ class LoaderTests(SynchronousTestCase):
         """Each plugin left out is an ERROR naming its line, and is handed back."""
         skipped: list[PluginLoadError] = []
         loaded = load_plugins(
-            ["syslog", "queue/discard", "tw_sample_plugins:Explodes"],
+            ["watch", "queue/discard", "tw_sample_plugins:Explodes"],
             config=self.config,
             log=self.log,
             server_notes={},
@@ -145,9 +145,9 @@ class LoaderTests(SynchronousTestCase):
             skipped=skipped,
         )
         self.assertEqual([p.name for p in loaded], ["queue/discard"])
-        self.assertEqual([e.name for e in skipped], ["syslog", "tw_sample_plugins:Explodes"])
+        self.assertEqual([e.name for e in skipped], ["watch", "tw_sample_plugins:Explodes"])
         self.assertIn(
-            "plugins:syslog: plugin 'syslog' failed to load: no such built-in plugin or entry"
+            "plugins:watch: plugin 'watch' failed to load: no such built-in plugin or entry"
             " point (ignored: ignore_bad_plugins)",
             self.log.messages(),
         )

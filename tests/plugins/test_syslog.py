@@ -15,6 +15,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 
+from haraka_tw.interfaces import IShutdown
 from haraka_tw.logging import Level
 from haraka_tw.server import StartupError
 from tests.support import data_reply, start_server, temp_dir
@@ -63,7 +64,8 @@ def output(case: TestCase) -> list[str]:
 
 
 def server(case: TestCase, ini: str) -> Any:
-    return start_server(
+    """A server with the syslog plugin, shut down as twistd would (its socket closed)."""
+    haraka, port = start_server(
         case,
         {
             "plugins": "syslog\nrcpt_to.in_host_list\nqueue/discard\n",
@@ -72,6 +74,10 @@ def server(case: TestCase, ini: str) -> Any:
             "log.ini": "[main]\nlevel=info\n",
         },
     )
+    for loaded in haraka.runner.plugins:
+        if IShutdown.providedBy(loaded.plugin):
+            case.addCleanup(loaded.plugin.shutdown)
+    return haraka, port
 
 
 def send(port: int) -> Deferred[tuple[int, bytes]]:
