@@ -23,7 +23,15 @@ from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 
 from haraka_tw.exchange import Address, ServiceError, chained, exchange
 
-__all__ = ["MAX_REPLY", "RspamdError", "check", "header_text", "parse_answer", "request_head"]
+__all__ = [
+    "MAX_REPLY",
+    "RspamdError",
+    "check",
+    "header_text",
+    "is_header_name",
+    "parse_answer",
+    "request_head",
+]
 
 #: The most of rspamd's answer read: a verdict with every symbol, URL and address of a
 #: large message fits many times over.
@@ -36,6 +44,11 @@ _UNSAFE = re.compile(r"[\x00-\x1f\x7f]+")
 
 class RspamdError(ServiceError):
     """rspamd's answer is not a verdict."""
+
+
+def is_header_name(name: str) -> bool:
+    """Whether C{name} may name an HTTP header (an RFC 9110 token)."""
+    return _TOKEN.match(name) is not None
 
 
 def header_text(value: str) -> str:
@@ -56,7 +69,7 @@ def request_head(path: str, host: str, length: int, headers: Sequence[tuple[str,
         f"Content-Length: {length}",
     ]
     for name, value in headers:
-        if not _TOKEN.match(name):
+        if not is_header_name(name):
             raise ValueError(f"not an HTTP header name: {name!r}")
         text = header_text(value)
         if text:

@@ -61,7 +61,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.header import Header as EncodedHeader
-from typing import Any
+from typing import Any, TypeGuard
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
@@ -138,7 +138,6 @@ _SPF = {
     "none": "na",
     "permerror": "permfail",
 }
-_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")  # an HTTP header name
 _FIELD_NAME = re.compile(r"^[!-9;-~]{1,200}$")
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 _NOT_PRINTABLE = re.compile(r"[^ -~]")
@@ -234,7 +233,7 @@ def _request_headers(ini: dict[str, dict[str, Any]]) -> tuple[list[tuple[str, st
     extra = ini.get("request_headers", {})
     trailing += [(key, _text(extra, key)) for key in extra]
     for key, _ in leading + trailing:
-        if not _TOKEN.match(key):
+        if not rspamd.is_header_name(key):
             raise ValueError(f"{INI}: {key!r} is not an HTTP header name")
     # (rspamd would compress its answer, which there is nothing here to read)
     if "zstd" in (flag.lower() for flag in flags):
@@ -561,12 +560,12 @@ class Plugin:
                     continue
                 if len(edits) == MAX_ADDED:
                     raise ValueError(f"more than {MAX_ADDED} fields to add")
-                where = order if isinstance(order, int) and _is_int(order) and order >= 0 else None
+                where = order if _is_int(order) and order >= 0 else None
                 edits.append(_add(str(name), _field_value(str(name), entry), where))
         return edits
 
 
-def _is_int(value: Any) -> bool:
+def _is_int(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
