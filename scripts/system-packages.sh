@@ -2,7 +2,7 @@
 # Installs the Debian packages the tests use as real peers (HAProxy for the PROXY protocol,
 # swaks as an SMTP client, openssl for TLS probes, redis-server for the plugins that keep
 # shared state, spamd, clamd and rspamd for the content scanners, bsdtar for the
-# attachment plugin), when they are missing and we are root.
+# attachment plugin, the Public Suffix List for uribl), when they are missing and we are root.
 # Without root the tests that need a missing tool are reported as skipped, with the reason.
 set -euo pipefail
 need=()
@@ -18,6 +18,8 @@ command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 command -v bsdtar >/dev/null 2>&1 || need+=(libarchive-tools)
 # rspamd for the rspamd plugin's tests (its normal worker alone, run by the tests)
 command -v rspamd >/dev/null 2>&1 || need+=(rspamd)
+# the Public Suffix List (the uribl plugin's top-level domains and registered domains)
+[ -f /usr/share/publicsuffix/public_suffix_list.dat ] || need+=(publicsuffix)
 # swaks speaks TLS through these Perl modules
 perl -MIO::Socket::SSL -e 1 >/dev/null 2>&1 || need+=(libio-socket-ssl-perl libnet-ssleay-perl)
 [ ${#need[@]} -eq 0 ] && exit 0
