@@ -63,6 +63,8 @@ class Suffixes(Protocol):
 def _ascii(name: str) -> str | None:
     """C{name} lower-case in its ASCII (IDNA) form, or None when it has no such form."""
     name = name.strip().lower().rstrip(".")
+    if len(name) > 253 or any(len(label) > 63 for label in name.split(".")):
+        return None  # (no DNS name; and the IDNA codec is slow on long text)
     if name.isascii():
         return name
     try:

@@ -61,6 +61,7 @@ import ipaddress
 import random
 import re
 import socket
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from email.utils import getaddresses
@@ -103,7 +104,8 @@ _REFUSALS = ipaddress.ip_network("127.255.255.0/24")
 _DBL_NO_IP = ipaddress.ip_address("127.0.1.255")
 #: a URL's host: after the scheme and any user part, up to the path, port or a delimiter
 _URL = re.compile(
-    r"[a-z][a-z0-9+.-]{1,15}:/+(?:[^\s/?#@<>\"'\\]*@)?(\[[0-9a-f:.]+\]|[^\s/?#:<>\"'\\|,;()\[\]{}]+)",
+    r"(?<![a-z0-9+.-])[a-z][a-z0-9+.-]{1,15}:/+(?:[^\s/?#<>\"'\\]*@)?"
+    r"(\[[0-9a-f:.]+\]|[^\s/?#:<>\"'\\|,;()\[\]{}@]+)",
     re.IGNORECASE,
 )
 #: a name in running text, ending in letters (so a top-level domain, checked later)
@@ -114,6 +116,7 @@ _NAME_IN_TEXT = re.compile(
 _LOOSE_IPV4 = re.compile(r"^(?:0x[0-9a-f]+|[0-9]+)(?:\.(?:0x[0-9a-f]+|[0-9]+)){0,3}$")
 _MSGID_DOMAIN = re.compile(r"@([^>\s@]+)>?")
 BODY_NAMES_LIMIT = 10_000  # distinct hosts gathered from one body, at most
+BODY_TEXT_LIMIT = 4 * 1024 * 1024  # characters of a body's text parts scanned, at most
 
 _Subject = ipaddress.IPv4Address | ipaddress.IPv6Address | str
 _Answer = Code | tuple[Code, str]
@@ -209,6 +212,8 @@ def subject_of(host: str, suffixes: Suffixes) -> _Subject | None:
         if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
             return address.ipv4_mapped
         return address
+    if len(text) > 253 or any(len(label) > 63 for label in text.split(".")):
+        return None  # (before the IDNA codec, which is slow on long text)
     if not text.isascii():
         try:
             text = text.encode("idna").decode("ascii")
@@ -250,16 +255,21 @@ def _text_hosts(text: str) -> Iterator[str]:
 def body_hosts(body: Body | None) -> list[str]:
     """The hosts named in the text parts of C{body}: URL hosts and names in the text (so
     the domains of e-mail addresses), HTML entities decoded in HTML parts, percent-encoding
-    undone where there is any; each once, in order, at most L{BODY_NAMES_LIMIT}."""
+    undone where there is any; each once, in order, at most L{BODY_NAMES_LIMIT}, from the
+    first L{BODY_TEXT_LIMIT} characters scanned."""
     seen: dict[str, None] = {}
     if body is None:
         return []
+    budget = BODY_TEXT_LIMIT
     for part in body.walk():
-        if part.kind is not PartKind.TEXT or not part.bodytext:
+        if part.kind is not PartKind.TEXT or not part.bodytext or budget <= 0:
             continue
-        text = html.unescape(part.bodytext) if part.is_html else part.bodytext
+        text = part.bodytext[:budget]
+        text = html.unescape(text) if part.is_html else text
         texts = [text, unquote(text)] if "%" in text else [text]
         for one in texts:
+            one = one[:budget]
+            budget -= len(one)
             for host in _text_hosts(one):
                 seen[host.lower()] = None
                 if len(seen) >= BODY_NAMES_LIMIT:
@@ -268,9 +278,16 @@ def body_hosts(body: Body | None) -> list[str]:
 
 
 def _address_domains(values: Iterable[str]) -> list[str]:
-    return [
-        address.rpartition("@")[2] for _, address in getaddresses(list(values)) if "@" in address
-    ]
+    """The domains of the addresses in these field values; a value the address parser
+    cannot take (comments nested past its recursion) is left out."""
+    domains = []
+    for value in values:
+        try:
+            pairs = getaddresses([value])
+        except (RecursionError, ValueError, IndexError, TypeError):
+            continue
+        domains += [address.rpartition("@")[2] for _, address in pairs if "@" in address]
+    return domains
 
 
 @implementer(IRegistration, IConnectHook, IHeloHook, IEhloHook, IMailHook, IDataHook, IDataPostHook)
@@ -494,6 +511,7 @@ class _Lookups:
         self.queries = queries
         self.timeout = timeout
         self.pending = len(queries)
+        self.waiting = Counter(check for check, _, _ in queries.values())  # lookups per check
         self.failed: dict[tuple[str, str], list[str]] = {}  # (check, zone) -> errors
         self.listed: set[str] = set()  # checks with a listing
         self.verdict: Deferred[_Answer] = Deferred(lambda _: self._stop())
@@ -529,7 +547,7 @@ class _Lookups:
             self.plugin.log.info(f"found {shown} in {zone.name} ({listing})", self.connection)
             self._decide((DENY, zone.message(shown)))
             return
-        self._one_done()
+        self._one_done(check)
 
     def _failed(self, failure: Failure, check: str, zone: Zone) -> None:
         if self.verdict.called:
@@ -537,9 +555,10 @@ class _Lookups:
         if not failure.check(NXDomain, NoAnswer):
             error = failure.getErrorMessage() if failure.check(DNSError) else repr(failure.value)
             self.failed.setdefault((check, zone.name), []).append(error)
-        self._one_done()
+        self._one_done(check)
 
-    def _one_done(self) -> None:
+    def _one_done(self, check: str) -> None:
+        self.waiting[check] -= 1
         self.pending -= 1
         if self.pending == 0:
             self._decide(CONT)
@@ -547,7 +566,8 @@ class _Lookups:
     def _expired(self) -> None:
         self.timer = None
         if not self.verdict.called:
-            self.results.add(self.plugin.name, err=f"timeout after {self.timeout:g} s")
+            late = ", ".join(check for check, count in self.waiting.items() if count)
+            self.results.add(self.plugin.name, err=f"{late}: timeout after {self.timeout:g} s")
             self._decide(CONT)
 
     def _decide(self, answer: _Answer) -> None:
@@ -560,7 +580,7 @@ class _Lookups:
         if answer is CONT:
             failed = {check for check, _ in self.failed}
             for check in dict.fromkeys(check for check, _, _ in self.queries.values()):
-                if check not in self.listed and check not in failed:
+                if check not in self.listed and check not in failed and not self.waiting[check]:
                     self.results.add(self.plugin.name, **{"pass": check})
         self.verdict.callback(answer)
 

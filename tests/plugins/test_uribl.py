@@ -5,6 +5,7 @@ on their own."""
 from __future__ import annotations
 
 import ipaddress
+import time
 from typing import Any
 
 from twisted.internet.defer import Deferred, inlineCallbacks
@@ -12,7 +13,7 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
-from haraka_tw.codes import OK
+from haraka_tw.codes import CONT, OK
 from haraka_tw.interfaces import IQueueHook
 from haraka_tw.message.header import Header
 from haraka_tw.message.part import Body, PartKind
@@ -21,7 +22,7 @@ from haraka_tw.server import StartupError
 from haraka_tw.suffixes import RuleOfThumb, SuffixList, installed
 from tests.dnsserver import serve
 from tests.haproxy import SourcedClient
-from tests.support import WireClient, data_reply, start_server
+from tests.support import WireClient, data_reply, start_server, temp_dir
 
 KEPT: list[Any] = []
 
@@ -188,6 +189,19 @@ class URIBLTests(TestCase):
             )
 
     @inlineCallbacks
+    def test_unparsable_from_does_not_hide_the_body(self) -> Deferred[None]:
+        """A From field of comments nested past the address parser's recursion is left
+        out; the body is still looked up."""
+        port = self.server()
+        code, text = yield data_reply(
+            port,
+            "a@fine-host.com",
+            ["user@mx.test"],
+            message("http://www.spam-domain.com/", "From: " + "(" * 2000 + " a@b.com\r\n"),
+        )
+        self.assertEqual((code, text), (550, b"5.7.1 spam-domain.com listed in dom.test"))
+
+    @inlineCallbacks
     def test_client_reverse_name_at_connect(self) -> Deferred[None]:
         """A client whose PTR name is under a listed domain gets 554 at connect; another
         is greeted."""
@@ -296,6 +310,44 @@ class URIBLTests(TestCase):
             self.assertIn(words, str(caught.exception))
 
 
+class TimerTests(SynchronousTestCase):
+    def test_checks_still_waiting_at_the_time_limit(self) -> None:
+        """At the plugin's time limit, mail goes on; a check with a lookup still out is an
+        error naming it, not a pass; a check whose answers all came is a pass."""
+        from twisted.internet.defer import fail
+        from twisted.internet.task import Clock
+
+        from haraka_tw.dns import NXDomain
+        from haraka_tw.plugins.uribl import Plugin, Settings
+        from haraka_tw.smtp.state import Results
+
+        class Resolver:
+            def lookup_a(self, name: str) -> Deferred[list[str]]:
+                if name.startswith("quiet."):
+                    return Deferred()  # never answers
+                return fail(NXDomain(name, "A", "NXDOMAIN"))
+
+        class Connection:
+            transaction = None
+            results = Results()
+
+        plugin = Plugin()
+        plugin.name, plugin.clock, plugin.resolver = "uribl", Clock(), Resolver()
+        plugin.log = type("Log", (), {"info": lambda *a: None, "warn": lambda *a: None})()
+        zone = Zone("z.test", frozenset({"from", "body"}))
+        settings = Settings((zone,), 20, 5.0, frozenset(), RuleOfThumb())
+        answers: list[Any] = []
+        groups = [("from", ["fine.com"]), ("body", ["quiet.com"])]
+        plugin._check(Connection(), settings, groups).addCallback(answers.append)  # type: ignore[arg-type, union-attr]
+        self.assertEqual(answers, [])
+        plugin.clock.advance(5)
+        self.assertEqual(answers, [CONT])
+        results = Connection.results.get("uribl")
+        self.assertEqual(results["pass"], ["from"])
+        self.assertEqual(results["err"], ["body: timeout after 5 s"])
+        self.assertEqual(plugin.clock.getDelayedCalls(), [])
+
+
 PSL = """// a list in the Public Suffix List's format
 com
 uk
@@ -351,14 +403,14 @@ class SuffixTests(SynchronousTestCase):
         self.assertFalse(rough.is_tld("dev"))
         self.assertEqual(rough.registered_domain("a.example.co.uk"), "example.co.uk")
 
-    def test_unreadable_list_named(self) -> None:
-        """A file with no rules is an error naming it."""
-        path = self.mktemp()
-        with open(path, "w", encoding="utf-8") as f:
-            f.write("// nothing here\n")
-        with self.assertRaises(ValueError) as caught:
-            SuffixList.read(path)
-        self.assertIn(path, str(caught.exception))
+    def test_bad_list_named(self) -> None:
+        """A file with no rules, or not UTF-8, is an error naming it."""
+        for text in (b"// nothing here\n", b"com\n\xff\xfe\n"):
+            path = temp_dir(self) / "psl.dat"
+            path.write_bytes(text)
+            with self.assertRaises(ValueError) as caught:
+                SuffixList.read(str(path))
+            self.assertIn(str(path), str(caught.exception))
 
 
 class HostTests(SynchronousTestCase):
@@ -388,11 +440,36 @@ class HostTests(SynchronousTestCase):
         ):
             self.assertIn(wanted, hosts)
         self.assertNotIn("1.2.3.4", hosts)  # a bare dotted number is not a host here
+        # the host is after the last @ of the user part, as browsers read it
+        self.assertIn("1.2.3.4", body_hosts(self.body("http://x@y@0x01020304/")))
         html = body_hosts(self.body('<a href="http://five&#46;com/">x</a>', "text/html"))
         self.assertIn("five.com", html)
         self.assertNotIn(
             "six.com", body_hosts(self.body("http://six&#46;com/"))
         )  # plain text: as is
+
+    def test_text_scanned_up_to_the_limit(self) -> None:
+        """Past BODY_TEXT_LIMIT characters of text in all the parts together, nothing more
+        is scanned; each body has a budget of its own."""
+        import haraka_tw.plugins.uribl as uribl
+
+        self.patch(uribl, "BODY_TEXT_LIMIT", 100)
+        self.assertEqual(body_hosts(self.body("one.com " + "x" * 100 + " two.com")), ["one.com"])
+        root = self.body("")
+        root.kind = PartKind.MULTIPART
+        root.children = [self.body("three.com " + "x" * 70), self.body("x" * 25 + " four.com")]
+        self.assertEqual(body_hosts(root), ["three.com"])
+        self.assertEqual(body_hosts(self.body("five.com")), ["five.com"])
+
+    def test_long_names_refused_before_encoding(self) -> None:
+        """A name longer than DNS allows is no subject, at once, however it is written
+        (the IDNA codec took seconds on a megabyte)."""
+        psl = RuleOfThumb()
+        started = time.monotonic()
+        for bad in ("ü" * 1_000_000, "ü." * 200_000 + "com", "a" * 64 + ".com"):
+            self.assertIsNone(subject_of(bad, psl))
+            self.assertIsNone(psl.registered_domain(bad))
+        self.assertLess(time.monotonic() - started, 2.0)
 
     def test_subjects(self) -> None:
         """What a host becomes before it is looked up."""
