@@ -116,7 +116,7 @@ _NAME_IN_TEXT = re.compile(
 _LOOSE_IPV4 = re.compile(r"^(?:0x[0-9a-f]+|[0-9]+)(?:\.(?:0x[0-9a-f]+|[0-9]+)){0,3}$")
 _MSGID_DOMAIN = re.compile(r"@([^>\s@]+)>?")
 BODY_NAMES_LIMIT = 10_000  # distinct hosts gathered from one body, at most
-BODY_TEXT_LIMIT = 4 * 1024 * 1024  # characters of a body's text parts scanned, at most
+BODY_TEXT_LIMIT = 1024 * 1024  # characters of a body's text parts scanned, at most
 
 _Subject = ipaddress.IPv4Address | ipaddress.IPv6Address | str
 _Answer = Code | tuple[Code, str]
