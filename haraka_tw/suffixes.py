@@ -19,7 +19,7 @@ from typing import Protocol
 
 from haraka_tw.plugins.helo.checks import organizational_domain
 
-__all__ = ["DEFAULT_PATH", "RuleOfThumb", "SuffixList", "Suffixes", "installed"]
+__all__ = ["DEFAULT_PATH", "RuleOfThumb", "SuffixList", "Suffixes", "ascii_name", "installed"]
 
 DEFAULT_PATH = "/usr/share/publicsuffix/public_suffix_list.dat"
 
@@ -60,8 +60,9 @@ class Suffixes(Protocol):
     def registered_domain(self, name: str) -> str | None: ...
 
 
-def _ascii(name: str) -> str | None:
-    """C{name} lower-case in its ASCII (IDNA) form, or None when it has no such form."""
+def ascii_name(name: str) -> str | None:
+    """C{name} lower-case, without a final dot, in its ASCII (IDNA) form; None when it has
+    no such form or is longer than DNS allows."""
     name = name.strip().lower().rstrip(".")
     if len(name) > 253 or any(len(label) > 63 for label in name.split(".")):
         return None  # (no DNS name; and the IDNA codec is slow on long text)
@@ -87,7 +88,7 @@ class SuffixList:
                 kind, rule = self._exception, rule[1:]
             elif rule.startswith("*."):
                 kind, rule = self._wildcard, rule[2:]
-            name = _ascii(rule)
+            name = ascii_name(rule)
             if not name or "*" in name:
                 continue  # (no rule of the list is either; a line that is cannot match)
             kind.add(name)
@@ -123,10 +124,12 @@ class SuffixList:
         """The public suffix of C{name} by the list's algorithm (the longest matching rule,
         an exception first, C{*} when none matches); None for an empty label or no ASCII
         form."""
-        ascii_name = _ascii(name)
-        if not ascii_name:
+        return self._suffix(ascii_name(name))
+
+    def _suffix(self, plain: str | None) -> str | None:
+        if not plain:
             return None
-        labels = ascii_name.split(".")
+        labels = plain.split(".")
         if not all(labels):
             return None
         for i in range(len(labels)):
@@ -141,11 +144,11 @@ class SuffixList:
     def registered_domain(self, name: str) -> str | None:
         """The public suffix of C{name} and one label more; None when C{name} is a public
         suffix itself (or no name)."""
-        suffix = self.public_suffix(name)
-        ascii_name = _ascii(name)
-        if suffix is None or ascii_name is None or ascii_name == suffix:
+        plain = ascii_name(name)
+        suffix = self._suffix(plain)
+        if suffix is None or plain is None or plain == suffix:
             return None
-        return ascii_name[: -len(suffix) - 1].rpartition(".")[2] + "." + suffix
+        return plain[: -len(suffix) - 1].rpartition(".")[2] + "." + suffix
 
 
 class RuleOfThumb:
@@ -157,8 +160,8 @@ class RuleOfThumb:
         return label in _GENERIC or bool(_LETTERS.match(label)) or label.startswith("xn--")
 
     def registered_domain(self, name: str) -> str | None:
-        ascii_name = _ascii(name)
-        return organizational_domain(ascii_name) if ascii_name else None
+        plain = ascii_name(name)
+        return organizational_domain(plain) if plain else None
 
 
 _read: dict[str, tuple[tuple[int, int], SuffixList]] = {}

@@ -87,9 +87,10 @@ from haraka_tw.interfaces import (
     IRegistration,
 )
 from haraka_tw.message.part import Body, PartKind
+from haraka_tw.plugins.dns_list import query_name
 from haraka_tw.smtp.address import Address
-from haraka_tw.smtp.connection import Connection
-from haraka_tw.suffixes import DEFAULT_PATH, RuleOfThumb, Suffixes, installed
+from haraka_tw.smtp.connection import Connection, canonical_address
+from haraka_tw.suffixes import DEFAULT_PATH, RuleOfThumb, Suffixes, ascii_name, installed
 
 __all__ = ["Plugin", "Zone", "body_hosts"]
 
@@ -139,23 +140,21 @@ class Zone:
     def query(self, subject: _Subject, suffixes: Suffixes) -> tuple[str, str] | None:
         """The name to look C{subject} up under in this zone and the name to show for it;
         None when this zone is not asked about it."""
+        zone = f"{self.dqs_key}.{self.name}" if self.dqs_key else self.name
+        name: str | None
         if isinstance(subject, str):
             shown = suffixes.registered_domain(subject) if self.strip_to_domain else subject
             if not shown:
                 return None
-            base = shown
+            name = f"{shown}.{zone}"
         else:
             if self.no_ip_lookups or not subject.is_global:
                 return None
-            if isinstance(subject, ipaddress.IPv6Address):
-                if self.not_ipv6:
-                    return None
-                base = ".".join(reversed(subject.exploded.replace(":", "")))
-            else:
-                base = ".".join(reversed(str(subject).split(".")))
+            if isinstance(subject, ipaddress.IPv6Address) and self.not_ipv6:
+                return None
             shown = str(subject)
-        name = f"{base}.{self.dqs_key}.{self.name}" if self.dqs_key else f"{base}.{self.name}"
-        if len(name) > 253:
+            name = query_name(shown, zone)
+        if name is None or len(name) > 253:
             return None
         return name, shown
 
@@ -204,25 +203,16 @@ def subject_of(host: str, suffixes: Suffixes) -> _Subject | None:
     text = host.strip().lower().rstrip(".")
     if text.startswith("[") and text.endswith("]"):
         text = text[1:-1].removeprefix("ipv6:")
-    try:
-        address = ipaddress.ip_address(text)
-    except ValueError:
-        pass
-    else:
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            return address.ipv4_mapped
+    address = canonical_address(text)
+    if address is not None:
         return address
-    if len(text) > 253 or any(len(label) > 63 for label in text.split(".")):
-        return None  # (before the IDNA codec, which is slow on long text)
-    if not text.isascii():
-        try:
-            text = text.encode("idna").decode("ascii")
-        except UnicodeError:
-            return None
-    labels = text.split(".")
-    if len(labels) < 2 or len(text) > 253 or not all(_LABEL.match(label) for label in labels):
+    name = ascii_name(text)
+    if name is None:
         return None
-    return text if suffixes.is_tld(labels[-1]) and not labels[-1].isdigit() else None
+    labels = name.split(".")
+    if len(labels) < 2 or len(name) > 253 or not all(_LABEL.match(label) for label in labels):
+        return None
+    return name if suffixes.is_tld(labels[-1]) and not labels[-1].isdigit() else None
 
 
 def _url_host(host: str) -> str:
@@ -357,9 +347,8 @@ class Plugin:
     def hook_connect(self, connection: Connection) -> _Answer | Deferred[_Answer]:
         if not self._wanted("rdns"):
             return CONT
-        try:
-            client = ipaddress.ip_address(connection.remote.ip)
-        except ValueError:
+        client = canonical_address(connection.remote.ip)
+        if client is None:
             return CONT
         if not client.is_global:
             connection.results.add(self.name, skip="rdns: private client")
