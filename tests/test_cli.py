@@ -108,7 +108,7 @@ def test_plugins_reports_every_missing_plugin_with_its_line(tmp_path: Path) -> N
     """A plugins file from Haraka naming plugins this server lacks: all of them in one run,
     each with its line, and no traceback."""
     plugins = tmp_path / "plugins"
-    plugins.write_text("# from Haraka\nwatch\nqueue/discard\nkarma\n")
+    plugins.write_text("# from Haraka\nwatch\nqueue/discard\nknown-senders\n")
     proc = subprocess.run(
         [str(HARAKA_TW), "plugins", "-c", str(tmp_path)], capture_output=True, text=True
     )
@@ -116,7 +116,8 @@ def test_plugins_reports_every_missing_plugin_with_its_line(tmp_path: Path) -> N
     assert proc.stderr.splitlines() == [
         "haraka-tw: 2 plugins failed to load:",
         f"  {plugins}:2: plugin 'watch' failed to load: no such built-in plugin or entry point",
-        f"  {plugins}:4: plugin 'karma' failed to load: no such built-in plugin or entry point",
+        f"  {plugins}:4: plugin 'known-senders' failed to load: no such built-in plugin or"
+        " entry point",
     ]
 
 

@@ -110,11 +110,11 @@ class LoaderTests(SynchronousTestCase):
         """A plugins file brought from Haraka with several plugins this server lacks: one
         error names them all, each where it is listed, and no plugin was registered (the
         one listed before them included)."""
-        lines = {"sample": "plugins:1: ", "watch": "plugins:2: ", "karma": "plugins:4: "}
+        lines = {"sample": "plugins:1: ", "watch": "plugins:2: ", "known-senders": "plugins:4: "}
         notes: dict[str, Any] = {}
         with self.assertRaises(PluginLoadError) as ctx:
             load_plugins(
-                ["sample", "watch", "queue/discard", "karma"],
+                ["sample", "watch", "queue/discard", "known-senders"],
                 config=self.config,
                 log=self.log,
                 server_notes=notes,
@@ -126,7 +126,7 @@ class LoaderTests(SynchronousTestCase):
                 "2 plugins failed to load:",
                 "  plugins:2: plugin 'watch' failed to load: no such built-in plugin or"
                 " entry point",
-                "  plugins:4: plugin 'karma' failed to load: no such built-in plugin or"
+                "  plugins:4: plugin 'known-senders' failed to load: no such built-in plugin or"
                 " entry point",
             ],
         )
