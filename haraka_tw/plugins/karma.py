@@ -108,9 +108,10 @@ _DEFAULT_EXCLUDED_PLUGINS = (
     "clamd",
     "tls",
     "limit",
+    "max_unrecognized_commands",
     "toobusy",
 )
-_DEFAULT_EXCLUDED_HOOKS = ("rcpt", "queue", "queue_outbound", "max_data_exceeded")
+_DEFAULT_EXCLUDED_HOOKS = ("rcpt", "rcpt_ok", "queue", "queue_outbound", "max_data_exceeded")
 #: the hooks karma can refuse at
 _DECIDING_HOOKS = frozenset(
     {
