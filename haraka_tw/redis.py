@@ -282,6 +282,22 @@ class RedisClient:
             return defer.fail(RedisUnavailable(self.last_error or "not connected to Redis"))
         return protocol.send(args, self.timeout)
 
+    async def atomically(self, *commands: Sequence[str | bytes | int | float]) -> list[Any]:
+        """C{commands} in one MULTI/EXEC, sent together (so that, say, a key is never
+        written without its expiry); their replies, or the first error among them."""
+        sent = [self.execute("MULTI")]
+        sent += [self.execute(*command) for command in commands]
+        sent.append(self.execute("EXEC"))
+        outcomes = await defer.DeferredList(sent, consumeErrors=True)
+        for ok, value in outcomes:
+            if not ok:
+                value.raiseException()
+        replies = list(outcomes[-1][1] or [])
+        for reply in replies:
+            if isinstance(reply, RedisError):
+                raise reply
+        return replies
+
     def connect(self) -> Deferred[None]:
         """Connect (log in, select the database) unless connected, connecting, closed or
         tried less than C{retry} seconds ago; fires when connected, or with the error."""

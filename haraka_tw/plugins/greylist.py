@@ -52,7 +52,7 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
 from haraka_tw.codes import CONT, DENYSOFT
@@ -257,7 +257,7 @@ class Plugin:
         settings, redis = self.settings, self.redis
         white = f"white:{_escape(white_id(connection.remote.ip, host))}"
         if await redis.execute("EXPIRE", white, settings.white):  # (1: it is there)
-            await self._atomically(["HINCRBY", white, "tried", 1], ["HSET", white, "updated", now])
+            await redis.atomically(["HINCRBY", white, "tried", 1], ["HSET", white, "updated", now])
             txn.results.add(self.name, **{"pass": "whitelisted"}, stage="rcpt", host=host)
             return CONT
         who = sender.address.lower() if not sender.is_null else "<>"
@@ -265,7 +265,7 @@ class Plugin:
         record = _numbers(await redis.execute("HGETALL", grey))
         created = record.get("created")
         if created is not None and created + settings.black < moment <= created + settings.grey:
-            await self._atomically(
+            await redis.atomically(
                 ["HSET", white, "first_connect", created, "whitelisted", now, "updated", now,
                  "lifetime", settings.white, "tried_when_greylisted", record.get("tried", 1),
                  "tried", 1],
@@ -275,32 +275,15 @@ class Plugin:
             self._log(connection, f"host {host} retried after {now - created} s: white listed")
             return CONT
         if created is None or moment > created + settings.grey:
-            await self._atomically(
+            await redis.atomically(
                 ["HSET", grey, "created", now, "updated", now, "lifetime", settings.grey,
                  "tried", 1],
                 ["EXPIRE", grey, settings.grey],
             )  # fmt: skip
         else:
-            await self._atomically(["HINCRBY", grey, "tried", 1], ["HSET", grey, "updated", now])
+            await redis.atomically(["HINCRBY", grey, "tried", 1], ["HSET", grey, "updated", now])
         txn.results.add(self.name, fail="greylisted", stage="rcpt", host=host)
         return DENYSOFT, Reply(451, "4.7.1", (settings.text,))
-
-    async def _atomically(self, *commands: list[Any]) -> list[Any]:
-        """C{commands} in one MULTI/EXEC, sent together (so a key is never written
-        without its expiry); their replies, or the first error among them."""
-        assert self.redis is not None
-        sent = [self.redis.execute("MULTI")]
-        sent += [self.redis.execute(*command) for command in commands]
-        sent.append(self.redis.execute("EXEC"))
-        outcomes = await DeferredList(sent, consumeErrors=True)
-        for ok, value in outcomes:
-            if not ok:
-                value.raiseException()
-        replies = list(outcomes[-1][1] or [])
-        for reply in replies:
-            if isinstance(reply, RedisError):
-                raise reply
-        return replies
 
     async def _host(self, connection: Connection) -> str:
         """The client's host id, worked out once per connection (a forward lookup of its

@@ -1,4 +1,4 @@
-"""limit: the parts of Haraka's limit plugin that need no Redis.
+"""limit: Haraka's limit plugin: limits per connection, and rates kept in Redis.
 
 Each part is off until its section in limit.ini says C{enabled=true}:
 
@@ -18,16 +18,30 @@ Each part is off until its section in limit.ini says C{enabled=true}:
   EHLO, MAIL, RCPT or DATA gets DENYSOFTDISCONNECT with C{421 4.7.0 Too many errors}, and
   the connection closes.
 
+Rates, counted in Redis (redis.ini's, or limit.ini C{[redis]}) so that every worker and
+every server sharing it counts together (see L{haraka_tw.ratelimit} for the values and
+lookups):
+
+- C{[rate_conn]}: connections per client, over the last period (a sliding window);
+  one more gets C{421 connection rate limit exceeded} and close.
+- C{[rate_rcpt_host]}: recipients per client, counted at RCPT and checked when it next
+  connects: C{421 recipient rate limit exceeded} and close.
+- C{[rate_rcpt_sender]}: recipients per sender; C{[rate_rcpt_null]}: recipients per
+  recipient of the null sender (bounces); C{[rate_rcpt]}: messages per recipient. One more
+  gets C{450 4.7.0}, and the session goes on.
+
+With Redis away the rates are not enforced (an C{err} in the results), never deferred.
+
 C{[main] tarpit_delay} (seconds, default 0) holds each of these refusals that long first.
-The file is re-read when it changes. The rate limits and history of Haraka's plugin need
-Redis and are not here.
+The file is re-read when it changes.
 """
 
 from __future__ import annotations
 
 import math
 import weakref
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -48,7 +62,16 @@ from haraka_tw.interfaces import (
     IPluginContext,
     IRcptHook,
     IRegistration,
+    IShutdown,
     IUnrecognizedCommandHook,
+)
+from haraka_tw.ratelimit import RateTable, fixed_window, sliding_window
+from haraka_tw.redis import (
+    RedisClient,
+    RedisError,
+    RedisUnavailable,
+    client_from_config,
+    shared_client,
 )
 from haraka_tw.smtp.address import Address
 from haraka_tw.smtp.connection import Connection
@@ -73,11 +96,24 @@ BOOLEANS = (
     "-recipients.enabled",
     "-unrecognized_commands.enabled",
     "-errors.enabled",
+    "-rate_conn.enabled",
+    "-rate_conn_history.enabled",
+    "-rate_rcpt_host.enabled",
+    "-rate_rcpt_host_history.enabled",
+    "-rate_rcpt_sender.enabled",
+    "-rate_rcpt_null.enabled",
+    "-rate_rcpt.enabled",
 )
 #: The server notes key of the per-IP connection counts.
 COUNTS_NOTE = "limit.concurrency"
 #: the sections this plugin reads
-_SECTIONS = frozenset({"main", "concurrency", "recipients", "unrecognized_commands", "errors"})
+#: the rate sections, each counted in Redis
+RATE_SECTIONS = ("rate_conn", "rate_rcpt_host", "rate_rcpt_sender", "rate_rcpt_null", "rate_rcpt")
+_SECTIONS = frozenset(
+    {"main", "concurrency", "recipients", "unrecognized_commands", "errors", "redis"}
+    | set(RATE_SECTIONS)
+    | {f"{name}_history" for name in ("rate_conn", "rate_rcpt_host")}
+)
 
 
 DEFAULT_MAX = {"concurrency": 3, "recipients": 0, "unrecognized_commands": 10, "errors": 10}
@@ -86,6 +122,14 @@ TOO_MANY_CONNECTIONS = "Too many concurrent connections"
 TOO_MANY_RECIPIENTS = Reply.of(452, "4.5.3", "Too many recipient attempts")
 TOO_MANY_UNRECOGNIZED = "Too many unrecognized commands"
 TOO_MANY_ERRORS = Reply.of(421, "4.7.0", "Too many errors")
+CONNECTION_RATE = "connection rate limit exceeded"
+RECIPIENT_RATE = "recipient rate limit exceeded"
+#: the refusal of a recipient over each RCPT rate
+RCPT_RATES = {
+    "rate_rcpt_sender": Reply.of(450, "4.7.0", "rcpt rate limit exceeded"),
+    "rate_rcpt_null": Reply.of(450, "4.7.0", "null recip rate limit"),
+    "rate_rcpt": Reply.of(450, "4.7.0", "rate limit exceeded"),
+}
 
 _Answer = Code | tuple[Code, Any]
 
@@ -117,6 +161,7 @@ class Limits:
     unrecognized_commands: int = 0
     errors: int = 0
     tarpit_delay: float = 0.0
+    rates: Mapping[str, RateTable] = field(default_factory=dict)
 
     @classmethod
     def from_ini(cls, ini: dict[str, dict[str, Any]]) -> Limits:
@@ -144,6 +189,11 @@ class Limits:
             unrecognized_commands=limit("unrecognized_commands"),
             errors=limit("errors"),
             tarpit_delay=max(0.0, tarpit_delay),
+            rates={
+                name: RateTable.from_ini(ini, name)
+                for name in RATE_SECTIONS
+                if ini.get(name, {}).get("enabled")
+            },
         )
 
 
@@ -165,6 +215,7 @@ def count_unrecognized(connection: Connection, plugin: str, verb: str) -> int:
     IRcptHook,
     IDataHook,
     IUnrecognizedCommandHook,
+    IShutdown,
 )
 class Plugin:
     name = "limit"
@@ -179,8 +230,11 @@ class Plugin:
         self.limits = Limits()
         self.counts: dict[str, int] = {}
         self._counted: weakref.WeakKeyDictionary[Connection, str] = weakref.WeakKeyDictionary()
+        self.redis: RedisClient | None = None
+        self._own_redis = False
 
     def register(self, context: IPluginContext) -> None:
+        self.context = context
         self.name = context.name
         self.config = context.config
         self.log = context.log
@@ -194,13 +248,32 @@ class Plugin:
         that is not enforced."""
         ini = self.config.get_ini("limit.ini", booleans=BOOLEANS)
         self.limits = Limits.from_ini(ini)
+        if self.limits.rates:
+            self._redis()  # (connected now, not at the first count: that one would be lost)
         for section, values in ini.items():
             if section not in _SECTIONS and is_truthy(values.get("enabled", False)):
                 self.log.warn(
                     f"limit.ini [{section}] enabled is not enforced: this limit plugin has"
-                    f" only {', '.join(sorted(_SECTIONS - {'main'}))} (Haraka's rate limits"
-                    " and history need its Redis)"
+                    f" only {', '.join(sorted(_SECTIONS - {'main', 'redis'}))}"
                 )
+
+    def _redis(self) -> RedisClient:
+        """The Redis the rates are counted in, connected on first use: limit.ini [redis]
+        when it names one, else the server's shared connection."""
+        if self.redis is None:
+            own = self.config.get_ini("limit.ini").get("redis")
+            if own:
+                where = "limit.ini [redis]"
+                self.redis = client_from_config(self.config, self.context.reactor, own, where)
+                self._own_redis = True
+            else:
+                self.redis = shared_client(self.context)
+        return self.redis
+
+    def shutdown(self) -> None:
+        """Close limit's own Redis connection (the shared one is the redis plugin's)."""
+        if self.redis is not None and self._own_redis:
+            self.redis.close()
 
     def penalize(
         self, connection: Connection, code: Code, message: Any
@@ -235,14 +308,16 @@ class Plugin:
     def hook_connect(self, connection: Connection) -> _Answer | Deferred[_Answer]:
         limit = self.limits.concurrency
         ip = self._counted.get(connection)
-        if not limit or ip is None:
-            return CONT
-        count = self.counts.get(ip, 0)
-        connection.results.add(self.name, concurrent=f"{count}/{limit}")
-        if count <= limit:
-            return CONT
-        connection.results.add(self.name, fail="concurrency.max")
-        return self.penalize(connection, DENYSOFTDISCONNECT, TOO_MANY_CONNECTIONS)
+        if limit and ip is not None:
+            count = self.counts.get(ip, 0)
+            connection.results.add(self.name, concurrent=f"{count}/{limit}")
+            if count > limit:
+                connection.results.add(self.name, fail="concurrency.max")
+                return self.penalize(connection, DENYSOFTDISCONNECT, TOO_MANY_CONNECTIONS)
+        rates = self.limits.rates
+        if "rate_conn" in rates or "rate_rcpt_host" in rates:
+            return Deferred.fromCoroutine(self._connect_rates(connection))
+        return CONT
 
     def hook_disconnect(self, connection: Connection) -> Code:
         self._release(connection)
@@ -283,13 +358,93 @@ class Plugin:
         limit = limits.recipients
         if connection.relaying and limits.recipients_relaying:
             limit = limits.recipients_relaying
-        if not limit:
-            return CONT
         counts = connection.rcpt_count
-        if counts.accept + counts.tempfail + counts.reject + 1 <= limit:
-            return CONT
-        connection.results.add(self.name, fail="recipients.max")
-        return self.penalize(connection, DENYSOFT, TOO_MANY_RECIPIENTS)
+        if limit and counts.accept + counts.tempfail + counts.reject + 1 > limit:
+            connection.results.add(self.name, fail="recipients.max")
+            return self.penalize(connection, DENYSOFT, TOO_MANY_RECIPIENTS)
+        if "rate_rcpt_host" in limits.rates or RCPT_RATES.keys() & limits.rates.keys():
+            return Deferred.fromCoroutine(self._rcpt_rates(connection, recipient))
+        return CONT
+
+    # -- rates (Redis) ------------------------------------------------------------------
+
+    def _redis_failed(self, connection: Connection, section: str, error: Exception) -> None:
+        connection.results.add(self.name, err=f"{section}: {error}")
+
+    async def _connect_rates(self, connection: Connection) -> _Answer:
+        """[rate_conn]: count this connection and refuse one over the rate;
+        [rate_rcpt_host]: refuse a client whose recipients are over the rate."""
+        rates, remote = self.limits.rates, connection.remote
+        table = rates.get("rate_conn")
+        found = table.for_client(remote.ip, remote.host, connection.results) if table else None
+        if found is not None:
+            key, rate = found
+            now_ms = int(self.clock.seconds() * 1000)
+            try:
+                count = await sliding_window(self._redis(), key, rate.period, now_ms)
+            except (RedisError, RedisUnavailable) as e:
+                self._redis_failed(connection, "rate_conn", e)
+            else:
+                connection.results.add(self.name, rate_conn=f"{count}/{rate.limit}")
+                if count > rate.limit:
+                    connection.results.add(self.name, fail="rate_conn")
+                    return await self._refuse(connection, DENYSOFTDISCONNECT, CONNECTION_RATE)
+        table = rates.get("rate_rcpt_host")
+        found = table.for_client(remote.ip, remote.host, connection.results) if table else None
+        if found is not None:
+            key, rate = found
+            try:
+                reply = await self._redis().execute("GET", key)
+                count = int(reply or 0)
+            except (RedisError, RedisUnavailable, ValueError) as e:
+                self._redis_failed(connection, "rate_rcpt_host", e)
+            else:
+                connection.results.add(self.name, rate_rcpt_host=f"{count}/{rate.limit}")
+                if count > rate.limit:
+                    connection.results.add(self.name, fail="rate_rcpt_host")
+                    return await self._refuse(connection, DENYSOFTDISCONNECT, RECIPIENT_RATE)
+        return CONT
+
+    async def _rcpt_rates(self, connection: Connection, recipient: Address) -> _Answer:
+        """Count the recipient for its client ([rate_rcpt_host], checked at the client's
+        next connection), then its sender, the null sender's recipient and the recipient
+        against their rates; refuse it (450) over one."""
+        rates, remote = self.limits.rates, connection.remote
+        table = rates.get("rate_rcpt_host")
+        found = table.for_client(remote.ip, remote.host, connection.results) if table else None
+        if found is not None:
+            try:
+                await fixed_window(self._redis(), found[0], found[1].period)
+            except (RedisError, RedisUnavailable) as e:
+                self._redis_failed(connection, "rate_rcpt_host", e)
+        txn = connection.transaction
+        sender = txn.mail_from if txn is not None else None
+        checks = [("rate_rcpt", recipient.address)]
+        if sender is not None:
+            if sender.is_null:
+                checks.insert(0, ("rate_rcpt_null", recipient.address))
+            else:
+                checks.insert(0, ("rate_rcpt_sender", sender.address))
+        for section, address in checks:
+            table = rates.get(section)
+            found = table.for_address(address) if table else None
+            if found is None:
+                continue
+            key, rate = found
+            try:
+                count = await fixed_window(self._redis(), key, rate.period)
+            except (RedisError, RedisUnavailable) as e:
+                self._redis_failed(connection, section, e)
+                continue
+            connection.results.add(self.name, **{section: f"{count}/{rate.limit}"})
+            if count > rate.limit:
+                connection.results.add(self.name, fail=section)
+                return await self._refuse(connection, DENYSOFT, RCPT_RATES[section])
+        return CONT
+
+    async def _refuse(self, connection: Connection, code: Code, message: Any) -> _Answer:
+        answer = self.penalize(connection, code, message)
+        return await answer if isinstance(answer, Deferred) else answer
 
     # -- unrecognized commands ----------------------------------------------------------
 

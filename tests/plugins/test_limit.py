@@ -125,18 +125,18 @@ class LimitTests(SynchronousTestCase):
         self.assertEqual(plugin.limits.errors, 7)
 
     def test_a_haraka_section_this_plugin_lacks_is_a_warning(self) -> None:
-        """Haraka's Redis rate limits, turned on in limit.ini: a WARN says they are not
-        enforced; sections left off (Haraka's shipped file) say nothing."""
+        """Haraka's outbound concurrency, turned on in limit.ini: a WARN says it is not
+        enforced; sections left off say nothing."""
         loaded = self.loaded(
-            "[rate_conn]\nenabled=true\n1m=5\n[rate_rcpt]\nenabled=false\n"
+            "[outbound]\nenabled=true\nexample.com=5\n[concurrency_history]\nenabled=false\n"
             "[concurrency]\nenabled=true\n"
         )
         warned = loaded.log.messages(Level.WARN)
         self.assertEqual(len(warned), 1, warned)
         self.assertTrue(
             warned[0].startswith(
-                "limit.ini [rate_conn] enabled is not enforced: this limit plugin has only"
-                " concurrency, errors, recipients, unrecognized_commands"
+                "limit.ini [outbound] enabled is not enforced: this limit plugin has only"
+                " concurrency, errors, rate_conn, rate_conn_history, rate_rcpt,"
             ),
             warned,
         )

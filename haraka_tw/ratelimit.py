@@ -1,0 +1,209 @@
+"""Rate limits counted in Redis, for the limit plugin: the rate sections of Haraka's
+limit.ini read, and the two ways of counting them.
+
+A rate is C{N/period}: at most N events a period, the period in seconds or with a unit
+(C{5m}, C{1h}, C{1d}); C{N} alone is N a minute, and 0 is no limit. Each section maps
+lookup keys to rates, with C{default} for the rest:
+
+- a client (L{RateTable.for_client}): its address, the network (C{192.0.2.0/24}) or the
+  leading octets (C{192.0.2}, Haraka's form) holding it, its reverse name or a domain above
+  it, the client's history as a scoring plugin (karma) recorded it (C{[<section>_history]}
+  C{good}, C{bad}, C{none}), then C{default};
+- an address (L{RateTable.for_address}): the address, its domain or a domain above it,
+  then C{default}.
+
+A key matched by a network, a prefix or a domain is one count shared by every client or
+address it covers; C{default} and history count each client address (or each address) on
+its own.
+
+L{fixed_window} counts in a key that is made with its expiry and counted in one MULTI/EXEC
+(Haraka set the expiry apart, so a lost EXPIRE left a count that never ended);
+L{sliding_window} counts events by the millisecond in a hash and sums the last period's.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from haraka_tw.redis import RedisClient
+
+__all__ = ["Rate", "RateTable", "fixed_window", "sliding_window"]
+
+_RATE = re.compile(r"(\d+)(?:/(\d+)([smhd]?))?", re.IGNORECASE)
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_HISTORY = ("good", "bad", "none")
+_Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True)
+class Rate:
+    """At most C{limit} events each C{period} seconds; a limit of 0 is no limit."""
+
+    limit: int
+    period: int = 60
+
+    @classmethod
+    def parse(cls, value: Any, where: str) -> Rate:
+        """C{N}, C{N/P} or C{N/P<unit>}; ValueError naming C{where} for anything else."""
+        text = str(value).strip()
+        match = _RATE.fullmatch(text) if not isinstance(value, bool) else None
+        if match is None:
+            raise ValueError(
+                f"{where}: {value!r} is not a rate (N, or N/period with s, m, h or d: 5/10m)"
+            )
+        period = int(match[2]) * _UNITS[match[3].lower()] if match[2] is not None else 60
+        if period <= 0:
+            raise ValueError(f"{where}: {value!r} has a period of 0")
+        return cls(int(match[1]), period)
+
+
+@dataclass(frozen=True)
+class RateTable:
+    """One rate section of limit.ini: its lookup keys, default and history rates."""
+
+    name: str
+    rates: Mapping[str, Rate] = field(default_factory=dict)
+    networks: tuple[tuple[_Network, str, Rate], ...] = ()
+    default: Rate | None = None
+    history_plugin: str = "karma"
+    history: Mapping[str, Rate] = field(default_factory=dict)
+
+    @classmethod
+    def from_ini(cls, ini: Mapping[str, Mapping[str, Any]], name: str) -> RateTable:
+        """Section C{name} (and C{<name>_history}, when enabled) of limit.ini."""
+        rates: dict[str, Rate] = {}
+        networks: list[tuple[_Network, str, Rate]] = []
+        default = None
+        for key, value in ini.get(name, {}).items():
+            if key == "enabled":
+                continue
+            where = f"limit.ini [{name}] {key}"
+            rate = Rate.parse(value, where)
+            if key == "default":
+                default = rate
+            elif "/" in key:
+                try:
+                    network = ipaddress.ip_network(key, strict=False)
+                except ValueError:
+                    raise ValueError(f"{where}: {key!r} is not a network") from None
+                networks.append((network, key, rate))
+            else:
+                rates[_host_key(key)] = rate
+        networks.sort(key=lambda entry: -entry[0].prefixlen)  # the narrowest first
+        history: dict[str, Rate] = {}
+        plugin = "karma"
+        section = ini.get(f"{name}_history", {})
+        if section.get("enabled"):
+            plugin = str(section.get("plugin") or plugin)
+            for key in _HISTORY:
+                if key in section:
+                    history[key] = Rate.parse(section[key], f"limit.ini [{name}_history] {key}")
+        return cls(name, rates, tuple(networks), default, plugin, history)
+
+    def for_client(self, ip: str, host: str | None, results: Any = None) -> tuple[str, Rate] | None:
+        """The count and rate for a client: (the Redis key, the rate), or None when no
+        limit applies."""
+        found = self._client_rate(ip, host, results)
+        if found is None or not found[1].limit:
+            return None
+        return f"{self.name}:{found[0]}", found[1]
+
+    def _client_rate(self, ip: str, host: str | None, results: Any) -> tuple[str, Rate] | None:
+        address = _host_key(ip)
+        if address in self.rates:
+            return address, self.rates[address]
+        try:
+            parsed = ipaddress.ip_address(ip)
+        except ValueError:
+            parsed = None
+        if parsed is not None:
+            for network, key, rate in self.networks:
+                if parsed in network:
+                    return key, rate
+            if parsed.version == 4:
+                octets = address.split(".")
+                for cut in range(3, 0, -1):
+                    prefix = ".".join(octets[:cut])
+                    if prefix in self.rates:
+                        return prefix, self.rates[prefix]
+        if host:
+            labels = host.lower().rstrip(".").split(".")
+            for start in range(len(labels)):
+                name = ".".join(labels[start:])
+                if name in self.rates:
+                    return name, self.rates[name]
+        if self.history and results is not None:
+            entry = results.get(self.history_plugin) or {}
+            history = entry.get("history")
+            if isinstance(history, int | float) and not isinstance(history, bool):
+                kind = "good" if history > 0 else "bad" if history < 0 else "none"
+                if kind in self.history:
+                    return address, self.history[kind]
+        if self.default is not None:
+            return address, self.default
+        return None
+
+    def for_address(self, address: str) -> tuple[str, Rate] | None:
+        """The count and rate for a mail address (C{user@domain}): (the Redis key, the
+        rate), or None when no limit applies."""
+        address = address.lower()
+        found: tuple[str, Rate] | None = None
+        if address in self.rates:
+            found = address, self.rates[address]
+        else:
+            labels = address.rpartition("@")[2].rstrip(".").split(".")
+            for start in range(len(labels)):
+                name = ".".join(labels[start:])
+                if name and name in self.rates:
+                    found = name, self.rates[name]
+                    break
+            else:
+                if self.default is not None:
+                    found = address, self.default
+        if found is None or not found[1].limit:
+            return None
+        return f"{self.name}:{found[0]}", found[1]
+
+
+def _host_key(key: str) -> str:
+    """A lookup key as it is compared: lower case, an IP address in its short form."""
+    key = key.strip().lower()
+    try:
+        return ipaddress.ip_address(key).compressed
+    except ValueError:
+        return key
+
+
+async def fixed_window(redis: RedisClient, key: str, period: int) -> int:
+    """Count one event in C{key}, a window of C{period} seconds from its first event; the
+    count so far, this one included."""
+    replies = await redis.atomically(["SET", key, 0, "EX", period, "NX"], ["INCR", key])
+    return int(replies[-1])
+
+
+async def sliding_window(redis: RedisClient, key: str, period: int, now_ms: int) -> int:
+    """Count one event at C{now_ms} in the hash C{key} (a field per millisecond); the
+    events of the last C{period} seconds, this one included. Older fields are removed."""
+    await redis.atomically(["HINCRBY", key, now_ms, 1], ["EXPIRE", key, 2 * period])
+    reply = await redis.execute("HGETALL", key)
+    pairs = reply if isinstance(reply, list) else []
+    start = now_ms - period * 1000
+    count = 0
+    old: list[bytes] = []
+    for stamp, value in zip(pairs[::2], pairs[1::2], strict=False):
+        try:
+            when, events = int(stamp), int(value)
+        except (TypeError, ValueError):
+            old.append(stamp)  # (not ours: Haraka's are the same, so this is junk)
+            continue
+        if when <= start:
+            old.append(stamp)
+        else:
+            count += events
+    if old:
+        redis.execute("HDEL", key, *old).addErrback(lambda _: None)  # (the next count retries)
+    return count
