@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from haraka_tw.redis import RedisClient
+from haraka_tw.smtp.connection import canonical_address
 
 __all__ = ["Rate", "RateTable", "fixed_window", "sliding_window"]
 
@@ -113,13 +114,10 @@ class RateTable:
         return f"{self.name}:{found[0]}", found[1]
 
     def _client_rate(self, ip: str, host: str | None, results: Any) -> tuple[str, Rate] | None:
-        address = _host_key(ip)
+        parsed = canonical_address(ip)  # (a client of a [::] listener as IPv4)
+        address = parsed.compressed if parsed is not None else ip.strip().lower()
         if address in self.rates:
             return address, self.rates[address]
-        try:
-            parsed = ipaddress.ip_address(ip)
-        except ValueError:
-            parsed = None
         if parsed is not None:
             for network, key, rate in self.networks:
                 if parsed in network:

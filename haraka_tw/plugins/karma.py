@@ -35,6 +35,7 @@ List karma before the queue plugins (it refuses at queue) and after tls and auth
 
 from __future__ import annotations
 
+import fnmatch
 import math
 import re
 import weakref
@@ -47,6 +48,7 @@ from twisted.internet.task import deferLater
 from zope.interface import implementer
 
 from haraka_tw.codes import CONT, DENY, DENYSOFT, OK, Code
+from haraka_tw.hooks.runner import under_hook_limit
 from haraka_tw.interfaces import (
     IConnectHook,
     IConnectInitHook,
@@ -71,7 +73,7 @@ from haraka_tw.interfaces import (
 )
 from haraka_tw.redis import RedisClient, client_from_config, shared_client
 from haraka_tw.smtp.address import Address
-from haraka_tw.smtp.connection import Connection
+from haraka_tw.smtp.connection import Connection, canonical_address
 from haraka_tw.smtp.state import Results
 
 __all__ = [
@@ -110,6 +112,11 @@ _DEFAULT_EXCLUDED_PLUGINS = (
     "limit",
     "max_unrecognized_commands",
     "toobusy",
+    "prevent_credential_leaks",
+    "data.signatures",
+    "block_me",
+    "xclient",
+    "auth/*",
 )
 _DEFAULT_EXCLUDED_HOOKS = ("rcpt", "rcpt_ok", "queue", "queue_outbound", "max_data_exceeded")
 #: the hooks karma can refuse at
@@ -158,7 +165,7 @@ def _as_number(value: Any) -> float | None:
         return None
     try:
         number = float(value)
-    except ValueError:
+    except (ValueError, OverflowError):  # (an int too large for a float)
         return None
     return number if math.isfinite(number) else None
 
@@ -169,7 +176,10 @@ def _text(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
-    return str(value)
+    try:
+        return str(value)
+    except ValueError:  # (an int of more digits than Python will write)
+        return ""
 
 
 def _same(value: Any, wanted: str) -> bool:
@@ -471,6 +481,15 @@ def read_settings(ini: Mapping[str, Mapping[str, Any]]) -> Settings:
     )
 
 
+def _excluded(plugin: str, patterns: frozenset[str]) -> bool:
+    """Whether C{plugin} is one of C{patterns} (names, or C{auth/*} and the like)."""
+    names = {plugin, plugin.replace("/", "."), plugin.replace(".", "/")}  # (both load)
+    if names & patterns:
+        return True
+    wild = [p for p in patterns if "*" in p or "?" in p]
+    return any(fnmatch.fnmatchcase(name, p) for name in names for p in wild)
+
+
 def _score_text(score: float) -> str:
     return f"{score:g}"
 
@@ -487,6 +506,11 @@ class _State:
     history: int | None = None
     deny_code: Code | None = None
     commands: int = 0
+    tls_scored: bool = False
+    #: (plugin, property, rule id) -> how many items of a connection result list were read
+    read_connection: dict[tuple[str, str, str], int] = field(default_factory=dict)
+    #: the same for the open transaction's results (cleared when it ends)
+    read_transaction: dict[tuple[str, str, str], int] = field(default_factory=dict)
 
 
 @implementer(
@@ -515,6 +539,7 @@ class Plugin:
 
     def __init__(self) -> None:
         self.settings = Settings()
+        self.config: Any = None
         self.redis: RedisClient | None = None
         self._own_redis = False
         self._states: weakref.WeakKeyDictionary[Connection, _State] = weakref.WeakKeyDictionary()
@@ -558,14 +583,22 @@ class Plugin:
         state.score += award
         connection.results.add(self.name, score=state.score)
 
+    def _label(self, connection: Connection, **labels: str) -> None:
+        """Record C{fail=...} (or another list) once: a label a client can repeat at will
+        (a command, a recipient) must not grow the list the rules read at every hook."""
+        entry = connection.results.get(self.name) or {}
+        for key, value in labels.items():
+            if value not in entry.get(key, ()):
+                connection.results.add(self.name, **{key: value})
+
     def _check_awards(self, connection: Connection, state: _State) -> None:
         """Score what the results and the connection now show that has not scored yet."""
         rules = self.settings.rules
         if rules:
+            self._check_rules(connection, state, connection.results, state.read_connection)
             txn = connection.transaction
-            for results in (connection.results, txn.results if txn is not None else None):
-                if results is not None:
-                    self._check_rules(connection, state, results, rules)
+            if txn is not None:
+                self._check_rules(connection, state, txn.results, state.read_transaction)
         if state.todo:
             for award in list(state.todo):
                 value = self._locate(connection, award.location)
@@ -582,16 +615,31 @@ class Plugin:
         connection: Connection,
         state: _State,
         results: Results,
-        rules: Mapping[str, tuple[Rule, ...]],
+        read: dict[tuple[str, str, str], int],
     ) -> None:
-        for plugin, plugin_rules in rules.items():
+        """Score the rules not yet given against C{results}. Of a list (they only grow),
+        only the items added since a rule last read it are read again, so a client that
+        makes a plugin repeat a result costs each rule one look per item, not per hook."""
+        for plugin, plugin_rules in self.settings.rules.items():
             entry = results.get(plugin)
             if not entry:
                 continue
             for rule in plugin_rules:
                 if rule.id in state.awarded or rule.property not in entry:
                     continue
-                if rule.matches(_values(entry[rule.property])):
+                value = entry[rule.property]
+                values = _values(value)
+                if isinstance(value, list) and rule.operator not in ("length", "exists"):
+                    mark = (plugin, rule.property, rule.id)
+                    start = read.get(mark, 0)
+                    read[mark] = len(value)
+                    if start <= len(value):  # (else the list was reset: read it all)
+                        values = values[start:]
+                try:
+                    matched = rule.matches(values)
+                except (ValueError, OverflowError, TypeError):
+                    matched = False  # (a value no rule can read is no match)
+                if matched:
                     state.awarded.add(rule.id)
                     connection.results.push(self.name, awards=rule.id)
                     self._add(connection, state, rule.award)
@@ -624,7 +672,9 @@ class Plugin:
                     if entry is None:
                         continue
                     rest = ".".join(parts[cut:])
-                    return entry if not rest else entry.get(rest)
+                    found = entry if not rest else entry.get(rest)
+                    if found is not None:
+                        return found
             return None
         if "." in location or location.startswith("_"):
             return None
@@ -633,9 +683,10 @@ class Plugin:
 
     # -- deciding ----------------------------------------------------------------------
 
-    def _decide(self, connection: Connection, hook: str) -> Any:
+    def _decide(self, connection: Connection, hook: str, tarpit: bool = True) -> Any:
         """Refuse at a deny hook when the score is at or below the negative threshold;
-        first, for a negative score, wait as the tarpit says."""
+        first, for a negative score, wait as the tarpit says (unless C{tarpit} is false:
+        the hook's reply has waited already)."""
         state = self._state(connection)
         if state is None:
             return CONT
@@ -645,34 +696,43 @@ class Plugin:
         if state.score <= settings.negative and hook in settings.deny_hooks:
             message = settings.deny_message.replace("{score}", _score_text(state.score))
             message = message.replace("{uuid}", connection.uuid)
-            connection.results.add(self.name, fail=f"deny:{hook}")
+            self._label(connection, fail=f"deny:{hook}")
             answer = (state.deny_code or DENY, message)
-        delay = self._delay(connection, state, hook)
+        delay = self._delay(connection, state, hook) if tarpit else 0.0
         if delay <= 0:
             return answer
         return deferLater(self.clock, delay, lambda: answer)
 
     def _delay(self, connection: Connection, state: _State, hook: str) -> float:
+        """The tarpit's wait, kept a second under the hook's time limit (the runner would
+        answer "plugin timeout" first)."""
         tarpit = self.settings.tarpit
         if tarpit is None or state.score >= 0 or hook in _NO_TARPIT:
             return 0.0
         if tarpit.delay:
-            return tarpit.delay
-        delay = -state.score
-        if connection.local.port in _MSA_PORTS and hook in ("connect", "ehlo"):
+            delay = tarpit.delay
+        elif not tarpit.max:
+            return 0.0  # (max=0: the tarpit is off)
+        elif connection.local.port in _MSA_PORTS and hook in ("connect", "ehlo"):
+            delay = -state.score
             if state.history is not None and state.history > 0:
                 delay -= 2  # a submission client with a good name waits less
-            return min(delay, tarpit.max_msa)
-        return min(delay, tarpit.max)
+            delay = min(delay, tarpit.max_msa, tarpit.max)
+        else:
+            delay = min(-state.score, tarpit.max)
+        if self.config is not None:
+            delay = under_hook_limit(self.config, self.name, delay)
+        return max(delay, 0.0)
 
     # -- history -----------------------------------------------------------------------
 
     def _key(self, state: _State) -> str:
-        return f"karma|{state.ip}"
+        return f"karma|{state.ip}"  # (Haraka's key: the address as IPv4 when it is one)
 
     def _redis_failed(self, connection: Connection, what: str) -> Any:
         def failed(failure: Any) -> None:
-            connection.results.add(self.name, err=f"redis {what}: {failure.getErrorMessage()}")
+            connection.loginfo(f"Redis {what}: {failure.getErrorMessage()}", self.name)
+            self._label(connection, err=f"redis {what}: failed")
 
         return failed
 
@@ -685,7 +745,9 @@ class Plugin:
         try:
             reply = await redis.execute("HGETALL", key)
         except Exception as e:
-            connection.results.add(self.name, err=f"redis history: {e}")
+            # (the reason goes to the log; the results reach the header: no host and port)
+            connection.loginfo(f"no history from Redis: {e}", self.name)
+            connection.results.add(self.name, err="redis history: unavailable")
             return
         if self._state(connection) is not state:
             return  # (a new client, after PROXY or XCLIENT, while we waited)
@@ -738,11 +800,16 @@ class Plugin:
     # -- hooks -------------------------------------------------------------------------
 
     def hook_connect_init(self, connection: Connection) -> Any:
-        self._states.pop(connection, None)  # (again after PROXY or XCLIENT: a new client)
+        earlier = self._states.pop(connection, None)  # (again after XCLIENT: a new client)
+        if earlier is not None:
+            self._check_awards(connection, earlier)
+            self._record_history(connection, earlier)
         connection.results.reset(self.name)
         if connection.remote.is_private or connection.notes.get("disable_karma"):
             return CONT
-        state = _State(connection.remote.ip, todo=list(self.settings.awards))
+        address = canonical_address(connection.remote.ip)
+        ip = str(address) if address is not None else connection.remote.ip
+        state = _State(ip, todo=list(self.settings.awards))
         self._states[connection] = state
         connection.results.add(self.name, score=0)
         return Deferred.fromCoroutine(self._read_history(connection, state))
@@ -771,10 +838,12 @@ class Plugin:
         self._spammy_tld(connection, state, sender)
         command = connection.current_command
         if command is not None and command.raw[:11].upper() != b"MAIL FROM:<":
-            connection.results.add(self.name, fail="rfc5321.MailFrom")
-        tls = self.settings.tls_set if connection.tls.enabled else self.settings.tls_unset
-        if tls:
-            self._add(connection, state, tls)
+            self._label(connection, fail="rfc5321.MailFrom")
+        if not state.tls_scored:  # (once a connection: a client must not earn it by RSET)
+            state.tls_scored = True
+            tls = self.settings.tls_set if connection.tls.enabled else self.settings.tls_unset
+            if tls:
+                self._add(connection, state, tls)
         return self._decide(connection, "mail")
 
     def _spammy_tld(self, connection: Connection, state: _State, sender: Address) -> None:
@@ -787,17 +856,17 @@ class Plugin:
             penalty = spammy.get(suffix)
             if penalty:
                 self._add(connection, state, penalty)
-                connection.results.add(self.name, fail=f"spammy.{suffix}")
+                self._label(connection, fail=f"spammy.{suffix}")
                 return
 
     def _recipient(self, connection: Connection, recipient: Address) -> Any:
         txn = connection.transaction
         sender = txn.mail_from if txn is not None else None
         if sender is not None and recipient.local.lower() == sender.local.lower() != "":
-            connection.results.add(self.name, fail="env_user_match")
+            self._label(connection, fail="env_user_match")
         command = connection.current_command
         if command is not None and command.raw[:9].upper() != b"RCPT TO:<":
-            connection.results.add(self.name, fail="rfc5321.RcptTo")
+            self._label(connection, fail="rfc5321.RcptTo")
         return self._decide(connection, "rcpt")
 
     def hook_rcpt(
@@ -808,8 +877,8 @@ class Plugin:
         return self._recipient(connection, recipient)
 
     def hook_rcpt_ok(self, connection: Connection, recipient: Address) -> Any:
-        # (the checks of hook_rcpt have been made for this recipient: only decide)
-        return self._decide(connection, "rcpt")
+        # (hook_rcpt has checked this recipient and waited: only decide)
+        return self._decide(connection, "rcpt", tarpit=False)
 
     def hook_data(self, connection: Connection) -> Any:
         return self._decide(connection, "data")
@@ -834,6 +903,7 @@ class Plugin:
         state = self._state(connection)
         if state is not None:
             self._check_awards(connection, state)  # (the transaction's results go next)
+            state.read_transaction.clear()
         return CONT
 
     def hook_unrecognized_command(self, connection: Connection, verb: str, argument: str) -> Any:
@@ -863,7 +933,7 @@ class Plugin:
             state is None
             or plugin is None
             or plugin == self.name
-            or plugin in settings.excluded_plugins
+            or _excluded(plugin, settings.excluded_plugins)
             or hook in settings.excluded_hooks
         ):
             return CONT
@@ -871,7 +941,7 @@ class Plugin:
             state.deny_code = DENY
         elif state.deny_code is None:
             state.deny_code = DENYSOFT
-        connection.results.add(self.name, msg=f"deny:{plugin}")
+        self._label(connection, msg=f"deny:{plugin}")
         self._add(connection, state, DENIAL_PENALTY)
         connection.loginfo(f"took over {plugin}'s denial at {hook}", self.name)
         return OK
@@ -882,7 +952,7 @@ class Plugin:
             return CONT
         self._check_awards(connection, state)
         self._record_history(connection, state)
-        connection.loginfo(self._summary(connection), self.name)
+        connection.loginfo(self._summary(connection).replace("\n\t", " "), self.name)
         return CONT
 
     # -- reporting ---------------------------------------------------------------------

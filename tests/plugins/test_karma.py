@@ -37,13 +37,16 @@ def proxied(port: int, client_ip: str) -> SourcedClient:
     return SourcedClient(port, preamble=preamble, timeout=20)
 
 
-def talk(port: int, client_ip: str, *commands: str, message: bool = False) -> list[bytes]:
+def talk(
+    port: int, client_ip: str, *commands: str, message: bool = False, header: bytes = b""
+) -> list[bytes]:
     """Connect as C{client_ip} and send C{commands}, then (when C{message}) a message
-    after a 354: the banner and every reply, the connection closed with QUIT."""
+    (with C{header} fields on top) after a 354: the banner and every reply, the
+    connection closed with QUIT."""
     with proxied(port, client_ip) as client:
         replies = [client.banner] + [client.command(c) for c in commands]
         if message and replies[-1][:3] == b"354":
-            client.send(b"Subject: karma\r\n\r\nHello.\r\n.\r\n")
+            client.send(header + b"Subject: karma\r\n\r\nHello.\r\n.\r\n")
             replies.append(client.reply())
         client.command("QUIT")
     return replies
@@ -230,7 +233,8 @@ class KarmaServerTests(TestCase):
 
     @inlineCallbacks
     def test_spammy_sender_domain(self) -> Deferred[None]:
-        """The longest listed suffix of the sender's domain scores; the header says so."""
+        """The longest listed suffix of the sender's domain scores; the header says so,
+        and a header of that name the client wrote is removed."""
         port = self.server("[spammy_tlds]\nxyz=-3\nbad.xyz=-1\n")
         replies = yield deferToThread(
             talk,
@@ -241,10 +245,28 @@ class KarmaServerTests(TestCase):
             "RCPT TO:<you@example.com>",
             "DATA",
             message=True,
+            header=b"X-Haraka-Karma: score: 100\r\n",
         )
         self.assertEqual(replies[-1][:3], b"250")
         [stored] = self.stored()
         self.assertIn(b"X-Haraka-Karma: score: -1, fail:spammy.bad.xyz\r\n", stored)
+        self.assertEqual(stored.count(b"X-Haraka-Karma"), 1)
+
+    @inlineCallbacks
+    def test_a_long_good_history(self) -> Deferred[None]:
+        """An address with more than five good connections and no bad one is all_good,
+        for the rules; the key read at connect is given its expiry again (here it had
+        none)."""
+        port = self.server("")
+        yield self.redis_command("HSET", "karma|1.2.3.4", "good", 6, "bad", 0, "connections", 6)
+        replies = yield deferToThread(talk, port, "1.2.3.4", *envelope(), message=True)
+        self.assertEqual(replies[-1][:3], b"250")
+        [stored] = self.stored()
+        header = stored.split(b"\r\n\r\n")[0].replace(b"\r\n\t", b" ")
+        self.assertIn(b"history: 6", header)
+        self.assertIn(b"pass:all_good", header)
+        ttl = yield self.redis_command("TTL", "karma|1.2.3.4")
+        self.assertGreater(ttl, 86400)
 
 
 # -- units --------------------------------------------------------------------------------
@@ -393,14 +415,46 @@ class AwardTests(SynchronousTestCase):
         txn = conn.transaction
         assert txn is not None
         txn.results.add("spf", result="Fail")
-        karma.hook_reset_transaction(conn)
+        karma.hook_reset_transaction(conn)  # (no karma hook ran while it was open)
+        entry = conn.results.get("karma")
+        assert entry is not None
+        self.assertEqual(entry["score"], -3)
         conn.transaction = Transaction("t2", None, -1)
         conn.transaction.results.add("spf", result="Fail")
         conn.transaction.results.add("greylist", **{"pass": "whitelisted"})
         karma.hook_data(conn)
-        entry = conn.results.get("karma")
-        assert entry is not None
         self.assertEqual((entry["score"], entry["awards"]), (-2, ["1", "2"]))
+
+    def test_lists_read_as_they_grow(self) -> None:
+        """A rule over a list sees the items added since it last looked (and all of a
+        list that was reset); karma's own labels are recorded once however often a client
+        repeats them."""
+        karma = plugin(
+            self.settings(
+                rules="1 = helo.checks | fail | equals | late | -2\n"
+                "2 = greylist | fail | equals | greylisted | -1\n"
+            )
+        )
+        conn = scored(karma, connection())
+        for item in ("a", "b", "late"):
+            conn.results.add("helo.checks", fail=item)
+            karma.hook_helo(conn, "h")
+        entry = conn.results.get("karma")
+        assert entry is not None and conn.transaction is not None
+        self.assertEqual(entry["score"], -2)
+        conn.transaction.results.add("greylist", fail="other")
+        conn.transaction.results.add("greylist", fail="other")
+        karma.hook_data(conn)
+        karma.hook_reset_transaction(conn)
+        conn.transaction = Transaction("t2", None, -1)
+        for item in ("greylisted", "other", "other"):  # (a new list, longer: read it all)
+            conn.transaction.results.add("greylist", fail=item)
+        karma.hook_data(conn)
+        self.assertEqual(entry["score"], -3)
+        conn.transaction.mail_from = Address("joe", "a.example")
+        for _ in range(50):
+            karma.hook_rcpt(conn, Address("joe", "b.example"), {})
+        self.assertEqual(entry["fail"], ["env_user_match"])
 
 
 class DecisionTests(SynchronousTestCase):
@@ -424,7 +478,49 @@ class DecisionTests(SynchronousTestCase):
         self.assertEqual(karma.hook_deny(object(), DENY, "x", "spf", "m", (), "send_email"), CONT)
         entry = conn.results.get("karma")
         assert entry is not None
-        self.assertEqual(entry["msg"], ["deny:greylist", "deny:spf", "deny:dns-list", "deny:spf"])
+        self.assertEqual(entry["msg"], ["deny:greylist", "deny:spf", "deny:dns-list"])  # once each
+
+    def test_policy_denials_stand_by_default(self) -> None:
+        """The refusals of the plugins that enforce a policy (an auth plugin's
+        constrain_sender, a credential leak, XCLIENT from a stranger) are not taken over,
+        by the defaults and by the shipped file; a pattern names a family, either spelling."""
+        text = (default_config_dir() / "karma.ini").read_text(encoding="utf-8")
+        for settings in (Settings(), read_settings(parse_ini(text, "karma.ini"))):
+            karma = plugin(settings)
+            conn = scored(karma, connection())
+            for name in ("auth/flat_file", "auth.auth_proxy", "prevent_credential_leaks",
+                         "xclient", "data.signatures", "block_me"):  # fmt: skip
+                self.assertEqual(karma.hook_deny(conn, DENY, "x", name, "m", (), "mail"), CONT)
+            self.assertEqual(karma.hook_deny(conn, DENY, "x", "spf", "m", (), "mail"), OK)
+
+    def test_tls_scores_once(self) -> None:
+        """[tls] counts at the first MAIL FROM only: MAIL and RSET again earn nothing."""
+        karma = plugin(Settings(tls_unset=2, negative=-100))
+        conn = scored(karma, connection())
+        for _ in range(3):
+            karma.hook_mail(conn, Address("a", "b.example"), {})
+        entry = conn.results.get("karma")
+        assert entry is not None
+        self.assertEqual(entry["score"], 2)
+
+    def test_history_under_the_ipv4_address(self) -> None:
+        """A client of a dual-stack listener (::ffff:1.2.3.4) has the history of 1.2.3.4."""
+        karma = plugin()
+        conn = scored(karma, connection("::ffff:1.2.3.4"))
+        state = karma._state(conn)
+        assert state is not None
+        self.assertEqual(karma._key(state), "karma|1.2.3.4")
+
+    def test_tarpit_under_the_hook_limit(self) -> None:
+        """The tarpit waits a second less than the hook's time limit (karma.timeout)."""
+        directory = write_config(temp_dir(self) / "c", {"karma.timeout": "3\n"})
+        karma = plugin(Settings(tarpit=Tarpit(delay=10), negative=-100))
+        karma.config = ConfigDirectory([default_config_dir(), directory])
+        conn = scored(karma, connection())
+        state = karma._state(conn)
+        assert state is not None
+        state.score = -1
+        self.assertEqual(karma._delay(conn, state, "mail"), 2)
 
     def test_tarpit_delays(self) -> None:
         """A fixed delay when set; else a second a point, at most max, or max_msa at
@@ -439,6 +535,8 @@ class DecisionTests(SynchronousTestCase):
             (Tarpit(max_msa=2), -9, 587, "ehlo", None, 2),
             (Tarpit(max_msa=2), -3, 587, "connect", 1, 1),
             (Tarpit(max_msa=2), -9, 587, "mail", None, 5),
+            (Tarpit(max=0), -9, 587, "ehlo", None, 0),
+            (Tarpit(max=0), -9, 25, "mail", None, 0),
         ]
         for tarpit, score, port, hook, history, expected in cases:
             karma = plugin(Settings(tarpit=tarpit, negative=-100))

@@ -201,6 +201,7 @@ class RateTests(SynchronousTestCase):
             ("10.1.2.3", None, ("rate_conn:10.1.0.0/16", Rate(3))),
             ("10.9.2.3", None, ("rate_conn:10.0.0.0/8", Rate(2))),
             ("192.0.2.77", None, ("rate_conn:192.0.2", Rate(4))),
+            ("::ffff:192.0.2.77", None, ("rate_conn:192.0.2", Rate(4))),  # (a [::] listener)
             ("203.0.113.1", "mx.Mail.Example.NET.", ("rate_conn:example.net", Rate(5))),
             ("203.0.113.1", None, ("rate_conn:203.0.113.1", Rate(9))),
             ("198.51.100.7", "mx.example.net", None),
