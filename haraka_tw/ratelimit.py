@@ -13,12 +13,14 @@ lookup keys to rates, with C{default} for the rest:
   then C{default}.
 
 A key matched by a network, a prefix or a domain is one count shared by every client or
-address it covers; C{default} and history count each client address (or each address) on
-its own.
+address it covers; C{default} and history count each client address (an IPv6 client by
+its /64, which one host commonly holds whole) or each address on its own.
 
 L{fixed_window} counts in a key that is made with its expiry and counted in one MULTI/EXEC
 (Haraka set the expiry apart, so a lost EXPIRE left a count that never ended);
-L{sliding_window} counts events by the millisecond in a hash and sums the last period's.
+L{sliding_window} keeps each event in a sorted set by its time, drops those older than the
+period and counts the rest, in one MULTI/EXEC (Haraka's hash of every event, read whole at
+each connection, cost more the more a client was refused).
 """
 
 from __future__ import annotations
@@ -37,6 +39,12 @@ __all__ = ["Rate", "RateTable", "fixed_window", "sliding_window"]
 _RATE = re.compile(r"(\d+)(?:/(\d+)([smhd]?))?", re.IGNORECASE)
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _HISTORY = ("good", "bad", "none")
+#: the longest period (ten years): Redis refuses expiries past what it can count
+MAX_PERIOD = 3650 * 86400
+#: the sections whose keys are clients (addresses, networks, names); the others' are mail
+#: addresses and domains
+CLIENT_SECTIONS = frozenset({"rate_conn", "rate_rcpt_host"})
+_MAPPED_V6 = ipaddress.IPv6Network("::ffff:0:0/96")
 _Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -57,8 +65,8 @@ class Rate:
                 f"{where}: {value!r} is not a rate (N, or N/period with s, m, h or d: 5/10m)"
             )
         period = int(match[2]) * _UNITS[match[3].lower()] if match[2] is not None else 60
-        if period <= 0:
-            raise ValueError(f"{where}: {value!r} has a period of 0")
+        if not 0 < period <= MAX_PERIOD:
+            raise ValueError(f"{where}: {value!r} needs a period of 1 s to 3650 days")
         return cls(int(match[1]), period)
 
 
@@ -86,12 +94,8 @@ class RateTable:
             rate = Rate.parse(value, where)
             if key == "default":
                 default = rate
-            elif "/" in key:
-                try:
-                    network = ipaddress.ip_network(key, strict=False)
-                except ValueError:
-                    raise ValueError(f"{where}: {key!r} is not a network") from None
-                networks.append((network, key, rate))
+            elif "/" in key and name in CLIENT_SECTIONS:
+                networks.append((_network(key, where), key, rate))
             else:
                 rates[_host_key(key)] = rate
         networks.sort(key=lambda entry: -entry[0].prefixlen)  # the narrowest first
@@ -118,6 +122,9 @@ class RateTable:
         address = parsed.compressed if parsed is not None else ip.strip().lower()
         if address in self.rates:
             return address, self.rates[address]
+        own = address  # (the count of a client of its own: an IPv6 one by its /64)
+        if parsed is not None and parsed.version == 6:
+            own = ipaddress.ip_network(f"{parsed}/64", strict=False).compressed
         if parsed is not None:
             for network, key, rate in self.networks:
                 if parsed in network:
@@ -140,9 +147,9 @@ class RateTable:
             if isinstance(history, int | float) and not isinstance(history, bool):
                 kind = "good" if history > 0 else "bad" if history < 0 else "none"
                 if kind in self.history:
-                    return address, self.history[kind]
+                    return own, self.history[kind]
         if self.default is not None:
-            return address, self.default
+            return own, self.default
         return None
 
     def for_address(self, address: str) -> tuple[str, Rate] | None:
@@ -168,12 +175,24 @@ class RateTable:
 
 
 def _host_key(key: str) -> str:
-    """A lookup key as it is compared: lower case, an IP address in its short form."""
+    """A lookup key as it is compared: lower case, an IP address in its short form (an
+    IPv4-mapped one as IPv4, as clients are looked up)."""
     key = key.strip().lower()
+    address = canonical_address(key)
+    return address.compressed if address is not None else key
+
+
+def _network(key: str, where: str) -> _Network:
+    """A network key (an IPv4-mapped IPv6 network as the IPv4 one)."""
     try:
-        return ipaddress.ip_address(key).compressed
+        network = ipaddress.ip_network(key, strict=False)
     except ValueError:
-        return key
+        raise ValueError(f"{where}: {key!r} is not a network") from None
+    if isinstance(network, ipaddress.IPv6Network) and network.subnet_of(_MAPPED_V6):
+        first = network.network_address.ipv4_mapped
+        assert first is not None
+        return ipaddress.ip_network(f"{first}/{network.prefixlen - 96}", strict=False)
+    return network
 
 
 async def fixed_window(redis: RedisClient, key: str, period: int) -> int:
@@ -183,25 +202,13 @@ async def fixed_window(redis: RedisClient, key: str, period: int) -> int:
     return int(replies[-1])
 
 
-async def sliding_window(redis: RedisClient, key: str, period: int, now_ms: int) -> int:
-    """Count one event at C{now_ms} in the hash C{key} (a field per millisecond); the
-    events of the last C{period} seconds, this one included. Older fields are removed."""
-    await redis.atomically(["HINCRBY", key, now_ms, 1], ["EXPIRE", key, 2 * period])
-    reply = await redis.execute("HGETALL", key)
-    pairs = reply if isinstance(reply, list) else []
-    start = now_ms - period * 1000
-    count = 0
-    old: list[bytes] = []
-    for stamp, value in zip(pairs[::2], pairs[1::2], strict=False):
-        try:
-            when, events = int(stamp), int(value)
-        except (TypeError, ValueError):
-            old.append(stamp)  # (not ours: Haraka's are the same, so this is junk)
-            continue
-        if when <= start:
-            old.append(stamp)
-        else:
-            count += events
-    if old:
-        redis.execute("HDEL", key, *old).addErrback(lambda _: None)  # (the next count retries)
-    return count
+async def sliding_window(redis: RedisClient, key: str, period: int, now_ms: int, event: str) -> int:
+    """Count one event (C{event}: unique, say a connection's uuid) at C{now_ms} in the
+    sorted set C{key}; the events of the last C{period} seconds, this one included."""
+    replies = await redis.atomically(
+        ["ZREMRANGEBYSCORE", key, "-inf", now_ms - period * 1000],
+        ["ZADD", key, now_ms, f"{now_ms}:{event}"],
+        ["ZCARD", key],
+        ["EXPIRE", key, period],
+    )
+    return int(replies[2])

@@ -286,7 +286,13 @@ class RedisClient:
         """C{commands} in one MULTI/EXEC, sent together (so that, say, a key is never
         written without its expiry); their replies, or the first error among them."""
         sent = [self.execute("MULTI")]
-        sent += [self.execute(*command) for command in commands]
+        try:
+            sent += [self.execute(*command) for command in commands]
+        except BaseException:  # (a command that cannot be sent: leave no MULTI open)
+            self.execute("DISCARD").addErrback(lambda _: None)
+            for queued in sent:
+                queued.addErrback(lambda _: None)
+            raise
         sent.append(self.execute("EXEC"))
         outcomes = await defer.DeferredList(sent, consumeErrors=True)
         for ok, value in outcomes:

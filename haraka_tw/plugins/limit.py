@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,6 +61,7 @@ from haraka_tw.interfaces import (
     IMailHook,
     IPluginContext,
     IRcptHook,
+    IRcptOkHook,
     IRegistration,
     IShutdown,
     IUnrecognizedCommandHook,
@@ -132,6 +133,7 @@ RCPT_RATES = {
 }
 
 _Answer = Code | tuple[Code, Any]
+_Refusal = tuple[Code, Any]
 
 
 def parse_limit(value: Any, where: str) -> int:
@@ -213,6 +215,7 @@ def count_unrecognized(connection: Connection, plugin: str, verb: str) -> int:
     IEhloHook,
     IMailHook,
     IRcptHook,
+    IRcptOkHook,
     IDataHook,
     IUnrecognizedCommandHook,
     IShutdown,
@@ -232,6 +235,7 @@ class Plugin:
         self._counted: weakref.WeakKeyDictionary[Connection, str] = weakref.WeakKeyDictionary()
         self.redis: RedisClient | None = None
         self._own_redis = False
+        self._redis_section: dict[str, Any] = {}
 
     def register(self, context: IPluginContext) -> None:
         self.context = context
@@ -247,9 +251,10 @@ class Plugin:
         Haraka's plugin this one lacks, turned on, is a WARN: the operator meant a limit
         that is not enforced."""
         ini = self.config.get_ini("limit.ini", booleans=BOOLEANS)
-        self.limits = Limits.from_ini(ini)
-        if self.limits.rates:
-            self._redis()  # (connected now, not at the first count: that one would be lost)
+        limits = Limits.from_ini(ini)
+        if limits.rates:
+            self._connect_redis(ini.get("redis") or {})  # (may raise: nothing changed yet)
+        self.limits = limits
         for section, values in ini.items():
             if section not in _SECTIONS and is_truthy(values.get("enabled", False)):
                 self.log.warn(
@@ -257,17 +262,26 @@ class Plugin:
                     f" only {', '.join(sorted(_SECTIONS - {'main', 'redis'}))}"
                 )
 
+    def _connect_redis(self, own: dict[str, Any]) -> None:
+        """Make the Redis the rates are counted in, and connect it now (not at the first
+        count, which would be lost): limit.ini [redis] when it names one (made again when
+        it changes), else the server's shared connection.
+
+        @raise ValueError: naming limit.ini [redis] and the key, for a bad value.
+        """
+        if self.redis is not None and own == self._redis_section:
+            return
+        if own:
+            client = client_from_config(self.config, self.clock, own, "limit.ini [redis]")
+            client.connect().addErrback(lambda _: None)  # (the first command says)
+        else:
+            client = shared_client(self.context)
+        if self.redis is not None and self._own_redis:
+            self.redis.close()
+        self.redis, self._own_redis, self._redis_section = client, bool(own), dict(own)
+
     def _redis(self) -> RedisClient:
-        """The Redis the rates are counted in, connected on first use: limit.ini [redis]
-        when it names one, else the server's shared connection."""
-        if self.redis is None:
-            own = self.config.get_ini("limit.ini").get("redis")
-            if own:
-                where = "limit.ini [redis]"
-                self.redis = client_from_config(self.config, self.context.reactor, own, where)
-                self._own_redis = True
-            else:
-                self.redis = shared_client(self.context)
+        assert self.redis is not None  # (made by load whenever a rate is on)
         return self.redis
 
     def shutdown(self) -> None:
@@ -316,7 +330,7 @@ class Plugin:
                 return self.penalize(connection, DENYSOFTDISCONNECT, TOO_MANY_CONNECTIONS)
         rates = self.limits.rates
         if "rate_conn" in rates or "rate_rcpt_host" in rates:
-            return Deferred.fromCoroutine(self._connect_rates(connection))
+            return self._rate_checked(connection, self._connect_rates(connection))
         return CONT
 
     def hook_disconnect(self, connection: Connection) -> Code:
@@ -362,16 +376,44 @@ class Plugin:
         if limit and counts.accept + counts.tempfail + counts.reject + 1 > limit:
             connection.results.add(self.name, fail="recipients.max")
             return self.penalize(connection, DENYSOFT, TOO_MANY_RECIPIENTS)
-        if "rate_rcpt_host" in limits.rates or RCPT_RATES.keys() & limits.rates.keys():
-            return Deferred.fromCoroutine(self._rcpt_rates(connection, recipient))
+        table = limits.rates.get("rate_rcpt_host")
+        remote = connection.remote
+        found = table.for_client(remote.ip, remote.host, connection.results) if table else None
+        if found is not None:  # (counted, not waited for: it is checked at the next connect)
+            counted = Deferred.fromCoroutine(fixed_window(self._redis(), found[0], found[1].period))
+            counted.addErrback(lambda f: self._redis_failed(connection, "rate_rcpt_host", f.value))
+        return CONT
+
+    def hook_rcpt_ok(self, connection: Connection, recipient: Address) -> Any:
+        """The rates of an accepted recipient: its sender, the null sender's recipient and
+        the recipient (so a recipient refused anyway makes no count)."""
+        if RCPT_RATES.keys() & self.limits.rates.keys():
+            return self._rate_checked(connection, self._rcpt_rates(connection, recipient))
         return CONT
 
     # -- rates (Redis) ------------------------------------------------------------------
 
-    def _redis_failed(self, connection: Connection, section: str, error: Exception) -> None:
+    def _redis_failed(self, connection: Connection, section: str, error: object) -> None:
         connection.results.add(self.name, err=f"{section}: {error}")
 
-    async def _connect_rates(self, connection: Connection) -> _Answer:
+    def _rate_checked(
+        self, connection: Connection, check: Coroutine[Any, Any, _Refusal | None]
+    ) -> Deferred[_Answer]:
+        """Run a rate C{check} within one Redis C{timeout} in all (its commands wait for
+        one another), and answer its refusal after the tarpit; a check that takes longer
+        enforces nothing, as with Redis away."""
+
+        def too_slow(result: Any, timeout: float) -> None:
+            self._redis_failed(connection, "rates", f"no answer from Redis in {timeout:g} s")
+
+        def answer(refusal: _Refusal | None) -> _Answer | Deferred[_Answer]:
+            return CONT if refusal is None else self.penalize(connection, *refusal)
+
+        checked: Deferred[_Refusal | None] = Deferred.fromCoroutine(check)
+        checked.addTimeout(self._redis().timeout, self.clock, onTimeoutCancel=too_slow)
+        return checked.addCallback(answer)
+
+    async def _connect_rates(self, connection: Connection) -> _Refusal | None:
         """[rate_conn]: count this connection and refuse one over the rate;
         [rate_rcpt_host]: refuse a client whose recipients are over the rate."""
         rates, remote = self.limits.rates, connection.remote
@@ -381,14 +423,16 @@ class Plugin:
             key, rate = found
             now_ms = int(self.clock.seconds() * 1000)
             try:
-                count = await sliding_window(self._redis(), key, rate.period, now_ms)
+                count = await sliding_window(
+                    self._redis(), key, rate.period, now_ms, connection.uuid
+                )
             except (RedisError, RedisUnavailable) as e:
                 self._redis_failed(connection, "rate_conn", e)
             else:
                 connection.results.add(self.name, rate_conn=f"{count}/{rate.limit}")
                 if count > rate.limit:
                     connection.results.add(self.name, fail="rate_conn")
-                    return await self._refuse(connection, DENYSOFTDISCONNECT, CONNECTION_RATE)
+                    return DENYSOFTDISCONNECT, CONNECTION_RATE
         table = rates.get("rate_rcpt_host")
         found = table.for_client(remote.ip, remote.host, connection.results) if table else None
         if found is not None:
@@ -402,21 +446,13 @@ class Plugin:
                 connection.results.add(self.name, rate_rcpt_host=f"{count}/{rate.limit}")
                 if count > rate.limit:
                     connection.results.add(self.name, fail="rate_rcpt_host")
-                    return await self._refuse(connection, DENYSOFTDISCONNECT, RECIPIENT_RATE)
-        return CONT
+                    return DENYSOFTDISCONNECT, RECIPIENT_RATE
+        return None
 
-    async def _rcpt_rates(self, connection: Connection, recipient: Address) -> _Answer:
-        """Count the recipient for its client ([rate_rcpt_host], checked at the client's
-        next connection), then its sender, the null sender's recipient and the recipient
-        against their rates; refuse it (450) over one."""
-        rates, remote = self.limits.rates, connection.remote
-        table = rates.get("rate_rcpt_host")
-        found = table.for_client(remote.ip, remote.host, connection.results) if table else None
-        if found is not None:
-            try:
-                await fixed_window(self._redis(), found[0], found[1].period)
-            except (RedisError, RedisUnavailable) as e:
-                self._redis_failed(connection, "rate_rcpt_host", e)
+    async def _rcpt_rates(self, connection: Connection, recipient: Address) -> _Refusal | None:
+        """Count an accepted recipient for its sender (or, from the null sender, for
+        itself in [rate_rcpt_null]) and for itself; refuse it (450) over a rate."""
+        rates = self.limits.rates
         txn = connection.transaction
         sender = txn.mail_from if txn is not None else None
         checks = [("rate_rcpt", recipient.address)]
@@ -439,12 +475,8 @@ class Plugin:
             connection.results.add(self.name, **{section: f"{count}/{rate.limit}"})
             if count > rate.limit:
                 connection.results.add(self.name, fail=section)
-                return await self._refuse(connection, DENYSOFT, RCPT_RATES[section])
-        return CONT
-
-    async def _refuse(self, connection: Connection, code: Code, message: Any) -> _Answer:
-        answer = self.penalize(connection, code, message)
-        return await answer if isinstance(answer, Deferred) else answer
+                return DENYSOFT, RCPT_RATES[section]
+        return None
 
     # -- unrecognized commands ----------------------------------------------------------
 
