@@ -15,7 +15,7 @@ What scores:
   conditions C{equals}, C{gt}, C{lt}, C{match}, C{length gt|lt|equals N}, C{in}; each
   scores once, when its condition first holds.
 - C{[spammy_tlds]}: C{suffix = penalty}, the sender's domain (longest suffix wins).
-- C{[tls]} C{set}/C{unset}: added at MAIL with TLS on or off.
+- C{[tls]} C{set}/C{unset}: added at the first MAIL with TLS on or off (once a connection).
 - Each unrecognized command: -1 (not STARTTLS or AUTH, which other plugins answer).
 - Each denial of another plugin that karma takes over: -2. Karma answers the C{deny} hook
   with OK, so the session goes on and karma decides, unless the plugin is in
