@@ -48,6 +48,7 @@ __all__ = [
     "client_from_config",
     "encode_command",
     "parse_reply",
+    "plugin_client",
     "shared_client",
 ]
 
@@ -413,6 +414,20 @@ def client_from_config(
         username=str(settings.get("username") or "") or None,
         timeout=float(timeout),
     )
+
+
+def plugin_client(context: Any, own: Any, where: str) -> tuple[RedisClient, bool]:
+    """A plugin's Redis: a connection of its own, connecting now, when C{own} (the
+    plugin's [redis] section) names one, else the server's shared one; and whether it
+    is the plugin's own (to close at shutdown).
+
+    @raise ValueError: naming C{where} and the key, for a bad value.
+    """
+    if own:
+        client = client_from_config(context.config, context.reactor, own, where)
+        client.connect().addErrback(lambda _: None)  # (the first command says)
+        return client, True
+    return shared_client(context), False
 
 
 def shared_client(context: Any) -> RedisClient:

@@ -9,6 +9,11 @@ import tempfile
 import unittest
 from typing import Any
 
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
+
+from haraka_tw.interfaces import IShutdown
+from haraka_tw.redis import RedisClient
 from tests.support import free_port, wait_for_port
 
 
@@ -55,3 +60,31 @@ def start_redis(case: Any) -> RedisServer:
     server = RedisServer().start()
     case.addCleanup(server.cleanup)
     return server
+
+
+@inlineCallbacks
+def redis_command(port: int, *args: Any) -> Any:
+    """One command to the redis-server on C{port}, over a connection of its own: a
+    Deferred of the reply."""
+    client = RedisClient(reactor, "127.0.0.1", port)
+    try:
+        yield client.connect()
+        reply = yield client.execute(*args)
+    finally:
+        client.close()
+    return reply
+
+
+def stop_with_the_test(case: Any, server: Any) -> None:
+    """When the test ends, shut C{server}'s plugins down as the service does when it
+    stops, and close the server's shared Redis connection."""
+    for loaded in server.runner.plugins:
+        if IShutdown.providedBy(loaded.plugin):
+            case.addCleanup(loaded.plugin.shutdown)
+
+    def close_shared() -> None:
+        client = server.notes.get("redis")
+        if isinstance(client, RedisClient):
+            client.close()
+
+    case.addCleanup(close_shared)

@@ -64,8 +64,7 @@ from haraka_tw.redis import (
     RedisClient,
     RedisError,
     RedisUnavailable,
-    client_from_config,
-    shared_client,
+    plugin_client,
 )
 from haraka_tw.smtp.address import Address
 from haraka_tw.smtp.connection import Connection, canonical_address
@@ -187,13 +186,8 @@ class Plugin:
         self.clock = context.reactor
         self.resolver = context.resolver
         self.load()
-        own = self.config.get_ini("greylist.ini").get("redis")
-        if own:  # a Redis (database) of its own: Haraka ships db=11
-            where = "greylist.ini [redis]"
-            self.redis = client_from_config(self.config, context.reactor, own, where)
-            self.redis.connect().addErrback(lambda _: None)  # (the first command says)
-        else:
-            self.redis = shared_client(context)
+        own = self.config.get_ini("greylist.ini").get("redis")  # (Haraka ships db=11)
+        self.redis, _ = plugin_client(context, own, "greylist.ini [redis]")
         context.config.on_change("greylist.ini", self.load)
 
     def load(self) -> None:

@@ -71,7 +71,7 @@ from haraka_tw.interfaces import (
     IUnrecognizedCommandHook,
     IVrfyHook,
 )
-from haraka_tw.redis import RedisClient, client_from_config, shared_client
+from haraka_tw.redis import RedisClient, plugin_client
 from haraka_tw.smtp.address import Address
 from haraka_tw.smtp.connection import Connection, canonical_address
 from haraka_tw.smtp.state import Results
@@ -555,12 +555,7 @@ class Plugin:
             for key, value in self.config.get_ini("karma.ini").get("redis", {}).items()
             if key != "expire_days"
         }
-        if own:
-            self.redis = client_from_config(self.config, self.clock, own, "karma.ini [redis]")
-            self.redis.connect().addErrback(lambda _: None)  # (the first command says)
-            self._own_redis = True
-        else:
-            self.redis = shared_client(context)
+        self.redis, self._own_redis = plugin_client(context, own, "karma.ini [redis]")
         context.config.on_change("karma.ini", self.load)
 
     def load(self) -> None:

@@ -71,8 +71,7 @@ from haraka_tw.redis import (
     RedisClient,
     RedisError,
     RedisUnavailable,
-    client_from_config,
-    shared_client,
+    plugin_client,
 )
 from haraka_tw.smtp.address import Address
 from haraka_tw.smtp.connection import Connection
@@ -271,14 +270,10 @@ class Plugin:
         """
         if self.redis is not None and own == self._redis_section:
             return
-        if own:
-            client = client_from_config(self.config, self.clock, own, "limit.ini [redis]")
-            client.connect().addErrback(lambda _: None)  # (the first command says)
-        else:
-            client = shared_client(self.context)
+        client, made = plugin_client(self.context, own, "limit.ini [redis]")
         if self.redis is not None and self._own_redis:
             self.redis.close()
-        self.redis, self._own_redis, self._redis_section = client, bool(own), dict(own)
+        self.redis, self._own_redis, self._redis_section = client, made, dict(own)
 
     def _redis(self) -> RedisClient:
         assert self.redis is not None  # (made by load whenever a rate is on)

@@ -13,13 +13,11 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from haraka_tw.interfaces import IShutdown
 from haraka_tw.plugins.greylist import host_id
-from haraka_tw.redis import RedisClient
 from haraka_tw.server import StartupError
 from tests.dnsserver import serve
 from tests.plugins.test_dns_list import exchange
-from tests.redis_server import start_redis
+from tests.redis_server import redis_command, start_redis, stop_with_the_test
 from tests.support import start_server
 
 ZONE = """
@@ -56,20 +54,11 @@ class GreylistTests(TestCase):
                 **files,
             },
         )
-        for loaded in server.runner.plugins:
-            if IShutdown.providedBy(loaded.plugin):
-                self.addCleanup(loaded.plugin.shutdown)  # as the service does when it stops
+        stop_with_the_test(self, server)
         return port
 
-    @inlineCallbacks
     def redis_command(self, *args: Any) -> Deferred[Any]:
-        client = RedisClient(reactor, "127.0.0.1", self.redis_port)
-        try:
-            yield client.connect()
-            reply = yield client.execute(*args)
-        finally:
-            client.close()
-        return reply
+        return redis_command(self.redis_port, *args)
 
     @inlineCallbacks
     def test_a_retry_after_the_black_period_passes(self) -> Deferred[None]:
