@@ -18,16 +18,14 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from haraka_tw.codes import CONT, DENY, DENYSOFT, OK, Code
 from haraka_tw.config import ConfigDirectory
 from haraka_tw.config.ini import parse_ini
-from haraka_tw.interfaces import IShutdown
 from haraka_tw.paths import default_config_dir
 from haraka_tw.plugins.karma import HEADER, Plugin, Rule, Settings, Tarpit, read_settings
-from haraka_tw.redis import RedisClient
 from haraka_tw.smtp.address import Address
 from haraka_tw.smtp.connection import Connection, Local, Remote, Transaction
 from tests.dnsserver import serve
 from tests.haproxy import SourcedClient
 from tests.plugins.test_dns_list import FULL_ZONE, until
-from tests.redis_server import start_redis
+from tests.redis_server import redis_command, start_redis, stop_with_the_test
 from tests.support import ListLog, free_port, maildir_messages, start_server, temp_dir, write_config
 
 
@@ -57,11 +55,13 @@ def envelope(helo: str = "EHLO client.example") -> list[str]:
 
 
 class KarmaServerTests(TestCase):
+    @inlineCallbacks
     def server(
         self, ini: str, plugins: str = "", redis: bool = True, tarpit: str = "0", **files: str
-    ) -> int:
+    ) -> Deferred[int]:
         """A server with karma (C{ini} over the shipped karma.ini, the tarpit's C{max} as
-        given: off unless a test wants it) and a redis-server (or a closed port)."""
+        given: off unless a test wants it) and a redis-server (or a closed port), once
+        karma's Redis is connected (a client arriving sooner would have no history)."""
         self.redis_port = start_redis(self).port if redis else free_port()
         self.server_, port = start_server(
             self,
@@ -74,29 +74,17 @@ class KarmaServerTests(TestCase):
                 **files,
             },
         )
-        for loaded in self.server_.runner.plugins:
-            if IShutdown.providedBy(loaded.plugin):
-                self.addCleanup(loaded.plugin.shutdown)  # as the service does when it stops
-        self.addCleanup(self.shared_redis_closed)
+        stop_with_the_test(self, self.server_)
+        if redis:
+            karma = next(p.plugin for p in self.server_.runner.plugins if p.name == "karma")
+            yield until(lambda: karma.redis.connected)
         return port
-
-    def shared_redis_closed(self) -> None:
-        client = self.server_.notes.get("redis")
-        if isinstance(client, RedisClient):
-            client.close()
 
     def stored(self) -> list[bytes]:
         return maildir_messages(Path(self.server_.base) / "maildir")  # type: ignore[attr-defined]
 
-    @inlineCallbacks
     def redis_command(self, *args: Any) -> Deferred[Any]:
-        client = RedisClient(reactor, "127.0.0.1", self.redis_port)
-        try:
-            yield client.connect()
-            reply = yield client.execute(*args)
-        finally:
-            client.close()
-        return reply
+        return redis_command(self.redis_port, *args)
 
     @inlineCallbacks
     def history(self, ip: str) -> Deferred[dict[bytes, bytes]]:
@@ -116,7 +104,7 @@ class KarmaServerTests(TestCase):
         """Each unrecognized command costs a point; at the threshold karma refuses it and
         then the message at DATA, with its message and the score. A client from a private
         network is not scored: its commands and message go through."""
-        port = self.server("[thresholds]\nnegative=-3\n[deny]\nmessage=bad karma {score}\n")
+        port = yield self.server("[thresholds]\nnegative=-3\n[deny]\nmessage=bad karma {score}\n")
         replies = yield deferToThread(
             talk, port, "1.2.3.4", "EHLO client.example", "FOO", "BAR", "BAZ", *envelope()[1:]
         )
@@ -145,7 +133,7 @@ class KarmaServerTests(TestCase):
         """A connection that ends below 0 counts as bad in its address's history, one above
         positive as good; the next connection from a bad address has its history in the
         results, where a rule scores it, and is refused at DATA. The keys expire."""
-        port = self.server(
+        port = yield self.server(
             "[thresholds]\nnegative=-3\npositive=1\n[awards]\nesmtp=2\n"
             "[result_awards]\n001 = karma | history | lt | 0 | -5 | a bad name\n"
         )
@@ -180,7 +168,7 @@ class KarmaServerTests(TestCase):
             "dns-list.ini": "[main]\nzones=bl.test\n",
             "dns.ini": f"[main]\nnameservers=127.0.0.1:{dns.port}\ntimeout=2\nattempts=1\n",
         }
-        port = self.server(rules, plugins="dns-list\n", **files)
+        port = yield self.server(rules, plugins="dns-list\n", **files)
         dns_list = next(p.plugin for p in self.server_.runner.plugins if p.name == "dns-list")
         yield until(lambda: not dns_list._checking)
         listed = yield deferToThread(talk, port, "1.2.3.5", *envelope())
@@ -201,7 +189,7 @@ class KarmaServerTests(TestCase):
     def test_tarpit_holds_replies_of_a_negative_score(self) -> Deferred[None]:
         """With [tarpit], a client whose score is below 0 waits before each reply (a
         second a point, here at most 1 s); at 0 or above it does not."""
-        port = self.server("", tarpit="1")
+        port = yield self.server("", tarpit="1")
 
         def timed() -> list[float]:
             with proxied(port, "1.2.3.4") as client:
@@ -223,7 +211,7 @@ class KarmaServerTests(TestCase):
         """With no Redis answering, clients are still scored and refused, clean mail goes
         through, and the missing history is in the results (the header), not an error to
         the client."""
-        port = self.server("[thresholds]\nnegative=-2\n", redis=False)
+        port = yield self.server("[thresholds]\nnegative=-2\n", redis=False)
         replies = yield deferToThread(talk, port, "1.2.3.4", "EHLO c.example", "FOO", "BAR")
         self.assertEqual(replies[-1], b"500 5.5.1 very bad karma score: -2\r\n")
         good = yield deferToThread(talk, port, "5.6.7.8", *envelope(), message=True)
@@ -235,7 +223,7 @@ class KarmaServerTests(TestCase):
     def test_spammy_sender_domain(self) -> Deferred[None]:
         """The longest listed suffix of the sender's domain scores; the header says so,
         and a header of that name the client wrote is removed."""
-        port = self.server("[spammy_tlds]\nxyz=-3\nbad.xyz=-1\n")
+        port = yield self.server("[spammy_tlds]\nxyz=-3\nbad.xyz=-1\n")
         replies = yield deferToThread(
             talk,
             port,
@@ -257,7 +245,7 @@ class KarmaServerTests(TestCase):
         """An address with more than five good connections and no bad one is all_good,
         for the rules; the key read at connect is given its expiry again (here it had
         none)."""
-        port = self.server("")
+        port = yield self.server("")
         yield self.redis_command("HSET", "karma|1.2.3.4", "good", 6, "bad", 0, "connections", 6)
         replies = yield deferToThread(talk, port, "1.2.3.4", *envelope(), message=True)
         self.assertEqual(replies[-1][:3], b"250")

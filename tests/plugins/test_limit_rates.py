@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
@@ -14,14 +13,14 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from haraka_tw.codes import CONT
 from haraka_tw.config.ini import parse_ini
-from haraka_tw.interfaces import IShutdown
 from haraka_tw.ratelimit import Rate, RateTable
 from haraka_tw.redis import RedisClient
 from haraka_tw.smtp.connection import Connection, Local, Remote
 from haraka_tw.smtp.state import Results
 from tests.haproxy import SourcedClient
 from tests.plugins.loading import load
-from tests.redis_server import start_redis
+from tests.plugins.test_dns_list import until
+from tests.redis_server import redis_command, start_redis, stop_with_the_test
 from tests.support import free_port, start_server
 
 
@@ -48,7 +47,10 @@ def recipients(port: int, client_ip: str, sender: str, *to: str) -> list[bytes]:
 
 
 class RateServerTests(TestCase):
-    def server(self, ini: str, redis: bool = True, own_redis: bool = False) -> int:
+    @inlineCallbacks
+    def server(self, ini: str, redis: bool = True, own_redis: bool = False) -> Deferred[int]:
+        """A server with limit (C{ini}) and a redis-server (or a closed port), once limit's
+        Redis is connected (a client arriving sooner would not be counted)."""
         self.redis_port = start_redis(self).port if redis else free_port()
         if own_redis:  # (limit.ini's own Redis; redis.ini names a closed port)
             ini += f"\n[redis]\nport={self.redis_port}\ndb=1\n"
@@ -62,34 +64,23 @@ class RateServerTests(TestCase):
                 "connection.ini": "[haproxy]\nhosts=127.0.0.1\n",
             },
         )
-        for loaded in server.runner.plugins:
-            if IShutdown.providedBy(loaded.plugin):
-                self.addCleanup(loaded.plugin.shutdown)
-
-        def close_shared() -> None:
-            client = server.notes.get("redis")
-            if isinstance(client, RedisClient):
-                client.close()
-
-        self.addCleanup(close_shared)
+        stop_with_the_test(self, server)
+        if redis:
+            limit = next(p.plugin for p in server.runner.plugins if p.name == "limit")
+            yield until(lambda: limit.redis.connected)
         return port
 
-    @inlineCallbacks
     def redis_command(self, *args: Any) -> Deferred[Any]:
-        client = RedisClient(reactor, "127.0.0.1", self.redis_port)
-        try:
-            yield client.connect()
-            reply = yield client.execute(*args)
-        finally:
-            client.close()
-        return reply
+        return redis_command(self.redis_port, *args)
 
     @inlineCallbacks
     def test_connections_per_client(self) -> Deferred[None]:
         """[rate_conn]: a client's connection past the rate gets 421 and is closed; other
         clients are counted apart, a network's clients together, a key of 0 is no limit.
         The count's key expires."""
-        port = self.server("[rate_conn]\nenabled=true\ndefault=2/1m\n9.9.9.0/24=1\n5.6.7.8=0\n")
+        port = yield self.server(
+            "[rate_conn]\nenabled=true\ndefault=2/1m\n9.9.9.0/24=1\n5.6.7.8=0\n"
+        )
         banners = []
         for _ in range(3):
             banners.append((yield deferToThread(connect, port, "1.2.3.4")))
@@ -109,7 +100,7 @@ class RateServerTests(TestCase):
     def test_own_redis_counts_from_the_first_connection(self) -> Deferred[None]:
         """With limit.ini [redis], the connection is made at start: the first client is
         counted, so the second is over a rate of one."""
-        port = self.server("[rate_conn]\nenabled=true\ndefault=1/1m\n", own_redis=True)
+        port = yield self.server("[rate_conn]\nenabled=true\ndefault=1/1m\n", own_redis=True)
         self.assertEqual((yield deferToThread(connect, port, "1.2.3.4"))[:3], b"220")
         self.assertEqual((yield deferToThread(connect, port, "1.2.3.4"))[:3], b"421")
 
@@ -118,7 +109,7 @@ class RateServerTests(TestCase):
         """[rate_rcpt_sender] and [rate_rcpt]: the recipient past a rate gets 450 4.7.0
         and the session goes on; [rate_rcpt_null]: bounces to one recipient. Each count
         expires with its window."""
-        port = self.server(
+        port = yield self.server(
             "[rate_rcpt_sender]\nenabled=true\ndefault=2/1m\nelse.example=0\n"
             "[rate_rcpt]\nenabled=true\ndefault=3/1m\n"
             "[rate_rcpt_null]\nenabled=true\ndefault=1/1h\n"
@@ -151,7 +142,7 @@ class RateServerTests(TestCase):
     def test_recipients_per_client_checked_at_next_connection(self) -> Deferred[None]:
         """[rate_rcpt_host]: a client's recipients are counted as they come and none is
         refused; its next connection past the rate gets 421 and is closed."""
-        port = self.server("[rate_rcpt_host]\nenabled=true\ndefault=2/1m\n")
+        port = yield self.server("[rate_rcpt_host]\nenabled=true\ndefault=2/1m\n")
         replies = yield deferToThread(
             recipients, port, "1.2.3.4", "joe@sender.example", "a@example.com", "b@example.com",
             "c@example.com",
@@ -164,7 +155,7 @@ class RateServerTests(TestCase):
     @inlineCallbacks
     def test_redis_away_enforces_nothing(self) -> Deferred[None]:
         """With no Redis answering, no rate is enforced and no client waits or is deferred."""
-        port = self.server(
+        port = yield self.server(
             "[rate_conn]\nenabled=true\ndefault=1/1m\n[rate_rcpt]\nenabled=true\ndefault=1/1m\n",
             redis=False,
         )
