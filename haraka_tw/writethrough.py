@@ -13,6 +13,17 @@ anything is buffered, every later write queues behind it. TLS started on the con
 (STARTTLS) goes Twisted's way; the bytes of a TLS layer above (implicit TLS on 465) are
 plain writes to this transport and are sent at once too.
 
+Where haraka_tw runs the reactor's loop (L{dispatch_without_log_context}), a write made
+while the reactor hands out one poll's events is held, and each connection's held writes
+leave in one send when the last event of that poll has been handled: replies go out in
+batches, as through Twisted's own buffer, but without its two C{epoll_ctl} calls and
+extra turn. Measured with smtp-source, one message per connection: the server's system
+time per message halved (0.13 -> 0.07 ms at 100 sessions, 0.16 -> 0.08 at 20) with its
+context switches unchanged (0.02-0.06 a message), and in bench/ (c) went from 0.80 to
+0.92 times twisted.mail's rate. Held writes leave before what must follow them (a
+close, a half-close, STARTTLS's handshake); an abort or a lost connection drops them,
+as Twisted drops its buffer.
+
 L{write_through_reactor} wraps a reactor for L{serverFromString}, so that the C{tcp:} and
 C{tcp6:} endpoints it makes listen with these ports; every other call goes to the reactor.
 
@@ -41,15 +52,36 @@ __all__ = [
 ]
 
 
+class _Batch:
+    """The poll whose events the reactor is handing out, and the connections holding
+    writes until it ends (one reactor a process: haraka_tw's own)."""
+
+    def __init__(self) -> None:
+        self.open = False
+        self.held: list[WriteThroughServer] = []
+
+    def end(self) -> None:
+        self.open = False
+        held, self.held = self.held, []
+        for connection in held:
+            connection._release()
+
+
+_batch = _Batch()
+
+
 class WriteThroughServer(tcp.Server):
     """A server-side TCP connection that sends a write at once when nothing is buffered."""
 
-    def write(self, data: bytes) -> None:
-        # Twisted's way whenever it must decide: bytes buffered already, TLS on this
-        # connection, closing (lose, abort or half-close), or a pull producer (which Twisted
-        # asks for more only from a send it made itself). The attributes are Twisted's
-        # FileDescriptor's and Connection's; tests/test_writethrough.py pins them.
-        if (
+    _held: list[bytes] | None = None  # (writes held until the poll's batch ends)
+
+    def _sendable(self) -> bool:
+        """Whether a write may go straight to the socket. Twisted's way whenever it must
+        decide: bytes buffered already, TLS on this connection, closing (lose, abort or
+        half-close), or a pull producer (which Twisted asks for more only from a send it
+        made itself). The attributes are Twisted's FileDescriptor's and Connection's;
+        tests/test_writethrough.py pins them."""
+        return bool(
             self.connected
             and not self.disconnecting
             and not self._aborting
@@ -58,17 +90,50 @@ class WriteThroughServer(tcp.Server):
             and not self._tempDataLen
             and self.offset >= len(self.dataBuffer)
             and (self.producer is None or self.streamingProducer)
-            and type(data) is bytes
-            and data
-        ):
-            try:
-                sent = self.socket.send(data)
-            except OSError:  # EAGAIN, or an error Twisted's next send will report and close on
-                sent = 0
-            if sent == len(data):
-                return
-            data = data[sent:]
+        )
+
+    def write(self, data: bytes) -> None:
+        if type(data) is bytes and data and self._sendable():
+            if _batch.open:
+                if self._held is None:
+                    self._held = [data]
+                    _batch.held.append(self)
+                else:
+                    self._held.append(data)
+            else:
+                self._send(data)
+            return
+        self._release()
         super().write(data)  # type: ignore[no-untyped-call]
+
+    def _send(self, data: bytes) -> None:
+        try:
+            sent = self.socket.send(data)
+        except OSError:  # EAGAIN, or an error Twisted's next send will report and close on
+            sent = 0
+        if sent != len(data):
+            super().write(data[sent:])  # type: ignore[no-untyped-call]
+
+    def _release(self) -> None:
+        """Send what this connection holds (nothing on a lost or aborted connection)."""
+        held = self._held
+        if held is None:
+            return
+        self._held = None
+        data = held[0] if len(held) == 1 else b"".join(held)
+        if self._sendable():
+            self._send(data)
+        else:
+            super().write(data)  # type: ignore[no-untyped-call]  # (drops it if lost)
+
+    # Held writes go before what must follow them. A close or half-close (which Twisted
+    # makes only once its buffer is sent) and a pull producer need nothing here: what is
+    # held goes into Twisted's buffer ahead of the close (or is dropped with it on an
+    # abort), and a pull producer's first write releases it. TLS would encrypt it.
+
+    def startTLS(self, ctx: Any, normal: bool = True) -> None:
+        self._release()
+        super().startTLS(ctx, normal)  # type: ignore[no-untyped-call]
 
     def writeSequence(self, iovec: Any) -> None:
         data = b"".join(iovec)
@@ -113,7 +178,8 @@ _MODEL = frozenset({"_poller", "poll", "_selectables", "_doReadOrWrite", "callWi
 
 def dispatch_without_log_context(reactor: Any) -> bool:
     """Let C{reactor} (if it is the epoll reactor) hand the events of L{WriteThroughServer}
-    connections and L{WriteThroughPort}s to them directly, without C{log.callWithLogger};
+    connections and L{WriteThroughPort}s to them directly, without C{log.callWithLogger},
+    and hold the writes of L{WriteThroughServer}s until each poll's events are handed out;
     True if it now does. Twisted's C{EPollReactor.doPoll} is the model, line for line; a
     Twisted whose doPoll no longer reads what the model reads keeps its own."""
     if (
@@ -133,14 +199,18 @@ def dispatch_without_log_context(reactor: Any) -> bool:
             raise
         selectables = epoll._selectables
         dispatch = epoll._doReadOrWrite
-        for fd, event in events:
-            selectable = selectables.get(fd)
-            if selectable is None:
-                continue
-            if isinstance(selectable, ours):
-                dispatch(selectable, fd, event)
-            else:
-                log.callWithLogger(selectable, dispatch, selectable, fd, event)
+        _batch.open = True
+        try:
+            for fd, event in events:
+                selectable = selectables.get(fd)
+                if selectable is None:
+                    continue
+                if isinstance(selectable, ours):
+                    dispatch(selectable, fd, event)
+                else:
+                    log.callWithLogger(selectable, dispatch, selectable, fd, event)
+        finally:
+            _batch.end()
 
     epoll.doPoll = epoll.doIteration = do_poll
     return True

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import select
 import socket
+import ssl
 from typing import Any
 from unittest import mock
 
@@ -66,6 +67,15 @@ def read_all(port: int) -> bytes:
 
 
 class WriteThroughTests(TestCase):
+    """Writes outside a poll's batch of events (see HeldWriteTests for those inside)."""
+
+    def setUp(self) -> None:
+        # Twisted's own dispatch for these, whatever an earlier test made of the reactor
+        # (start_server gives it haraka_tw's, as twistd haraka does).
+        own = vars(reactor)
+        patched = {name: own.pop(name) for name in ("doPoll", "doIteration") if name in own}
+        self.addCleanup(own.update, patched)
+
     def listen(self, factory: Factory) -> int:
         port = write_through_reactor(reactor).listenTCP(0, factory, interface="127.0.0.1")
         self.addCleanup(port.stopListening)
@@ -134,11 +144,6 @@ class WriteThroughTests(TestCase):
         banner = yield deferToThread(_banner, port)
         self.assertTrue(banner.startswith(b"220 mx.test"), banner)
 
-
-def _banner(port: int) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        return sock.recv(1024)
-
     @inlineCallbacks
     def test_endpoints_other_than_tcp_are_twisteds(self) -> Any:
         """Only listenTCP is replaced: a unix endpoint made with the wrapped reactor
@@ -157,6 +162,7 @@ def _banner(port: int) -> bytes:
         sock = socket.socket()
         self.addCleanup(sock.close)
         server = WriteThroughServer(sock, Protocol(), ("127.0.0.1", 1), None, 1, reactor)
+        self.addCleanup(server.stopReading)  # (before the socket closes)
         for name in (
             "connected",
             "disconnecting",
@@ -171,6 +177,11 @@ def _banner(port: int) -> bytes:
         ):
             self.assertTrue(hasattr(server, name), name)
         self.assertEqual((server._tempDataLen, server.offset, server.dataBuffer), (0, 0, b""))
+
+
+def _banner(port: int) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        return sock.recv(1024)
 
 
 def test_other_reactors_are_left_alone() -> None:
@@ -238,3 +249,230 @@ def test_the_epoll_attributes_it_reads_are_there() -> None:
     finally:
         epoll.waker.connectionLost(None)
         epoll._poller.close()
+
+
+class CountingSocket:
+    """A connection's socket that keeps what each send() was given."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self.sends: list[bytes] = []
+
+    def send(self, data: bytes) -> int:
+        self.sends.append(bytes(data))
+        return self._sock.send(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+class Answering(Protocol):
+    """Answers each chunk it reads with the factory's C{answer(protocol, data)}; its
+    transport's socket counts sends."""
+
+    def connectionMade(self) -> None:
+        transport: Any = self.transport
+        self.counting = transport.socket = CountingSocket(transport.socket)
+        self.factory.connections.append(self)  # type: ignore[attr-defined]
+        self.sent_while_answering: list[int] = []
+
+    def dataReceived(self, data: bytes) -> None:
+        self.factory.answer(self, data)  # type: ignore[attr-defined]
+        self.sent_while_answering.append(len(self.sends))
+
+    @property
+    def sends(self) -> list[bytes]:
+        return self.counting.sends
+
+
+class OwnLoop:
+    """A private epoll reactor with haraka_tw's dispatch (as under twistd haraka), turned
+    by hand, listening on loopback with a write-through port."""
+
+    def __init__(self, case: TestCase, answer: Any) -> None:
+        self.reactor: Any = EPollReactor()
+        case.addCleanup(self._close)
+        self.assert_ = case
+        assert dispatch_without_log_context(self.reactor)
+        self.factory = Factory.forProtocol(Answering)
+        self.factory.answer = answer  # type: ignore[attr-defined]
+        self.factory.connections = []  # type: ignore[attr-defined]
+        self.port = WriteThroughPort(0, self.factory, 50, "127.0.0.1", self.reactor)
+        self.port.startListening()
+        self.clients: list[socket.socket] = []
+
+    def _close(self) -> None:
+        for client in self.clients:
+            client.close()
+        for conn in self.factory.connections:  # type: ignore[attr-defined]
+            conn.transport.abortConnection()
+        self.port.stopListening()
+        self.turn(0)
+        self.reactor.waker.connectionLost(None)
+        self.reactor._poller.close()
+
+    def turn(self, timeout: float = 0.2) -> None:
+        self.reactor.runUntilCurrent()
+        self.reactor.doIteration(timeout)
+
+    def connect(self, count: int) -> list[Answering]:
+        for _ in range(count):
+            client = socket.create_connection(("127.0.0.1", self.port.getHost().port))
+            client.settimeout(10)
+            self.clients.append(client)
+        for _ in range(100):
+            if len(self.factory.connections) == count:  # type: ignore[attr-defined]
+                break
+            self.turn()
+        connections: list[Answering] = self.factory.connections  # type: ignore[attr-defined]
+        self.assert_.assertEqual(len(connections), count)
+        return connections
+
+    def send_all(self, data: bytes) -> None:
+        """Each client sends C{data}; the loop turns until every connection has read it."""
+        for client in self.clients:
+            client.sendall(data)
+        connections: list[Answering] = self.factory.connections  # type: ignore[attr-defined]
+        for _ in range(100):
+            if all(c.sent_while_answering for c in connections):
+                return
+            self.turn()
+        raise AssertionError("the server never read the clients' data")
+
+
+def receive_until_closed(sock: socket.socket) -> bytes:
+    parts = []
+    while chunk := sock.recv(65536):
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+class HeldWriteTests(TestCase):
+    """Under haraka_tw's own loop, writes wait for the end of the poll's events."""
+
+    def test_writes_made_during_a_poll_leave_together_when_its_events_are_handed_out(
+        self,
+    ) -> None:
+        """Three writes while answering: nothing is sent until the poll's events are all
+        handed out, then one send a connection, in order."""
+
+        def answer(protocol: Answering, data: bytes) -> None:
+            for word in (b"one", b"two", b"three"):
+                protocol.transport.write(word + b" " + data)  # type: ignore[union-attr]
+
+        loop = OwnLoop(self, answer)
+        connections = loop.connect(3)
+        loop.send_all(b"x\r\n")
+        for conn, client in zip(connections, loop.clients, strict=True):
+            self.assertEqual(conn.sent_while_answering, [0])
+            self.assertEqual(conn.sends, [b"one x\r\ntwo x\r\nthree x\r\n"])
+            self.assertEqual(client.recv(100), b"one x\r\ntwo x\r\nthree x\r\n")
+
+    def test_a_write_outside_a_poll_goes_out_at_once(self) -> None:
+        """A write from a timer (outside the poll's events) is sent in write()."""
+        loop = OwnLoop(self, lambda protocol, data: None)
+        (conn,) = loop.connect(1)
+        sent: list[list[bytes]] = []
+
+        def later() -> None:
+            conn.transport.write(b"250 later\r\n")  # type: ignore[union-attr]
+            sent.append(list(conn.sends))
+
+        loop.reactor.callLater(0, later)
+        loop.turn(0)
+        self.assertEqual(sent, [[b"250 later\r\n"]])
+        self.assertEqual(loop.clients[0].recv(100), b"250 later\r\n")
+
+    def test_held_writes_leave_before_the_connection_closes(self) -> None:
+        """A reply and a close in the same poll (QUIT's 221): the reply, then the end."""
+
+        def answer(protocol: Answering, data: bytes) -> None:
+            protocol.transport.write(b"221 bye\r\n")  # type: ignore[union-attr]
+            protocol.transport.loseConnection()  # type: ignore[union-attr]
+
+        loop = OwnLoop(self, answer)
+        (conn,) = loop.connect(1)
+        loop.send_all(b"QUIT\r\n")
+        for _ in range(20):
+            loop.turn(0.05)
+        self.assertEqual(conn.sends[0], b"221 bye\r\n")  # (Twisted's close sends b"" after)
+        self.assertEqual(b"".join(conn.sends), b"221 bye\r\n")
+        self.assertEqual(receive_until_closed(loop.clients[0]), b"221 bye\r\n")
+
+    def test_held_writes_leave_before_a_half_close(self) -> None:
+        """A reply and a half-close in the same poll: the reply, then the end of the
+        stream, while the client can still write."""
+
+        def answer(protocol: Answering, data: bytes) -> None:
+            if data == b"last\r\n":
+                protocol.transport.write(b"250 that was the last\r\n")  # type: ignore[union-attr]
+                protocol.transport.loseWriteConnection()  # type: ignore[union-attr]
+
+        loop = OwnLoop(self, answer)
+        loop.connect(1)
+        loop.send_all(b"last\r\n")
+        for _ in range(5):
+            loop.turn(0.05)
+        self.assertEqual(receive_until_closed(loop.clients[0]), b"250 that was the last\r\n")
+        loop.clients[0].sendall(b"more\r\n")  # (the read side is open)
+
+    def test_an_abort_drops_what_is_held(self) -> None:
+        """abortConnection drops held writes, as it drops Twisted's buffer."""
+
+        def answer(protocol: Answering, data: bytes) -> None:
+            protocol.transport.write(b"250 never\r\n")  # type: ignore[union-attr]
+            protocol.transport.abortConnection()  # type: ignore[union-attr]
+
+        loop = OwnLoop(self, answer)
+        (conn,) = loop.connect(1)
+        loop.send_all(b"x\r\n")
+        for _ in range(5):
+            loop.turn(0.05)
+        self.assertEqual(conn.sends, [])
+        with self.assertRaises(ConnectionResetError):
+            loop.clients[0].recv(100)
+
+    def test_held_writes_leave_in_the_clear_before_starttls(self) -> None:
+        """STARTTLS's 220 and the switch in one poll: the 220 leaves in the clear, then
+        the handshake completes. (What TLS writes goes through Twisted's buffer.)"""
+        from OpenSSL import SSL
+        from twisted.internet.interfaces import IOpenSSLContextFactory
+        from zope.interface import implementer
+
+        from tests.smtp_peers import certs
+
+        issued = certs()
+
+        @implementer(IOpenSSLContextFactory)
+        class ServerTLS:
+            def getContext(self) -> SSL.Context:
+                context = SSL.Context(SSL.TLS_SERVER_METHOD)
+                context.use_certificate_chain_file(str(issued.server_cert))
+                context.use_privatekey_file(str(issued.server_key))
+                return context
+
+        server_tls = ServerTLS()
+
+        def answer(protocol: Answering, data: bytes) -> None:
+            protocol.transport.write(b"220 go ahead\r\n")  # type: ignore[union-attr]
+            protocol.transport.startTLS(server_tls)  # type: ignore[union-attr]
+
+        loop = OwnLoop(self, answer)
+        (conn,) = loop.connect(1)
+        loop.send_all(b"STARTTLS\r\n")
+        client = loop.clients[0]
+        self.assertEqual(client.recv(100), b"220 go ahead\r\n")
+        self.assertEqual(conn.sends[0], b"220 go ahead\r\n")
+        context = ssl.create_default_context(cafile=str(issued.ca))
+        context.check_hostname = False
+        client.setblocking(False)
+        tls = context.wrap_socket(client, do_handshake_on_connect=False)
+        loop.clients[0] = tls
+        for _ in range(200):
+            try:
+                tls.do_handshake()
+                break
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                loop.turn(0.02)
+        self.assertEqual(tls.version(), "TLSv1.3")
+        self.assertEqual(conn.sends[1][:1], b"\x16")  # (the server's handshake: TLS records)
