@@ -348,13 +348,15 @@ def receive_until_closed(sock: socket.socket) -> bytes:
 
 
 class HeldWriteTests(TestCase):
-    """Under haraka_tw's own loop, writes wait for the end of the poll's events."""
+    """Under haraka_tw's own loop, writes wait for the end of a poll's events when it
+    returned more than one. (The clients send before the loop turns, so their commands
+    are all in its next poll.)"""
 
     def test_writes_made_during_a_poll_leave_together_when_its_events_are_handed_out(
         self,
     ) -> None:
-        """Three writes while answering: nothing is sent until the poll's events are all
-        handed out, then one send a connection, in order."""
+        """Three clients' commands in one poll, three writes answering each: nothing is
+        sent until the poll's events are all handed out, then one send a connection."""
 
         def answer(protocol: Answering, data: bytes) -> None:
             for word in (b"one", b"two", b"three"):
@@ -367,6 +369,20 @@ class HeldWriteTests(TestCase):
             self.assertEqual(conn.sent_while_answering, [0])
             self.assertEqual(conn.sends, [b"one x\r\ntwo x\r\nthree x\r\n"])
             self.assertEqual(client.recv(100), b"one x\r\ntwo x\r\nthree x\r\n")
+
+    def test_a_poll_with_one_event_sends_at_once(self) -> None:
+        """One client at a time: its reply leaves in write(), while the session still has
+        its bookkeeping to do, so the client works meanwhile."""
+
+        def answer(protocol: Answering, data: bytes) -> None:
+            protocol.transport.write(b"250 ok\r\n")  # type: ignore[union-attr]
+            protocol.transport.write(b"250 again\r\n")  # type: ignore[union-attr]
+
+        loop = OwnLoop(self, answer)
+        (conn,) = loop.connect(1)
+        loop.send_all(b"x\r\n")
+        self.assertEqual(conn.sent_while_answering, [2])
+        self.assertEqual(loop.clients[0].recv(100), b"250 ok\r\n250 again\r\n")
 
     def test_a_write_outside_a_poll_goes_out_at_once(self) -> None:
         """A write from a timer (outside the poll's events) is sent in write()."""
@@ -391,13 +407,15 @@ class HeldWriteTests(TestCase):
             protocol.transport.loseConnection()  # type: ignore[union-attr]
 
         loop = OwnLoop(self, answer)
-        (conn,) = loop.connect(1)
+        connections = loop.connect(2)
         loop.send_all(b"QUIT\r\n")
         for _ in range(20):
             loop.turn(0.05)
-        self.assertEqual(conn.sends[0], b"221 bye\r\n")  # (Twisted's close sends b"" after)
-        self.assertEqual(b"".join(conn.sends), b"221 bye\r\n")
-        self.assertEqual(receive_until_closed(loop.clients[0]), b"221 bye\r\n")
+        for conn, client in zip(connections, loop.clients, strict=True):
+            self.assertEqual(conn.sent_while_answering, [0])
+            self.assertEqual(conn.sends[0], b"221 bye\r\n")  # (Twisted's close sends b"")
+            self.assertEqual(b"".join(conn.sends), b"221 bye\r\n")
+            self.assertEqual(receive_until_closed(client), b"221 bye\r\n")
 
     def test_held_writes_leave_before_a_half_close(self) -> None:
         """A reply and a half-close in the same poll: the reply, then the end of the
@@ -409,12 +427,14 @@ class HeldWriteTests(TestCase):
                 protocol.transport.loseWriteConnection()  # type: ignore[union-attr]
 
         loop = OwnLoop(self, answer)
-        loop.connect(1)
+        connections = loop.connect(2)
         loop.send_all(b"last\r\n")
         for _ in range(5):
             loop.turn(0.05)
-        self.assertEqual(receive_until_closed(loop.clients[0]), b"250 that was the last\r\n")
-        loop.clients[0].sendall(b"more\r\n")  # (the read side is open)
+        for conn, client in zip(connections, loop.clients, strict=True):
+            self.assertEqual(conn.sent_while_answering, [0])
+            self.assertEqual(receive_until_closed(client), b"250 that was the last\r\n")
+            client.sendall(b"more\r\n")  # (the read side is open)
 
     def test_an_abort_drops_what_is_held(self) -> None:
         """abortConnection drops held writes, as it drops Twisted's buffer."""
@@ -424,13 +444,15 @@ class HeldWriteTests(TestCase):
             protocol.transport.abortConnection()  # type: ignore[union-attr]
 
         loop = OwnLoop(self, answer)
-        (conn,) = loop.connect(1)
+        connections = loop.connect(2)
         loop.send_all(b"x\r\n")
         for _ in range(5):
             loop.turn(0.05)
-        self.assertEqual(conn.sends, [])
-        with self.assertRaises(ConnectionResetError):
-            loop.clients[0].recv(100)
+        for conn, client in zip(connections, loop.clients, strict=True):
+            self.assertEqual(conn.sent_while_answering, [0])
+            self.assertEqual(conn.sends, [])
+            with self.assertRaises(ConnectionResetError):
+                client.recv(100)
 
     def test_held_writes_leave_in_the_clear_before_starttls(self) -> None:
         """STARTTLS's 220 and the switch in one poll: the 220 leaves in the clear, then
@@ -452,14 +474,18 @@ class HeldWriteTests(TestCase):
                 return context
 
         server_tls = ServerTLS()
+        sent_before_tls: list[int] = []
 
         def answer(protocol: Answering, data: bytes) -> None:
             protocol.transport.write(b"220 go ahead\r\n")  # type: ignore[union-attr]
+            sent_before_tls.append(len(protocol.sends))
             protocol.transport.startTLS(server_tls)  # type: ignore[union-attr]
 
         loop = OwnLoop(self, answer)
-        (conn,) = loop.connect(1)
+        conn, _ = loop.connect(2)  # (two clients: their commands come in one poll)
         loop.send_all(b"STARTTLS\r\n")
+        self.assertEqual(sent_before_tls, [0, 0])  # (held)
+        self.assertEqual(conn.sent_while_answering, [1])  # (sent when TLS started)
         client = loop.clients[0]
         self.assertEqual(client.recv(100), b"220 go ahead\r\n")
         self.assertEqual(conn.sends[0], b"220 go ahead\r\n")
