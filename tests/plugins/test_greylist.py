@@ -5,6 +5,7 @@ DNS server on loopback."""
 from __future__ import annotations
 
 import time
+from collections.abc import Generator
 from typing import Any
 
 from twisted.internet import reactor
@@ -16,7 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from haraka_tw.plugins.greylist import host_id
 from haraka_tw.server import StartupError
 from tests.dnsserver import serve
-from tests.plugins.test_dns_list import exchange
+from tests.plugins.test_dns_list import exchange, until
 from tests.redis_server import redis_command, start_redis, stop_with_the_test
 from tests.support import start_server
 
@@ -38,8 +39,15 @@ def rcpt(
 
 
 class GreylistTests(TestCase):
-    def server(self, ini: str = PERIODS, redis_port: int = 0, **files: str) -> int:
+    @inlineCallbacks
+    def server(
+        self, ini: str = PERIODS, redis_port: int = 0, **files: str
+    ) -> Generator[Deferred[Any], Any, int]:
+        """A server with greylist and a redis-server (or the given port, which may be
+        closed), once greylist's Redis is connected when it can be (a client arriving
+        sooner would meet Redis as down)."""
         dns = serve(self, ZONE)
+        up = not redis_port
         self.redis_port = redis_port or start_redis(self).port
         server, port = start_server(
             self,
@@ -55,6 +63,9 @@ class GreylistTests(TestCase):
             },
         )
         stop_with_the_test(self, server)
+        if up:
+            greylist = next(p.plugin for p in server.runner.plugins if p.name == "greylist")
+            yield until(lambda: greylist.redis.connected)
         return port
 
     def redis_command(self, *args: Any) -> Deferred[Any]:
@@ -66,7 +77,7 @@ class GreylistTests(TestCase):
         after it, the retry passes, also from another address of the network (a pool of
         servers), and white lists that address: another sender from it passes at once,
         but not from a neighbour. The state is in Redis, with its expiries."""
-        port = self.server()
+        port = yield self.server()
         first = yield deferToThread(rcpt, port, "1.2.3.4")
         self.assertEqual(first, b"451 4.7.1 Greylisted. Please come back later.\r\n")
         again = yield deferToThread(rcpt, port, "1.2.3.4")
@@ -96,7 +107,7 @@ class GreylistTests(TestCase):
         """A client whose reverse name resolves back to it counts as that name's domain
         (mx1.mail.example.net: mail.example.net); one whose name does not, as its
         network (an IPv4-mapped address as IPv4, IPv6 by its /64)."""
-        port = self.server()
+        port = yield self.server()
         yield deferToThread(rcpt, port, "5.6.7.8")
         yield deferToThread(rcpt, port, "5.6.7.9")
         yield deferToThread(rcpt, port, "::ffff:9.9.9.9")  # (an IPv4 client of a [::] listener)
@@ -118,7 +129,7 @@ class GreylistTests(TestCase):
         tries are counted for its own host (mail.example.net), not for the host of the
         address before it (1.2.3.0/24)."""
         plugins = "relay\nxclient\ndns-list\ngreylist\nrcpt_to.in_host_list\nqueue/discard\n"
-        port = self.server(plugins=plugins, **{"xclient.hosts": "1.2.3.4\n"})
+        port = yield self.server(plugins=plugins, **{"xclient.hosts": "1.2.3.4\n"})
         transaction = ["MAIL FROM:<joe@sender.example>", "RCPT TO:<you@example.com>", "RSET"]
         commands = ["EHLO front.example", *transaction]
         commands += ["XCLIENT ADDR=5.6.7.8", "EHLO client.example", *transaction]
@@ -142,7 +153,7 @@ class GreylistTests(TestCase):
             "[ip_whitelist]\n203.0.113.0/24\n[envelope_whitelist]\nfriend.example\n"
             "[recipient_whitelist]\npostmaster@example.com\n"
         )
-        port = self.server(ini)
+        port = yield self.server(ini)
         cases = [
             ("10.1.2.3", "joe@sender.example", "you@example.com"),
             ("192.168.1.9", "joe@sender.example", "you@example.com"),
@@ -161,12 +172,12 @@ class GreylistTests(TestCase):
         redis_down=accept it passes."""
         redis = start_redis(self)
         redis.stop()
-        port = self.server(redis_port=redis.port)
+        port = yield self.server(redis_port=redis.port)
         started = time.monotonic()
         reply = yield deferToThread(rcpt, port, "1.2.3.4")
         self.assertEqual(reply, b"450 4.7.0 Backend failure. Please, retry later.\r\n")
         self.assertLess(time.monotonic() - started, 2)
-        port = self.server(PERIODS + "[main]\nredis_down=accept\n", redis_port=redis.port)
+        port = yield self.server(PERIODS + "[main]\nredis_down=accept\n", redis_port=redis.port)
         reply = yield deferToThread(rcpt, port, "1.2.3.4")
         self.assertEqual(reply[:3], b"250")
 
