@@ -63,19 +63,29 @@ class _Batch:
         self.held: list[WriteThroughServer] = []
 
     def end(self) -> None:
+        """The poll's events are handed out: send what each connection holds. (One by
+        one off the list: should a release raise, the rest stay listed for the next.)"""
         self.open = False
-        held, self.held = self.held, []
-        for connection in held:
-            connection._release()
+        while self.held:
+            self.held.pop()._release()
 
 
 _batch = _Batch()
 
 
 class WriteThroughServer(tcp.Server):
-    """A server-side TCP connection that sends a write at once when nothing is buffered."""
+    """A server-side TCP connection that sends a write at once when nothing is buffered,
+    or, while the reactor hands out a poll's events, holds it until they are handed out.
+
+    Held writes go before what must follow them. A close or half-close (which Twisted
+    makes once its buffer is sent) takes them into that buffer ahead of it; a pull
+    producer's first write sends them; STARTTLS sends them before its handshake. More
+    than C{bufferSize} held leaves at once, so a streaming producer is paused as Twisted
+    would pause it.
+    """
 
     _held: list[bytes] | None = None  # (writes held until the poll's batch ends)
+    _held_size = 0
 
     def _sendable(self) -> bool:
         """Whether a write may go straight to the socket. Twisted's way whenever it must
@@ -87,6 +97,7 @@ class WriteThroughServer(tcp.Server):
             self.connected
             and not self.disconnecting
             and not self._aborting
+            and not self._writeDisconnecting
             and not self._writeDisconnected
             and not self.TLS
             and not self._tempDataLen
@@ -96,14 +107,19 @@ class WriteThroughServer(tcp.Server):
 
     def write(self, data: bytes) -> None:
         if type(data) is bytes and data and self._sendable():
-            if _batch.open:
-                if self._held is None:
+            held = self._held
+            if held is None:
+                if _batch.open:
                     self._held = [data]
+                    self._held_size = len(data)
                     _batch.held.append(self)
                 else:
-                    self._held.append(data)
-            else:
-                self._send(data)
+                    self._send(data)
+                return
+            held.append(data)  # (behind what it holds, in a batch or not: never ahead)
+            self._held_size += len(data)
+            if self._held_size > self.bufferSize:
+                self._release()
             return
         self._release()
         super().write(data)  # type: ignore[no-untyped-call]
@@ -117,7 +133,8 @@ class WriteThroughServer(tcp.Server):
             super().write(data[sent:])  # type: ignore[no-untyped-call]
 
     def _release(self) -> None:
-        """Send what this connection holds (nothing on a lost or aborted connection)."""
+        """Send what this connection holds, or give it to Twisted's buffer when Twisted
+        must decide (nothing goes out on a lost or aborted connection)."""
         held = self._held
         if held is None:
             return
@@ -126,12 +143,7 @@ class WriteThroughServer(tcp.Server):
         if self._sendable():
             self._send(data)
         else:
-            super().write(data)  # type: ignore[no-untyped-call]  # (drops it if lost)
-
-    # Held writes go before what must follow them. A close or half-close (which Twisted
-    # makes only once its buffer is sent) and a pull producer need nothing here: what is
-    # held goes into Twisted's buffer ahead of the close (or is dropped with it on an
-    # abort), and a pull producer's first write releases it. TLS would encrypt it.
+            super().write(data)  # type: ignore[no-untyped-call]  # (dropped if lost or aborted)
 
     def startTLS(self, ctx: Any, normal: bool = True) -> None:
         self._release()

@@ -8,18 +8,22 @@ import ssl
 from typing import Any
 from unittest import mock
 
+from OpenSSL import SSL
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.error import ConnectionClosed
+from twisted.internet.interfaces import IOpenSSLContextFactory, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactor
 from twisted.internet.threads import deferToThread
 from twisted.python import context, log
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
+from zope.interface import implementer
 
+from haraka_tw import writethrough
 from haraka_tw.service import HarakaService
 from haraka_tw.writethrough import (
     WriteThroughPort,
@@ -27,6 +31,7 @@ from haraka_tw.writethrough import (
     dispatch_without_log_context,
     write_through_reactor,
 )
+from tests.smtp_peers import certs
 from tests.support import temp_dir, write_config
 
 
@@ -167,6 +172,7 @@ class WriteThroughTests(TestCase):
             "connected",
             "disconnecting",
             "_aborting",
+            "_writeDisconnecting",
             "_writeDisconnected",
             "TLS",
             "_tempDataLen",
@@ -275,8 +281,10 @@ class Answering(Protocol):
         self.counting = transport.socket = CountingSocket(transport.socket)
         self.factory.connections.append(self)  # type: ignore[attr-defined]
         self.sent_while_answering: list[int] = []
+        self.read: list[bytes] = []
 
     def dataReceived(self, data: bytes) -> None:
+        self.read.append(data)
         self.factory.answer(self, data)  # type: ignore[attr-defined]
         self.sent_while_answering.append(len(self.sends))
 
@@ -292,7 +300,7 @@ class OwnLoop:
     def __init__(self, case: TestCase, answer: Any) -> None:
         self.reactor: Any = EPollReactor()
         case.addCleanup(self._close)
-        self.assert_ = case
+        self.case = case
         assert dispatch_without_log_context(self.reactor)
         self.factory = Factory.forProtocol(Answering)
         self.factory.answer = answer  # type: ignore[attr-defined]
@@ -325,7 +333,7 @@ class OwnLoop:
                 break
             self.turn()
         connections: list[Answering] = self.factory.connections  # type: ignore[attr-defined]
-        self.assert_.assertEqual(len(connections), count)
+        self.case.assertEqual(len(connections), count)
         return connections
 
     def send_all(self, data: bytes) -> None:
@@ -341,6 +349,7 @@ class OwnLoop:
 
 
 def receive_until_closed(sock: socket.socket) -> bytes:
+    """Everything the peer sends until it ends the stream."""
     parts = []
     while chunk := sock.recv(65536):
         parts.append(chunk)
@@ -434,7 +443,11 @@ class HeldWriteTests(TestCase):
         for conn, client in zip(connections, loop.clients, strict=True):
             self.assertEqual(conn.sent_while_answering, [0])
             self.assertEqual(receive_until_closed(client), b"250 that was the last\r\n")
-            client.sendall(b"more\r\n")  # (the read side is open)
+            client.sendall(b"more\r\n")
+        for _ in range(5):
+            loop.turn(0.05)
+        for conn in connections:
+            self.assertEqual(conn.read, [b"last\r\n", b"more\r\n"])  # (the read side is open)
 
     def test_an_abort_drops_what_is_held(self) -> None:
         """abortConnection drops held writes, as it drops Twisted's buffer."""
@@ -457,12 +470,6 @@ class HeldWriteTests(TestCase):
     def test_held_writes_leave_in_the_clear_before_starttls(self) -> None:
         """STARTTLS's 220 and the switch in one poll: the 220 leaves in the clear, then
         the handshake completes. (What TLS writes goes through Twisted's buffer.)"""
-        from OpenSSL import SSL
-        from twisted.internet.interfaces import IOpenSSLContextFactory
-        from zope.interface import implementer
-
-        from tests.smtp_peers import certs
-
         issued = certs()
 
         @implementer(IOpenSSLContextFactory)
@@ -502,3 +509,116 @@ class HeldWriteTests(TestCase):
                 loop.turn(0.02)
         self.assertEqual(tls.version(), "TLSv1.3")
         self.assertEqual(conn.sends[1][:1], b"\x16")  # (the server's handshake: TLS records)
+
+    def test_a_write_after_a_half_close_is_sent_before_the_end(self) -> None:
+        """A write after loseWriteConnection, in a poll where the socket is also writable
+        (Twisted then ends the stream): it leaves before the end, as in plain Twisted."""
+
+        def answer(protocol: Answering, data: bytes) -> None:
+            if data == b"last\r\n":
+                protocol.transport.loseWriteConnection()  # type: ignore[union-attr]
+            else:
+                protocol.transport.write(b"250 after\r\n")  # type: ignore[union-attr]
+
+        loop = OwnLoop(self, answer)
+        loop.connect(2)
+        loop.send_all(b"last\r\n")  # (each now waits to be writable, to end the stream)
+        for client in loop.clients:
+            client.sendall(b"more\r\n")  # (the next poll: readable and writable at once)
+        for _ in range(5):
+            loop.turn(0.05)
+        for client in loop.clients:
+            self.assertEqual(receive_until_closed(client), b"250 after\r\n")
+
+    def test_a_streaming_producer_is_paused_while_its_writes_are_held(self) -> None:
+        """A push producer writing until it is paused: held writes past bufferSize leave
+        at once, so the socket fills and Twisted pauses the producer, as with one client."""
+
+        @implementer(IPushProducer)
+        class Pusher:
+            paused = False
+
+            def pauseProducing(self) -> None:
+                self.paused = True
+
+            def resumeProducing(self) -> None:
+                self.paused = False
+
+            def stopProducing(self) -> None:
+                pass
+
+        written: list[int] = []
+
+        def answer(protocol: Answering, data: bytes) -> None:
+            pusher = Pusher()
+            transport: Any = protocol.transport
+            transport.registerProducer(pusher, True)
+            count = 0
+            while not pusher.paused and count < 2000:
+                transport.write(b"x" * 65536)
+                count += 1
+            written.append(count)
+            transport.unregisterProducer()
+
+        loop = OwnLoop(self, answer)
+        loop.connect(2)
+        loop.send_all(b"go\r\n")
+        self.assertEqual(len(written), 2)
+        for count in written:
+            self.assertLess(count, 200)  # (8 MiB: about 60 fill the socket and the buffer)
+
+    def test_a_handler_that_turns_the_reactor_keeps_the_order(self) -> None:
+        """A handler that turns the reactor (a poll of one event inside a poll of two):
+        the reply held in the outer poll still leaves before the later one."""
+        turned: list[bool] = []
+
+        def answer(protocol: Answering, data: bytes) -> None:
+            first = loop.factory.connections[0]  # type: ignore[attr-defined]
+            if protocol is first:
+                protocol.transport.write(b"A:" + data)  # type: ignore[union-attr]
+            elif not turned:
+                turned.append(True)
+                loop.clients[0].sendall(b"second\n")
+                loop.reactor.doIteration(0.5)  # (inside: one event, the first client's)
+
+        loop = OwnLoop(self, answer)
+        loop.connect(2)
+        loop.clients[0].sendall(b"first\n")
+        loop.clients[1].sendall(b"x\n")
+        for _ in range(10):
+            loop.turn(0.05)
+        self.assertEqual(turned, [True])
+        self.assertEqual(loop.clients[0].recv(100), b"A:first\nA:second\n")
+
+    def test_a_release_that_fails_leaves_the_others_for_the_next_poll(self) -> None:
+        """One connection's send raising at the end of a poll: the exception goes to the
+        reactor (which logs it), and the other connections' held replies leave at the end
+        of the next poll, ahead of their later ones."""
+
+        def answer(protocol: Answering, data: bytes) -> None:
+            protocol.transport.write(b"R:" + data)  # type: ignore[union-attr]
+
+        loop = OwnLoop(self, answer)
+        connections = loop.connect(3)
+        failing: Any = connections[1].transport
+
+        def broken(data: bytes) -> None:
+            raise RuntimeError("send failed")
+
+        failing._send = broken
+        for client in loop.clients:
+            client.sendall(b"1\n")
+        failures = []
+        for _ in range(5):
+            try:
+                loop.turn(0.05)
+            except RuntimeError as e:
+                failures.append(e)
+        self.assertEqual(len(failures), 1)
+        for client in loop.clients[0], loop.clients[2]:
+            client.sendall(b"2\n")
+        for _ in range(5):
+            loop.turn(0.05)
+        for client in loop.clients[0], loop.clients[2]:
+            self.assertEqual(client.recv(100), b"R:1\nR:2\n")
+        self.assertEqual(writethrough._batch.held, [])

@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
 from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 from zope.interface import implementer
@@ -269,6 +269,50 @@ class StartTLSTests(unittest.TestCase):
             self.assertEqual(reply_code(ehlo), 250)
 
         return deferToThread(run).addCallback(check)
+
+    @inlineCallbacks
+    def test_clients_whose_commands_come_in_one_poll(self) -> Any:
+        """Three clients' EHLO and STARTTLS reach the server in one poll, and later their
+        QUITs (a reply written while a poll's other events wait is held until they are
+        handed out): each gets its EHLO reply and 220 in the clear, completes TLS, sends
+        a message, then gets its 221 and the end of the connection."""
+        _server, port, maildir = start_tls_server(self)
+        clients = yield gatherResults([deferToThread(WireClient, port) for _ in range(3)])
+        for c in clients:
+            self.addCleanup(c.close)
+            c.send(b"EHLO client.test\r\nSTARTTLS\r\n")  # (the reactor waits for all three)
+
+        def secure(c: WireClient) -> tuple[bytes, bytes, ssl.SSLSocket]:
+            ehlo, ready = c.replies(2)
+            tls = client_context().wrap_socket(c.sock, server_hostname="mx.test")
+            tls.settimeout(10)
+            for line in (b"EHLO client.test", b"MAIL FROM:<a@x.test>", b"RCPT TO:<b@example.com>"):
+                tls.sendall(line + b"\r\n")
+                self.assertEqual(reply_code(tls.recv(4096)), 250, line)
+            tls.sendall(b"DATA\r\n")
+            self.assertEqual(reply_code(tls.recv(4096)), 354)
+            tls.sendall(MESSAGE + b".\r\n")
+            self.assertEqual(reply_code(tls.recv(4096)), 250)
+            return ehlo, ready, tls
+
+        secured = yield gatherResults([deferToThread(secure, c) for c in clients])
+        for ehlo, ready, tls in secured:
+            self.addCleanup(tls.close)
+            self.assertIn(b"250 STARTTLS\r\n", ehlo)
+            self.assertEqual(ready, b"220 2.0.0 Ready to start TLS\r\n")
+            tls.sendall(b"QUIT\r\n")  # (the reactor waits for all three)
+
+        def to_the_end(tls: ssl.SSLSocket) -> bytes:
+            got = bytearray()
+            while piece := tls.recv(4096):
+                got += piece
+            return bytes(got)
+
+        ends = yield gatherResults([deferToThread(to_the_end, tls) for _, _, tls in secured])
+        for end in ends:
+            self.assertEqual(reply_code(end), 221)
+            self.assertTrue(end.endswith(b"\r\n") and end.count(b"\r\n") == 1, end)
+        self.assertEqual(len(maildir_messages(maildir)), 3)
 
     def test_quit_inside_tls_closes_promptly(self) -> None:
         """QUIT inside TLS: the 221, then the server ends TLS and the connection at once
