@@ -193,7 +193,8 @@ _MODEL = frozenset({"_poller", "poll", "_selectables", "_doReadOrWrite", "callWi
 def dispatch_without_log_context(reactor: Any) -> bool:
     """Let C{reactor} (if it is the epoll reactor) hand the events of L{WriteThroughServer}
     connections and L{WriteThroughPort}s to them directly, without C{log.callWithLogger},
-    and hold the writes of L{WriteThroughServer}s until each poll's events are handed out;
+    and hold the writes of L{WriteThroughServer}s until a poll's events are handed out
+    when it returned more than one;
     True if it now does. Twisted's C{EPollReactor.doPoll} is the model, line for line; a
     Twisted whose doPoll no longer reads what the model reads keeps its own."""
     if (
