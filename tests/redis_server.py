@@ -14,6 +14,7 @@ from twisted.internet.defer import inlineCallbacks
 
 from haraka_tw.interfaces import IShutdown
 from haraka_tw.redis import RedisClient
+from tests.plugins.test_dns_list import until
 from tests.support import free_port, wait_for_port
 
 
@@ -88,3 +89,10 @@ def stop_with_the_test(case: Any, server: Any) -> None:
             client.close()
 
     case.addCleanup(close_shared)
+
+
+def plugin_redis_connected(server: Any, name: str) -> Any:
+    """A Deferred that fires once plugin C{name}'s Redis connection is up (a client that
+    arrived sooner would meet Redis as down)."""
+    plugin = next(p.plugin for p in server.runner.plugins if p.name == name)
+    return until(lambda: plugin.redis.connected)

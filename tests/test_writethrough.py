@@ -323,6 +323,11 @@ class OwnLoop:
         self.reactor.runUntilCurrent()
         self.reactor.doIteration(timeout)
 
+    def settle(self, turns: int = 5) -> None:
+        """Turn the loop C{turns} times, up to 0.05 s each, for what is under way."""
+        for _ in range(turns):
+            self.turn(0.05)
+
     def connect(self, count: int) -> list[Answering]:
         for _ in range(count):
             client = socket.create_connection(("127.0.0.1", self.port.getHost().port))
@@ -418,8 +423,7 @@ class HeldWriteTests(TestCase):
         loop = OwnLoop(self, answer)
         connections = loop.connect(2)
         loop.send_all(b"QUIT\r\n")
-        for _ in range(20):
-            loop.turn(0.05)
+        loop.settle(20)
         for conn, client in zip(connections, loop.clients, strict=True):
             self.assertEqual(conn.sent_while_answering, [0])
             self.assertEqual(conn.sends[0], b"221 bye\r\n")  # (Twisted's close sends b"")
@@ -438,14 +442,12 @@ class HeldWriteTests(TestCase):
         loop = OwnLoop(self, answer)
         connections = loop.connect(2)
         loop.send_all(b"last\r\n")
-        for _ in range(5):
-            loop.turn(0.05)
+        loop.settle()
         for conn, client in zip(connections, loop.clients, strict=True):
             self.assertEqual(conn.sent_while_answering, [0])
             self.assertEqual(receive_until_closed(client), b"250 that was the last\r\n")
             client.sendall(b"more\r\n")
-        for _ in range(5):
-            loop.turn(0.05)
+        loop.settle()
         for conn in connections:
             self.assertEqual(conn.read, [b"last\r\n", b"more\r\n"])  # (the read side is open)
 
@@ -459,8 +461,7 @@ class HeldWriteTests(TestCase):
         loop = OwnLoop(self, answer)
         connections = loop.connect(2)
         loop.send_all(b"x\r\n")
-        for _ in range(5):
-            loop.turn(0.05)
+        loop.settle()
         for conn, client in zip(connections, loop.clients, strict=True):
             self.assertEqual(conn.sent_while_answering, [0])
             self.assertEqual(conn.sends, [])
@@ -525,8 +526,7 @@ class HeldWriteTests(TestCase):
         loop.send_all(b"last\r\n")  # (each now waits to be writable, to end the stream)
         for client in loop.clients:
             client.sendall(b"more\r\n")  # (the next poll: readable and writable at once)
-        for _ in range(5):
-            loop.turn(0.05)
+        loop.settle()
         for client in loop.clients:
             self.assertEqual(receive_until_closed(client), b"250 after\r\n")
 
@@ -617,8 +617,7 @@ class HeldWriteTests(TestCase):
         self.assertEqual(len(failures), 1)
         for client in loop.clients[0], loop.clients[2]:
             client.sendall(b"2\n")
-        for _ in range(5):
-            loop.turn(0.05)
+        loop.settle()
         for client in loop.clients[0], loop.clients[2]:
             self.assertEqual(client.recv(100), b"R:1\nR:2\n")
         self.assertEqual(writethrough._batch.held, [])

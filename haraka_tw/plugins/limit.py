@@ -66,7 +66,7 @@ from haraka_tw.interfaces import (
     IShutdown,
     IUnrecognizedCommandHook,
 )
-from haraka_tw.ratelimit import RateTable, fixed_window, sliding_window
+from haraka_tw.ratelimit import Rate, RateTable, fixed_window, sliding_window
 from haraka_tw.redis import (
     RedisClient,
     RedisError,
@@ -408,6 +408,14 @@ class Plugin:
         checked.addTimeout(self._redis().timeout, self.clock, onTimeoutCancel=too_slow)
         return checked.addCallback(answer)
 
+    def _over(self, connection: Connection, section: str, count: int, rate: Rate) -> bool:
+        """Record C{section}'s count against its rate, and a fail when over; True if over."""
+        connection.results.add(self.name, **{section: f"{count}/{rate.limit}"})
+        if count <= rate.limit:
+            return False
+        connection.results.add(self.name, fail=section)
+        return True
+
     async def _connect_rates(self, connection: Connection) -> _Refusal | None:
         """[rate_conn]: count this connection and refuse one over the rate;
         [rate_rcpt_host]: refuse a client whose recipients are over the rate."""
@@ -424,9 +432,7 @@ class Plugin:
             except (RedisError, RedisUnavailable) as e:
                 self._redis_failed(connection, "rate_conn", e)
             else:
-                connection.results.add(self.name, rate_conn=f"{count}/{rate.limit}")
-                if count > rate.limit:
-                    connection.results.add(self.name, fail="rate_conn")
+                if self._over(connection, "rate_conn", count, rate):
                     return DENYSOFTDISCONNECT, CONNECTION_RATE
         table = rates.get("rate_rcpt_host")
         found = table.for_client(remote.ip, remote.host, connection.results) if table else None
@@ -438,9 +444,7 @@ class Plugin:
             except (RedisError, RedisUnavailable, ValueError) as e:
                 self._redis_failed(connection, "rate_rcpt_host", e)
             else:
-                connection.results.add(self.name, rate_rcpt_host=f"{count}/{rate.limit}")
-                if count > rate.limit:
-                    connection.results.add(self.name, fail="rate_rcpt_host")
+                if self._over(connection, "rate_rcpt_host", count, rate):
                     return DENYSOFTDISCONNECT, RECIPIENT_RATE
         return None
 
@@ -467,9 +471,7 @@ class Plugin:
             except (RedisError, RedisUnavailable) as e:
                 self._redis_failed(connection, section, e)
                 continue
-            connection.results.add(self.name, **{section: f"{count}/{rate.limit}"})
-            if count > rate.limit:
-                connection.results.add(self.name, fail=section)
+            if self._over(connection, section, count, rate):
                 return DENYSOFT, RCPT_RATES[section]
         return None
 

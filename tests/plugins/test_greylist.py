@@ -17,8 +17,13 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from haraka_tw.plugins.greylist import host_id
 from haraka_tw.server import StartupError
 from tests.dnsserver import serve
-from tests.plugins.test_dns_list import exchange, until
-from tests.redis_server import redis_command, start_redis, stop_with_the_test
+from tests.plugins.test_dns_list import exchange
+from tests.redis_server import (
+    plugin_redis_connected,
+    redis_command,
+    start_redis,
+    stop_with_the_test,
+)
 from tests.support import start_server
 
 ZONE = """
@@ -64,8 +69,7 @@ class GreylistTests(TestCase):
         )
         stop_with_the_test(self, server)
         if up:
-            greylist = next(p.plugin for p in server.runner.plugins if p.name == "greylist")
-            yield until(lambda: greylist.redis.connected)
+            yield plugin_redis_connected(server, "greylist")
         return port
 
     def redis_command(self, *args: Any) -> Deferred[Any]:

@@ -25,7 +25,12 @@ from haraka_tw.smtp.connection import Connection, Local, Remote, Transaction
 from tests.dnsserver import serve
 from tests.haproxy import SourcedClient
 from tests.plugins.test_dns_list import FULL_ZONE, until
-from tests.redis_server import redis_command, start_redis, stop_with_the_test
+from tests.redis_server import (
+    plugin_redis_connected,
+    redis_command,
+    start_redis,
+    stop_with_the_test,
+)
 from tests.support import ListLog, free_port, maildir_messages, start_server, temp_dir, write_config
 
 
@@ -76,8 +81,7 @@ class KarmaServerTests(TestCase):
         )
         stop_with_the_test(self, self.server_)
         if redis:
-            karma = next(p.plugin for p in self.server_.runner.plugins if p.name == "karma")
-            yield until(lambda: karma.redis.connected)
+            yield plugin_redis_connected(self.server_, "karma")
         return port
 
     def stored(self) -> list[bytes]:

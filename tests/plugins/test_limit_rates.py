@@ -19,8 +19,12 @@ from haraka_tw.smtp.connection import Connection, Local, Remote
 from haraka_tw.smtp.state import Results
 from tests.haproxy import SourcedClient
 from tests.plugins.loading import load
-from tests.plugins.test_dns_list import until
-from tests.redis_server import redis_command, start_redis, stop_with_the_test
+from tests.redis_server import (
+    plugin_redis_connected,
+    redis_command,
+    start_redis,
+    stop_with_the_test,
+)
 from tests.support import free_port, start_server
 
 
@@ -66,8 +70,7 @@ class RateServerTests(TestCase):
         )
         stop_with_the_test(self, server)
         if redis:
-            limit = next(p.plugin for p in server.runner.plugins if p.name == "limit")
-            yield until(lambda: limit.redis.connected)
+            yield plugin_redis_connected(server, "limit")
         return port
 
     def redis_command(self, *args: Any) -> Deferred[Any]:
