@@ -153,11 +153,14 @@ def idle_table(results: dict[str, Any]) -> list[str]:
     if not idle:
         return []
     counts = sorted(idle, key=int)
+    top_runs = idle[counts[-1]]["runs"]
+    measured = [s for s in _servers(results) if any(r["server"] == s for r in top_runs)]
     out = _header(
         [
             "server",
             *[f"{int(c):,} connections: KB each (held)" for c in counts],
             "RSS with most, MB",
+            *[f"÷ {s}" for s in measured],
         ]
     )
     for server in _servers(results):
@@ -174,8 +177,11 @@ def idle_table(results: dict[str, Any]) -> list[str]:
             cells.append(f"{per:.1f} ({held:,})")
         if not held_any:
             continue
-        top = [r["rss_with_kb"] for r in idle[counts[-1]]["runs"] if r["server"] == server]
+        top = [r["rss_with_kb"] for r in top_runs if r["server"] == server]
         cells.append(_num(statistics.median(top) / 1024 if top else None))
+        for peer in measured:
+            per_rep = ratio(top_runs, server, peer, "bytes_per_connection")
+            cells.append("1" if peer == server else _x(per_rep))
         out.append(_row(cells))
     return out
 
@@ -261,7 +267,8 @@ def goals(results: dict[str, Any]) -> list[str]:
         met = measured is not None and (measured >= target if higher else measured <= target)
         shown = _num(measured, 2) if measured is not None and measured < 100 else _num(measured)
         sign = "≥" if higher else "≤"
-        out.append(_row([goal, shown, f"{sign} {target:g}", "yes" if met else "**no**"]))
+        verdict = "not measured" if measured is None else "yes" if met else "**no**"
+        out.append(_row([goal, shown, f"{sign} {target:g}", verdict]))
     return out
 
 
@@ -302,6 +309,10 @@ def markdown(results: dict[str, Any]) -> str:
         f"- haraka_tw lookup_rdns: {meta['rdns']}.",
         f"- haraka_tw config: {meta['haraka_config']}",
         f"- Peers: {meta['peers']}",
+        *(
+            f"- Not measured: {key}, which could not be installed ({why})."
+            for key, why in meta.get("skipped", {}).items()
+        ),
         f"- Command: `{meta['command']}`",
         "",
         "Absolute figures drift on a shared machine; compare servers by the ratios, which are "
@@ -334,7 +345,9 @@ def markdown(results: dict[str, Any]) -> str:
             "",
             "A fresh server process per measurement: N connections opened (at most 40 waiting "
             "for their banner at once), every 220 banner read, nothing sent; (RSS with them - "
-            "RSS before) / N, median. haraka-maildir is skipped (same server as haraka).",
+            "RSS before) / N, median. haraka-maildir is skipped (same server as haraka). "
+            "`÷ X`: this row's KB per connection divided by X's at the largest count "
+            "(lower is better), median of the per-repetition ratios.",
             "",
             *idle_lines,
         ]
@@ -348,7 +361,9 @@ def markdown(results: dict[str, Any]) -> str:
             "then delivery enabled (outbound.ini + SIGHUP) and timed until smtp-sink "
             "(`-M N`) has every message. MX from a loopback DNS server (every domain -> "
             "127.0.0.1), `mx_port` = the sink, `local_mx_ok=true`; haraka_tw's own defaults "
-            "otherwise (concurrency, connection pool).",
+            "otherwise (concurrency, connection pool). No peer is measured here: stock "
+            "twisted.mail's relay manager (twisted.mail.relaymanager) does not run on "
+            "Python 3, and aiosmtpd and smtp-sink only receive.",
             "",
             *out_lines,
         ]

@@ -154,6 +154,15 @@ class ServerKind:
     label = ""
     version = ""
 
+    #: a peer the bench installs itself: when that fails, the run goes on without it
+    optional = False
+
+    def prepare(self) -> None:
+        """Fetch or install what L{launch} needs, before any run starts.
+
+        @raise bench.tools.ToolError: when it cannot be had.
+        """
+
     def launch(self, work: Path, port: int) -> Launch:
         raise NotImplementedError
 
@@ -232,6 +241,10 @@ class Aiosmtpd(ServerKind):
     key = "aiosmtpd"
     label = f"aiosmtpd {tools.AIOSMTPD_VERSION}, discard"
     version = f"aiosmtpd {tools.AIOSMTPD_VERSION}"
+    optional = True  # (pip-installed into a venv of its own)
+
+    def prepare(self) -> None:
+        tools.aiosmtpd_python()
 
     def launch(self, work: Path, port: int) -> Launch:
         python = tools.aiosmtpd_python()

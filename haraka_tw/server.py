@@ -115,6 +115,7 @@ class HarakaServer:
         self.skipped_plugins: list[PluginLoadError] = []
         try:
             self.resolver = Resolver.from_config(config, reactor)
+            rdns = ReverseLookup.from_config(config, reactor, resolver=self.resolver)
         except (ConfigError, ValueError) as e:
             raise StartupError(str(e)) from e
         try:
@@ -154,7 +155,7 @@ class HarakaServer:
             reactor=reactor,
             server_notes=self.notes,
             outbound=self.outbound,
-            rdns=ReverseLookup(reactor, resolver=self.resolver),
+            rdns=rdns,
         )
         for name in _SETTINGS_FILES:
             config.on_change(name, self._settings_changed)

@@ -13,8 +13,10 @@ from pathlib import Path
 
 from twisted.trial import unittest
 
-from bench import tools
+from bench import report, tools
+from bench.__main__ import prepare_peers
 from bench.matrix import turn_order
+from bench.servers import ServerKind
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -55,6 +57,83 @@ class BenchSmokeTests(unittest.SynchronousTestCase):
             assert row is not None
             self.assertGreater(int(row.group(1).replace(",", "")), 0)
             self.assertGreater(float(row.group(2)), 0)
+
+    def test_profile_prints_cpu_per_message_for_each_round(self) -> None:
+        """bench.profile: haraka_tw under smtp-source, a line per round with msg/s and the
+        server's user and system CPU per message."""
+        argv = [sys.executable, "-m", "bench.profile", "--sessions", "2", "--messages", "40"]
+        argv += ["--rounds", "2"]
+        done = subprocess.run(
+            argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=False
+        )
+        self.assertEqual(done.returncode, 0, done.stderr[-2000:])
+        rounds = re.findall(
+            r"^round \d: ([\d,]+) msg/s, CPU ([\d.]+) ms/msg \(user ([\d.]+), system ([\d.]+)\)",
+            done.stdout,
+            re.M,
+        )
+        self.assertEqual(len(rounds), 2, done.stdout)
+        for rate, cpu, user, system in rounds:
+            self.assertGreater(int(rate.replace(",", "")), 0)
+            self.assertGreater(float(cpu), 0)
+            self.assertAlmostEqual(float(user) + float(system), float(cpu), delta=0.002)
+
+
+class _Kind(ServerKind):
+    def __init__(self, key: str, optional: bool, fails: bool) -> None:
+        self.key, self.optional, self.fails = key, optional, fails
+
+    def prepare(self) -> None:
+        if self.fails:
+            raise tools.ToolError(f"{self.key}: pip install failed")
+
+
+def test_a_peer_that_cannot_be_installed_is_left_out() -> None:
+    """prepare_peers: an optional peer whose install fails is left out, with why; one
+    that is not optional stops the run."""
+    said: list[str] = []
+    kinds = [_Kind("haraka", False, False), _Kind("aiosmtpd", True, True)]
+    assert prepare_peers(kinds, said.append) == {"aiosmtpd": "aiosmtpd: pip install failed"}  # type: ignore[arg-type]
+    assert said == ["leaving aiosmtpd out: aiosmtpd: pip install failed"]
+    try:
+        prepare_peers([_Kind("twisted", False, True)], said.append)  # type: ignore[arg-type]
+    except tools.ToolError:
+        pass
+    else:
+        raise AssertionError("a peer that is not optional was left out")
+
+
+def test_a_goal_whose_peer_was_not_measured_says_so() -> None:
+    """A goal against a server that did not run reads "not measured", not "no"; the
+    results name the peer left out and why."""
+    sample = {"rep": 0, "rate": 2000.0, "seconds": 1.0, "cpu_ms": 0.4, "peak_rss_kb": 9}
+    runs = [{**sample, "server": "haraka"}, {**sample, "server": "twisted"}]
+    results = {
+        "meta": {
+            "date": "d",
+            "mode": "quick",
+            "reps": 1,
+            "run_seconds": 60.0,
+            "machine": "m",
+            "load_before": "0",
+            "load_after": "0",
+            "versions": [],
+            "postfix": "p",
+            "rdns": "r",
+            "haraka_config": "c",
+            "peers": "p",
+            "command": "c",
+            "servers": ["haraka", "twisted"],
+            "skipped": {"aiosmtpd": "no registry"},
+        },
+        "load": {"b": {"title": "(b) 20 x 5 x 1 KB", "scenario": {"size": 1024}, "runs": runs}},
+        "idle": {},
+        "outbound": {},
+    }
+    text = report.markdown(results)
+    assert "| (b) haraka ÷ twisted | 1.00 | ≥ 0.9 | yes |" in text, text
+    assert "| (b) haraka ÷ aiosmtpd | - | ≥ 2 | not measured |" in text, text
+    assert "Not measured: aiosmtpd, which could not be installed (no registry)." in text
 
 
 def test_no_server_always_follows_the_same_one() -> None:

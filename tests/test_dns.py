@@ -643,3 +643,54 @@ class CoreReverseLookupTests(unittest.TestCase):
             )
 
         return d.addCallback(check)
+
+    async def test_a_nameserver_that_does_not_answer_costs_the_rdns_timeout_once(self) -> None:
+        """dns.ini [rdns] timeout: a PTR query nobody answers is given up on after it (not
+        after [main]'s timeout and attempts), as no name; the failure is kept, so the next
+        lookup of that address answers at once without asking."""
+        from haraka_tw.smtp.rdns import ReverseLookup
+
+        server = serve(
+            self,
+            "$ORIGIN in-addr.arpa.\n@ 300 IN SOA ns. h. 1 2 3 4 5\n",
+            origin="in-addr.arpa.",
+            timeout={"9.113.0.203.in-addr.arpa"},
+        )
+        base = temp_dir(self)
+        (base / "dns.ini").write_text(
+            f"[main]\nnameservers=127.0.0.1:{server.port}\ntimeout=5\nattempts=2\n"
+            "[rdns]\ntimeout=0.3\n"
+        )
+        config = ConfigDirectory([base])
+        lookup = ReverseLookup.from_config(config, reactor, Resolver.from_config(config, reactor))
+        lookup._hosts = {}  # (this machine's /etc/hosts left out)
+        started = time.monotonic()
+        self.assertIsNone(await lookup.lookup("203.0.113.9"))
+        took = time.monotonic() - started
+        self.assertGreaterEqual(took, 0.27)
+        self.assertLess(took, 2.0)
+        self.assertEqual(len(server.queries), 1)
+        self.assertIsNone(lookup.lookup_now("203.0.113.9"))  # (not a Deferred: kept)
+        await pause(0.1)
+        self.assertEqual(len(server.queries), 1)
+
+    def test_rdns_settings(self) -> None:
+        """[rdns] as shipped is 3 s and 600 s; cache_ttl 0 keeps nothing; a bad value is a
+        ConfigError naming dns.ini and the key."""
+        from haraka_tw.smtp.rdns import ReverseLookup
+
+        base = temp_dir(self)
+        lookup = ReverseLookup.from_config(ConfigDirectory([base]), reactor)
+        self.assertEqual((lookup.timeout, lookup.ttl), (3.0, 600.0))
+        (base / "dns.ini").write_text("[rdns]\ncache_ttl=0\n")
+        self.assertEqual(ReverseLookup.from_config(ConfigDirectory([base]), reactor).ttl, 0.0)
+        for line, key in [
+            ("timeout=soon", "[rdns] timeout"),
+            ("timeout=0", "[rdns] timeout"),
+            ("cache_ttl=-1", "[rdns] cache_ttl"),
+        ]:
+            (base / "dns.ini").write_text(f"[rdns]\n{line}\n")
+            with self.assertRaises(ConfigError) as caught:
+                ReverseLookup.from_config(ConfigDirectory([base]), reactor)
+            self.assertIn("dns.ini", str(caught.exception))
+            self.assertIn(key, str(caught.exception))

@@ -5,7 +5,7 @@ dns.ini), shared with the outbound side.
 
 It answers from the hosts file first, then a PTR query with a short timeout, and caches
 answers (and failures) for a while, so a client never waits long on a slow or unreachable
-nameserver.
+nameserver. dns.ini's C{[rdns]} section sets both (L{ReverseLookup.from_config}).
 """
 
 from __future__ import annotations
@@ -16,6 +16,9 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
+
+from haraka_tw.config import ConfigDirectory, ConfigError
+from haraka_tw.config.formats import ini_number
 
 __all__ = ["ReverseLookup", "read_hosts_file"]
 
@@ -53,6 +56,26 @@ class ReverseLookup:
         self._cache: OrderedDict[str, tuple[float, str | None]] = OrderedDict()
         self.cache_size = cache_size
         self._resolver = resolver
+
+    @classmethod
+    def from_config(
+        cls, config: ConfigDirectory, reactor: IReactorTime, resolver: Any = None
+    ) -> ReverseLookup:
+        """The core reverse lookup as dns.ini C{[rdns]} says: C{timeout} (seconds a client
+        waits for its PTR answer, 3 by default) and C{cache_ttl} (seconds a name or a
+        failure is kept, 600; 0 keeps nothing).
+
+        @raise ConfigError: naming dns.ini and the key, for a value that is not a number in
+            range.
+        """
+        section = config.get_ini("dns.ini").get("rdns", {})
+        where = str(config.path("dns.ini") or "dns.ini")
+        try:
+            timeout = ini_number(section, "timeout", 3.0, zero_ok=False, where="[rdns]")
+            ttl = ini_number(section, "cache_ttl", 600.0, zero_ok=True, where="[rdns]")
+        except ValueError as e:
+            raise ConfigError(where, None, str(e)) from None
+        return cls(reactor, timeout=timeout, ttl=ttl, resolver=resolver)
 
     def lookup(self, ip: str) -> Deferred[str | None]:
         """The name of C{ip}, or None; never fails."""

@@ -8,6 +8,7 @@ with DENYSOFT "plugin timeout", and the session must go on.
 
 from __future__ import annotations
 
+import socket
 import time
 from typing import Any
 
@@ -86,5 +87,66 @@ class PluginTimeoutTests(unittest.TestCase):
 
         def check(_: Any) -> None:
             self.assertEqual(maildir_messages(self.maildir), [])
+
+        return deferToThread(client).addCallback(check)
+
+
+class ReverseLookupTimeoutTests(unittest.TestCase):
+    def test_a_silent_nameserver_delays_the_banner_by_the_rdns_timeout_once(self) -> None:
+        """A client (here named by a PROXY header) whose PTR query goes unanswered gets its
+        banner after dns.ini [rdns] timeout, is taken as having no name, and is served; its
+        next connection is answered at once (the failure is kept)."""
+        from tests.dnsserver import serve
+
+        dns = serve(
+            self,
+            "$ORIGIN in-addr.arpa.\n@ 300 IN SOA ns. h. 1 2 3 4 5\n",
+            origin="in-addr.arpa.",
+            timeout={"9.113.0.203.in-addr.arpa"},
+        )
+        server, port = start_server(
+            self,
+            {
+                "plugins": "rcpt_to.in_host_list\nqueue/maildir\n",
+                "host_list": "example.test\n",
+                "connection.ini": "[haproxy]\nhosts=127.0.0.1\n",
+                "dns.ini": f"[main]\nnameservers=127.0.0.1:{dns.port}\ntimeout=5\n"
+                "[rdns]\ntimeout=0.5\n",
+            },
+        )
+        proxy = b"PROXY TCP4 203.0.113.9 127.0.0.1 40000 25\r\n"
+
+        def client() -> list[float]:
+            waits = []
+            for _ in range(2):
+                with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                    started = time.monotonic()
+                    s.sendall(proxy)
+                    banner = s.recv(512)
+                    waits.append(time.monotonic() - started)
+                    self.assertTrue(banner.startswith(b"220 "), banner)
+                    s.sendall(
+                        b"HELO client.test\r\nMAIL FROM:<a@client.test>\r\n"
+                        b"RCPT TO:<bob@example.test>\r\nDATA\r\n"
+                    )
+                    got = b""
+                    while got.count(b"\r\n") < 4:
+                        got += s.recv(512)
+                    self.assertIn(b"354 ", got)
+                    s.sendall(b"Subject: hi\r\n\r\nbody\r\n.\r\nQUIT\r\n")
+                    while b"221 " not in got:
+                        got += s.recv(512)
+                    self.assertIn(b"250 ", got.split(b"354 ", 1)[1])
+            return waits
+
+        def check(waits: list[float]) -> None:
+            self.assertGreaterEqual(waits[0], 0.45)
+            self.assertLess(waits[0], 2.5)  # (not [main] timeout's 5 s)
+            self.assertLess(waits[1], 0.3)
+            self.assertEqual(len(dns.queries), 1)
+            messages = maildir_messages(server.base / "maildir")  # type: ignore[attr-defined]
+            self.assertEqual(len(messages), 2)
+            for message in messages:
+                self.assertIn(b"from client.test ([203.0.113.9])", message)  # (no name)
 
         return deferToThread(client).addCallback(check)
