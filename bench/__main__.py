@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import matrix, report, tools
-from bench.plan import DEFAULT_SERVERS, PHASES, SERVERS, make_plan
+from bench.plan import DEFAULT_SERVERS, FULL_REPS, PHASES, QUICK_REPS, SERVERS, make_plan
 from bench.servers import REPO_ROOT, ServerKind, make_kind, rdns_note, shipped_backlog
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -55,11 +55,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--quick",
         dest="full",
         action="store_false",
-        help="scaled-down message counts (the default; about 10 minutes)",
+        help="message counts divided by 4 to 10, 3 repetitions: about 6 minutes",
     )
-    mode.add_argument("--full", action="store_true", help="the issue's message counts (slow)")
-    p.set_defaults(full=False)
-    p.add_argument("--reps", type=int, default=3, help="repetitions (medians; default 3)")
+    mode.add_argument(
+        "--full",
+        action="store_true",
+        help="the issue's message counts, 2 repetitions (the default): about 14 minutes",
+    )
+    p.set_defaults(full=True)
+    p.add_argument(
+        "--reps",
+        type=int,
+        default=None,
+        help=f"repetitions (medians; default {FULL_REPS} with --full, {QUICK_REPS} with --quick)",
+    )
     p.add_argument(
         "--servers",
         type=lambda t: _list(t, SERVERS),
@@ -175,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     plan = make_plan(
         full=args.full,
-        reps=args.reps,
+        reps=args.reps or (FULL_REPS if args.full else QUICK_REPS),
         servers=args.servers,
         phases=args.scenarios,
         messages=args.messages,

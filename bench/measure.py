@@ -24,6 +24,7 @@ __all__ = [
     "PeakRSS",
     "Sample",
     "cpu_seconds",
+    "cpu_times",
     "hold_idle",
     "rss_kb",
     "smtp_source",
@@ -47,10 +48,15 @@ def process_tree(pid: int) -> list[int]:
 
 
 def _cpu_of(pid: int) -> float:
+    return sum(cpu_times(pid))
+
+
+def cpu_times(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds of C{pid} alone (all its threads)."""
     with open(f"/proc/{pid}/stat") as f:
         stat = f.read()
     fields = stat[stat.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / _TICKS  # utime, stime
+    return int(fields[11]) / _TICKS, int(fields[12]) / _TICKS  # utime, stime
 
 
 def cpu_seconds(pid: int) -> float:

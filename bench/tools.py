@@ -144,7 +144,10 @@ def _venv(name: str, requirement: str, module: str) -> Path:
         made = _run([sys.executable, "-m", "venv", "--clear", str(home)])
         if made.returncode != 0:
             raise ToolError(f"cannot create {home}: {made.stderr.strip()}")
-        pip = _run([str(python), "-m", "pip", "install", "-q", requirement])
+        # (no registry: one retry of 15 s, not pip's five; the bench goes on without it)
+        pip = _run(
+            [str(python), "-m", "pip", "install", "-q", "--timeout=15", "--retries=1", requirement]
+        )
         if pip.returncode != 0:
             raise ToolError(f"pip install {requirement} failed: {pip.stderr.strip()[-300:]}")
         return python

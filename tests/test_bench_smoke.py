@@ -104,8 +104,8 @@ def test_a_peer_that_cannot_be_installed_is_left_out() -> None:
 
 
 def test_a_goal_whose_peer_was_not_measured_says_so() -> None:
-    """A goal against a server that did not run reads "not measured", not "no"; the
-    results name the peer left out and why."""
+    """A goal against a server that did not run reads "not measured", not "no" (one
+    whose runs failed is a no); the results name the peer left out and why, on one line."""
     sample = {"rep": 0, "rate": 2000.0, "seconds": 1.0, "cpu_ms": 0.4, "peak_rss_kb": 9}
     runs = [{**sample, "server": "haraka"}, {**sample, "server": "twisted"}]
     results = {
@@ -124,7 +124,7 @@ def test_a_goal_whose_peer_was_not_measured_says_so() -> None:
             "peers": "p",
             "command": "c",
             "servers": ["haraka", "twisted"],
-            "skipped": {"aiosmtpd": "no registry"},
+            "skipped": {"aiosmtpd": "pip install failed:\nERROR: no registry"},
         },
         "load": {"b": {"title": "(b) 20 x 5 x 1 KB", "scenario": {"size": 1024}, "runs": runs}},
         "idle": {},
@@ -133,7 +133,11 @@ def test_a_goal_whose_peer_was_not_measured_says_so() -> None:
     text = report.markdown(results)
     assert "| (b) haraka ÷ twisted | 1.00 | ≥ 0.9 | yes |" in text, text
     assert "| (b) haraka ÷ aiosmtpd | - | ≥ 2 | not measured |" in text, text
-    assert "Not measured: aiosmtpd, which could not be installed (no registry)." in text
+    assert "Not measured: aiosmtpd, which could not be installed (ERROR: no registry)." in text
+    runs[0]["error"] = "smtp-source exited 1"  # haraka ran, and failed: that is a no
+    text = report.markdown(results)
+    assert "| (b) haraka ÷ twisted | - | ≥ 0.9 | **no** |" in text, text
+    assert "| (b) haraka ÷ aiosmtpd | - | ≥ 2 | not measured |" in text, text
 
 
 def test_no_server_always_follows_the_same_one() -> None:

@@ -675,15 +675,28 @@ class CoreReverseLookupTests(unittest.TestCase):
         self.assertEqual(len(server.queries), 1)
 
     def test_rdns_settings(self) -> None:
-        """[rdns] as shipped is 3 s and 600 s; cache_ttl 0 keeps nothing; a bad value is a
-        ConfigError naming dns.ini and the key."""
+        """[rdns] as shipped (etc/dns.ini) is 3 s and 600 s; cache_ttl 0 asks again for
+        every lookup; a bad value is a ConfigError naming dns.ini and the key."""
+        from haraka_tw.paths import default_config_dir
         from haraka_tw.smtp.rdns import ReverseLookup
 
+        shipped = ReverseLookup.from_config(ConfigDirectory([default_config_dir()]), reactor)
+        self.assertEqual((shipped.timeout, shipped.ttl), (3.0, 600.0))
         base = temp_dir(self)
-        lookup = ReverseLookup.from_config(ConfigDirectory([base]), reactor)
-        self.assertEqual((lookup.timeout, lookup.ttl), (3.0, 600.0))
         (base / "dns.ini").write_text("[rdns]\ncache_ttl=0\n")
-        self.assertEqual(ReverseLookup.from_config(ConfigDirectory([base]), reactor).ttl, 0.0)
+        asked: list[str] = []
+
+        class Counting:
+            def lookup_ptr(self, ip: str) -> Deferred[list[str]]:
+                asked.append(ip)
+                return defer.succeed(["host.example"])
+
+        clock = task.Clock()
+        uncached = ReverseLookup.from_config(ConfigDirectory([base]), clock, Counting())
+        uncached._hosts = {}  # (this machine's /etc/hosts left out)
+        for _ in range(2):
+            self.assertEqual(self.successResultOf(uncached.lookup("192.0.2.7")), "host.example")
+        self.assertEqual(asked, ["192.0.2.7", "192.0.2.7"])
         for line, key in [
             ("timeout=soon", "[rdns] timeout"),
             ("timeout=0", "[rdns] timeout"),
@@ -694,3 +707,14 @@ class CoreReverseLookupTests(unittest.TestCase):
                 ReverseLookup.from_config(ConfigDirectory([base]), reactor)
             self.assertIn("dns.ini", str(caught.exception))
             self.assertIn(key, str(caught.exception))
+
+    def test_a_bad_rdns_setting_stops_the_start(self) -> None:
+        """The server does not start on a bad [rdns] value, and says which."""
+        from haraka_tw.server import HarakaServer, StartupError
+
+        base = temp_dir(self)
+        (base / "dns.ini").write_text("[rdns]\ntimeout=-2\n")
+        with self.assertRaises(StartupError) as caught:
+            HarakaServer.from_directory(base, reactor)
+        self.assertIn("dns.ini", str(caught.exception))
+        self.assertIn("dns.ini: [rdns] timeout: -2 is not a positive number", str(caught.exception))

@@ -107,6 +107,8 @@ class ReverseLookup:
             return names[0] if names else None
 
         def store(host: str | None) -> str | None:
+            if self.ttl <= 0:  # (cache_ttl 0: nothing kept)
+                return host
             self._cache[ip] = (self._reactor.seconds() + self.ttl, host)
             self._cache.move_to_end(ip)
             while len(self._cache) > self.cache_size:  # bounded, oldest first
