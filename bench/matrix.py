@@ -11,6 +11,7 @@ starts its own haraka_tw, DNS server and smtp-sink per run (see L{bench.outbound
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -124,6 +125,10 @@ def run_load(
 def one_load(
     postfix: Postfix, server: ServerProcess, scenario: LoadScenario, timeout: float
 ) -> dict[str, Any]:
+    # Every run starts on a quiet disk: the kernel's writeback of the run before (queue/
+    # maildir's 20,000 files) otherwise took CPU from whichever server came next (twisted.mail
+    # ran at 1,919-2,463 msg/s right after maildir, 2,641-3,715 elsewhere in the same runs).
+    os.sync()
     drops = listen_overflows()
     sample = measure.load(
         postfix,
