@@ -60,7 +60,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     mode.add_argument(
         "--full",
         action="store_true",
-        help="the issue's message counts, 2 repetitions (the default): about 14 minutes",
+        help="the issue's message counts, 2 repetitions (the default): about 13-15 minutes",
     )
     p.set_defaults(full=True)
     p.add_argument(
