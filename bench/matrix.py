@@ -89,16 +89,7 @@ def run_load(
             server = ServerProcess(make_kind(key, plan.haraka_backlog), work / key)
             server.start()
             servers[key] = server
-            warm = measure.load(
-                postfix,
-                server.pid,
-                server.port,
-                sessions=2,
-                messages=20,
-                size=1024,
-                reuse=False,
-                timeout=60,
-            )
+            warm = measure.warm_up(postfix, server.pid, server.port)
             server.after_run()
             if warm.error:
                 raise RuntimeError(f"{key} failed the warm-up run: {warm.error}")

@@ -28,6 +28,7 @@ __all__ = [
     "hold_idle",
     "rss_kb",
     "smtp_source",
+    "warm_up",
 ]
 
 _TICKS = os.sysconf("SC_CLK_TCK")
@@ -187,6 +188,13 @@ def smtp_source(
         lines = (done.stderr or done.stdout).strip().splitlines()
         raise LoadError(lines[-1] if lines else f"smtp-source exit {done.returncode}")
     return took
+
+
+def warm_up(postfix: Postfix, pid: int, port: int) -> Sample:
+    """The short unmeasured run every server gets once it has started (2 sessions x 20
+    messages of 1 KB): imports, caches and the first connections are done before the
+    measured runs."""
+    return load(postfix, pid, port, sessions=2, messages=20, size=1024, reuse=False, timeout=60)
 
 
 def load(

@@ -124,16 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     server = ServerProcess(kind, work / kind.key)
     try:
         server.start()
-        warm = measure.load(
-            postfix,
-            server.pid,
-            server.port,
-            sessions=2,
-            messages=20,
-            size=1024,
-            reuse=False,
-            timeout=60,
-        )
+        warm = measure.warm_up(postfix, server.pid, server.port)
         if warm.error:
             print(f"the warm-up run failed: {warm.error}")
             return 1

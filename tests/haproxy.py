@@ -135,6 +135,13 @@ def connect_from(
     return socket.create_connection((host, port), timeout=timeout, source_address=(source_ip, 0))
 
 
+def proxied(port: int, client_ip: str, timeout: float = 20.0) -> SourcedClient:
+    """A client that a server trusting loopback's PROXY headers sees as C{client_ip}: a
+    version 1 header from loopback, then the banner read."""
+    preamble = v1_header((client_ip, 40000), ("127.0.0.1", 25))
+    return SourcedClient(port, preamble=preamble, timeout=timeout)
+
+
 class SourcedClient(WireClient):
     """A L{WireClient} that connects from C{source_ip}, sends C{preamble} (a PROXY header,
     say) at once, and then reads the banner unless C{read_banner} is false."""

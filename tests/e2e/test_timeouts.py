@@ -16,6 +16,7 @@ from typing import Any
 from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
+from tests.haproxy import v1_header
 from tests.support import WireClient, maildir_messages, reply_code, start_server
 
 SAMPLE = "tests.e2e.sample_plugin:Factory"
@@ -129,7 +130,7 @@ class ReverseLookupTimeoutTests(unittest.TestCase):
                 "[rdns]\ntimeout=0.5\n",
             },
         )
-        proxy = b"PROXY TCP4 203.0.113.9 127.0.0.1 40000 25\r\n"
+        proxy = v1_header(("203.0.113.9", 40000), ("127.0.0.1", 25))
 
         def client() -> list[float]:
             waits = []

@@ -23,7 +23,7 @@ from haraka_tw.plugins.karma import HEADER, Plugin, Rule, Settings, Tarpit, read
 from haraka_tw.smtp.address import Address
 from haraka_tw.smtp.connection import Connection, Local, Remote, Transaction
 from tests.dnsserver import serve
-from tests.haproxy import SourcedClient
+from tests.haproxy import proxied
 from tests.plugins.test_dns_list import FULL_ZONE, until
 from tests.redis_server import (
     plugin_redis_connected,
@@ -32,12 +32,6 @@ from tests.redis_server import (
     stop_with_the_test,
 )
 from tests.support import ListLog, free_port, maildir_messages, start_server, temp_dir, write_config
-
-
-def proxied(port: int, client_ip: str) -> SourcedClient:
-    """A client that the server sees as C{client_ip} (a PROXY header from loopback)."""
-    preamble = f"PROXY TCP4 {client_ip} 127.0.0.1 40000 25\r\n".encode()
-    return SourcedClient(port, preamble=preamble, timeout=20)
 
 
 def talk(

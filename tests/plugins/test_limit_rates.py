@@ -17,7 +17,7 @@ from haraka_tw.ratelimit import Rate, RateTable
 from haraka_tw.redis import RedisClient
 from haraka_tw.smtp.connection import Connection, Local, Remote
 from haraka_tw.smtp.state import Results
-from tests.haproxy import SourcedClient
+from tests.haproxy import proxied
 from tests.plugins.loading import load
 from tests.redis_server import (
     plugin_redis_connected,
@@ -30,8 +30,7 @@ from tests.support import free_port, start_server
 
 def connect(port: int, client_ip: str) -> bytes:
     """The banner a client at C{client_ip} gets (then QUIT, if it was greeted)."""
-    preamble = f"PROXY TCP4 {client_ip} 127.0.0.1 40000 25\r\n".encode()
-    with SourcedClient(port, preamble=preamble, timeout=20) as client:
+    with proxied(port, client_ip) as client:
         if client.banner.startswith(b"220"):
             client.command("QUIT")
         else:
@@ -41,8 +40,7 @@ def connect(port: int, client_ip: str) -> bytes:
 
 def recipients(port: int, client_ip: str, sender: str, *to: str) -> list[bytes]:
     """The replies to RCPT TO each of C{to}, from C{sender}."""
-    preamble = f"PROXY TCP4 {client_ip} 127.0.0.1 40000 25\r\n".encode()
-    with SourcedClient(port, preamble=preamble, timeout=20) as client:
+    with proxied(port, client_ip) as client:
         client.command("EHLO client.example")
         client.command(f"MAIL FROM:<{sender}>")
         replies = [client.command(f"RCPT TO:<{address}>") for address in to]

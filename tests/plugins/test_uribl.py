@@ -21,7 +21,7 @@ from haraka_tw.plugins.uribl import Zone, body_hosts, subject_of
 from haraka_tw.server import StartupError
 from haraka_tw.suffixes import RuleOfThumb, SuffixList, installed
 from tests.dnsserver import serve
-from tests.haproxy import SourcedClient
+from tests.haproxy import proxied
 from tests.support import WireClient, data_reply, start_server, temp_dir
 
 KEPT: list[Any] = []
@@ -208,8 +208,7 @@ class URIBLTests(TestCase):
         port = self.server(proxy=True)
 
         def connect(ip: str) -> bytes:
-            preamble = f"PROXY TCP4 {ip} 127.0.0.1 40000 25\r\n".encode()
-            with SourcedClient(port, preamble=preamble) as client:
+            with proxied(port, ip, timeout=10) as client:
                 return client.banner
 
         banner = yield deferToThread(connect, "1.2.3.4")
